@@ -1,0 +1,33 @@
+// CPU kernels (at::parallel_for over rows or column blocks, vectorised inner loops).
+// Inputs are validated and made contiguous by csrc/ops.cpp before these run.
+#pragma once
+#include <ATen/ATen.h>
+#include <tuple>
+
+namespace diffcr {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_norm_modulate(
+    const at::Tensor& x, const at::Tensor& idx, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps);
+
+at::Tensor gather_norm_modulate_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                         const at::Tensor& idx, const at::Tensor& mean,
+                                         const at::Tensor& rstd,
+                                         const c10::optional<at::Tensor>& scale,
+                                         const c10::optional<at::Tensor>& weight);
+
+at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+                        const at::Tensor& seg_weight, const at::Tensor& d1,
+                        const c10::optional<at::Tensor>& d2,
+                        const c10::optional<at::Tensor>& scores,
+                        const c10::optional<at::Tensor>& gate);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_back_backward(
+    const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+    const at::Tensor& seg_weight, const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
+    const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate);
+
+}  // namespace cpu
+}  // namespace diffcr

@@ -1,0 +1,122 @@
+// Gated, bin-weighted scatter-back into the residual stream, forward and per-row backward.
+// Grid: (row blocks of max_seqlen, segments); one warp per packed row.
+#include "kernels/common.cuh"
+
+namespace diffcr {
+namespace cuda {
+
+template <typename T, typename A>
+__global__ void scatter_fwd_kernel(T* __restrict__ out, const int64_t* __restrict__ idx,
+                                   const int32_t* __restrict__ cu, int64_t P, int64_t p, int64_t D,
+                                   int64_t N, int64_t num_rows, const A* __restrict__ seg_weight,
+                                   const T* __restrict__ d1, const T* __restrict__ d2,
+                                   const A* __restrict__ scores, const T* __restrict__ gate) {
+  const int64_t seg = static_cast<int64_t>(blockIdx.y) * P + p;
+  const int64_t start = cu[seg], end = cu[seg + 1];
+  const int64_t r = start + static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= end) return;
+  const int64_t dst = idx[r];
+  DIFFCR_DEVICE_CHECK(dst >= 0 && dst < num_rows);
+  const int64_t b = dst / N;
+  const A w = seg_weight[seg];
+  const A s = scores ? scores[r] : A(1);
+  T* o = out + dst * D;
+  const T* a = d1 + r * D;
+  for (int64_t d = lane; d < D; d += 32) {
+    A c = load_acc(a + d);
+    if (d2) {
+      A m = load_acc(d2 + r * D + d);
+      if (gate) m *= load_acc(gate + b * D + d);
+      c += s * m;
+    }
+    store_acc(o + d, load_acc(o + d) + w * c);
+  }
+}
+
+template <typename T, typename A>
+__global__ void scatter_bwd_kernel(const T* __restrict__ gout, const int64_t* __restrict__ idx,
+                                   const int32_t* __restrict__ cu, int64_t D, int64_t N,
+                                   const A* __restrict__ seg_weight, const T* __restrict__ d1,
+                                   const T* __restrict__ d2, const A* __restrict__ scores,
+                                   const T* __restrict__ gate, T* __restrict__ grad_d1,
+                                   T* __restrict__ grad_d2, A* __restrict__ grad_scores,
+                                   A* __restrict__ row_dot) {
+  const int64_t seg = blockIdx.y;
+  const int64_t start = cu[seg], end = cu[seg + 1];
+  const int64_t r = start + static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= end) return;
+  const int64_t src = idx[r];
+  const int64_t b = src / N;
+  const A w = seg_weight[seg];
+  const A s = scores ? scores[r] : A(1);
+  const T* G = gout + src * D;
+  A dot_s = 0, dot_w = 0;
+  for (int64_t d = lane; d < D; d += 32) {
+    const A g = load_acc(G + d);
+    store_acc(grad_d1 + r * D + d, w * g);
+    A c = load_acc(d1 + r * D + d);
+    if (d2) {
+      const A gt = gate ? load_acc(gate + b * D + d) : A(1);
+      const A m = load_acc(d2 + r * D + d) * gt;
+      store_acc(grad_d2 + r * D + d, w * s * gt * g);
+      dot_s += m * g;
+      c += s * m;
+    }
+    dot_w += c * g;
+  }
+  dot_s = warp_sum(dot_s);
+  dot_w = warp_sum(dot_w);
+  if (lane == 0) {
+    if (grad_scores) grad_scores[r] = w * dot_s;
+    row_dot[r] = dot_w;
+  }
+}
+
+int scatter_back_fwd(DType dt, void* out, const int64_t* idx, const int32_t* cu_seqlens,
+                     int64_t S, int64_t max_seqlen, int64_t segs_per_sample, int64_t D, int64_t N,
+                     int64_t num_rows, const void* seg_weight, const void* d1, const void* d2,
+                     const void* scores, const void* gate, void* stream) {
+  if (S == 0 || max_seqlen == 0) return 0;
+  const int64_t P = segs_per_sample;
+  const dim3 grid(static_cast<unsigned>((max_seqlen + kWarps - 1) / kWarps),
+                  static_cast<unsigned>(S / P));
+  return DIFFCR_DISPATCH(dt, {
+    using A = typename AccOf<scalar_t>::type;
+    for (int64_t p = 0; p < P; ++p) {
+      scatter_fwd_kernel<scalar_t, A><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<scalar_t*>(out), idx, cu_seqlens, P, p, D, N, num_rows,
+          static_cast<const A*>(seg_weight), static_cast<const scalar_t*>(d1),
+          static_cast<const scalar_t*>(d2), static_cast<const A*>(scores),
+          static_cast<const scalar_t*>(gate));
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return static_cast<int>(err);
+    }
+    return 0;
+  });
+}
+
+int scatter_back_bwd(DType dt, const void* grad_out, const int64_t* idx, const int32_t* cu_seqlens,
+                     int64_t S, int64_t max_seqlen, int64_t D, int64_t N, int64_t num_rows,
+                     const void* seg_weight, const void* d1, const void* d2, const void* scores,
+                     const void* gate, void* grad_d1, void* grad_d2, void* grad_scores,
+                     void* row_dot, void* stream) {
+  (void)num_rows;
+  if (S == 0 || max_seqlen == 0) return 0;
+  const dim3 grid(static_cast<unsigned>((max_seqlen + kWarps - 1) / kWarps),
+                  static_cast<unsigned>(S));
+  return DIFFCR_DISPATCH(dt, {
+    using A = typename AccOf<scalar_t>::type;
+    scatter_bwd_kernel<scalar_t, A><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const scalar_t*>(grad_out), idx, cu_seqlens, D, N,
+        static_cast<const A*>(seg_weight), static_cast<const scalar_t*>(d1),
+        static_cast<const scalar_t*>(d2), static_cast<const A*>(scores),
+        static_cast<const scalar_t*>(gate), static_cast<scalar_t*>(grad_d1),
+        static_cast<scalar_t*>(grad_d2), static_cast<A*>(grad_scores), static_cast<A*>(row_dot));
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+}  // namespace cuda
+}  // namespace diffcr

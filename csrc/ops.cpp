@@ -1,0 +1,139 @@
+// Schemas of the diffcr:: operators and their CPU implementations.
+// The CUDA implementations are registered in cuda_ops.cpp (compiled only in CUDA builds); fake
+// (meta) implementations and autograd are registered from Python (diffcr_kernels/ops.py).
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/cpu_kernels.h"
+
+namespace diffcr {
+namespace {
+
+const char* kGnm = "diffcr::gather_norm_modulate";
+const char* kGnmB = "diffcr::gather_norm_modulate_backward";
+const char* kSb = "diffcr::scatter_back";
+const char* kSbB = "diffcr::scatter_back_backward";
+
+at::Tensor opt_contig(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
+}
+c10::optional<at::Tensor> as_opt(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gnm_cpu(const at::Tensor& x, const at::Tensor& idx,
+                                                       const c10::optional<at::Tensor>& shift,
+                                                       const c10::optional<at::Tensor>& scale,
+                                                       const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& bias,
+                                                       double eps) {
+  check_x(x, kGnm);
+  check_idx(idx, x, kGnm);
+  const int64_t B = x.size(0), D = x.size(2);
+  check_opt(shift, kGnm, "shift", x, {B, D});
+  check_opt(scale, kGnm, "scale", x, {B, D});
+  check_opt(weight, kGnm, "weight", x, {D});
+  check_opt(bias, kGnm, "bias", x, {D});
+  TORCH_CHECK(eps >= 0, kGnm, ": eps must be >= 0, got ", eps);
+  return cpu::gather_norm_modulate(x.contiguous(), idx.contiguous(), as_opt(opt_contig(shift)),
+                                   as_opt(opt_contig(scale)), as_opt(opt_contig(weight)),
+                                   as_opt(opt_contig(bias)), eps);
+}
+
+at::Tensor gnm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& idx,
+                       const at::Tensor& mean, const at::Tensor& rstd,
+                       const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& weight) {
+  check_x(x, kGnmB);
+  check_idx(idx, x, kGnmB);
+  const int64_t B = x.size(0), D = x.size(2), T = idx.numel();
+  check_data(grad_y, kGnmB, "grad_y", x);
+  check_shape(grad_y, kGnmB, "grad_y", {T, D});
+  check_acc(mean, x, kGnmB, "mean", T);
+  check_acc(rstd, x, kGnmB, "rstd", T);
+  check_opt(scale, kGnmB, "scale", x, {B, D});
+  check_opt(weight, kGnmB, "weight", x, {D});
+  return cpu::gather_norm_modulate_backward(grad_y.contiguous(), x.contiguous(), idx.contiguous(),
+                                            mean.contiguous(), rstd.contiguous(),
+                                            as_opt(opt_contig(scale)), as_opt(opt_contig(weight)));
+}
+
+}  // namespace
+
+// Shared by the CPU and CUDA registrations.
+void check_scatter_args(const char* op, const at::Tensor& x, const at::Tensor& idx,
+                        const at::Tensor& cu_seqlens, int64_t max_seqlen, int64_t segs_per_sample,
+                        const at::Tensor& seg_weight, const at::Tensor& d1,
+                        const c10::optional<at::Tensor>& d2,
+                        const c10::optional<at::Tensor>& scores,
+                        const c10::optional<at::Tensor>& gate) {
+  check_x(x, op);
+  check_idx(idx, x, op);
+  check_cu_seqlens(cu_seqlens, x, op);
+  const int64_t B = x.size(0), D = x.size(2), T = idx.numel();
+  const int64_t S = cu_seqlens.numel() - 1;
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  TORCH_CHECK(segs_per_sample >= 1, op, ": segs_per_sample must be >= 1, got ", segs_per_sample);
+  TORCH_CHECK(S % segs_per_sample == 0, op, ": the number of segments (", S,
+              ") is not a multiple of segs_per_sample (", segs_per_sample, ")");
+  check_acc(seg_weight, x, op, "seg_weight", S);
+  check_data(d1, op, "d1", x);
+  check_shape(d1, op, "d1", {T, D});
+  check_opt(d2, op, "d2", x, {T, D});
+  check_opt(gate, op, "gate", x, {B, D});
+  if (scores.has_value() && scores->defined()) check_acc(*scores, x, op, "scores", T);
+}
+
+namespace {
+
+at::Tensor sb_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+                  int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& seg_weight,
+                  const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
+                  const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate) {
+  check_scatter_args(kSb, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
+                     scores, gate);
+  check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSb);
+  return cpu::scatter_back(x.contiguous(), idx.contiguous(), cu_seqlens.contiguous(),
+                           seg_weight.contiguous(), d1.contiguous(), as_opt(opt_contig(d2)),
+                           as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+    int64_t max_seqlen, const at::Tensor& seg_weight, const at::Tensor& d1,
+    const c10::optional<at::Tensor>& d2, const c10::optional<at::Tensor>& scores,
+    const c10::optional<at::Tensor>& gate) {
+  check_scatter_args(kSbB, grad_out, idx, cu_seqlens, max_seqlen, 1, seg_weight, d1, d2, scores,
+                     gate);
+  check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSbB);
+  return cpu::scatter_back_backward(grad_out.contiguous(), idx.contiguous(),
+                                    cu_seqlens.contiguous(), seg_weight.contiguous(),
+                                    d1.contiguous(), as_opt(opt_contig(d2)),
+                                    as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
+}
+
+}  // namespace
+}  // namespace diffcr
+
+TORCH_LIBRARY(diffcr, m) {
+  m.def(
+      "gather_norm_modulate(Tensor x, Tensor idx, Tensor? shift, Tensor? scale, Tensor? weight, "
+      "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gather_norm_modulate_backward(Tensor grad_y, Tensor x, Tensor idx, Tensor mean, "
+      "Tensor rstd, Tensor? scale, Tensor? weight) -> Tensor");
+  m.def(
+      "scatter_back(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, int segs_per_sample, "
+      "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, Tensor? gate) -> Tensor");
+  m.def(
+      "scatter_back_backward(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
+      "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, Tensor? gate) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(diffcr, CPU, m) {
+  m.impl("gather_norm_modulate", &diffcr::gnm_cpu);
+  m.impl("gather_norm_modulate_backward", &diffcr::gnm_bwd_cpu);
+  m.impl("scatter_back", &diffcr::sb_cpu);
+  m.impl("scatter_back_backward", &diffcr::sb_bwd_cpu);
+}

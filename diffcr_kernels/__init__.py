@@ -1,0 +1,86 @@
+"""diffcr_kernels: the low-level ops of DiffCR's token-routing data path.
+
+No model knowledge lives here. Public ops dispatch to the best available backend (compiled CUDA
+kernels, compiled C++ CPU kernels, or the pure-torch reference that defines them):
+
+* :func:`router_scores`          sigmoid(x . w) per token
+* :func:`select_topk`            ragged per-segment top-k into the packed layout (:class:`Selection`)
+* :func:`gather_rows`            packed rows of the residual stream
+* :func:`gather_norm_modulate`   gather + LayerNorm + adaLN modulate
+* :func:`varlen_attention`       self/cross attention over packed segments
+* :func:`scatter_back`           gated, bin-weighted scatter-back into the residual stream
+
+:func:`available_backends` reports what loaded and why not.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from . import _ext, reference
+from .attention import available_attention_backends, varlen_attention
+from .ops import (
+    current_backend,
+    gather_norm_modulate,
+    gather_rows,
+    resolve_backend,
+    router_scores,
+    scatter_back,
+    scatter_back_selection,
+    select_topk,
+    use_backend,
+)
+from .reference import Selection, kept_count, pack_text
+
+__all__ = [
+    "Selection",
+    "available_attention_backends",
+    "available_backends",
+    "current_backend",
+    "gather_norm_modulate",
+    "gather_rows",
+    "kept_count",
+    "pack_text",
+    "reference",
+    "resolve_backend",
+    "router_scores",
+    "scatter_back",
+    "scatter_back_selection",
+    "select_topk",
+    "use_backend",
+    "varlen_attention",
+]
+
+COMPILED_OPS = _ext._OPS
+
+
+def available_backends() -> Dict[str, Dict[str, str]]:
+    """What each kernel backend can do here: ``{backend: {"status": ..., "detail": ...}}``.
+
+    status is ``"loaded"`` (usable now), ``"compiled"`` (built, but no device to run it) or
+    ``"unavailable"``; detail says why.
+    """
+    out: Dict[str, Dict[str, str]] = {
+        "reference": {"status": "loaded", "detail": "pure torch, always available"}}
+    info = _ext.BUILD_INFO
+    if not _ext.LOADED:
+        why = _ext.LOAD_ERROR or "extension not loaded"
+        out["cpu"] = {"status": "unavailable", "detail": why}
+        out["cuda"] = {"status": "unavailable", "detail": why}
+        return out
+    cpu_ops = [op for op in COMPILED_OPS if _ext.has_kernel(op, "CPU")]
+    out["cpu"] = ({"status": "loaded", "detail": f"{len(cpu_ops)} ops from {_ext.LIBRARY_PATH}"}
+                  if cpu_ops else {"status": "unavailable", "detail": "no CPU kernels registered"})
+    cuda_ops = [op for op in COMPILED_OPS if _ext.has_kernel(op, "CUDA")]
+    if not cuda_ops:
+        why = info.get("why_no_cuda") or "extension built without CUDA kernels"
+        out["cuda"] = {"status": "unavailable", "detail": why}
+    elif torch.cuda.is_available():
+        out["cuda"] = {"status": "loaded",
+                       "detail": f"{len(cuda_ops)} ops, archs {info.get('cuda_archs')}"}
+    else:
+        out["cuda"] = {"status": "compiled",
+                       "detail": f"{len(cuda_ops)} ops for archs {info.get('cuda_archs')}; "
+                                 "no CUDA device here to run them"}
+    return out

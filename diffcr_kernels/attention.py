@@ -1,0 +1,167 @@
+"""Variable-length attention over packed segments, dispatched to the fastest available path.
+
+Order for each call (first that applies):
+
+1. ``flash3``   FlashAttention 3 (``flash_attn_interface``), CUDA, fp16/bf16, Hopper (sm_90);
+2. ``flash2``   FlashAttention 2 (``flash_attn``), CUDA, fp16/bf16;
+3. ``torch_varlen``  :func:`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), CUDA,
+   fp16/bf16; its signature changed after 2.10, so its first seven arguments are passed
+   positionally;
+4. ``sdpa_uniform``  every segment has the same query and key length (``uniform=True``, e.g. a
+   uniform-k selection at inference): one batched
+   :func:`torch.nn.functional.scaled_dot_product_attention` on a ``[S, H, L, Dh]`` view;
+5. ``sdpa_segments`` one SDPA call per segment (CPU, and any dtype the above reject);
+6. ``reference``     :func:`diffcr_kernels.reference.varlen_attention` (forced only).
+
+``DIFFCR_ATTENTION=<name>`` or the ``backend=`` argument forces a path; a forced path that cannot
+run raises an error that says why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+
+__all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention"]
+
+ATTENTION_BACKENDS = ("flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_segments",
+                      "reference")
+
+
+def _try_import(name: str):
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # noqa: BLE001 - an optional dependency may fail in many ways
+        return None, f"{type(e).__name__}: {e}"
+
+
+_fa3, _fa3_err = _try_import("flash_attn_interface")
+_fa2, _fa2_err = _try_import("flash_attn")
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen  # type: ignore
+    _torch_varlen_err = None
+except Exception as e:  # noqa: BLE001
+    _torch_varlen, _torch_varlen_err = None, f"{type(e).__name__}: {e}"
+
+
+def available_attention_backends() -> Dict[str, str]:
+    """``{name: "available" | reason it is not}`` for every attention path."""
+    cuda = torch.cuda.is_available()
+    hopper = cuda and torch.cuda.get_device_capability()[0] == 9
+    out = {}
+    out["flash3"] = ("available" if _fa3 is not None and hopper else
+                     (_fa3_err or "needs a Hopper (sm_90) GPU"))
+    out["flash2"] = ("available" if _fa2 is not None and cuda else
+                     (_fa2_err or "needs a CUDA GPU"))
+    out["torch_varlen"] = ("available" if _torch_varlen is not None and cuda else
+                           (_torch_varlen_err or "needs a CUDA GPU"))
+    out["sdpa_uniform"] = "available (uniform segments only)"
+    out["sdpa_segments"] = "available"
+    out["reference"] = "available"
+    return out
+
+
+def _flash_ok(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _pick(q: torch.Tensor, uniform: bool, forced: Optional[str]) -> str:
+    if forced:
+        if forced not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {forced!r}")
+        needs_flash = forced in ("flash3", "flash2", "torch_varlen")
+        mod = {"flash3": _fa3, "flash2": _fa2, "torch_varlen": _torch_varlen}.get(forced)
+        if needs_flash and (mod is None or not _flash_ok(q)):
+            raise RuntimeError(
+                f"diffcr: attention backend {forced!r} cannot run here: "
+                f"{available_attention_backends()[forced]} (needs CUDA fp16/bf16 tensors)")
+        if forced == "sdpa_uniform" and not uniform:
+            raise RuntimeError("diffcr: attention backend 'sdpa_uniform' needs uniform=True")
+        return forced
+    if _flash_ok(q):
+        if _fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9:
+            return "flash3"
+        if _fa2 is not None:
+            return "flash2"
+        if _torch_varlen is not None:
+            return "torch_varlen"
+    return "sdpa_uniform" if uniform else "sdpa_segments"
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    *,
+    uniform: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention of each packed query segment over its own key segment.
+
+    q ``[Tq, H, Dh]``, k/v ``[Tk, H, Dh]``, cu_seqlens int32 ``[S + 1]`` (as FlashAttention's
+    varlen API). ``uniform=True`` promises that every segment has ``Tq / S`` queries and
+    ``Tk / S`` keys (known on the host for a uniform-k selection), which enables the batched
+    SDPA path without a device sync. Same semantics as
+    :func:`diffcr_kernels.reference.varlen_attention`.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [T, H, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same segments, got "
+                         f"shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    forced = backend or os.environ.get("DIFFCR_ATTENTION") or None
+    path = _pick(q, uniform, forced)
+    S = cu_seqlens_q.numel() - 1
+    if path == "flash3":
+        out = _fa3.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, softmax_scale=softmax_scale)
+        return out[0] if isinstance(out, tuple) else out
+    if path == "flash2":
+        return _fa2.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k, softmax_scale=softmax_scale)
+    if path == "torch_varlen":
+        kw = {} if softmax_scale is None else {"scale": softmax_scale}
+        return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             **kw)
+    if path == "reference":
+        return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, softmax_scale)
+    if path == "sdpa_uniform":
+        Tq, H, Dh = q.shape
+        Tk = k.shape[0]
+        if S == 0 or Tq % S or Tk % S:
+            raise ValueError(f"uniform=True but Tq={Tq} / Tk={Tk} rows do not split evenly into "
+                             f"{S} segments")
+        qs = q.view(S, Tq // S, H, Dh).transpose(1, 2)
+        ks = k.view(S, Tk // S, H, k.shape[-1]).transpose(1, 2)
+        vs = v.view(S, Tk // S, H, v.shape[-1]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
+        return o.transpose(1, 2).reshape(Tq, H, v.shape[-1])
+    # sdpa_segments
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    outs = []
+    for i in range(S):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)
+        if ck[i + 1] == ck[i]:
+            outs.append(q.new_zeros(cq[i + 1] - cq[i], q.shape[1], v.shape[-1]))
+            continue
+        ki = k[ck[i]:ck[i + 1]].transpose(0, 1).unsqueeze(0)
+        vi = v[ck[i]:ck[i + 1]].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qi, ki, vi, scale=softmax_scale)
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    return torch.cat(outs, 0)

@@ -1,0 +1,303 @@
+"""Public ops of the data path, with backend dispatch, fake (meta) kernels and autograd.
+
+Backends, tried in order for each call (``auto``):
+
+* ``cuda``      compiled CUDA kernels of ``diffcr_kernels._C`` (CUDA tensors);
+* ``cpu``       compiled C++ CPU kernels of ``diffcr_kernels._C`` (CPU tensors);
+* ``reference`` pure torch (:mod:`diffcr_kernels.reference`), always available.
+
+``DIFFCR_BACKEND=reference|cpu|cuda`` (or :func:`use_backend`) forces one; forcing a compiled
+backend that cannot run the given tensors raises an error that says why instead of silently
+falling back. Ops without a compiled kernel yet (router scores, selection) always run the
+reference, which is already vectorised.
+
+The compiled ops are ``torch.library`` operators (``torch.ops.diffcr.*``) with fake kernels, so
+``torch.compile`` traces them, and with autograd registered here, so gradients reach the values,
+the modulation vectors, the router scores and the per-segment (bin) weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from . import _ext
+from . import reference as ref
+from .reference import Selection, acc_dtype
+
+__all__ = [
+    "BACKENDS",
+    "current_backend",
+    "use_backend",
+    "resolve_backend",
+    "router_scores",
+    "select_topk",
+    "gather_rows",
+    "gather_norm_modulate",
+    "scatter_back",
+    "scatter_back_selection",
+]
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+_override: Optional[str] = None
+
+
+def current_backend() -> str:
+    """The requested backend: :func:`use_backend` if active, else ``$DIFFCR_BACKEND``, else auto."""
+    req = _override or os.environ.get("DIFFCR_BACKEND", "auto") or "auto"
+    if req not in BACKENDS:
+        raise ValueError(f"DIFFCR_BACKEND must be one of {BACKENDS}, got {req!r}")
+    return req
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (tests, benchmarks)."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    old, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def resolve_backend(op: str, device: torch.device) -> str:
+    """The backend that will run compiled op ``op`` for tensors on ``device``."""
+    req = current_backend()
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    available = key is not None and _ext.has_kernel(op, key)
+    if req == "reference":
+        return "reference"
+    if req == "auto":
+        return device.type if available else "reference"
+    if req != device.type:
+        raise RuntimeError(f"diffcr: backend {req!r} was requested but the tensors are on "
+                           f"{device}")
+    if not available:
+        why = _ext.LOAD_ERROR or f"the extension has no {key} kernel for diffcr::{op}"
+        raise RuntimeError(f"diffcr: backend {req!r} was requested but is not available: {why}")
+    return req
+
+
+# --------------------------------------------------------------------------------------------
+# Ops without a compiled kernel yet: the reference is the implementation.
+# --------------------------------------------------------------------------------------------
+def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(x . w)`` for every token: x ``[B, N, D]``, weight ``[D]`` -> ``[B, N]`` (acc
+    dtype). See :func:`diffcr_kernels.reference.router_scores`."""
+    if x.dim() != 3:
+        raise ValueError(f"router_scores: x must be [B, N, D], got shape {tuple(x.shape)}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"router_scores: weight must be [D] = [{x.shape[-1]}], got shape "
+                         f"{tuple(weight.shape)}")
+    return ref.router_scores(x, weight)
+
+
+def select_topk(scores: torch.Tensor, k, seg_weight=None) -> Selection:
+    """Ragged per-segment top-k into the packed layout. See
+    :func:`diffcr_kernels.reference.select_topk`."""
+    return ref.select_topk(scores, k, seg_weight)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Packed rows ``x.reshape(B * N, D)[idx]`` (``index_select``: already a single pass)."""
+    return ref.gather_rows(x, idx)
+
+
+# --------------------------------------------------------------------------------------------
+# gather + LayerNorm + modulate
+# --------------------------------------------------------------------------------------------
+def gather_norm_modulate(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``LN(x[idx]) * (1 + scale[b]) + shift[b]`` on packed rows (one read, one write per row).
+
+    x ``[B, N, D]``; idx int64 ``[T]`` flat rows ``b * N + n``; shift/scale ``[B, D]``;
+    weight/bias ``[D]`` (LayerNorm affine, None for PixArt/DiT). Returns ``[T, D]`` in x's
+    dtype. Differentiable in x, shift, scale, weight and bias.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"gather_norm_modulate: x must be [B, N, D], got shape {tuple(x.shape)}")
+    if resolve_backend("gather_norm_modulate", x.device) == "reference":
+        return ref.gather_norm_modulate(x, idx, shift, scale, weight, bias, eps)
+    return torch.ops.diffcr.gather_norm_modulate(x, idx, shift, scale, weight, bias, float(eps))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# gated, weighted scatter-back
+# --------------------------------------------------------------------------------------------
+def scatter_back(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seg_weight: torch.Tensor,
+    d1: torch.Tensor,
+    d2: Optional[torch.Tensor] = None,
+    scores: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    *,
+    max_seqlen: Optional[int] = None,
+    segs_per_sample: int = 1,
+) -> torch.Tensor:
+    """``out = x; out[idx[r]] += seg_weight[seg(r)] * (d1[r] + scores[r] * gate[b] * d2[r])``.
+
+    See :func:`diffcr_kernels.reference.scatter_back` for the full definition. ``max_seqlen``
+    (the longest segment) is needed by the CUDA grid; it is computed from ``cu_seqlens`` (a
+    device sync) when not given. ``segs_per_sample`` is P of the sample-major segment layout:
+    it lets the CUDA kernel add the segments of a sample in a fixed order without atomics.
+    Differentiable in x, d1, d2, scores, gate and seg_weight.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"scatter_back: x must be [B, N, D], got shape {tuple(x.shape)}")
+    if resolve_backend("scatter_back", x.device) == "reference":
+        return ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
+    a = acc_dtype(x.dtype)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return torch.ops.diffcr.scatter_back(
+        x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
+        None if scores is None else scores.to(a), gate)
+
+
+def scatter_back_selection(
+    x: torch.Tensor,
+    sel: Selection,
+    d1: torch.Tensor,
+    d2: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    *,
+    use_scores: bool = True,
+) -> torch.Tensor:
+    """:func:`scatter_back` with the indices, segments, weights and scores of a
+    :class:`~diffcr_kernels.reference.Selection` (the router score gates d2 when
+    ``use_scores``)."""
+    return scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2,
+                        sel.scores if use_scores else None, gate,
+                        max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)
+
+
+# --------------------------------------------------------------------------------------------
+# fake kernels and autograd of the compiled ops
+# --------------------------------------------------------------------------------------------
+def _register() -> None:
+    if not _ext.LOADED:
+        return
+    lib = "diffcr::"
+
+    @torch.library.register_fake(lib + "gather_norm_modulate")
+    def _gnm_fake(x, idx, shift, scale, weight, bias, eps):
+        T, D = idx.shape[0], x.shape[2]
+        a = acc_dtype(x.dtype)
+        return x.new_empty(T, D), x.new_empty(T, dtype=a), x.new_empty(T, dtype=a)
+
+    @torch.library.register_fake(lib + "gather_norm_modulate_backward")
+    def _gnm_bwd_fake(grad_y, x, idx, mean, rstd, scale, weight):
+        return x.new_empty(idx.shape[0], x.shape[2])
+
+    @torch.library.register_fake(lib + "scatter_back")
+    def _sb_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2, scores,
+                 gate):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "scatter_back_backward")
+    def _sb_bwd_fake(grad_out, idx, cu_seqlens, max_seqlen, seg_weight, d1, d2, scores, gate):
+        T, D = idx.shape[0], grad_out.shape[2]
+        a = seg_weight.dtype
+        return (d1.new_empty(T, D), d1.new_empty(T if d2 is not None else 0, D),
+                d1.new_empty(T if scores is not None else 0, dtype=a), d1.new_empty(T, dtype=a))
+
+    # gather_norm_modulate: inputs (x, idx, shift, scale, weight, bias, eps)
+    def _gnm_setup(ctx, inputs, output):
+        x, idx, shift, scale, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, idx, mean, rstd, shift, scale, weight, bias)
+
+    def _gnm_backward(ctx, gy, _gmean, _grstd):
+        x, idx, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        B, N, D = x.shape
+        a = acc_dtype(x.dtype)
+        gy = gy.contiguous()
+        grad_x = grad_shift = grad_scale = grad_weight = grad_bias = None
+        if need[0]:
+            rows = torch.ops.diffcr.gather_norm_modulate_backward(gy, x, idx, mean, rstd, scale,
+                                                                  weight)
+            grad_x = torch.zeros(B * N, D, dtype=a, device=x.device).index_add_(
+                0, idx, rows.to(a)).to(x.dtype).view(B, N, D)
+        b = torch.div(idx, N, rounding_mode="floor")
+        g = gy.to(a)
+        if need[2] and shift is not None:
+            grad_shift = torch.zeros(B, D, dtype=a, device=x.device).index_add_(0, b, g)
+            grad_shift = grad_shift.to(shift.dtype)
+        if (need[3] and scale is not None) or (need[4] and weight is not None) or (
+                need[5] and bias is not None):
+            xhat = (x.reshape(B * N, D).index_select(0, idx).to(a) - mean.unsqueeze(1)) \
+                * rstd.unsqueeze(1)
+            n = xhat
+            if weight is not None:
+                n = n * weight.to(a)
+            if bias is not None:
+                n = n + bias.to(a)
+            if need[3] and scale is not None:
+                grad_scale = torch.zeros(B, D, dtype=a, device=x.device).index_add_(0, b, g * n)
+                grad_scale = grad_scale.to(scale.dtype)
+            dn = g if scale is None else g * (1 + scale.to(a)[b])
+            if need[4] and weight is not None:
+                grad_weight = (dn * xhat).sum(0).to(weight.dtype)
+            if need[5] and bias is not None:
+                grad_bias = dn.sum(0).to(bias.dtype)
+        return grad_x, None, grad_shift, grad_scale, grad_weight, grad_bias, None
+
+    torch.library.register_autograd(lib + "gather_norm_modulate", _gnm_backward,
+                                    setup_context=_gnm_setup)
+
+    # scatter_back: inputs (x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
+    # scores, gate)
+    def _sb_setup(ctx, inputs, output):
+        x, idx, cu, max_seqlen, _p, seg_weight, d1, d2, scores, gate = inputs
+        ctx.max_seqlen = max_seqlen
+        ctx.shape = x.shape
+        ctx.save_for_backward(idx, cu, seg_weight, d1, d2, scores, gate)
+
+    def _sb_backward(ctx, grad_out):
+        idx, cu, seg_weight, d1, d2, scores, gate = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        B, N, D = ctx.shape
+        a = seg_weight.dtype
+        G = grad_out.contiguous()
+        gd1, gd2, gs, dots = torch.ops.diffcr.scatter_back_backward(
+            G, idx, cu, ctx.max_seqlen, seg_weight, d1, d2, scores, gate)
+        grad_w = grad_gate = None
+        if need[5]:
+            S = cu.numel() - 1
+            lengths = (cu[1:] - cu[:-1]).long()
+            row_seg = torch.repeat_interleave(torch.arange(S, device=cu.device), lengths,
+                                              output_size=idx.numel())
+            grad_w = torch.zeros(S, dtype=a, device=cu.device).index_add_(0, row_seg, dots)
+        if need[9] and gate is not None and d2 is not None:
+            contrib = gd1.to(a) * d2.to(a)
+            if scores is not None:
+                contrib = contrib * scores.unsqueeze(1)
+            b = torch.div(idx, N, rounding_mode="floor")
+            grad_gate = torch.zeros(B, D, dtype=a, device=G.device).index_add_(0, b, contrib)
+            grad_gate = grad_gate.to(gate.dtype)
+        return (G if need[0] else None, None, None, None, None, grad_w,
+                gd1 if need[6] else None,
+                gd2 if (need[7] and d2 is not None) else None,
+                gs if (need[8] and scores is not None) else None,
+                grad_gate)
+
+    torch.library.register_autograd(lib + "scatter_back", _sb_backward, setup_context=_sb_setup)
+
+
+_register()

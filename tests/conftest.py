@@ -1,0 +1,53 @@
+"""Test setup: single-threaded torch, Triton in interpreter mode, backend/device parametrisation.
+
+DIFFCR_REQUIRE_EXT=1 (set by .ci/run) turns a missing compiled extension into a test failure
+instead of a skip, so CI cannot pass by silently testing only the reference.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton kernel import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from diffcr_kernels import _ext  # noqa: E402
+
+REQUIRE_EXT = os.environ.get("DIFFCR_REQUIRE_EXT", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    if REQUIRE_EXT and not _ext.LOADED:
+        raise pytest.UsageError(
+            f"DIFFCR_REQUIRE_EXT=1 but the compiled extension did not load: {_ext.LOAD_ERROR}")
+
+
+def _device_params():
+    return [pytest.param("cpu", id="cpu"),
+            pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not HAS_CUDA, reason="needs a CUDA device")])]
+
+
+@pytest.fixture(params=_device_params())
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def ext_backend(device):
+    """The compiled backend for ``device`` ("cpu" or "cuda"); skips when not built (fails under
+    DIFFCR_REQUIRE_EXT=1)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not _ext.has_kernel("scatter_back", key):
+        msg = f"compiled {key} kernels not available: {_ext.LOAD_ERROR or 'not built'}"
+        if REQUIRE_EXT:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return device.type
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
