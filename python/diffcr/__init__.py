@@ -3,8 +3,31 @@
 A per-block router scores image tokens, only the top-k tokens run through the block, and k comes
 from a compression ratio learned per block and timestep region through a differentiable two-bin
 interpolation. The low-level ops live in :mod:`diffcr_kernels`.
+
+Typical use::
+
+    import diffcr
+    diffcr.convert(model, diffcr.DiffCRConfig(target_kept_ratio=0.8, num_regions=4))
+    loss = diffusion_loss + diffcr.ratio_loss(model)      # training
+    diffcr.freeze(model)                                   # inference: fixed k per block/region
+    diffcr.save(model, "out/diffcr")                       # routers + ratios + config only
 """
-from ._version import __version__
 from diffcr_kernels import available_backends
 
-__all__ = ["__version__", "available_backends"]
+from ._version import __version__
+from .config import DiffCRConfig
+from .convert import (convert, freeze, is_converted, revert, routed_blocks, set_timestep,
+                      unfreeze)
+from .io import CheckpointError, load, save
+from .modules import DifferentiableRatio, Router
+from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ratio,
+                       project_ratios, ratio_loss, ratio_parameters, ratio_table,
+                       router_parameters)
+
+__all__ = [
+    "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "Router", "__version__",
+    "attach_ratio_projection", "available_backends", "convert", "format_ratio_table", "freeze",
+    "is_converted", "load", "mean_kept_ratio", "project_ratios", "ratio_loss",
+    "ratio_parameters", "ratio_table", "revert", "routed_blocks", "router_parameters", "save",
+    "set_timestep", "unfreeze",
+]

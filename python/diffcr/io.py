@@ -1,0 +1,153 @@
+"""Saving and loading only what DiffCR adds: router weights, ratio parameters, the config.
+
+Format: a directory with ``diffcr.safetensors`` (tensors) and ``diffcr.json`` (config plus a
+signature of the model it came from). Never pickle. :func:`load` validates everything against
+the model before it copies a single value; a failed load leaves the model unchanged.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .config import DiffCRConfig
+from .convert import _state, convert, is_converted, routed_blocks
+
+__all__ = ["save", "load", "CheckpointError"]
+
+TENSORS = "diffcr.safetensors"
+META = "diffcr.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A DiffCR checkpoint that cannot be loaded into this model (says what differs)."""
+
+
+def _signature(model: nn.Module) -> dict:
+    blocks = model.transformer_blocks
+    return {"model_class": type(model).__name__, "num_blocks": len(blocks),
+            "hidden_size": blocks[0].attn1.to_q.in_features}
+
+
+def save(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write the router/ratio parameters and config of a converted ``model`` to directory
+    ``path`` (created if needed). Returns the directory."""
+    from safetensors.torch import save_file
+
+    st = _state(model)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    frozen = {}
+    for i, b in routed_blocks(model).items():
+        tensors[f"transformer_blocks.{i}.router.weight"] = b.router.weight.detach().cpu() \
+            .contiguous()
+        tensors[f"transformer_blocks.{i}.ratio.kept"] = b.ratio.kept.detach().cpu().contiguous()
+        if b._diffcr_frozen_bins is not None:
+            frozen[str(i)] = list(b._diffcr_frozen_bins)
+    meta = {"format": FORMAT, "diffcr_version": __version__, "config": st.config.to_dict(),
+            "model": _signature(model), "frozen_bins": frozen if st.frozen else None}
+    save_file(tensors, str(out / TENSORS), metadata={"format": "diffcr", "version": str(FORMAT)})
+    (out / META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _read(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a DiffCR checkpoint directory (expected {TENSORS} "
+                              f"and {META} inside)")
+    for f in (TENSORS, META):
+        if not (path / f).is_file():
+            raise CheckpointError(f"{path} has no {f}")
+    try:
+        meta = json.loads((path / META).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / META} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META}: unknown checkpoint format "
+                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    try:
+        cfg = DiffCRConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / META}: invalid config: {e}") from e
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / TENSORS} is truncated or corrupt: {e}") from e
+    return meta, cfg, tensors
+
+
+def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Load a checkpoint written by :func:`save` into ``model``.
+
+    An unconverted model is converted with the checkpoint's config first; a converted one must
+    have the same config (regions, bins, gate, routed blocks). Model class, block count and
+    hidden size must match. Every check runs before any value is copied, so a failed load
+    (:class:`CheckpointError` saying what differs) leaves the model unchanged.
+    """
+    path = Path(path)
+    meta, cfg, tensors = _read(path)
+    sig, want = _signature(model), meta.get("model", {})
+    diffs = [f"{k}: checkpoint {want.get(k)!r}, model {sig[k]!r}" for k in sig
+             if want.get(k) != sig[k]]
+    if diffs:
+        raise CheckpointError("checkpoint does not fit this model: " + "; ".join(diffs))
+    if is_converted(model):
+        have = _state(model).config
+        keys = ("bins", "num_regions", "gate", "routed_blocks", "num_train_timesteps")
+        cd = [f"{k}: checkpoint {getattr(cfg, k)!r}, model {getattr(have, k)!r}" for k in keys
+              if getattr(cfg, k) != getattr(have, k)]
+        if cd:
+            raise CheckpointError("checkpoint config differs from the model's conversion: "
+                                  + "; ".join(cd))
+    idx = cfg.routed_indices(sig["num_blocks"])
+    D, R = sig["hidden_size"], cfg.num_regions
+    expect = {}
+    for i in idx:
+        expect[f"transformer_blocks.{i}.router.weight"] = (D,)
+        expect[f"transformer_blocks.{i}.ratio.kept"] = (R,)
+    missing = sorted(set(expect) - set(tensors))
+    extra = sorted(set(tensors) - set(expect))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint tensors do not match: missing {missing[:4]}, "
+                              f"unexpected {extra[:4]}")
+    for k, shape in expect.items():
+        t = tensors[k]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{k} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise CheckpointError(f"{k} is not a finite floating-point tensor")
+    lo, hi = cfg.min_bin, cfg.max_bin
+    for i in idx:
+        kept = tensors[f"transformer_blocks.{i}.ratio.kept"]
+        if (kept < lo - 1e-6).any() or (kept > hi + 1e-6).any():
+            raise CheckpointError(f"transformer_blocks.{i}.ratio.kept has values outside the "
+                                  f"bin range [{lo}, {hi}]")
+    frozen = meta.get("frozen_bins")
+    if frozen is not None:
+        if not isinstance(frozen, dict) or sorted(map(int, frozen)) != idx or any(
+                len(v) != R or any(b not in cfg.bins for b in v) for v in frozen.values()):
+            raise CheckpointError("frozen_bins in the checkpoint do not match its config")
+    # ---- everything checked: now change the model
+    if not is_converted(model):
+        convert(model, cfg)
+    blocks = routed_blocks(model)
+    with torch.no_grad():
+        for i in idx:
+            b = blocks[i]
+            b.router.weight.copy_(tensors[f"transformer_blocks.{i}.router.weight"])
+            b.ratio.kept.copy_(tensors[f"transformer_blocks.{i}.ratio.kept"])
+    st = _state(model)
+    if frozen is not None:
+        for i in idx:
+            blocks[i]._diffcr_frozen_bins = [float(v) for v in frozen[str(i)]]
+        st.frozen = True
+    return model

@@ -1,0 +1,74 @@
+"""Converted models inside real diffusers pipelines, assembled from tiny random components."""
+import pytest
+import torch
+
+import diffcr
+from diffcr import DiffCRConfig
+
+from tiny_models import _randomise_weights, set_ratios, tiny_dit, tiny_pixart
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                         sample_size=8).eval()
+
+
+def dit_pipe():
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    # DiTPipeline's guidance uses the null class 1000: an ImageNet-sized label table
+    return DiTPipeline(transformer=_randomise_weights(tiny_dit(num_classes=1000)), vae=tiny_vae(),
+                       scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+
+def dit_call(pipe):
+    return pipe(class_labels=[1, 3], guidance_scale=4.0, num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def pixart_pipe():
+    pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+
+    return PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(),
+                               transformer=_randomise_weights(tiny_pixart()),
+                               scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+
+def pixart_call(pipe):
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(1, 6, 32, generator=g)
+    neg = torch.randn(1, 6, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    return pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt=None,
+                negative_prompt_embeds=neg,
+                negative_prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
+                height=8, width=8, num_inference_steps=4, guidance_scale=4.5,
+                use_resolution_binning=False, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+@pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call)],
+                         ids=["DiTPipeline", "PixArtSigmaPipeline"])
+def test_pipeline_identity_at_init_and_routed_run(make_pipe, call):
+    pipe = make_pipe()
+    with torch.no_grad():
+        dense = call(pipe)
+    diffcr.convert(pipe.transformer, DiffCRConfig(gate="sigmoid2x"))
+    with torch.no_grad():
+        converted = call(pipe)
+    assert abs(dense - converted).max() <= 1e-5
+    # routed: half the tokens, per region; the pipeline runs and the result changes
+    set_ratios(pipe.transformer, [0.5, 0.5, 0.7, 0.9])
+    diffcr.freeze(pipe.transformer)
+    with torch.no_grad():
+        routed = call(pipe)
+    assert routed.shape == dense.shape and (abs(routed - dense).max() > 1e-4)
+    diffcr.revert(pipe.transformer)
+    with torch.no_grad():
+        assert abs(call(pipe) - dense).max() == 0

@@ -1,0 +1,43 @@
+"""Tiny random diffusers models shared by the tests (2 layers, 2 heads x 8, 8x8 latents,
+patch 2 -> 16 tokens). No downloads."""
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+import diffcr
+
+
+def tiny_pixart(layers=2, seed=0):
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        num_layers=layers, sample_size=8, patch_size=2, cross_attention_dim=16,
+        caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+
+
+def tiny_dit(layers=2, seed=0, num_classes=10):
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes).eval()
+
+
+def _randomise_weights(model, scale=0.3):
+    """Diffusers zero-inits some output layers; give every parameter a non-trivial value so that
+    routing visibly changes the output."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def make(kind, **kw):
+    return _randomise_weights(tiny_pixart(**kw) if kind == "pixart" else tiny_dit(**kw))
+
+
+def set_ratios(model, values):
+    """values: float or per-region list, same for every routed block."""
+    with torch.no_grad():
+        for b in diffcr.routed_blocks(model).values():
+            b.ratio.kept.copy_(torch.as_tensor(values, dtype=b.ratio.kept.dtype)
+                               .expand_as(b.ratio.kept))
