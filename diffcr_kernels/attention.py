@@ -10,8 +10,10 @@ Order for each call (first that applies):
 4. ``sdpa_uniform``  every segment has the same query and key length (``uniform=True``, e.g. a
    uniform-k selection at inference): one batched
    :func:`torch.nn.functional.scaled_dot_product_attention` on a ``[S, H, L, Dh]`` view;
-5. ``sdpa_segments`` one SDPA call per segment (CPU, and any dtype the above reject);
-6. ``reference``     :func:`diffcr_kernels.reference.varlen_attention` (forced only).
+5. ``sdpa_grouped``  host segment lengths given (``seqlens_q``/``seqlens_k``): one batched SDPA
+   per group of segments with equal lengths (ragged selections on CPU); no device sync;
+6. ``sdpa_segments`` one SDPA call per segment (reads cu_seqlens on the host);
+7. ``reference``     :func:`diffcr_kernels.reference.varlen_attention` (forced only).
 
 ``DIFFCR_ATTENTION=<name>`` or the ``backend=`` argument forces a path; a forced path that cannot
 run raises an error that says why.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,8 @@ from . import reference as ref
 
 __all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention"]
 
-ATTENTION_BACKENDS = ("flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_segments",
-                      "reference")
+ATTENTION_BACKENDS = ("flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_grouped",
+                      "sdpa_segments", "reference")
 
 
 def _try_import(name: str):
@@ -61,6 +63,7 @@ def available_attention_backends() -> Dict[str, str]:
     out["torch_varlen"] = ("available" if _torch_varlen is not None and cuda else
                            (_torch_varlen_err or "needs a CUDA GPU"))
     out["sdpa_uniform"] = "available (uniform segments only)"
+    out["sdpa_grouped"] = "available (host segment lengths given)"
     out["sdpa_segments"] = "available"
     out["reference"] = "available"
     return out
@@ -70,7 +73,7 @@ def _flash_ok(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _pick(q: torch.Tensor, uniform: bool, forced: Optional[str]) -> str:
+def _pick(q: torch.Tensor, uniform: bool, forced: Optional[str], grouped: bool) -> str:
     if forced:
         if forced not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, "
@@ -83,6 +86,9 @@ def _pick(q: torch.Tensor, uniform: bool, forced: Optional[str]) -> str:
                 f"{available_attention_backends()[forced]} (needs CUDA fp16/bf16 tensors)")
         if forced == "sdpa_uniform" and not uniform:
             raise RuntimeError("diffcr: attention backend 'sdpa_uniform' needs uniform=True")
+        if forced == "sdpa_grouped" and not grouped:
+            raise RuntimeError("diffcr: attention backend 'sdpa_grouped' needs seqlens_q and "
+                               "seqlens_k")
         return forced
     if _flash_ok(q):
         if _fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9:
@@ -91,7 +97,9 @@ def _pick(q: torch.Tensor, uniform: bool, forced: Optional[str]) -> str:
             return "flash2"
         if _torch_varlen is not None:
             return "torch_varlen"
-    return "sdpa_uniform" if uniform else "sdpa_segments"
+    if uniform:
+        return "sdpa_uniform"
+    return "sdpa_grouped" if grouped else "sdpa_segments"
 
 
 def varlen_attention(
@@ -106,13 +114,17 @@ def varlen_attention(
     *,
     uniform: bool = False,
     backend: Optional[str] = None,
+    seqlens_q: Optional[Sequence[int]] = None,
+    seqlens_k: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Attention of each packed query segment over its own key segment.
 
     q ``[Tq, H, Dh]``, k/v ``[Tk, H, Dh]``, cu_seqlens int32 ``[S + 1]`` (as FlashAttention's
     varlen API). ``uniform=True`` promises that every segment has ``Tq / S`` queries and
     ``Tk / S`` keys (known on the host for a uniform-k selection), which enables the batched
-    SDPA path without a device sync. Same semantics as
+    SDPA path without a device sync. ``seqlens_q`` / ``seqlens_k`` (host lists, the same
+    numbers as the cu_seqlens) let the CPU path batch equal-length segments without reading
+    cu_seqlens back from the device. Same semantics as
     :func:`diffcr_kernels.reference.varlen_attention`.
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -122,7 +134,8 @@ def varlen_attention(
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same segments, got "
                          f"shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
     forced = backend or os.environ.get("DIFFCR_ATTENTION") or None
-    path = _pick(q, uniform, forced)
+    grouped = seqlens_q is not None and seqlens_k is not None and len(seqlens_q) > 0
+    path = _pick(q, uniform, forced, grouped)
     S = cu_seqlens_q.numel() - 1
     if path == "flash3":
         out = _fa3.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -149,6 +162,8 @@ def varlen_attention(
         vs = v.view(S, Tk // S, H, v.shape[-1]).transpose(1, 2)
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
         return o.transpose(1, 2).reshape(Tq, H, v.shape[-1])
+    if path == "sdpa_grouped":
+        return _grouped(q, k, v, list(seqlens_q), list(seqlens_k), softmax_scale)
     # sdpa_segments
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
@@ -165,3 +180,37 @@ def varlen_attention(
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     return torch.cat(outs, 0)
+
+
+def _grouped(q, k, v, lq: List[int], lk: List[int], scale):
+    """One batched SDPA per group of segments with equal (query, key) lengths."""
+    S = len(lq)
+    if len(lk) != S:
+        raise ValueError(f"seqlens_q has {S} segments but seqlens_k has {len(lk)}")
+    H = q.shape[1]
+    sq, sk = [0], [0]
+    for a, b in zip(lq, lk):
+        sq.append(sq[-1] + a)
+        sk.append(sk[-1] + b)
+    if sq[-1] != q.shape[0] or sk[-1] != k.shape[0]:
+        raise ValueError(f"seqlens sum to {sq[-1]} queries / {sk[-1]} keys but q has "
+                         f"{q.shape[0]} rows and k has {k.shape[0]}")
+    groups: Dict[tuple, List[int]] = {}
+    for s in range(S):
+        groups.setdefault((lq[s], lk[s]), []).append(s)
+    out = q.new_zeros(q.shape[0], H, v.shape[-1])
+    dev = q.device
+    for (nq, nk), segs in groups.items():
+        rq = torch.tensor([sq[s] + j for s in segs for j in range(nq)], device=dev)
+        if nq == 0:
+            continue
+        if nk == 0:
+            continue  # no keys: zeros
+        rk = torch.tensor([sk[s] + j for s in segs for j in range(nk)], device=dev)
+        G = len(segs)
+        qg = q.index_select(0, rq).view(G, nq, H, -1).transpose(1, 2)
+        kg = k.index_select(0, rk).view(G, nk, H, -1).transpose(1, 2)
+        vg = v.index_select(0, rk).view(G, nk, H, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+        out = out.index_copy(0, rq, o.transpose(1, 2).reshape(G * nq, H, -1))
+    return out

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,8 @@ class Selection:
     segs_per_sample: P, segments per sample (sample-major order: segment ``b * P + p``).
     uniform:     True when every segment has the same length (then ``max_seqlen == T // S`` and a
                  dense ``[S, k, D]`` view of the packed rows is valid).
+    seqlens:     host tuple of the segment lengths (the same numbers as ``cu_seqlens``, without
+                 a device sync).
     """
 
     indices: torch.Tensor
@@ -99,6 +101,7 @@ class Selection:
     num_tokens: int
     segs_per_sample: int
     uniform: bool
+    seqlens: Tuple[int, ...] = ()
 
     @property
     def num_segments(self) -> int:
@@ -110,10 +113,14 @@ class Selection:
 
     def row_segment(self) -> torch.Tensor:
         """int64 ``[T]``: the segment of each packed row."""
+        dev = self.indices.device
+        if self.seqlens:
+            return torch.repeat_interleave(torch.arange(self.num_segments, device=dev),
+                                           torch.tensor(self.seqlens, device=dev),
+                                           output_size=self.total)
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        return torch.repeat_interleave(
-            torch.arange(self.num_segments, device=self.indices.device), lengths,
-            output_size=self.total)
+        return torch.repeat_interleave(torch.arange(self.num_segments, device=dev), lengths,
+                                       output_size=self.total)
 
     def row_sample(self) -> torch.Tensor:
         """int64 ``[T]``: the sample of each packed row (``indices // N``)."""
@@ -131,36 +138,63 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(torch.matmul(x.to(a), weight.to(a)))
 
 
-def _as_segment_table(value, B: int, name: str, dtype, device) -> torch.Tensor:
-    t = torch.as_tensor(value, device=device)
-    if t.dim() == 0:
-        t = t.expand(B)
-    if t.dim() == 1:
-        t = t.reshape(B, 1) if t.numel() == B else t
-    if t.dim() != 2 or t.shape[0] != B:
-        raise ValueError(f"{name} must be a scalar, [B] or [B, P] with B = {B}, got shape "
-                         f"{tuple(t.shape)}")
-    return t.to(dtype)
+def _host_k_table(k, B: int) -> List[List[int]]:
+    """k as a host list ``[B][P]`` of ints (a tensor is copied to the host: pass Python ints on
+    hot paths to avoid the device sync)."""
+    if torch.is_tensor(k):
+        k = k.tolist()
+    if isinstance(k, (int,)) and not isinstance(k, bool):
+        return [[int(k)] for _ in range(B)]
+    rows = list(k)
+    if len(rows) != B:
+        raise ValueError(f"k must be an int, [B] or [B, P] with B = {B}, got {len(rows)} rows")
+    table = [[int(v)] if not isinstance(v, (list, tuple)) else [int(x) for x in v] for v in rows]
+    P = len(table[0])
+    if P < 1 or any(len(r) != P for r in table):
+        raise ValueError("k must have the same number of segments (P >= 1) for every sample")
+    return table
+
+
+def _seg_weight_table(seg_weight, B: int, P: int, dtype, device) -> torch.Tensor:
+    if seg_weight is None:
+        return torch.ones(B * P, dtype=dtype, device=device)
+    w = torch.as_tensor(seg_weight, device=device)
+    if w.dim() == 0:
+        w = w.expand(B, P)
+    elif w.dim() == 1 and w.numel() == B and P == 1:
+        w = w.view(B, 1)
+    elif w.dim() == 1 and w.numel() == B * P:
+        w = w.view(B, P)
+    if w.shape != (B, P):
+        raise ValueError(f"seg_weight must be a scalar, [B], [B*P] or [B, P] = [{B}, {P}], got "
+                         f"shape {tuple(w.shape)}")
+    return w.to(dtype).reshape(B * P)
 
 
 def select_topk(
     scores: torch.Tensor,
-    k: Union[int, Sequence[int], torch.Tensor],
+    k: Union[int, Sequence, torch.Tensor],
     seg_weight: Optional[Union[float, torch.Tensor]] = None,
 ) -> Selection:
     """Per-segment top-k selection into the packed layout.
 
     scores:     ``[B, N]`` router scores.
     k:          tokens per segment: an int (same for every sample), ``[B]`` (one segment per
-                sample) or ``[B, P]`` (P segments per sample, e.g. the two bins of training).
-                Every entry must lie in [1, N].
-    seg_weight: weight per segment with the same broadcasting as ``k`` (default 1).
+                sample) or ``[B][P]`` (P segments per sample, e.g. the two bins of training),
+                as Python ints (a tensor works but costs a device-to-host copy). Every entry
+                must lie in [1, N].
+    seg_weight: weight per segment: scalar, ``[B]`` (P = 1), ``[B * P]`` or ``[B, P]`` tensor
+                (default 1); stays on the device and keeps its autograd graph.
 
     Selection rule: the k highest scores of the segment's sample; ties go to the lower token
     index (a stable descending sort). NaN scores rank below every number, so they are chosen
     only when k exceeds the number of non-NaN scores. Selected indices are returned ascending
     within each segment; since every segment of a sample is cut from the same ranking, a segment
     with a smaller k is a subset of one with a larger k (SPEC §2).
+
+    All shapes follow from the host-side k, so the selection has static shapes (no
+    data-dependent ``nonzero``, no device sync): it traces under ``torch.compile`` and captures
+    into CUDA graphs.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
@@ -168,54 +202,54 @@ def select_topk(
     if B == 0 or N == 0:
         raise ValueError(f"scores must have B >= 1 and N >= 1, got shape {tuple(scores.shape)}")
     device = scores.device
-    ks = _as_segment_table(k, B, "k", torch.int64, device)
-    P = ks.shape[1]
+    ks = _host_k_table(k, B)
+    P = len(ks[0])
+    flat_k = [v for row in ks for v in row]
+    kmin, kmax = min(flat_k), max(flat_k)
+    if kmin < 1 or kmax > N:
+        raise ValueError(f"every k must be in [1, N={N}], got min {kmin}, max {kmax}")
     a = acc_dtype(scores.dtype) if scores.dtype.is_floating_point else torch.float32
-    if seg_weight is None:
-        ws = torch.ones(B, P, dtype=a, device=device)
-    else:
-        ws = _as_segment_table(seg_weight, B, "seg_weight", a, device)
-        if ws.shape != ks.shape:
-            ws = ws.expand(B, P) if ws.shape[1] == 1 else ws
-        if ws.shape != ks.shape:
-            raise ValueError(f"seg_weight shape {tuple(ws.shape)} does not match k shape "
-                             f"{tuple(ks.shape)}")
-    k_cpu = ks.cpu() if not isinstance(k, int) else None
-    if k_cpu is not None:
-        kmin, kmax = int(k_cpu.min()), int(k_cpu.max())
-        if kmin < 1 or kmax > N:
-            raise ValueError(f"every k must be in [1, N={N}], got min {kmin}, max {kmax}")
-        uniform = kmin == kmax
-        max_seqlen = kmax
-        total = int(k_cpu.sum())
-    else:
-        if not 1 <= k <= N:
-            raise ValueError(f"k must be in [1, N={N}], got {k}")
-        uniform, max_seqlen, total = True, int(k), int(k) * B * P
+    ws = _seg_weight_table(seg_weight, B, P, a, device)
+    S = B * P
 
     s = torch.nan_to_num(scores.detach(), nan=-math.inf)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices  # [B, N]
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(N, device=device).expand(B, N))
-    mask = rank.unsqueeze(1) < ks.unsqueeze(2)  # [B, P, N]
-    seg, n = mask.reshape(B * P, N).nonzero(as_tuple=True)  # row-major: ascending n per segment
-    if seg.numel() != total:  # pragma: no cover - internal invariant
-        raise RuntimeError("select_topk: selection size mismatch")
-    sample = torch.div(seg, P, rounding_mode="floor")
-    indices = sample * N + n
-    cu = torch.zeros(B * P + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(ks.reshape(-1), 0).to(torch.int32)
+    if kmin == kmax:  # uniform: one sort of a [S, k] block
+        top = order[:, :kmax] if P == 1 else order.repeat_interleave(P, dim=0)[:, :kmax]
+        base = (torch.arange(S, device=device) // P) * N
+        indices = (top.sort(dim=1).values + base[:, None]).reshape(-1)
+    else:  # ragged: one sort per group of equal k, then a static permutation to segment order
+        groups: dict = {}
+        for seg, kv in enumerate(flat_k):
+            groups.setdefault(kv, []).append(seg)
+        pieces, seg_order = [], []
+        for kv, segs in groups.items():
+            samp = torch.tensor([sg // P for sg in segs], device=device)
+            top = order.index_select(0, samp)[:, :kv].sort(dim=1).values + samp[:, None] * N
+            pieces.append(top.reshape(-1))
+            seg_order += segs
+        starts, pos = {}, 0
+        for sg in seg_order:
+            starts[sg] = pos
+            pos += flat_k[sg]
+        perm = [starts[sg] + j for sg in range(S) for j in range(flat_k[sg])]
+        indices = torch.cat(pieces).index_select(0, torch.tensor(perm, device=device))
+    cu_host = [0]
+    for kv in flat_k:
+        cu_host.append(cu_host[-1] + kv)
+    cu = torch.tensor(cu_host, dtype=torch.int32, device=device)
     sel_scores = scores.reshape(-1)[indices].to(a)
     return Selection(
         indices=indices,
         cu_seqlens=cu,
-        max_seqlen=max_seqlen,
+        max_seqlen=kmax,
         scores=sel_scores,
-        seg_weight=ws.reshape(-1),
+        seg_weight=ws,
         seg_sample=torch.arange(B, device=device).repeat_interleave(P),
         num_tokens=N,
         segs_per_sample=P,
-        uniform=uniform,
+        uniform=kmin == kmax,
+        seqlens=tuple(flat_k),
     )
 
 

@@ -16,11 +16,13 @@ def _segments(lengths_q, lengths_k, H=2, Dh=8, dtype=torch.float32, device="cpu"
     return q, k, v, cq.to(device), ck.to(device), max(lengths_q), max(lengths_k)
 
 
-@pytest.mark.parametrize("backend", ["sdpa_segments", "reference", None])
-@pytest.mark.parametrize("lq,lk", [([5, 1, 9], [5, 1, 9]), ([3, 7], [11, 2]), ([1], [1])])
+@pytest.mark.parametrize("backend", ["sdpa_segments", "sdpa_grouped", "reference", None])
+@pytest.mark.parametrize("lq,lk", [([5, 1, 9], [5, 1, 9]), ([3, 7], [11, 2]), ([1], [1]),
+                                   ([4, 6, 4, 6], [4, 6, 4, 6]), ([2, 3], [0, 3])])
 def test_ragged_paths_match_reference(backend, lq, lk):
     q, k, v, cq, ck, mq, mk = _segments(lq, lk)
-    out = dk.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+    out = dk.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend, seqlens_q=lq,
+                              seqlens_k=lk)
     expect = ref.varlen_attention(q, k, v, cq, ck, mq, mk)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
@@ -56,8 +58,8 @@ def test_forced_unavailable_backend_raises():
 
 def test_report_lists_every_backend():
     rep = available_attention_backends()
-    assert set(rep) == {"flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_segments",
-                        "reference"}
+    assert set(rep) == {"flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_grouped",
+                        "sdpa_segments", "reference"}
 
 
 @pytest.mark.gpu

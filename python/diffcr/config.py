@@ -10,6 +10,7 @@ __all__ = ["DiffCRConfig", "DEFAULT_BINS", "GATES"]
 
 DEFAULT_BINS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 GATES = ("sigmoid", "sigmoid2x")
+PATHS = ("auto", "fused", "compat")
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -47,6 +48,11 @@ class DiffCRConfig:
         std of the normal router init for ``gate="sigmoid"`` (``"sigmoid2x"`` starts at zero).
     init_kept_ratio:
         initial value of every ratio parameter (paper: 1.0, "zero compression").
+    path:
+        execution of routed blocks: ``"fused"`` (our forward over the packed layout: one pass
+        for all segments and both training bins), ``"compat"`` (the block's own diffusers
+        forward on gathered tokens, one call per group of equal k), or ``"auto"`` (fused
+        whenever the block and the call allow it, else compat).
     """
 
     bins: Sequence[float] = field(default_factory=lambda: DEFAULT_BINS)
@@ -59,6 +65,7 @@ class DiffCRConfig:
     param_dtype: str = "float32"
     router_init_std: float = 0.02
     init_kept_ratio: float = 1.0
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +119,8 @@ class DiffCRConfig:
             self.routed_blocks = tuple(sorted(rb))
         if self.param_dtype not in _DTYPES:
             raise ValueError(f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         if float(self.router_init_std) < 0:
             raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
         return self

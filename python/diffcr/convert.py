@@ -26,6 +26,7 @@ from torch import nn
 import diffcr_kernels as dk
 
 from .config import DiffCRConfig
+from .fused import fused_block_forward, fused_supported
 from .modules import DifferentiableRatio, Router
 
 __all__ = ["DiffCRBlock", "convert", "revert", "freeze", "unfreeze", "is_converted",
@@ -146,10 +147,30 @@ def _make_block_class():
                     return base(x, attention_mask, **args)
                 finally:
                     self.ff._diffcr_scale = None
-            sel = dk.select_topk(scores, torch.tensor(ks), weights)
+            sel = dk.select_topk(scores, ks, weights)
+            if self._diffcr_use_fused(attention_mask, cross_attention_kwargs):
+                return fused_block_forward(self, x, sel, router.gate_factor(sel.scores),
+                                           encoder_hidden_states, encoder_attention_mask,
+                                           timestep, class_labels)
             delta = self._diffcr_run_groups(x, sel, ks, attention_mask, args)
             return dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, delta,
                                    max_seqlen=sel.max_seqlen, segs_per_sample=P)
+
+        def _diffcr_use_fused(self, attention_mask, cross_attention_kwargs) -> bool:
+            mode = self._diffcr_state.config.path
+            if mode == "compat":
+                return False
+            why = self._diffcr_fused_why
+            if why is None and attention_mask is not None:
+                why = "a self-attention mask"
+            if why is None and cross_attention_kwargs:
+                why = f"cross_attention_kwargs {sorted(cross_attention_kwargs)}"
+            if why is None:
+                return True
+            if mode == "fused":
+                raise RuntimeError(f"diffcr: path='fused' cannot run this block call ({why}); "
+                                   "use path='auto' or 'compat'")
+            return False
 
         def _diffcr_run_groups(self, x, sel, ks, attention_mask, args):
             """Run the diffusers block on each group of equal-length segments; return the packed
@@ -362,6 +383,12 @@ def convert(model: nn.Module, config: Optional[DiffCRConfig] = None) -> nn.Modul
         if getattr(b, "_chunk_size", None) is not None:
             raise ValueError(f"diffcr: transformer_blocks[{i}] uses feed-forward chunking; call "
                              "model.disable_forward_chunking() before converting")
+    fused_why = {i: fused_supported(blocks[i]) for i in idx}
+    if config.path == "fused":
+        bad = {i: w for i, w in fused_why.items() if w is not None}
+        if bad:
+            raise ValueError(f"diffcr: path='fused' cannot run these blocks: {bad}; use "
+                             "path='auto' (fused where possible) or 'compat'")
     if config.num_train_timesteps is None:
         inferred = _infer_timesteps(model)
         if inferred is not None:
@@ -381,6 +408,7 @@ def convert(model: nn.Module, config: Optional[DiffCRConfig] = None) -> nn.Modul
         b._diffcr_state = state
         b._diffcr_last_kappa = None
         b._diffcr_frozen_bins = None
+        b._diffcr_fused_why = fused_why[i]
         b.ff._diffcr_scale = None
         b.ff.register_forward_hook(_ff_hook)
     model._diffcr_state = state
@@ -398,7 +426,8 @@ def revert(model: nn.Module) -> nn.Module:
             _remove_hook(b.ff._forward_hooks, _ff_hook, b.ff)
             del b.router
             del b.ratio
-            for attr in ("_diffcr_state", "_diffcr_last_kappa", "_diffcr_frozen_bins"):
+            for attr in ("_diffcr_state", "_diffcr_last_kappa", "_diffcr_frozen_bins",
+                         "_diffcr_fused_why"):
                 b.__dict__.pop(attr, None)
             b.ff.__dict__.pop("_diffcr_scale", None)
             b.__class__ = Basic

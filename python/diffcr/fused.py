@@ -1,0 +1,184 @@
+"""The fused routed path: DiffCR's own forward of a diffusers PixArt / DiT block over the packed
+layout, using the block's existing parameters.
+
+Per routed block (DESIGN.md's data path):
+
+1. adaLN modulation vectors of every sample (PixArt: ``scale_shift_table + t_emb``; DiT: the
+   block's ``norm1.emb`` + ``norm1.linear``), ``[B, D]`` each, never expanded per token;
+2. ``gather_norm_modulate``: packed rows ``LN(x[idx]) * (1 + scale) + shift`` in one pass;
+3. one GEMM per projection for all segments of all samples (both training bins included),
+   self-attention over the segments (:func:`diffcr_kernels.varlen_attention`: batched SDPA when
+   uniform, FlashAttention varlen on GPU, grouped SDPA otherwise), cross-attention of each
+   segment's queries over its sample's text with the text mask as diffusers applies it;
+4. the MLP on the packed rows;
+5. ``scatter_back``: ``out[idx] = x[idx] + w_seg * (d_attn + s * g_mlp * mlp)`` with the router
+   score gating the MLP branch only, the two-bin weights, and the residual add fused.
+
+The compat path (the block's own diffusers forward on gathered tokens) stays available for
+verification; the two are tested equal.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import diffcr_kernels as dk
+
+__all__ = ["fused_supported", "fused_block_forward"]
+
+
+def _plain_attention(attn) -> Optional[str]:
+    """None if ``attn`` is a plain diffusers Attention the fused path reproduces, else why not."""
+    if attn is None:
+        return None
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    proc = getattr(attn, "processor", None)
+    if type(proc) not in (AttnProcessor2_0, AttnProcessor):
+        return f"attention processor {type(proc).__name__}"
+    for name in ("spatial_norm", "group_norm", "norm_q", "norm_k", "norm_cross"):
+        if getattr(attn, name, None) not in (None, False):
+            return f"attention with {name}"
+    if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor",
+                                                              1.0) != 1.0:
+        return "attention with residual connection / output rescale"
+    return None
+
+
+def fused_supported(block) -> Optional[str]:
+    """None when the fused path can run ``block`` exactly; otherwise the reason it cannot."""
+    if block.norm_type not in ("ada_norm_single", "ada_norm_zero"):
+        return f"norm_type {block.norm_type}"
+    if getattr(block, "pos_embed", None) is not None:
+        return "block positional embedding"
+    if getattr(block, "only_cross_attention", False):
+        return "only_cross_attention"
+    if getattr(block, "fuser", None) is not None:
+        return "GLIGEN fuser"
+    for attn in (block.attn1, getattr(block, "attn2", None)):
+        why = _plain_attention(attn)
+        if why:
+            return why
+    if getattr(block, "_chunk_size", None) is not None:
+        return "feed-forward chunking"
+    return None
+
+
+def _modulation(block, x, timestep, class_labels):
+    """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, D]."""
+    B = x.shape[0]
+    if block.norm_type == "ada_norm_single":
+        mods = block.scale_shift_table[None] + timestep.reshape(B, 6, -1)
+        return mods.unbind(1)
+    emb = block.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
+    emb = block.norm1.linear(block.norm1.silu(emb))
+    return emb.chunk(6, dim=1)
+
+
+def _ln_params(norm):
+    return norm.weight, norm.bias, norm.eps
+
+
+def _per_row(v, sel, rowb):
+    """[B, D] -> per packed row, as a broadcastable view when the selection is uniform."""
+    if sel.uniform:
+        S = sel.num_segments
+        return v.index_select(0, sel.seg_sample).view(S, 1, -1), (S, sel.max_seqlen)
+    return v.index_select(0, rowb), None
+
+
+def _apply(t, shape):
+    """[T, D] -> [S, k, D] when uniform (shape given), else unchanged."""
+    return t.view(shape[0], shape[1], -1) if shape is not None else t
+
+
+def _self_attention(attn, h, sel):
+    T = h.shape[0]
+    q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    H = attn.heads
+    Dh = k.shape[-1] // H
+    o = dk.varlen_attention(q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh),
+                            sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen, sel.max_seqlen,
+                            uniform=sel.uniform, seqlens_q=sel.seqlens, seqlens_k=sel.seqlens)
+    o = o.reshape(T, H * Dh).to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def _cross_attention(attn, h, sel, text, text_bias):
+    """Queries: the packed rows; keys/values: the text of each segment's sample, with
+    diffusers' additive text mask (bias [B, 1, L] or None)."""
+    T = h.shape[0]
+    H = attn.heads
+    q = attn.to_q(h)
+    kt, vt = attn.to_k(text), attn.to_v(text)  # [B, L, D] once per sample
+    Dh = kt.shape[-1] // H
+    L = kt.shape[1]
+    groups = {}
+    for s, n in enumerate(sel.seqlens):
+        groups.setdefault(n, []).append(s)
+    out = q.new_empty(T, H * Dh) if len(groups) > 1 else None
+    starts = [0]
+    for n in sel.seqlens:
+        starts.append(starts[-1] + n)
+    for n, segs in groups.items():
+        if len(groups) == 1:
+            samp = sel.seg_sample
+            qg = q.view(len(segs), n, H, Dh)
+        else:
+            samp = sel.seg_sample.new_tensor([s // sel.segs_per_sample for s in segs])
+            rows = torch.cat([torch.arange(starts[s], starts[s] + n, device=q.device)
+                              for s in segs])
+            qg = q.index_select(0, rows).view(len(segs), n, H, Dh)
+        kg = kt.index_select(0, samp).view(len(segs), L, H, Dh).transpose(1, 2)
+        vg = vt.index_select(0, samp).view(len(segs), L, H, Dh).transpose(1, 2)
+        mask = None
+        if text_bias is not None:
+            mask = text_bias.index_select(0, samp).view(len(segs), 1, -1, L).to(qg.dtype)
+        o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask)
+        o = o.transpose(1, 2).reshape(-1, H * Dh)
+        if out is None:
+            out = o
+        else:
+            out = out.index_copy(0, rows, o)
+    out = out.to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
+                        encoder_attention_mask, timestep, class_labels):
+    """One routed block over a packed :class:`~diffcr_kernels.Selection` (any number of
+    segments per sample, ragged lengths). ``gate_scores`` ``[T]`` multiply the MLP branch of
+    each packed row. Returns the new residual stream ``[B, N, D]``."""
+    B, N, D = x.shape
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
+        block, x, timestep, class_labels)
+    idx = sel.indices
+    rowb = None if sel.uniform else sel.row_sample()
+    norm1 = block.norm1 if block.norm_type == "ada_norm_single" else block.norm1.norm
+    w1, b1, eps1 = _ln_params(norm1)
+    h_in = dk.gather_norm_modulate(x, idx, shift_msa, scale_msa, w1, b1, eps1)
+    xp = dk.gather_rows(x, idx)
+    a = _self_attention(block.attn1, h_in, sel)
+    g, shape = _per_row(gate_msa, sel, rowb)
+    d1 = (_apply(a, shape) * g).reshape(-1, D)
+    h = xp + d1
+    if getattr(block, "attn2", None) is not None:
+        if block.norm_type == "ada_norm_single":
+            cross_in = h  # PixArt applies no norm before cross-attention
+        else:
+            cross_in = block.norm2(h)
+        c = _cross_attention(block.attn2, cross_in, sel, encoder_hidden_states,
+                             encoder_attention_mask)
+        d1 = d1 + c
+        h = h + c
+    norm2 = block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
+    w2, b2, eps2 = _ln_params(norm2)
+    sc, shape = _per_row(scale_mlp, sel, rowb)
+    sh, _ = _per_row(shift_mlp, sel, rowb)
+    n2 = F.layer_norm(_apply(h, shape), (D,), w2, b2, eps2)
+    n2 = (n2 * (1 + sc) + sh).reshape(-1, D)
+    m = block.ff(n2)
+    return dk.scatter_back(x, idx, sel.cu_seqlens, sel.seg_weight, d1, m, gate_scores, gate_mlp,
+                           max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)

@@ -1,0 +1,123 @@
+"""The fused routed path against the compat path (the block's own diffusers forward) and the
+dense model, forward and backward."""
+import pytest
+import torch
+
+import diffcr
+from diffcr import DiffCRConfig
+
+from tiny_models import make, set_ratios
+
+KINDS = ["pixart", "dit"]
+
+
+def _inputs(kind, t, mask=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    B = len(t)
+    kw = dict(hidden_states=torch.randn(B, 4, 8, 8, generator=g, dtype=dtype),
+              timestep=torch.tensor(t))
+    if kind == "pixart":
+        kw["encoder_hidden_states"] = torch.randn(B, 5, 32, generator=g, dtype=dtype)
+        if mask:
+            m = torch.ones(B, 5, dtype=torch.long)
+            m[0, 3:] = 0
+            kw["encoder_attention_mask"] = m
+    else:
+        kw["class_labels"] = torch.arange(B) % 10
+    return kw
+
+
+def _pair(kind, ratios, regions=4, dtype=torch.float32, **cfg):
+    models = {}
+    for path in ("compat", "fused"):
+        m = make(kind).to(dtype)
+        diffcr.convert(m, DiffCRConfig(num_regions=regions, path=path,
+                                       param_dtype=str(dtype).replace("torch.", ""), **cfg))
+        set_ratios(m, ratios)
+        models[path] = m
+    return models
+
+
+def close(a, b, rtol=1e-5):
+    """fp32 agreement relative to the tensor's scale (randomised tiny models reach |x| ~ 500,
+    where fp32 rounding alone is ~1e-4 absolute)."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(1.0, b.abs().max().item()))
+
+
+def _run(model, kw, seed=0):
+    torch.manual_seed(seed)  # DiT's label dropout in train mode
+    return model(**kw).sample
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ratios,t", [
+    (0.5, (300, 300)),                   # uniform k (CFG-like batch)
+    ([0.2, 0.5, 0.7, 1.0], (100, 600, 999)),  # ragged k, one sample at k = N
+    (0.1, (10,)),                        # k = ceil(0.1 * 16) = 2
+])
+def test_fused_equals_compat_eval(kind, ratios, t):
+    ms = _pair(kind, ratios)
+    kw = _inputs(kind, t, mask=True)
+    with torch.no_grad():
+        a = _run(ms["compat"].eval(), kw)
+        b = _run(ms["fused"].eval(), kw)
+    close(b, a)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("gate", ["sigmoid", "sigmoid2x"])
+def test_fused_equals_compat_training_two_bins(kind, gate):
+    # float64: attention over the large activations of randomised tiny models amplifies fp32
+    # rounding in the gradients; in float64 the two paths must agree to ~1e-10
+    ms = _pair(kind, [0.35, 0.55, 0.72, 0.95], gate=gate, dtype=torch.float64)
+    for m in ms.values():  # same non-zero routers in both
+        torch.manual_seed(5)
+        for b in diffcr.routed_blocks(m).values():
+            torch.nn.init.normal_(b.router.weight, std=0.3)
+    kw = _inputs(kind, (100, 400, 600, 900), mask=True, dtype=torch.float64)
+    grads, outs = {}, {}
+    for path, m in ms.items():
+        m.train()
+        out = _run(m, kw)
+        (out.square().mean() + diffcr.ratio_loss(m)).backward()
+        outs[path] = out.detach()
+        grads[path] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    close(outs["fused"], outs["compat"], rtol=1e-9)
+    assert grads["fused"].keys() == grads["compat"].keys()
+    for n, g in grads["compat"].items():
+        torch.testing.assert_close(grads["fused"][n], g, rtol=1e-8,
+                                   atol=1e-8 * max(1.0, g.abs().max().item()),
+                                   msg=lambda m: f"{n}: {m}")
+    for b in diffcr.routed_blocks(ms["fused"]).values():
+        assert (b.ratio.kept.grad != 0).all() and b.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_at_full_ratio_equals_dense_in_training(kind):
+    dense = make(kind).train()
+    kw = _inputs(kind, (100, 900))
+    with torch.no_grad():
+        expect = _run(dense, kw)
+    m = make(kind)
+    diffcr.convert(m, DiffCRConfig(path="fused"))
+    m.train()  # kappa = 1: bins 0.9 and 1.0 with weights 0 and 1, both computed in one pass
+    with torch.no_grad():
+        out = _run(m, kw)
+    close(out, expect)
+
+
+def test_fused_refuses_blocks_it_cannot_run():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    m = make("pixart")
+    m.transformer_blocks[1].attn1.set_processor(Custom())
+    with pytest.raises(ValueError, match=r"path='fused' cannot run these blocks: \{1:"):
+        diffcr.convert(m, DiffCRConfig(path="fused"))
+    assert not diffcr.is_converted(m)
+    diffcr.convert(m, DiffCRConfig(path="auto"))  # falls back to compat for that block
+    set_ratios(m, 0.5)
+    with torch.no_grad():
+        m(**_inputs("pixart", (10, 20)))
