@@ -201,12 +201,12 @@ def _grouped(q, k, v, lq: List[int], lk: List[int], scale):
     out = q.new_zeros(q.shape[0], H, v.shape[-1])
     dev = q.device
     for (nq, nk), segs in groups.items():
-        rq = torch.tensor([sq[s] + j for s in segs for j in range(nq)], device=dev)
+        rq = ref.host_index([sq[s] + j for s in segs for j in range(nq)], dev)
         if nq == 0:
             continue
         if nk == 0:
             continue  # no keys: zeros
-        rk = torch.tensor([sk[s] + j for s in segs for j in range(nk)], device=dev)
+        rk = ref.host_index([sk[s] + j for s in segs for j in range(nk)], dev)
         G = len(segs)
         qg = q.index_select(0, rq).view(G, nq, H, -1).transpose(1, 2)
         kg = k.index_select(0, rk).view(G, nk, H, -1).transpose(1, 2)

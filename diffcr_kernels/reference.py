@@ -116,7 +116,7 @@ class Selection:
         dev = self.indices.device
         if self.seqlens:
             return torch.repeat_interleave(torch.arange(self.num_segments, device=dev),
-                                           torch.tensor(self.seqlens, device=dev),
+                                           host_index(self.seqlens, dev),
                                            output_size=self.total)
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
         return torch.repeat_interleave(torch.arange(self.num_segments, device=dev), lengths,
@@ -136,6 +136,27 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     a = acc_dtype(x.dtype)
     return torch.sigmoid(torch.matmul(x.to(a), weight.to(a)))
+
+
+_INDEX_CACHE: dict = {}
+_INDEX_CACHE_MAX = 512
+
+
+def host_index(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
+    """A device tensor of host-known integers, cached by value: the index tables that follow
+    from host-side kept counts are copied to the device once, not at every call, so a routed
+    forward replays inside a CUDA graph (no host-to-device copy during capture). Under
+    ``torch.compile`` the tensor is built in the graph instead (constants)."""
+    key = (tuple(values), str(device), dtype)
+    if torch.compiler.is_compiling():
+        return torch.tensor(key[0], device=device, dtype=dtype)
+    t = _INDEX_CACHE.get(key)
+    if t is None:
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
+            _INDEX_CACHE.clear()
+        t = torch.tensor(key[0], device=device, dtype=dtype)
+        _INDEX_CACHE[key] = t
+    return t
 
 
 def _host_k_table(k, B: int) -> List[List[int]]:
@@ -224,7 +245,7 @@ def select_topk(
             groups.setdefault(kv, []).append(seg)
         pieces, seg_order = [], []
         for kv, segs in groups.items():
-            samp = torch.tensor([sg // P for sg in segs], device=device)
+            samp = host_index([sg // P for sg in segs], device)
             top = order.index_select(0, samp)[:, :kv].sort(dim=1).values + samp[:, None] * N
             pieces.append(top.reshape(-1))
             seg_order += segs
@@ -233,11 +254,11 @@ def select_topk(
             starts[sg] = pos
             pos += flat_k[sg]
         perm = [starts[sg] + j for sg in range(S) for j in range(flat_k[sg])]
-        indices = torch.cat(pieces).index_select(0, torch.tensor(perm, device=device))
+        indices = torch.cat(pieces).index_select(0, host_index(perm, device))
     cu_host = [0]
     for kv in flat_k:
         cu_host.append(cu_host[-1] + kv)
-    cu = torch.tensor(cu_host, dtype=torch.int32, device=device)
+    cu = host_index(cu_host, device, torch.int32)
     sel_scores = scores.reshape(-1)[indices].to(a)
     return Selection(
         indices=indices,

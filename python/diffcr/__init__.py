@@ -16,8 +16,8 @@ from diffcr_kernels import available_backends
 
 from ._version import __version__
 from .config import DiffCRConfig
-from .convert import (convert, freeze, is_converted, revert, routed_blocks, set_timestep,
-                      unfreeze)
+from .convert import (compile_model, convert, freeze, is_converted, revert, routed_blocks,
+                      set_timestep, unfreeze)
 from .io import CheckpointError, load, save
 from .modules import DifferentiableRatio, Router
 from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ratio,
@@ -26,7 +26,7 @@ from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ra
 
 __all__ = [
     "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "Router", "__version__",
-    "attach_ratio_projection", "available_backends", "convert", "format_ratio_table", "freeze",
+    "attach_ratio_projection", "available_backends", "compile_model", "convert", "format_ratio_table", "freeze",
     "is_converted", "load", "mean_kept_ratio", "project_ratios", "ratio_loss",
     "ratio_parameters", "ratio_table", "revert", "routed_blocks", "router_parameters", "save",
     "set_timestep", "unfreeze",

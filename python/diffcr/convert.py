@@ -30,7 +30,7 @@ from .fused import fused_block_forward, fused_supported
 from .modules import DifferentiableRatio, Router
 
 __all__ = ["DiffCRBlock", "convert", "revert", "freeze", "unfreeze", "is_converted",
-           "routed_blocks", "set_timestep", "SUPPORTED_MODELS"]
+           "routed_blocks", "set_timestep", "compile_model", "SUPPORTED_MODELS"]
 
 SUPPORTED_MODELS = ("PixArtTransformer2DModel", "DiTTransformer2DModel")
 _SUPPORTED_NORMS = ("ada_norm_single", "ada_norm_zero")
@@ -431,6 +431,9 @@ def revert(model: nn.Module) -> nn.Module:
                 b.__dict__.pop(attr, None)
             b.ff.__dict__.pop("_diffcr_scale", None)
             b.__class__ = Basic
+    if model.__dict__.get("_diffcr_compiled", False):
+        model.__dict__.pop("forward", None)
+        model.__dict__.pop("_diffcr_compiled", None)
     del model._diffcr_state
     return model
 
@@ -462,4 +465,23 @@ def unfreeze(model: nn.Module) -> nn.Module:
     for b in routed_blocks(model).values():
         b._diffcr_frozen_bins = None
     st.frozen = False
+    return model
+
+
+def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` a converted model's ``forward`` (default ``fullgraph=True``) in place.
+
+    Unlike ``model.compile()``, this keeps diffcr's forward pre-hook (which copies the timestep
+    to the host and picks each sample's region) outside the compiled graph, so the graph has
+    no host sync. Routing is static per (block, region) once :func:`freeze` is applied: each
+    distinct set of regions compiles once (guards on the host regions), and the graph is
+    CUDA-graph friendly (``mode="reduce-overhead"``). :func:`revert` removes the compiled
+    forward. Works inside diffusers pipelines (they call the module, which runs the hook and
+    then the compiled forward).
+    """
+    _state(model)
+    compile_kwargs.setdefault("fullgraph", True)
+    forward = type(model).forward.__get__(model)
+    model.forward = torch.compile(forward, **compile_kwargs)
+    model._diffcr_compiled = True
     return model

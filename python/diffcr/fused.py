@@ -127,9 +127,9 @@ def _cross_attention(attn, h, sel, text, text_bias):
             samp = sel.seg_sample
             qg = q.view(len(segs), n, H, Dh)
         else:
-            samp = sel.seg_sample.new_tensor([s // sel.segs_per_sample for s in segs])
-            rows = torch.cat([torch.arange(starts[s], starts[s] + n, device=q.device)
-                              for s in segs])
+            samp = dk.reference.host_index([s // sel.segs_per_sample for s in segs], q.device)
+            rows = dk.reference.host_index([starts[s] + j for s in segs for j in range(n)],
+                                           q.device)
             qg = q.index_select(0, rows).view(len(segs), n, H, Dh)
         kg = kt.index_select(0, samp).view(len(segs), L, H, Dh).transpose(1, 2)
         vg = vt.index_select(0, samp).view(len(segs), L, H, Dh).transpose(1, 2)
