@@ -11,15 +11,15 @@ inline at::ScalarType acc_type_of(at::ScalarType t) {
 
 inline void check_data(const at::Tensor& t, const char* op, const char* name,
                        const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
               ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), ", expected ", ref.scalar_type(), " (the dtype of x)");
 }
 
 inline void check_shape(const at::Tensor& t, const char* op, const char* name,
                         at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), ", expected ",
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), ", expected ",
               expected);
 }
 
@@ -32,37 +32,37 @@ inline void check_opt(const c10::optional<at::Tensor>& t, const char* op, const 
 }
 
 inline void check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, D], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be [B, N, D], got shape ", x.sizes());
   const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+  TORCH_CHECK_VALUE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
               ": x must be float32, float64, float16 or bfloat16, got ", t);
 }
 
 inline void check_idx(const at::Tensor& idx, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(idx.dim() == 1, op, ": idx must be 1-D [T], got shape ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": idx must be int64, got ",
+  TORCH_CHECK_VALUE(idx.dim() == 1, op, ": idx must be 1-D [T], got shape ", idx.sizes());
+  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, op, ": idx must be int64, got ",
               idx.scalar_type());
-  TORCH_CHECK(idx.device() == x.device(), op, ": idx is on ", idx.device(), " but x is on ",
+  TORCH_CHECK_VALUE(idx.device() == x.device(), op, ": idx is on ", idx.device(), " but x is on ",
               x.device());
 }
 
 inline void check_acc(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name,
                       int64_t n) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
               " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == acc_type_of(x.scalar_type()), op, ": ", name, " has dtype ",
+  TORCH_CHECK_VALUE(t.scalar_type() == acc_type_of(x.scalar_type()), op, ": ", name, " has dtype ",
               t.scalar_type(), ", expected ", acc_type_of(x.scalar_type()),
               " (float64 for float64 data, float32 otherwise)");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " has shape ", t.sizes(),
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " has shape ", t.sizes(),
               ", expected [", n, "]");
 }
 
 inline void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, op,
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, op,
               ": cu_seqlens must be 1-D [S+1] with S >= 0, got shape ", cu.sizes());
-  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
+  TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
               cu.scalar_type());
-  TORCH_CHECK(cu.device() == x.device(), op, ": cu_seqlens is on ", cu.device(),
+  TORCH_CHECK_VALUE(cu.device() == x.device(), op, ": cu_seqlens is on ", cu.device(),
               " but x is on ", x.device());
 }
 
@@ -71,15 +71,15 @@ inline void check_cu_seqlens_values(const at::Tensor& cu, int64_t T, int64_t max
                                     const char* op) {
   const int32_t* p = cu.data_ptr<int32_t>();
   const int64_t S = cu.numel() - 1;
-  TORCH_CHECK(p[0] == 0, op, ": cu_seqlens[0] must be 0, got ", p[0]);
+  TORCH_CHECK_VALUE(p[0] == 0, op, ": cu_seqlens[0] must be 0, got ", p[0]);
   for (int64_t s = 0; s < S; ++s) {
     const int64_t len = static_cast<int64_t>(p[s + 1]) - p[s];
-    TORCH_CHECK(len >= 0, op, ": cu_seqlens must be non-decreasing, but cu_seqlens[", s + 1,
+    TORCH_CHECK_VALUE(len >= 0, op, ": cu_seqlens must be non-decreasing, but cu_seqlens[", s + 1,
                 "] = ", p[s + 1], " < cu_seqlens[", s, "] = ", p[s]);
-    TORCH_CHECK(max_seqlen < 0 || len <= max_seqlen, op, ": segment ", s, " has ", len,
+    TORCH_CHECK_VALUE(max_seqlen < 0 || len <= max_seqlen, op, ": segment ", s, " has ", len,
                 " rows but max_seqlen = ", max_seqlen);
   }
-  TORCH_CHECK(p[S] == T, op, ": cu_seqlens[-1] = ", p[S], " must equal the number of rows T = ",
+  TORCH_CHECK_VALUE(p[S] == T, op, ": cu_seqlens[-1] = ", p[S], " must equal the number of rows T = ",
               T);
 }
 

@@ -24,7 +24,7 @@ cuda::DType dtype_of(const at::Tensor& t) {
     case at::kDouble: return cuda::DType::kFloat64;
     case at::kHalf: return cuda::DType::kFloat16;
     case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "diffcr: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK_VALUE(false, "diffcr: unsupported dtype ", t.scalar_type());
   }
 }
 
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnm_cuda(
     const c10::optional<at::Tensor>& bias, double eps) {
   const char* op = "diffcr::gather_norm_modulate";
   check_gnm(op, x_, idx_, shift, scale, weight, bias);
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), idx = idx_.contiguous();
   const at::Tensor sh = opt_contig(shift), sc = opt_contig(scale), wt = opt_contig(weight),

@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnm_cpu(const at::Tensor& x, cons
   check_opt(scale, kGnm, "scale", x, {B, D});
   check_opt(weight, kGnm, "weight", x, {D});
   check_opt(bias, kGnm, "bias", x, {D});
-  TORCH_CHECK(eps >= 0, kGnm, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, kGnm, ": eps must be >= 0, got ", eps);
   return cpu::gather_norm_modulate(x.contiguous(), idx.contiguous(), as_opt(opt_contig(shift)),
                                    as_opt(opt_contig(scale)), as_opt(opt_contig(weight)),
                                    as_opt(opt_contig(bias)), eps);
@@ -72,9 +72,9 @@ void check_scatter_args(const char* op, const at::Tensor& x, const at::Tensor& i
   check_cu_seqlens(cu_seqlens, x, op);
   const int64_t B = x.size(0), D = x.size(2), T = idx.numel();
   const int64_t S = cu_seqlens.numel() - 1;
-  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
-  TORCH_CHECK(segs_per_sample >= 1, op, ": segs_per_sample must be >= 1, got ", segs_per_sample);
-  TORCH_CHECK(S % segs_per_sample == 0, op, ": the number of segments (", S,
+  TORCH_CHECK_VALUE(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  TORCH_CHECK_VALUE(segs_per_sample >= 1, op, ": segs_per_sample must be >= 1, got ", segs_per_sample);
+  TORCH_CHECK_VALUE(S % segs_per_sample == 0, op, ": the number of segments (", S,
               ") is not a multiple of segs_per_sample (", segs_per_sample, ")");
   check_acc(seg_weight, x, op, "seg_weight", S);
   check_data(d1, op, "d1", x);

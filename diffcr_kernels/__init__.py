@@ -63,6 +63,20 @@ def available_backends() -> Dict[str, Dict[str, str]]:
     """
     out: Dict[str, Dict[str, str]] = {
         "reference": {"status": "loaded", "detail": "pure torch, always available"}}
+    from . import ops as _ops
+    from . import triton as _tr
+
+    if not _tr.AVAILABLE or _ops.TRITON_ERROR:
+        out["triton"] = {"status": "unavailable",
+                         "detail": _ops.TRITON_ERROR or str(_tr.IMPORT_ERROR)}
+    elif torch.cuda.is_available():
+        out["triton"] = {"status": "loaded", "detail": "4 ops (CUDA)"}
+    elif _tr.INTERPRETED:
+        out["triton"] = {"status": "loaded", "detail": "4 ops, interpreter (TRITON_INTERPRET=1)"}
+    else:
+        out["triton"] = {"status": "compiled",
+                         "detail": "4 ops; no CUDA device here (TRITON_INTERPRET=1 runs them "
+                                   "on CPU, slowly)"}
     info = _ext.BUILD_INFO
     if not _ext.LOADED:
         why = _ext.LOAD_ERROR or "extension not loaded"

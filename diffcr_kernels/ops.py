@@ -3,13 +3,15 @@
 Backends, tried in order for each call (``auto``):
 
 * ``cuda``      compiled CUDA kernels of ``diffcr_kernels._C`` (CUDA tensors);
+* ``triton``    Triton kernels (:mod:`diffcr_kernels.triton`; CUDA tensors, or CPU tensors under
+                the Triton interpreter when forced);
 * ``cpu``       compiled C++ CPU kernels of ``diffcr_kernels._C`` (CPU tensors);
 * ``reference`` pure torch (:mod:`diffcr_kernels.reference`), always available.
 
-``DIFFCR_BACKEND=reference|cpu|cuda`` (or :func:`use_backend`) forces one; forcing a compiled
+``DIFFCR_BACKEND=reference|cpu|cuda|triton`` (or :func:`use_backend`) forces one; forcing a
 backend that cannot run the given tensors raises an error that says why instead of silently
-falling back. Ops without a compiled kernel yet (router scores, selection) always run the
-reference, which is already vectorised.
+falling back. Selection always runs the reference (static-shape sorts, no sync); router scores
+run torch's GEMV + sigmoid unless Triton is forced for inference.
 
 The compiled ops are ``torch.library`` operators (``torch.ops.diffcr.*``) with fake kernels, so
 ``torch.compile`` traces them, and with autograd registered here, so gradients reach the values,
@@ -25,6 +27,7 @@ import torch
 
 from . import _ext
 from . import reference as ref
+from . import triton as _triton
 from .reference import Selection, acc_dtype
 
 __all__ = [
@@ -40,7 +43,7 @@ __all__ = [
     "scatter_back_selection",
 ]
 
-BACKENDS = ("auto", "reference", "cpu", "cuda")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _override: Optional[str] = None
 
 
@@ -65,6 +68,20 @@ def use_backend(name: str) -> Iterator[None]:
         _override = old
 
 
+def _triton_ok(device: torch.device) -> Optional[str]:
+    """None if the Triton ops can run tensors on ``device``, else why not."""
+    if not _triton.AVAILABLE:
+        return f"triton is not importable ({_triton.IMPORT_ERROR})"
+    if TRITON_ERROR:
+        return f"Triton ops failed to register ({TRITON_ERROR})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _triton.INTERPRETED:
+        return None
+    return (f"Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got "
+            f"{device}")
+
+
 def resolve_backend(op: str, device: torch.device) -> str:
     """The backend that will run compiled op ``op`` for tensors on ``device``."""
     req = current_backend()
@@ -73,7 +90,16 @@ def resolve_backend(op: str, device: torch.device) -> str:
     if req == "reference":
         return "reference"
     if req == "auto":
-        return device.type if available else "reference"
+        if available:
+            return device.type
+        if device.type == "cuda" and _triton_ok(device) is None:
+            return "triton"
+        return "reference"
+    if req == "triton":
+        why = _triton_ok(device)
+        if why:
+            raise RuntimeError(f"diffcr: backend 'triton' was requested but cannot run: {why}")
+        return "triton"
     if req != device.type:
         raise RuntimeError(f"diffcr: backend {req!r} was requested but the tensors are on "
                            f"{device}")
@@ -94,6 +120,12 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"router_scores: weight must be [D] = [{x.shape[-1]}], got shape "
                          f"{tuple(weight.shape)}")
+    if current_backend() == "triton" and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad)):
+        why = _triton_ok(x.device)
+        if why:
+            raise RuntimeError(f"diffcr: backend 'triton' was requested but cannot run: {why}")
+        return _triton.router_scores(x.contiguous(), weight.to(x.dtype).contiguous())
     return ref.router_scores(x, weight)
 
 
@@ -128,9 +160,10 @@ def gather_norm_modulate(
     """
     if x.dim() != 3:
         raise ValueError(f"gather_norm_modulate: x must be [B, N, D], got shape {tuple(x.shape)}")
-    if resolve_backend("gather_norm_modulate", x.device) == "reference":
+    backend = resolve_backend("gather_norm_modulate", x.device)
+    if backend == "reference":
         return ref.gather_norm_modulate(x, idx, shift, scale, weight, bias, eps)
-    return torch.ops.diffcr.gather_norm_modulate(x, idx, shift, scale, weight, bias, float(eps))[0]
+    return _ns(backend).gather_norm_modulate(x, idx, shift, scale, weight, bias, float(eps))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,12 +192,13 @@ def scatter_back(
     """
     if x.dim() != 3:
         raise ValueError(f"scatter_back: x must be [B, N, D], got shape {tuple(x.shape)}")
-    if resolve_backend("scatter_back", x.device) == "reference":
+    backend = resolve_backend("scatter_back", x.device)
+    if backend == "reference":
         return ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
     a = acc_dtype(x.dtype)
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    return torch.ops.diffcr.scatter_back(
+    return _ns(backend).scatter_back(
         x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
         None if scores is None else scores.to(a), gate)
 
@@ -189,10 +223,39 @@ def scatter_back_selection(
 # --------------------------------------------------------------------------------------------
 # fake kernels and autograd of the compiled ops
 # --------------------------------------------------------------------------------------------
-def _register() -> None:
-    if not _ext.LOADED:
-        return
-    lib = "diffcr::"
+def _ns(backend: str):
+    return torch.ops.diffcr_triton if backend == "triton" else torch.ops.diffcr
+
+
+SCHEMAS = {
+    "gather_norm_modulate": "(Tensor x, Tensor idx, Tensor? shift, Tensor? scale, Tensor? weight, "
+                            "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "gather_norm_modulate_backward": "(Tensor grad_y, Tensor x, Tensor idx, Tensor mean, "
+                                     "Tensor rstd, Tensor? scale, Tensor? weight) -> Tensor",
+    "scatter_back": "(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
+                    "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
+                    "Tensor? scores, Tensor? gate) -> Tensor",
+    "scatter_back_backward": "(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
+                             "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, "
+                             "Tensor? gate) -> (Tensor, Tensor, Tensor, Tensor)",
+}
+TRITON_ERROR: Optional[str] = None
+
+
+def _define_triton_ops() -> None:
+    """The Triton launchers as ``torch.library`` custom ops (namespace ``diffcr_triton``) with
+    the schemas of the C++ ops (csrc/ops.cpp), for CUDA tensors and for CPU tensors under the
+    Triton interpreter."""
+    for name, schema in SCHEMAS.items():
+        torch.library.custom_op(f"diffcr_triton::{name}", getattr(_triton, name),
+                                mutates_args=(), device_types=("cuda", "cpu"), schema=schema)
+
+
+def _register_family(ns: str) -> None:
+    """Fake kernels and autograd for the four ops of namespace ``ns`` (``diffcr`` = the C++
+    extension, ``diffcr_triton`` = the Triton kernels): both families share the math here."""
+    lib = ns + "::"
+    ops = getattr(torch.ops, ns)
 
     @torch.library.register_fake(lib + "gather_norm_modulate")
     def _gnm_fake(x, idx, shift, scale, weight, bias, eps):
@@ -230,8 +293,7 @@ def _register() -> None:
         gy = gy.contiguous()
         grad_x = grad_shift = grad_scale = grad_weight = grad_bias = None
         if need[0]:
-            rows = torch.ops.diffcr.gather_norm_modulate_backward(gy, x, idx, mean, rstd, scale,
-                                                                  weight)
+            rows = ops.gather_norm_modulate_backward(gy, x, idx, mean, rstd, scale, weight)
             grad_x = torch.zeros(B * N, D, dtype=a, device=x.device).index_add_(
                 0, idx, rows.to(a)).to(x.dtype).view(B, N, D)
         b = torch.div(idx, N, rounding_mode="floor")
@@ -275,8 +337,8 @@ def _register() -> None:
         B, N, D = ctx.shape
         a = seg_weight.dtype
         G = grad_out.contiguous()
-        gd1, gd2, gs, dots = torch.ops.diffcr.scatter_back_backward(
-            G, idx, cu, ctx.max_seqlen, seg_weight, d1, d2, scores, gate)
+        gd1, gd2, gs, dots = ops.scatter_back_backward(G, idx, cu, ctx.max_seqlen, seg_weight,
+                                                       d1, d2, scores, gate)
         grad_w = grad_gate = None
         if need[5]:
             S = cu.numel() - 1
@@ -300,4 +362,11 @@ def _register() -> None:
     torch.library.register_autograd(lib + "scatter_back", _sb_backward, setup_context=_sb_setup)
 
 
-_register()
+if _ext.LOADED:
+    _register_family("diffcr")
+if _triton.AVAILABLE:
+    try:
+        _define_triton_ops()
+        _register_family("diffcr_triton")
+    except Exception as e:  # noqa: BLE001 - the other backends must stay usable
+        TRITON_ERROR = f"{type(e).__name__}: {e}"

@@ -35,10 +35,18 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.fixture
-def ext_backend(device):
-    """The compiled backend for ``device`` ("cpu" or "cuda"); skips when not built (fails under
-    DIFFCR_REQUIRE_EXT=1)."""
+@pytest.fixture(params=["ext", "triton"])
+def ext_backend(request, device):
+    """A kernel backend for ``device``: the compiled extension ("cpu" / "cuda") or Triton
+    (compiled on CUDA, interpreted on CPU). A missing extension skips, and fails under
+    DIFFCR_REQUIRE_EXT=1; Triton is a hard dependency on Linux, so its absence fails."""
+    if request.param == "triton":
+        from diffcr_kernels import ops
+
+        why = ops._triton_ok(device)
+        if why:
+            pytest.fail(f"Triton backend unavailable: {why}")
+        return "triton"
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not _ext.has_kernel("scatter_back", key):
         msg = f"compiled {key} kernels not available: {_ext.LOAD_ERROR or 'not built'}"

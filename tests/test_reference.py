@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from diffcr_kernels import reference as ref
 
@@ -309,13 +307,3 @@ def test_reference_attention_gradcheck_float64():
     ck = torch.tensor([0, 3, 5], dtype=torch.int32)
     assert torch.autograd.gradcheck(
         lambda q, k, v: ref.varlen_attention(q, k, v, cq, ck, 4, 3), (q, k, v))
-
-
-# ---------------------------------------------------------------- hypothesis
-@settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), N=st.integers(1, 23), P=st.integers(1, 2), data=st.data())
-def test_select_property(B, N, P, data):
-    ks = [[data.draw(st.integers(1, N)) for _ in range(P)] for _ in range(B)]
-    scores = torch.rand(B, N)
-    sel = ref.select_topk(scores, torch.tensor(ks))
-    assert sel.indices.tolist() == [i for s in naive_select(scores, ks) for i in s]

@@ -66,7 +66,7 @@ inline void check_indices(const at::Tensor& idx, int64_t num_rows, const char* o
       break;
     }
   }
-  TORCH_CHECK(bad < 0, op, ": idx[", bad, "] = ", (bad < 0 ? 0 : p[bad]),
+  TORCH_CHECK_VALUE(bad < 0, op, ": idx[", bad, "] = ", (bad < 0 ? 0 : p[bad]),
               " is out of range for x with ", num_rows, " rows (B*N)");
 }
 

@@ -1,0 +1,89 @@
+"""One block, dense vs routed (frozen DiffCR, fused path), measured in the same run.
+
+GPU: PixArt-Sigma-XL block, bf16, N in {1024, 4096}, B in {1, 8}, SDPA/FlashAttention dense
+baseline. CPU: N = 1024, B in {1, 8}, fp32, one thread. ``extra_info``: speedup over the dense
+block, the ideal speedup of SPEC §6 and the fraction of it reached, peak memory (GPU).
+"""
+import pytest
+import torch
+
+from diffcr import bench
+
+KAPPAS = [1.0, 0.8, 0.5, 0.3]
+_CACHE = {}
+
+
+def _setup(kind, N, B, device):
+    key = (kind, N, B, device.type)
+    if key not in _CACHE:
+        _CACHE.clear()  # one size at a time: XL blocks at B = 8 are large
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        bb = bench.make_block_bench(kind, N, B, device, dtype)
+        rounds = 10 if device.type == "cuda" else 2
+        with torch.no_grad():
+            t_dense = bench.time_fn(bb.run_dense, device, rounds)
+        _CACHE[key] = (bb, t_dense)
+    return _CACHE[key]
+
+
+def _skip_size(device, N):
+    if device.type != "cuda" and N != 1024:
+        pytest.skip("CPU runs N = 1024 only")
+
+
+def _info(benchmark, device):
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else
+            "cpu (1 thread)", "versions": f"torch {torch.__version__}"}
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("N", [1024, 4096])
+@pytest.mark.parametrize("kappa", KAPPAS)
+def test_block_pixart(benchmark, bench_device, kappa, N, B):
+    _skip_size(bench_device, N)
+    bb, t_dense = _setup("pixart", N, B, bench_device)
+    bb.set_kappa(kappa)
+
+    def run():
+        with torch.no_grad():
+            bb.run_routed()
+        if bench_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rounds = 10 if bench_device.type == "cuda" else 2
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    t = benchmark.stats.stats.median
+    k = bench.dk.kept_count(kappa, N)
+    ideal = bench.ideal_speedup(k / N, N, bb.D, bb.text)
+    benchmark.extra_info.update(_info(benchmark, bench_device))
+    benchmark.extra_info.update({"baseline": "dense diffusers block", "kappa": kappa,
+                                 "baseline_ms": t_dense * 1e3, "speedup": t_dense / t,
+                                 "ideal_speedup": ideal,
+                                 "fraction_of_ideal": (t_dense / t) / ideal})
+    if bench_device.type == "cuda":
+        benchmark.extra_info["peak_mem_MB"] = bench._peak_mem(run, bench_device)
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_block_routing_overhead(benchmark, bench_device, B):
+    """score + select + gather/norm/modulate + scatter-back, over the dense block time."""
+    N = 4096 if bench_device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
+    r = bench.bench_overhead("pixart", N, B, 0.5, bench_device, dtype,
+                             rounds=10 if bench_device.type == "cuda" else 3)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(_info(benchmark, bench_device))
+    benchmark.extra_info.update({k: v for k, v in r.items() if isinstance(v, (int, float))})
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_block_training_two_bin(benchmark, bench_device, B):
+    """Forward + backward of one block: DiffCR two-bin (kappa 0.55 -> bins 0.5 and 0.6 in one
+    packed pass) vs dense; fraction of the ideal for the two branches together."""
+    N = 4096 if bench_device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
+    r = bench.bench_training("pixart", N, B, 0.55, bench_device, dtype,
+                             rounds=5 if bench_device.type == "cuda" else 1)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(_info(benchmark, bench_device))
+    benchmark.extra_info.update({k: v for k, v in r.items() if isinstance(v, (int, float))})
