@@ -141,6 +141,115 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# argument validation shared by every backend (before any kernel runs)
+# --------------------------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INDEX_LIMIT = 2 ** 31 - 1  # cu_seqlens are int32: packed rows must fit
+
+
+def _validate_contents() -> bool:
+    """Content checks (index ranges, cu_seqlens) read tensors on the host: always for CPU
+    tensors, for CUDA tensors only with DIFFCR_VALIDATE=1 (it costs a device sync)."""
+    return os.environ.get("DIFFCR_VALIDATE", "0") == "1"
+
+
+def _need(t, op, name, shape, x):
+    if t is None:
+        return
+    if not torch.is_tensor(t):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _check_x(op, x):
+    if not torch.is_tensor(x):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.numel() >= 2 ** 63 // 8:
+        raise ValueError(f"{op}: x is too large to index")
+
+
+def _check_idx(op, x, idx):
+    if not torch.is_tensor(idx) or idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"{op}: idx must be a 1-D int64 tensor [T], got "
+                         f"{getattr(idx, 'dtype', type(idx).__name__)} "
+                         f"{tuple(getattr(idx, 'shape', ()))}")
+    if idx.device != x.device:
+        raise ValueError(f"{op}: idx is on {idx.device} but x is on {x.device}")
+    if idx.numel() > INDEX_LIMIT:
+        raise ValueError(f"{op}: {idx.numel()} packed rows exceed the int32 limit of cu_seqlens")
+    rows = x.shape[0] * x.shape[1]
+    if idx.numel() and not torch.compiler.is_compiling() and (
+            idx.device.type == "cpu" or _validate_contents()):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= rows:
+            bad = int(torch.nonzero((idx < 0) | (idx >= rows))[0, 0])
+            raise ValueError(f"{op}: idx[{bad}] = {int(idx[bad])} is out of range for x with "
+                             f"{rows} rows (B*N)")
+
+
+def _check_gather(op, x, idx, shift, scale, weight, bias):
+    _check_x(op, x)
+    _check_idx(op, x, idx)
+    B, N, D = x.shape
+    for name, t, shape in (("shift", shift, (B, D)), ("scale", scale, (B, D)),
+                           ("weight", weight, (D,)), ("bias", bias, (D,))):
+        _need(t, op, name, shape, x)
+
+
+def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) -> int:
+    op = "scatter_back"
+    _check_x(op, x)
+    _check_idx(op, x, idx)
+    B, N, D = x.shape
+    T = idx.numel()
+    if not torch.is_tensor(cu) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D int32 tensor [S+1], got "
+                         f"{getattr(cu, 'dtype', type(cu).__name__)} "
+                         f"{tuple(getattr(cu, 'shape', ()))}")
+    if cu.device != x.device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu.device} but x is on {x.device}")
+    S = cu.numel() - 1
+    if not isinstance(P, int) or P < 1 or S % P:
+        raise ValueError(f"{op}: the number of segments ({S}) is not a multiple of "
+                         f"segs_per_sample ({P})")
+    _need(seg_weight, op, "seg_weight", (S,), x)
+    _need(d1, op, "d1", (T, D), x)
+    _need(d2, op, "d2", (T, D), x)
+    _need(scores, op, "scores", (T,), x)
+    _need(gate, op, "gate", (B, D), x)
+    for name, t in (("d1", d1), ("d2", d2), ("gate", gate)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected {x.dtype} (the dtype "
+                             "of x)")
+    if S and not torch.compiler.is_compiling() and (
+            cu.device.type == "cpu" or _validate_contents() or max_seqlen is None):
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {c[0]}")
+        lens = [b - a for a, b in zip(c[:-1], c[1:])]
+        if min(lens) < 0:
+            s = lens.index(min(lens))
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, but cu_seqlens[{s + 1}]"
+                             f" = {c[s + 1]} < cu_seqlens[{s}] = {c[s]}")
+        if c[-1] != T:
+            raise ValueError(f"{op}: cu_seqlens[-1] = {c[-1]} must equal the number of rows "
+                             f"T = {T}")
+        if max_seqlen is None:
+            max_seqlen = max(lens)
+        elif max_seqlen < max(lens):
+            raise ValueError(f"{op}: segment {lens.index(max(lens))} has {max(lens)} rows but "
+                             f"max_seqlen = {max_seqlen}")
+    return 0 if max_seqlen is None else int(max_seqlen)
+
+
+# --------------------------------------------------------------------------------------------
 # gather + LayerNorm + modulate
 # --------------------------------------------------------------------------------------------
 def gather_norm_modulate(
@@ -158,8 +267,7 @@ def gather_norm_modulate(
     weight/bias ``[D]`` (LayerNorm affine, None for PixArt/DiT). Returns ``[T, D]`` in x's
     dtype. Differentiable in x, shift, scale, weight and bias.
     """
-    if x.dim() != 3:
-        raise ValueError(f"gather_norm_modulate: x must be [B, N, D], got shape {tuple(x.shape)}")
+    _check_gather("gather_norm_modulate", x, idx, shift, scale, weight, bias)
     backend = resolve_backend("gather_norm_modulate", x.device)
     if backend == "reference":
         return ref.gather_norm_modulate(x, idx, shift, scale, weight, bias, eps)
@@ -190,14 +298,12 @@ def scatter_back(
     it lets the CUDA kernel add the segments of a sample in a fixed order without atomics.
     Differentiable in x, d1, d2, scores, gate and seg_weight.
     """
-    if x.dim() != 3:
-        raise ValueError(f"scatter_back: x must be [B, N, D], got shape {tuple(x.shape)}")
+    max_seqlen = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate,
+                                max_seqlen, segs_per_sample)
     backend = resolve_backend("scatter_back", x.device)
     if backend == "reference":
         return ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
     a = acc_dtype(x.dtype)
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     return _ns(backend).scatter_back(
         x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
         None if scores is None else scores.to(a), gate)

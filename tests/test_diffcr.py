@@ -443,3 +443,14 @@ def test_load_rejects_truncated_and_tampered_files(tmp_path):
         diffcr.load(make("dit"), ck)
     with pytest.raises(diffcr.CheckpointError, match="not a DiffCR checkpoint"):
         diffcr.load(make("dit"), tmp_path / "nothing")
+
+
+def test_model_deep_copies_right_after_a_training_forward():
+    model = make("dit")
+    diffcr.convert(model)
+    model.train()
+    run(model, inputs("dit")).sum().backward()
+    clone = copy.deepcopy(model)  # e.g. an EMA copy; the per-forward ratios are not copied
+    assert diffcr.is_converted(clone)
+    with pytest.raises(RuntimeError, match="no forward"):
+        diffcr.ratio_loss(clone)

@@ -268,7 +268,7 @@ def test_bad_inputs_raise_clear_errors(device, ext_backend):
     with dk.use_backend(ext_backend):
         with pytest.raises(ValueError, match="shift has shape"):
             dk.gather_norm_modulate(x, sel.indices, shift[:1], scale)
-        with pytest.raises(ValueError, match="idx must be int64"):
+        with pytest.raises(ValueError, match="idx must be a 1-D int64 tensor"):
             dk.gather_norm_modulate(x, sel.indices.int(), shift, scale)
         with pytest.raises(ValueError, match="dtype"):
             dk.gather_norm_modulate(x, sel.indices, shift.double(), scale)

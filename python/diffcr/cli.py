@@ -1,5 +1,12 @@
-"""The ``diffcr`` command line: ``info`` (versions, device, kernel backends) and ``bench``
-(dense vs routed block timings against the ideal of SPEC §6)."""
+"""The ``diffcr`` command line.
+
+  diffcr info       versions, device, which kernel backends loaded (and why not)
+  diffcr bench      dense vs routed block: time, speedup, ideal (SPEC §6), peak memory
+  diffcr train      the embedded end-to-end demo (no arguments), or DiffCR fine-tuning of a
+                    diffusers DiT on an image folder (--model, --data); works under torchrun
+  diffcr inspect    the learned ratio table of a DiffCR checkpoint
+  diffcr generate   images from a DiT + DiffCR checkpoint
+"""
 from __future__ import annotations
 
 import argparse
@@ -126,12 +133,202 @@ def _bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="embedded demo (no args) or fine-tuning (--model/--data)",
+                       description="Without --model/--data: the embedded end-to-end demo "
+                       "(procedural shapes, small DiT trained dense, then DiffCR-LT, DiffCR-L, "
+                       "MoD and random selection compared). With them: DiffCR fine-tuning of "
+                       "a diffusers DiTTransformer2DModel on an image folder (one subfolder per "
+                       "class); run under torchrun for several processes.")
+    p.add_argument("--model", help="diffusers DiT model folder, or its config JSON (random init)")
+    p.add_argument("--data", help="image folder, one subfolder per class")
+    p.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
+    p.add_argument("--out", default="diffcr-out", help="output folder (default diffcr-out)")
+    p.add_argument("--compression", type=float, default=0.5,
+                   help="target compression = 1 - mean kept ratio (default 0.5)")
+    p.add_argument("--regions", type=int, default=4, help="timestep regions R (default 4)")
+    p.add_argument("--bins", type=_floats, default=None,
+                   help="kept-ratio bins, comma-separated (default 0.1,...,1.0)")
+    p.add_argument("--lam", type=float, default=0.3, help="ratio-loss weight (default 0.3)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the base weights")
+    p.add_argument("--lr-router", type=float, default=1e-3, help="learning rate of the routers")
+    p.add_argument("--lr-ratio", type=float, default=1e-2, help="learning rate of the ratios")
+    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--batch", type=int, default=32, help="batch size per process")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--resume", help="checkpoint folder written by a previous run")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="demo only: tiny settings (seconds), for smoke tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train_cmd(args) -> int:
+    import torch
+
+    from .train import TrainConfig, TrainError, format_summary, run_demo, run_train
+
+    cfg = TrainConfig(out=args.out, model=args.model, data=args.data, vae=args.vae,
+                      compression=args.compression, regions=args.regions, bins=args.bins,
+                      lam=args.lam, lr=args.lr, lr_router=args.lr_router,
+                      lr_ratio=args.lr_ratio, steps=args.steps, batch=args.batch,
+                      mixed_precision=args.mixed_precision, grad_ckpt=args.grad_ckpt,
+                      resume=args.resume, seed=args.seed, save_every=args.save_every,
+                      threads=args.threads, quick=args.quick, progress=not args.no_progress)
+    try:
+        cfg.validate()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.model is None and args.data is None:
+            if args.resume or args.vae:
+                raise TrainError("--resume/--vae apply to real training (--model and --data)")
+            metrics = run_demo(cfg)
+            print(format_summary(metrics))
+            print(f"outputs in {args.out}: diffcr/ (checkpoint), model/, ratios.png, "
+                  "router.png, samples.png, metrics.json")
+        else:
+            metrics = run_train(cfg)
+            if int(__import__("os").environ.get("RANK", "0")) == 0:
+                print(f"trained {metrics['steps']} steps; mean kept ratio "
+                      f"{metrics['mean_kept_ratio']:.3f} (target "
+                      f"{metrics['target_kept_ratio']:.3f}); checkpoint in {args.out}")
+    except TrainError as e:
+        print(f"diffcr train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _inspect_cmd(args) -> int:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .io import CheckpointError, _read
+
+    try:
+        meta, cfg, tensors = _read(Path(args.checkpoint))
+    except CheckpointError as e:
+        print(f"diffcr inspect: error: {e}", file=sys.stderr)
+        return 2
+    del load_file
+    rows = sorted({int(k.split(".")[1]) for k in tensors if k.endswith("ratio.kept")})
+    frozen = meta.get("frozen_bins")
+    print(f"DiffCR checkpoint {args.checkpoint}: {meta['model']['model_class']}, "
+          f"{meta['model']['num_blocks']} blocks, hidden {meta['model']['hidden_size']}, "
+          f"{cfg.num_regions} regions, gate {cfg.gate}, target kept {cfg.target_kept_ratio}"
+          f"{', frozen' if frozen else ''}")
+    R, T = cfg.num_regions, cfg.timesteps
+    head = ["block"] + [f"t<{(r + 1) * T / R:g}" if r < R - 1 else f"t>={r * T / R:g}"
+                        for r in range(R)]
+    what = "compression (1 - kept)" if args.compression else "kept ratio"
+    print(f"{what} per block and timestep region" + (" (frozen bins)" if frozen else ""))
+    print("  ".join(f"{h:>8}" for h in head))
+    vals = []
+    for i in rows:
+        row = frozen[str(i)] if frozen else [min(max(v, cfg.min_bin), cfg.max_bin) for v in
+                                             tensors[f"transformer_blocks.{i}.ratio.kept"]
+                                             .tolist()]
+        if args.compression:
+            row = [1 - v for v in row]
+        vals += row
+        print("  ".join([f"{i:>8}"] + [f"{v:>8.3f}" for v in row]))
+    print(f"mean {what}: {sum(vals) / max(1, len(vals)):.3f}")
+    return 0
+
+
+def _generate_cmd(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from . import load
+    from .io import CheckpointError
+    from .train import TrainError, _load_model, sample_images
+
+    try:
+        model = _load_model(args.model)
+        load(model, args.diffcr)
+    except (TrainError, CheckpointError) as e:
+        print(f"diffcr generate: error: {e}", file=sys.stderr)
+        return 2
+    from . import freeze
+    if not model._diffcr_state.frozen:
+        freeze(model)
+    model.eval()
+    ncls = model.config.num_embeds_ada_norm
+    if ncls is None:
+        print("diffcr generate: error: the model is not class-conditional", file=sys.stderr)
+        return 2
+    classes = args.classes if args.classes is not None else list(range(ncls))
+    bad = [c for c in classes if not 0 <= c < ncls]
+    if bad:
+        print(f"diffcr generate: error: --classes {bad} out of range [0, {ncls})",
+              file=sys.stderr)
+        return 2
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.vae:
+        from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+        pipe = DiTPipeline(transformer=model, vae=AutoencoderKL.from_pretrained(args.vae),
+                           scheduler=DDIMScheduler(num_train_timesteps=1000))
+        imgs = pipe(class_labels=labels.tolist(), num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
+        imgs = imgs * 2 - 1
+    else:
+        imgs = sample_images(model, labels, ncls, model.config.in_channels,
+                             model.config.sample_size, steps=args.steps,
+                             guidance=args.guidance, seed=args.seed)
+    from PIL import Image
+
+    arr = ((imgs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    for i, (a, c) in enumerate(zip(arr, labels.tolist())):
+        Image.fromarray(a).save(out / f"class{c}_{i:04d}.png")
+    print(f"wrote {len(arr)} images to {out}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffcr", description=__doc__)
+    parser = _Parser(prog="diffcr", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffcr {__version__}")
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="versions, device, and which kernel backends loaded")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_train(sub)
+    p_i = sub.add_parser("inspect", help="print the ratio table of a DiffCR checkpoint")
+    p_i.add_argument("checkpoint", help="folder written by diffcr.save / diffcr train")
+    p_i.add_argument("--compression", action="store_true", help="print 1 - kept ratio")
+    p_g = sub.add_parser("generate", help="images from a DiT + DiffCR checkpoint")
+    p_g.add_argument("--model", required=True, help="diffusers DiT folder (e.g. OUT/model)")
+    p_g.add_argument("--diffcr", required=True, help="DiffCR checkpoint (e.g. OUT/diffcr)")
+    p_g.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
+    p_g.add_argument("--out", default="diffcr-samples", help="output folder")
+    p_g.add_argument("--classes", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                     help="class ids, comma-separated (default: all)")
+    p_g.add_argument("--per-class", type=int, default=4)
+    p_g.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p_g.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance")
+    p_g.add_argument("--seed", type=int, default=0)
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
     p_b.add_argument("--model", choices=("pixart", "dit"), default="pixart",
                      help="block kind: PixArt-Sigma-XL (cross-attention) or DiT-XL/2")
@@ -168,6 +365,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         return _bench(args)
+    if args.command == "train":
+        return _train_cmd(args)
+    if args.command == "inspect":
+        return _inspect_cmd(args)
+    if args.command == "generate":
+        return _generate_cmd(args)
     parser.print_help(sys.stderr)
     return 2
 

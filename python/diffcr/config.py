@@ -11,6 +11,7 @@ __all__ = ["DiffCRConfig", "DEFAULT_BINS", "GATES"]
 DEFAULT_BINS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 GATES = ("sigmoid", "sigmoid2x")
 PATHS = ("auto", "fused", "compat")
+SELECTIONS = ("router", "random")
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -48,6 +49,9 @@ class DiffCRConfig:
         std of the normal router init for ``gate="sigmoid"`` (``"sigmoid2x"`` starts at zero).
     init_kept_ratio:
         initial value of every ratio parameter (paper: 1.0, "zero compression").
+    selection:
+        ``"router"`` (DiffCR / MoD: the router's top-k) or ``"random"`` (a baseline: k tokens
+        drawn uniformly at random per sample and block, no router gating).
     path:
         execution of routed blocks: ``"fused"`` (our forward over the packed layout: one pass
         for all segments and both training bins), ``"compat"`` (the block's own diffusers
@@ -66,6 +70,7 @@ class DiffCRConfig:
     router_init_std: float = 0.02
     init_kept_ratio: float = 1.0
     path: str = "auto"
+    selection: str = "router"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +124,8 @@ class DiffCRConfig:
             self.routed_blocks = tuple(sorted(rb))
         if self.param_dtype not in _DTYPES:
             raise ValueError(f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         if float(self.router_init_std) < 0:

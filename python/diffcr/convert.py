@@ -102,9 +102,13 @@ def _make_block_class():
                 raise ValueError(f"diffcr: block input must be [B, N, D], got {tuple(x.shape)}")
             B, N, D = x.shape
             ks, weights, kappa = self._diffcr_plan(B, N)
-            self._diffcr_last_kappa = kappa
+            self._diffcr_last_kappa = _Transient(kappa)
             router: Router = self.router
-            scores = router(x)  # [B, N] float32
+            if self._diffcr_state.config.selection == "random":
+                # baseline: k uniformly random tokens per sample; no router, no gating
+                scores = torch.rand(B, N, device=x.device)
+            else:
+                scores = router(x)  # [B, N] float32
             class_labels, label_dropout = self._diffcr_drop_labels(class_labels)
             try:
                 return self._diffcr_forward(x, B, N, ks, weights, scores, attention_mask,
@@ -142,19 +146,26 @@ def _make_block_class():
             P = len(ks[0])
             if P == 1 and all(k[0] == N for k in ks):
                 # every token kept: the dense block, with the router gating the MLP branch
-                self.ff._diffcr_scale = router.gate_factor(scores).unsqueeze(-1)
+                self.ff._diffcr_scale = self._diffcr_gate(scores).unsqueeze(-1)
                 try:
                     return base(x, attention_mask, **args)
                 finally:
                     self.ff._diffcr_scale = None
             sel = dk.select_topk(scores, ks, weights)
             if self._diffcr_use_fused(attention_mask, cross_attention_kwargs):
-                return fused_block_forward(self, x, sel, router.gate_factor(sel.scores),
+                return fused_block_forward(self, x, sel, self._diffcr_gate(sel.scores),
                                            encoder_hidden_states, encoder_attention_mask,
                                            timestep, class_labels)
             delta = self._diffcr_run_groups(x, sel, ks, attention_mask, args)
             return dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, delta,
                                    max_seqlen=sel.max_seqlen, segs_per_sample=P)
+
+        def _diffcr_gate(self, scores):
+            """Factor on the MLP branch of each token: the router gate, or 1 for random
+            selection."""
+            if self._diffcr_state.config.selection == "random":
+                return torch.ones_like(scores)
+            return self.router.gate_factor(scores)
 
         def _diffcr_use_fused(self, attention_mask, cross_attention_kwargs) -> bool:
             mode = self._diffcr_state.config.path
@@ -184,7 +195,7 @@ def _make_block_class():
             groups: Dict[int, List[int]] = {}
             for s, k in enumerate(flat_k):
                 groups.setdefault(k, []).append(s)
-            gate = self.router.gate_factor(sel.scores)
+            gate = self._diffcr_gate(sel.scores)
             xf = x.reshape(B * N, D)
             P = sel.segs_per_sample
             T = sel.total
@@ -219,6 +230,26 @@ def _make_block_class():
     DiffCRBlock.__name__ = "DiffCRBlock"
     DiffCRBlock.__qualname__ = "DiffCRBlock"
     return DiffCRBlock
+
+
+class _Transient:
+    """Holds a per-forward value (the ratios used, with their autograd graph). Dropped by
+    deepcopy and pickling, so a model can be copied right after a training forward (EMA,
+    checkpoints)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return _Transient(None)
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state):
+        self.value = None
 
 
 def _take(v, samp, B):
@@ -456,6 +487,7 @@ def freeze(model: nn.Module) -> nn.Module:
     st = _state(model)
     for b in routed_blocks(model).values():
         b._diffcr_frozen_bins = b.ratio.nearest_bins()
+        b.ratio.kept.requires_grad_(False)  # not used while frozen (e.g. MoD training, DDP)
     st.frozen = True
     return model
 
@@ -464,6 +496,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
     st = _state(model)
     for b in routed_blocks(model).values():
         b._diffcr_frozen_bins = None
+        b.ratio.kept.requires_grad_(True)
     st.frozen = False
     return model
 

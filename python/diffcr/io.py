@@ -149,5 +149,6 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if frozen is not None:
         for i in idx:
             blocks[i]._diffcr_frozen_bins = [float(v) for v in frozen[str(i)]]
+            blocks[i].ratio.kept.requires_grad_(False)
         st.frozen = True
     return model

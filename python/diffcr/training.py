@@ -16,7 +16,8 @@ __all__ = ["ratio_loss", "mean_kept_ratio", "ratio_table", "format_ratio_table",
 def _used_kappas(model: nn.Module) -> List[torch.Tensor]:
     used = []
     for i, b in routed_blocks(model).items():
-        k = b._diffcr_last_kappa
+        holder = b._diffcr_last_kappa
+        k = None if holder is None else holder.value
         if k is None:
             raise RuntimeError("diffcr: no forward has run since conversion; ratio_loss and "
                                "mean_kept_ratio read the ratios used by the last forward")
@@ -44,7 +45,13 @@ def ratio_loss(model: nn.Module, target: Optional[float] = None,
     lam = cfg.lam if lam is None else float(lam)
     if not (0.0 < target <= 1.0):
         raise ValueError(f"target kept ratio must be in (0, 1], got {target}")
-    return lam * (mean_kept_ratio(model) - target) ** 2
+    loss = lam * (mean_kept_ratio(model) - target) ** 2
+    # Every ratio parameter takes part in the graph (with zero weight where its region was not
+    # used in this batch), so DistributedDataParallel sees no unused parameters.
+    ratios = [p for p in ratio_parameters(model) if p.requires_grad]
+    if ratios and torch.is_grad_enabled():
+        loss = loss + 0.0 * torch.stack([p.sum() for p in ratios]).sum().to(loss.dtype)
+    return loss
 
 
 def ratio_table(model: nn.Module) -> Tuple[List[int], torch.Tensor]:

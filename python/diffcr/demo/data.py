@@ -1,0 +1,294 @@
+"""Procedural image data for the DiffCR demo, and ImageFolder-style input/output.
+
+:func:`make_shapes` draws a class-conditional data set of one coloured shape per image on a
+textured background, fully vectorised in torch and deterministic for a seed. Images are float32
+``[n, 3, size, size]`` in [-1, 1], labels int64 ``[n]``. :func:`save_image_folder` and
+:func:`load_image_folder` move such tensors to and from a ``root/<class>/<file>.png`` tree.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+NUM_CLASSES = 6
+CLASS_NAMES: Tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+
+#: Written by :func:`save_image_folder`; :func:`load_image_folder` uses it for the class order.
+CLASSES_FILE = "classes.txt"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+_CHUNK = 2048          # images rendered at a time (bounds the memory of the temporaries)
+_MAX_ROT = math.radians(12.0)   # shape rotation range: keeps square and diamond apart
+_SUBSAMPLES = ((-0.25, -0.25), (-0.25, 0.25), (0.25, -0.25), (0.25, 0.25))  # 2x2 anti-aliasing
+
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------ generation
+def _u(g: torch.Generator, *shape: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """``[n]`` hue/saturation/value in [0, 1] -> ``[n, 3]`` RGB in [0, 1]."""
+    n = torch.tensor([5.0, 3.0, 1.0])
+    k = (n + h[:, None] * 6.0) % 6.0
+    return v[:, None] - v[:, None] * s[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+
+
+def _inside(cls: int, u: Tensor, v: Tensor, ring_inner: Tensor, cross_w: Tensor) -> Tensor:
+    """Boolean mask of class ``cls`` in normalised shape coordinates.
+
+    Every shape stays inside the square [-1, 1]^2 even after a rotation of up to 12 degrees, so a
+    shape centred at least one radius from every border is fully inside the image (make_shapes
+    adds a pixel of margin). ``ring_inner`` and ``cross_w`` broadcast against ``u``."""
+    if cls == 0:                                   # circle (an ellipse after the aspect jitter)
+        return u * u + v * v <= 1.0
+    if cls == 1:                                   # square
+        return torch.maximum(u.abs(), v.abs()) <= 0.80
+    if cls == 2:                                   # equilateral triangle, pointing up
+        c, s = math.cos(math.pi / 6), 0.5
+        return (v <= 0.5) & (c * u - s * v <= 0.5) & (-c * u - s * v <= 0.5)
+    if cls == 3:                                   # plus-shaped cross
+        a = 0.92
+        return (((u.abs() <= cross_w) & (v.abs() <= a)) | ((v.abs() <= cross_w) & (u.abs() <= a)))
+    if cls == 4:                                   # ring
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= ring_inner * ring_inner)
+    if cls == 5:                                   # diamond: rhombus, taller than wide
+        return u.abs() / 0.75 + v.abs() <= 1.0
+    raise ValueError(f"no shape for class {cls}")
+
+
+def make_shapes(n: int, size: int = 32, seed: int = 0, num_classes: int = NUM_CLASSES,
+                return_masks: bool = False):
+    """Procedural class-conditional images: one coloured shape per image on a textured background.
+
+    Each image has a muted background (random mix of a two-colour gradient, stripes at a random
+    angle and frequency, and low-amplitude noise) and ONE saturated shape of its class
+    (:data:`CLASS_NAMES`: circle, square, triangle, cross, ring, diamond) at a random position,
+    with a random size of 20-45 % of the image side, a small random rotation and aspect jitter,
+    fully inside the image with a margin (1 px from 20 px up, 5 % of the side below), with a
+    luminance that contrasts with the background. Edges are anti-aliased (2x2 supersampling).
+
+    Args:
+        n: number of images.
+        size: image side in pixels.
+        seed: seed of the private ``torch.Generator``; the global RNG is not touched.
+        num_classes: use the first ``num_classes`` shapes (1..6).
+        return_masks: also return the shape masks.
+
+    Returns:
+        ``(images, labels)``: float32 ``[n, 3, size, size]`` in [-1, 1] and int64 ``[n]``
+        (classes balanced to within one image, in shuffled order); with ``return_masks=True``
+        ``(images, labels, masks)`` where ``masks`` is bool ``[n, size, size]``, True on the pixels
+        at least half covered by the shape (never empty).
+    """
+    if not 1 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
+    if n < 0 or size < 4:
+        raise ValueError(f"need n >= 0 and size >= 4, got n={n}, size={size}")
+    g = torch.Generator().manual_seed(int(seed))
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+
+    # ---- per-image parameters (all drawn up front so they do not depend on the chunking)
+    S = float(size)
+    radius = _u(g, n, lo=0.10, hi=0.225) * S                   # half extent, pixels
+    margin = radius + min(1.0, 0.05 * S)                        # 1 px off the border
+    cx = margin + _u(g, n) * (S - 2 * margin)
+    cy = margin + _u(g, n) * (S - 2 * margin)
+    rot = _u(g, n, lo=-_MAX_ROT, hi=_MAX_ROT)
+    aspect = _u(g, n, 2, lo=0.85, hi=1.0)                       # shrink-only keeps it inside
+    ring_inner = _u(g, n, lo=0.45, hi=0.60)
+    cross_w = _u(g, n, lo=0.22, hi=0.34)
+    shape_rgb = _hsv_to_rgb(_u(g, n), _u(g, n, lo=0.75, hi=1.0), _u(g, n, lo=0.75, hi=1.0))
+    shape_rgb = shape_rgb * 2 - 1                               # [-1, 1]
+    lum = shape_rgb @ torch.tensor([0.299, 0.587, 0.114])
+    # background grey level: on the far side of the shape's luminance, 0.45-0.9 away
+    delta = _u(g, n, lo=0.45, hi=0.9)
+    base = torch.where(lum > 0, lum - delta, lum + delta).clamp(-0.8, 0.8)
+    tint = _u(g, n, 2, 3, lo=-0.12, hi=0.12)                    # two muted gradient colours
+    grad_amp = _u(g, n, lo=0.0, hi=0.25)
+    grad_ang = _u(g, n, hi=2 * math.pi)
+    stripe_on = (_u(g, n) < 0.6).float()
+    stripe_amp = _u(g, n, lo=0.04, hi=0.16) * stripe_on
+    stripe_ang = _u(g, n, hi=math.pi)
+    stripe_freq = _u(g, n, lo=1.5, hi=6.0)                      # cycles per image side
+    stripe_phase = _u(g, n, hi=2 * math.pi)
+    stripe_rgb = 0.6 + 0.4 * _u(g, n, 3)
+    noise_sd = _u(g, n, lo=0.0, hi=0.06)
+
+    # background = coef @ [1, gradient, stripes] per channel, plus grey (luminance) noise
+    t0, t1 = tint[:, 0], tint[:, 1]
+    coef = torch.stack([base[:, None] + (t0 + t1) / 2,                      # constant
+                        math.sqrt(0.5) * ((t1 - t0) + 2 * grad_amp[:, None]),  # gradient
+                        stripe_amp[:, None] * stripe_rgb], dim=2)              # [n, 3, 3]
+    # shape frame: u = (R(-rot) (p - c)) / (r * aspect), affine in the pixel position
+    cr, sr = torch.cos(rot), torch.sin(rot)
+    su, sv = 1.0 / (radius * aspect[:, 0]), 1.0 / (radius * aspect[:, 1])
+
+    images = torch.empty(n, 3, size, size)
+    masks = torch.empty(n, size, size, dtype=torch.bool)
+    pix = torch.arange(size, dtype=torch.float32) + 0.5
+    Y, X = pix[:, None].expand(size, size), pix[None, :].expand(size, size)
+    Xn, Yn = (X / S - 0.5).reshape(1, -1), (Y / S - 0.5).reshape(1, -1)   # [1, P]
+    P = size * size
+    for s0 in range(0, n, _CHUNK):
+        sl = slice(s0, min(n, s0 + _CHUNK))
+        m = sl.stop - sl.start
+        ga, sa = grad_ang[sl, None], stripe_ang[sl, None]
+        gdir = torch.cos(ga) * Xn + torch.sin(ga) * Yn                        # [m, P]
+        wave = torch.sin((2 * math.pi * stripe_freq[sl, None])
+                         * (torch.cos(sa) * Xn + torch.sin(sa) * Yn) + stripe_phase[sl, None])
+        basis = torch.stack([torch.ones_like(gdir), gdir, wave], dim=1)        # [m, 3, P]
+        bg = torch.bmm(coef[sl], basis)                                        # [m, 3, P]
+        bg += noise_sd[sl, None, None] * torch.randn(m, 1, P, generator=g)
+
+        # shape coverage, class by class on the images of that class
+        cover = torch.zeros(m, P)
+        lab = labels[sl]
+        for c in range(num_classes):
+            idx = (lab == c).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            gi = idx + sl.start
+            k = idx.numel()
+            a_u, b_u = (cr[gi] * su[gi])[:, None], (sr[gi] * su[gi])[:, None]
+            a_v, b_v = (-sr[gi] * sv[gi])[:, None], (cr[gi] * sv[gi])[:, None]
+            px, py = X.reshape(1, -1) - cx[gi, None], Y.reshape(1, -1) - cy[gi, None]
+            u0 = a_u * px + b_u * py                                           # [k, P]
+            v0 = a_v * px + b_v * py
+            ri, cw = ring_inner[gi, None], cross_w[gi, None]
+            acc = torch.zeros(k, P)
+            for ox, oy in _SUBSAMPLES:
+                acc += _inside(c, u0 + (a_u * ox + b_u * oy), v0 + (a_v * ox + b_v * oy),
+                               ri, cw)
+            cover[idx] = acc.mul_(1.0 / len(_SUBSAMPLES))
+
+        mk = cover >= 0.5
+        empty = ~mk.any(1)
+        if empty.any():                                          # only for tiny images
+            peak = cover[empty].amax(1, keepdim=True)
+            mk[empty] = (cover[empty] >= peak) & (peak > 0)
+        img = torch.lerp(bg, shape_rgb[sl, :, None].expand(m, 3, P), cover[:, None])
+        images[sl] = img.clamp_(-1.0, 1.0).view(m, 3, size, size)
+        masks[sl] = mk.view(m, size, size)
+    if return_masks:
+        return images, labels, masks
+    return images, labels
+
+
+def shape_masks(n: int, size: int = 32, seed: int = 0,
+                num_classes: int = NUM_CLASSES) -> Tensor:
+    """Bool ``[n, size, size]`` masks of the shape pixels of ``make_shapes(n, size, seed,
+    num_classes)`` (same arguments give the masks of the same images)."""
+    return make_shapes(n, size, seed, num_classes, return_masks=True)[2]
+
+
+# ------------------------------------------------------------------ image folders
+def _to_uint8(images: Tensor) -> Tensor:
+    """``[n, 3, H, W]`` in [-1, 1] -> uint8 ``[n, H, W, 3]``."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def save_image_folder(images: Tensor, labels: Tensor, root: PathLike,
+                      class_names: Optional[Sequence[str]] = None) -> Path:
+    """Write ``images`` as uint8 RGB PNGs to ``root/<class_name>/<i>.png``.
+
+    ``i`` is the zero-padded index of the image in ``images``, so files sort in input order.
+    ``class_names`` defaults to :data:`CLASS_NAMES` (or ``class_<k>`` beyond it). The class order
+    is also written to ``root/classes.txt``, which :func:`load_image_folder` uses to give back the
+    same labels. Returns ``root`` as a Path.
+    """
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [n, 3, H, W], got {tuple(images.shape)}")
+    labels = torch.as_tensor(labels).flatten().long().cpu()
+    if labels.numel() != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.numel()} labels")
+    n_cls = int(labels.max()) + 1 if labels.numel() else 0
+    if class_names is None:
+        class_names = [CLASS_NAMES[k] if k < len(CLASS_NAMES) else f"class_{k}"
+                       for k in range(max(n_cls, 1))]
+    class_names = list(class_names)
+    if n_cls > len(class_names):
+        raise ValueError(f"label {n_cls - 1} has no name in class_names ({len(class_names)})")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in class_names:
+        (root / name).mkdir(exist_ok=True)
+    (root / CLASSES_FILE).write_text("\n".join(class_names) + "\n")
+    width = max(6, len(str(max(images.shape[0] - 1, 0))))
+    arr = _to_uint8(images).numpy()
+    for i, (a, y) in enumerate(zip(arr, labels.tolist())):
+        Image.fromarray(a).save(root / class_names[y] / f"{i:0{width}d}.png")
+    return root
+
+
+def _load_one(path: Path, size: int) -> Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if (w, h) != (size, size):
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_image_folder(root: PathLike, size: int = 32) -> Tuple[Tensor, Tensor, List[str]]:
+    """Read an ImageFolder-style tree: ``root/<class>/<image>.{png,jpg,jpeg}``.
+
+    Classes are the subfolders of ``root`` (hidden ones skipped), in the order of
+    ``root/classes.txt`` when present (as written by :func:`save_image_folder`; subfolders it does
+    not list follow, sorted), else sorted by name. Images are read in sorted file-name order
+    within each class, converted to RGB, resized so the shorter side is ``size`` (bicubic) and
+    center-cropped to ``size x size``.
+
+    Returns:
+        ``(images, labels, class_names)``: float32 ``[n, 3, size, size]`` in [-1, 1], int64
+        ``[n]``, and the class names (``class_names[label]``).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist or is not a folder.
+        ValueError: ``root`` has no class subfolders, or they hold no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise ValueError(f"image folder {str(root)!r} has no class subfolders "
+                         "(expected root/<class>/<image>.png)")
+    order: List[str] = []
+    listed = root / CLASSES_FILE
+    if listed.is_file():
+        for name in listed.read_text().splitlines():
+            name = name.strip()
+            if name and name in subdirs and name not in order:
+                order.append(name)
+    class_names = order + [d for d in subdirs if d not in order]
+    files: List[Tuple[Path, int]] = []
+    for k, name in enumerate(class_names):
+        for f in sorted((root / name).iterdir()):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((f, k))
+    if not files:
+        raise ValueError(f"image folder {str(root)!r} has no images "
+                         f"({'/'.join(IMAGE_EXTENSIONS)}) in its class subfolders")
+    images = torch.stack([_load_one(f, size) for f, _ in files])
+    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
+    return images, labels, class_names

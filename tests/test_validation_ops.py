@@ -1,0 +1,137 @@
+"""Bad inputs to the public ops, on every backend (reference included): each is refused with an
+error that names the argument, before any kernel writes memory, and the inputs are unchanged."""
+import pytest
+import torch
+
+import diffcr_kernels as dk
+
+
+def _base():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 8, generator=g)
+    sel = dk.select_topk(torch.rand(2, 9, generator=g), [[3, 5], [9, 2]], torch.rand(2, 2))
+    T = sel.total
+    return dict(x=x, sel=sel, d1=torch.randn(T, 8), d2=torch.randn(T, 8),
+                gate=torch.randn(2, 8), shift=torch.randn(2, 8))
+
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    from diffcr_kernels import _ext, ops
+
+    if request.param == "cpu" and not _ext.has_kernel("scatter_back", "CPU"):
+        pytest.skip("compiled CPU kernels not built")
+    if request.param == "triton" and ops._triton_ok(torch.device("cpu")):
+        pytest.skip(ops._triton_ok(torch.device("cpu")))
+    return request.param
+
+
+GATHER_CASES = {
+    "x 2-D": (lambda b: dict(x=b["x"][0]), "x must be \\[B, N, D\\]"),
+    "x int": (lambda b: dict(x=b["x"].long()), "x must be float32"),
+    "idx int32": (lambda b: dict(idx=b["sel"].indices.int()), "idx must be a 1-D int64"),
+    "idx 2-D": (lambda b: dict(idx=b["sel"].indices.view(1, -1)), "idx must be a 1-D int64"),
+    "idx negative": (lambda b: dict(idx=torch.tensor([0, -1])), r"idx\[1\] = -1 is out of range"),
+    "idx past B*N": (lambda b: dict(idx=torch.tensor([18])), r"idx\[0\] = 18 is out of range"),
+    "shift wrong shape": (lambda b: dict(shift=b["shift"][:1]), "shift has shape"),
+    "scale wrong shape": (lambda b: dict(scale=b["shift"].t()), "scale has shape"),
+    "weight wrong shape": (lambda b: dict(weight=torch.ones(7)), "weight has shape"),
+    "shift not a tensor": (lambda b: dict(shift=[1.0] * 8), "shift must be a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATHER_CASES))
+def test_gather_norm_modulate_rejects(backend, case):
+    b = _base()
+    make, pattern = GATHER_CASES[case]
+    args = dict(x=b["x"], idx=b["sel"].indices, shift=b["shift"], scale=None, weight=None)
+    args.update(make(b))
+    snapshot = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
+    with dk.use_backend(backend), pytest.raises((ValueError, TypeError), match=pattern):
+        dk.gather_norm_modulate(**args)
+    for k, v in snapshot.items():
+        assert torch.equal(args[k], v), f"{k} was modified"
+
+
+def _cu(b, f):
+    cu = b["sel"].cu_seqlens.clone()
+    f(cu)
+    return cu
+
+
+SCATTER_CASES = {
+    "cu int64": (lambda b: dict(cu_seqlens=b["sel"].cu_seqlens.long()), "cu_seqlens must be"),
+    "cu not from 0": (lambda b: dict(cu_seqlens=_cu(b, lambda c: c.__setitem__(0, 1))),
+                      r"cu_seqlens\[0\] must be 0"),
+    "cu decreasing": (lambda b: dict(cu_seqlens=_cu(b, lambda c: c.__setitem__(2, 1))),
+                      "non-decreasing"),
+    "cu not ending at T": (lambda b: dict(cu_seqlens=_cu(b, lambda c: c.__setitem__(-1, 99))),
+                           "must equal the number of rows"),
+    "max_seqlen too small": (lambda b: dict(max_seqlen=1), "max_seqlen"),
+    "segs_per_sample": (lambda b: dict(segs_per_sample=3), "not a multiple of segs_per_sample"),
+    "seg_weight shape": (lambda b: dict(seg_weight=torch.ones(3)), "seg_weight has shape"),
+    "d1 rows": (lambda b: dict(d1=b["d1"][:-1]), "d1 has shape"),
+    "d1 dtype": (lambda b: dict(d1=b["d1"].double()), "d1 has dtype"),
+    "d2 shape": (lambda b: dict(d2=b["d2"][:, :4]), "d2 has shape"),
+    "scores shape": (lambda b: dict(scores=torch.ones(3)), "scores has shape"),
+    "gate shape": (lambda b: dict(gate=b["gate"][:1]), "gate has shape"),
+    "idx out of range": (lambda b: dict(idx=b["sel"].indices + 100), "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCATTER_CASES))
+def test_scatter_back_rejects(backend, case):
+    b = _base()
+    s = b["sel"]
+    make, pattern = SCATTER_CASES[case]
+    args = dict(x=b["x"], idx=s.indices, cu_seqlens=s.cu_seqlens, seg_weight=s.seg_weight,
+                d1=b["d1"], d2=b["d2"], scores=s.scores, gate=b["gate"], max_seqlen=s.max_seqlen,
+                segs_per_sample=2)
+    args.update(make(b))
+    snapshot = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
+    with dk.use_backend(backend), pytest.raises((ValueError, TypeError), match=pattern):
+        dk.scatter_back(**args)
+    for k, v in snapshot.items():
+        assert torch.equal(args[k], v), f"{k} was modified"
+
+
+@pytest.mark.parametrize("scores,k,pattern", [
+    (torch.rand(9), 3, r"scores must be \[B, N\]"),
+    (torch.rand(0, 9), 3, "B >= 1 and N >= 1"),
+    (torch.rand(2, 0), 1, "B >= 1 and N >= 1"),
+    (torch.rand(2, 9), 10, r"every k must be in \[1, N=9\]"),
+    (torch.rand(2, 9), 0, r"every k must be in \[1, N=9\]"),
+    (torch.rand(2, 9), [[1, 2], [3]], "same number of segments"),
+    (torch.rand(2, 9), [1, 2, 3], "B = 2"),
+])
+def test_select_topk_rejects(scores, k, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        dk.select_topk(scores, k)
+
+
+def test_select_topk_nan_scores_never_pick_nan_before_numbers():
+    s = torch.tensor([[float("nan"), 0.1, float("nan"), 0.7, 0.3]])
+    sel = dk.select_topk(s, 3)
+    assert sel.indices.tolist() == [1, 3, 4]
+    assert torch.isfinite(sel.scores).all()
+
+
+def test_router_scores_rejects_mismatched_weight():
+    with pytest.raises(ValueError, match=r"weight must be \[D\]"):
+        dk.router_scores(torch.randn(1, 4, 8), torch.randn(7))
+
+
+def test_non_contiguous_inputs_are_accepted(backend):
+    b = _base()
+    x = b["x"].transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous [B, N, D]
+    assert not x.is_contiguous()
+    s = b["sel"]
+    with dk.use_backend(backend):
+        y = dk.gather_norm_modulate(x, s.indices, b["shift"])
+        out = dk.scatter_back_selection(x, s, b["d1"], b["d2"], b["gate"])
+    torch.testing.assert_close(y, dk.reference.gather_norm_modulate(x.contiguous(), s.indices,
+                                                                    b["shift"]))
+    assert out.shape == x.shape
