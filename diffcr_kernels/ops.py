@@ -28,6 +28,11 @@ import torch
 from . import _ext
 from . import reference as ref
 from . import triton as _triton
+
+if _triton.AVAILABLE:
+    from .triton import select as _triton_select
+else:  # pragma: no cover - triton missing
+    _triton_select = None
 from .reference import Selection, acc_dtype
 
 __all__ = [
@@ -131,7 +136,16 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def select_topk(scores: torch.Tensor, k, seg_weight=None) -> Selection:
     """Ragged per-segment top-k into the packed layout. See
-    :func:`diffcr_kernels.reference.select_topk`."""
+    :func:`diffcr_kernels.reference.select_topk`. With ``DIFFCR_BACKEND=triton`` one Triton
+    program per segment sorts and packs the indices (:mod:`diffcr_kernels.triton.select`);
+    otherwise torch's stable sort (CUB segmented radix sort on CUDA) with static shapes."""
+    if current_backend() == "triton" and _triton_select is not None and torch.is_tensor(scores) \
+            and scores.dim() == 2 \
+            and scores.shape[1] <= _triton_select.MAX_TOKENS:
+        why = _triton_ok(scores.device)
+        if why:
+            raise RuntimeError(f"diffcr: backend 'triton' was requested but cannot run: {why}")
+        return ref.select_topk(scores, k, seg_weight, _indices=_triton_select.select_indices)
     return ref.select_topk(scores, k, seg_weight)
 
 
@@ -241,6 +255,16 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) 
         if c[-1] != T:
             raise ValueError(f"{op}: cu_seqlens[-1] = {c[-1]} must equal the number of rows "
                              f"T = {T}")
+        if T:
+            # a row may appear in several segments (the two bins of a sample) but never twice in
+            # one segment: the kernels add a segment's rows concurrently
+            seg = torch.repeat_interleave(torch.arange(S), torch.tensor(lens))
+            key = seg * (B * N) + idx.cpu()
+            if torch.unique(key).numel() != T:
+                srt, order = torch.sort(key)
+                dup = int(order[1:][srt[1:] == srt[:-1]][0])
+                raise ValueError(f"{op}: idx[{dup}] = {int(idx[dup])} appears twice in segment "
+                                 f"{int(seg[dup])}; indices must be distinct within a segment")
         if max_seqlen is None:
             max_seqlen = max(lens)
         elif max_seqlen < max(lens):

@@ -196,6 +196,7 @@ def select_topk(
     scores: torch.Tensor,
     k: Union[int, Sequence, torch.Tensor],
     seg_weight: Optional[Union[float, torch.Tensor]] = None,
+    _indices=None,
 ) -> Selection:
     """Per-segment top-k selection into the packed layout.
 
@@ -233,6 +234,14 @@ def select_topk(
     ws = _seg_weight_table(seg_weight, B, P, a, device)
     S = B * P
 
+    cu_host = [0]
+    for kv in flat_k:
+        cu_host.append(cu_host[-1] + kv)
+    cu = host_index(cu_host, device, torch.int32)
+    if _indices is not None:  # a kernel computes the packed indices (same rule, see above)
+        indices = _indices(scores.detach(), host_index(flat_k, device, torch.int32), cu, P,
+                           cu_host[-1])
+        return _selection(scores, indices, cu, ws, a, kmin, kmax, N, P, B, flat_k)
     s = torch.nan_to_num(scores.detach(), nan=-math.inf)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices  # [B, N]
     if kmin == kmax:  # uniform: one sort of a [S, k] block
@@ -255,10 +264,11 @@ def select_topk(
             pos += flat_k[sg]
         perm = [starts[sg] + j for sg in range(S) for j in range(flat_k[sg])]
         indices = torch.cat(pieces).index_select(0, host_index(perm, device))
-    cu_host = [0]
-    for kv in flat_k:
-        cu_host.append(cu_host[-1] + kv)
-    cu = host_index(cu_host, device, torch.int32)
+    return _selection(scores, indices, cu, ws, a, kmin, kmax, N, P, B, flat_k)
+
+
+def _selection(scores, indices, cu, ws, a, kmin, kmax, N, P, B, flat_k) -> Selection:
+    device = scores.device
     sel_scores = scores.reshape(-1)[indices].to(a)
     return Selection(
         indices=indices,

@@ -145,3 +145,20 @@ def test_frozen_model_compiles_fullgraph(kind, t):
     assert out2.shape == out.shape
     diffcr.revert(m)
     assert "forward" not in m.__dict__
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_path_on_every_kernel_backend(kind, backend):
+    """The whole routed model with the Triton kernels (interpreter on CPU: selection, gather +
+    norm, scatter-back) or the pure-torch reference equals the default (C++) run."""
+    import diffcr_kernels as dk
+
+    ms = _pair(kind, [0.2, 0.5, 0.7, 1.0])
+    m = ms["fused"].eval()
+    kw = _inputs(kind, (100, 600, 999), mask=True)
+    with torch.no_grad():
+        expect = _run(m, kw)
+        with dk.use_backend(backend):
+            out = _run(m, kw)
+    close(out, expect)

@@ -497,3 +497,30 @@ def test_compiled_kernels_reject_cpu_tensors(monkeypatch):
     with pytest.raises(ValueError, match="grad_out is on cpu"):
         dkt.scatter_back_backward(x, torch.arange(4), torch.tensor([0, 4], dtype=torch.int32),
                                   4, torch.ones(1), torch.zeros(4, 8), None, None, None)
+
+
+# ---------------------------------------------------------------- selection kernel (dispatch)
+SELECT_CASES = [
+    (1, 1, [[1]]), (1, 37, [[1]]), (1, 37, [[37]]), (3, 29, [[5], [29], [1]]),
+    (2, 23, [[13, 5], [23, 7]]), (3, 14, [[8, 12]] * 3), (2, 64, [[32], [32]]),
+]
+
+
+@pytest.mark.parametrize("B,N,ks", SELECT_CASES)
+def test_triton_select_matches_reference(B, N, ks):
+    import diffcr_kernels as dk
+
+    g = torch.Generator().manual_seed(B * 100 + N)
+    scores = torch.rand(B, N, generator=g).to(DEVICE)
+    if N > 5:
+        scores[0, 2] = scores[0, 4]  # a tie: lower index first
+        scores[-1, 1] = float("nan")  # NaN ranks last
+        scores[-1, 3] = float("-inf")
+    w = torch.rand(B, len(ks[0]), generator=g).to(DEVICE)
+    expect = ref.select_topk(scores, ks, w)
+    with dk.use_backend("triton"):
+        got = dk.select_topk(scores, ks, w)
+    assert torch.equal(got.indices, expect.indices)
+    assert torch.equal(got.cu_seqlens, expect.cu_seqlens)
+    torch.testing.assert_close(got.scores, expect.scores, equal_nan=True)
+    assert got.seqlens == expect.seqlens and got.max_seqlen == expect.max_seqlen

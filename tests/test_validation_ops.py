@@ -79,6 +79,8 @@ SCATTER_CASES = {
     "scores shape": (lambda b: dict(scores=torch.ones(3)), "scores has shape"),
     "gate shape": (lambda b: dict(gate=b["gate"][:1]), "gate has shape"),
     "idx out of range": (lambda b: dict(idx=b["sel"].indices + 100), "out of range"),
+    "duplicate in a segment": (lambda b: dict(idx=b["sel"].indices.clone().index_fill_(
+        0, torch.tensor([1]), int(b["sel"].indices[0]))), "appears twice in segment 0"),
 }
 
 
