@@ -4,15 +4,13 @@ reference), measured in the same run. ``extra_info`` records the baseline time a
 CPU: PixArt-Sigma-XL hidden size (D = 1152), N = 1024 tokens, B = 1 and 8, kept ratio 0.5, fp32,
 one thread. GPU: bf16, N = 4096, B = 8.
 """
-import statistics
-import time
-
 import pytest
 import torch
 
 import diffcr_kernels as dk
 from diffcr_kernels import _ext
 from diffcr_kernels import reference as ref
+from diffcr.bench import time_fn
 
 D = 1152
 
@@ -23,15 +21,7 @@ def _sync(device):
 
 
 def _median_time(fn, device, reps=20):
-    fn()
-    _sync(device)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return time_fn(fn, device, rounds=reps)
 
 
 def _setup(device, B, kappa, P=1):
