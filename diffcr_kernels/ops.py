@@ -256,15 +256,18 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) 
             raise ValueError(f"{op}: cu_seqlens[-1] = {c[-1]} must equal the number of rows "
                              f"T = {T}")
         if T:
-            # a row may appear in several segments (the two bins of a sample) but never twice in
-            # one segment: the kernels add a segment's rows concurrently
+            # The CUDA/Triton kernels add all segments of one slot (segments s with s % P == p,
+            # one per sample) concurrently: a row may appear in several slots (the two bins of a
+            # sample) but only once per slot, or two threads would race on it.
             seg = torch.repeat_interleave(torch.arange(S), torch.tensor(lens))
-            key = seg * (B * N) + idx.cpu()
+            key = (seg % P) * (B * N) + idx.cpu()
             if torch.unique(key).numel() != T:
                 srt, order = torch.sort(key)
                 dup = int(order[1:][srt[1:] == srt[:-1]][0])
-                raise ValueError(f"{op}: idx[{dup}] = {int(idx[dup])} appears twice in segment "
-                                 f"{int(seg[dup])}; indices must be distinct within a segment")
+                raise ValueError(f"{op}: idx[{dup}] = {int(idx[dup])} appears twice in the "
+                                 f"segments of slot {int(seg[dup]) % P} (segment {int(seg[dup])});"
+                                 " a row may appear once per slot (segments s with "
+                                 "s % segs_per_sample equal are added concurrently)")
         if max_seqlen is None:
             max_seqlen = max(lens)
         elif max_seqlen < max(lens):

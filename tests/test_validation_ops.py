@@ -80,8 +80,24 @@ SCATTER_CASES = {
     "gate shape": (lambda b: dict(gate=b["gate"][:1]), "gate has shape"),
     "idx out of range": (lambda b: dict(idx=b["sel"].indices + 100), "out of range"),
     "duplicate in a segment": (lambda b: dict(idx=b["sel"].indices.clone().index_fill_(
-        0, torch.tensor([1]), int(b["sel"].indices[0]))), "appears twice in segment 0"),
+        0, torch.tensor([1]), int(b["sel"].indices[0]))), "appears twice in the segments of slot 0"),
 }
+
+
+def test_scatter_back_rejects_a_row_shared_by_two_segments_of_one_slot(backend):
+    """With segs_per_sample=1, two segments naming the same row would race in one launch."""
+    b = _base()
+    x = b["x"]
+    idx = torch.tensor([0, 1, 1, 2])  # segments [0, 1] and [1, 2] share row 1, same slot
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    d1 = torch.randn(4, 8)
+    with dk.use_backend(backend), pytest.raises(ValueError, match="slot 0"):
+        dk.scatter_back(x, idx, cu, torch.ones(2), d1, max_seqlen=2, segs_per_sample=1)
+    # the same rows as two slots of one sample (P = 2) are fine: added one slot after the other
+    with dk.use_backend(backend):
+        out = dk.scatter_back(x, idx, cu, torch.ones(2), d1, max_seqlen=2, segs_per_sample=2)
+    expect = dk.reference.scatter_back(x, idx, cu, torch.ones(2), d1)
+    torch.testing.assert_close(out, expect)
 
 
 @pytest.mark.parametrize("case", list(SCATTER_CASES))
