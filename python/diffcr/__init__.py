@@ -16,6 +16,7 @@ from diffcr_kernels import available_backends
 
 from ._version import __version__
 from .config import DiffCRConfig
+from .cpu import prepack_linears, unpack_linears
 from .convert import (compile_model, convert, freeze, is_converted, revert, routed_blocks,
                       set_timestep, unfreeze)
 from .io import CheckpointError, load, save
@@ -27,7 +28,7 @@ from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ra
 __all__ = [
     "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "Router", "__version__",
     "attach_ratio_projection", "available_backends", "compile_model", "convert", "format_ratio_table", "freeze",
-    "is_converted", "load", "mean_kept_ratio", "project_ratios", "ratio_loss",
+    "is_converted", "load", "mean_kept_ratio", "prepack_linears", "project_ratios", "ratio_loss",
     "ratio_parameters", "ratio_table", "revert", "routed_blocks", "router_parameters", "save",
-    "set_timestep", "unfreeze",
+    "set_timestep", "unfreeze", "unpack_linears",
 ]

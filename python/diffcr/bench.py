@@ -22,7 +22,7 @@ from .config import DiffCRConfig
 from .convert import convert, freeze, routed_blocks, set_timestep
 
 __all__ = ["ideal_block_flops", "ideal_speedup", "BlockBench", "make_block_bench", "time_fn",
-           "bench_blocks", "bench_overhead", "bench_training"]
+           "time_pairs", "bench_blocks", "bench_overhead", "bench_training"]
 
 XL = dict(num_attention_heads=16, attention_head_dim=72)
 TEXT_TOKENS = 120
@@ -159,26 +159,100 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
     return BlockBench(kind, model, dense, inputs, N, D, text)
 
 
+def time_pairs(fns: Dict[str, Callable], device, rounds: int = 5, warmup: int = 1
+               ) -> Dict[str, List[float]]:
+    """Seconds of each ``fn`` per round, the functions run one after another in every round
+    (interleaved), so a slow phase of a shared machine hits all of them alike; ratios are then
+    taken within a round. The order rotates from round to round: whatever runs right after a
+    large dense block pays for its freed memory (page faults, cold caches), measured at 1-2 ms
+    on the CPU block, and rotating spreads that over all of them."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    _sync(device)
+    names = list(fns)
+    out: Dict[str, List[float]] = {n: [] for n in fns}
+    for r in range(rounds):
+        s = r % len(names)
+        for n in names[s:] + names[:s]:
+            f = fns[n]
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            out[n].append(time.perf_counter() - t0)
+    return out
+
+
+def _naive_fn(bb: BlockBench, k: int):
+    """The plain-torch control of the issue: gather k rows, run the unconverted diffusers block
+    on them, write them back into a copy of x (no router, no gating)."""
+    x = bb.inputs["hidden_states"]
+    B, N, _ = x.shape
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randperm(N, generator=g)[:k].sort().values.to(x.device)
+    rest = {n: v for n, v in bb.inputs.items() if n != "hidden_states"}
+
+    def naive():
+        o = bb.dense(x.index_select(1, idx), **rest)
+        return x.clone().index_copy_(1, idx, o)
+    return naive
+
+
+def _resolve_prepack(prepack: Optional[bool], device) -> bool:
+    from .cpu import prepack_available
+
+    if prepack is None:
+        return device.type == "cpu" and prepack_available()
+    if prepack and (device.type != "cpu" or not prepack_available()):
+        raise ValueError("prepack=True needs a CPU device and a torch build with MKL")
+    return bool(prepack)
+
+
 def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device="cpu",
-                 dtype=torch.float32, rounds=3) -> List[dict]:
+                 dtype=torch.float32, rounds=3, prepack: Optional[bool] = None,
+                 naive: bool = True) -> List[dict]:
     """Dense vs routed (frozen, fused path) block at each kappa: time, speedup, ideal,
-    fraction of ideal, peak memory."""
-    bb = make_block_bench(kind, N, B, device, dtype)
+    fraction of ideal, peak memory.
+
+    For every kappa the dense block, the routed block and (``naive``) the plain-torch control
+    gather -> diffusers block -> scatter run interleaved for ``rounds`` rounds; the fraction of
+    ideal is the median over rounds of (dense / routed) / ideal. ``prepack`` (default: on for
+    CPU when MKL is there) gives the dense, routed and naive blocks alike MKL-prepacked
+    weights (:mod:`diffcr.cpu`); the rows record it.
+    """
     dev = torch.device(device)
+    packed = _resolve_prepack(prepack, dev)
+    bb = make_block_bench(kind, N, B, device, dtype)
+    if packed:
+        from .cpu import prepack_linears
+
+        prepack_linears(bb.dense)
+        prepack_linears(bb.block)
     rows = []
     with torch.no_grad():
-        t_dense = time_fn(bb.run_dense, dev, rounds)
         m_dense = _peak_mem(bb.run_dense, dev)
         for kappa in kappas:
             bb.set_kappa(kappa)
-            t = time_fn(bb.run_routed, dev, rounds)
             k = dk.kept_count(kappa, N)
+            fns = {"dense": bb.run_dense, "routed": bb.run_routed}
+            if naive:
+                fns["naive"] = _naive_fn(bb, k)
+            ts = time_pairs(fns, dev, rounds)
             ideal = ideal_speedup(k / N, N, bb.D, bb.text)
-            rows.append(dict(kind=kind, N=N, B=B, kappa=kappa, k=k, dense_ms=t_dense * 1e3,
-                             routed_ms=t * 1e3, speedup=t_dense / t, ideal_speedup=ideal,
-                             fraction_of_ideal=(t_dense / t) / ideal,
-                             peak_mem_MB=_peak_mem(bb.run_routed, dev),
-                             dense_peak_mem_MB=m_dense))
+            med = {n: statistics.median(v) for n, v in ts.items()}
+            speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
+            row = dict(kind=kind, N=N, B=B, kappa=kappa, k=k, dense_ms=med["dense"] * 1e3,
+                       routed_ms=med["routed"] * 1e3, speedup=speedup,
+                       ideal_speedup=ideal, fraction_of_ideal=speedup / ideal,
+                       peak_mem_MB=_peak_mem(bb.run_routed, dev), dense_peak_mem_MB=m_dense,
+                       prepacked=packed, rounds=rounds)
+            if naive:
+                row["naive_ms"] = med["naive"] * 1e3
+                row["naive_fraction_of_ideal"] = statistics.median(
+                    d / r for d, r in zip(ts["dense"], ts["naive"])) / ideal
+                row["routed_vs_naive"] = statistics.median(
+                    nv / r for nv, r in zip(ts["naive"], ts["routed"]))
+            rows.append(row)
     return rows
 
 
@@ -206,10 +280,12 @@ def bench_overhead(kind="pixart", N=1024, B=1, kappa=0.5, device="cpu", dtype=to
         dk.scatter_back_selection(x, sel, d1, d2, gate)
 
     with torch.no_grad():
-        t_dense = time_fn(bb.run_dense, dev, rounds)
-        t_route = time_fn(routing, dev, rounds)
+        ts = time_pairs({"dense": bb.run_dense, "routing": routing}, dev, rounds)
+    t_dense = statistics.median(ts["dense"])
+    t_route = statistics.median(ts["routing"])
+    share = statistics.median(r / d for d, r in zip(ts["dense"], ts["routing"]))
     return dict(kind=kind, N=N, B=B, kappa=kappa, dense_ms=t_dense * 1e3,
-                routing_ms=t_route * 1e3, overhead_fraction=t_route / t_dense)
+                routing_ms=t_route * 1e3, overhead_fraction=share)
 
 
 def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=torch.float32,
@@ -238,11 +314,13 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
             out.float().square().mean().backward()
         return f
 
-    t_dense = time_fn(step(bb.dense), dev, rounds)
-    t_route = time_fn(step(bb.block), dev, rounds)
+    ts = time_pairs({"dense": step(bb.dense), "routed": step(bb.block)}, dev, rounds)
+    t_dense = statistics.median(ts["dense"])
+    t_route = statistics.median(ts["routed"])
+    speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
     plan = bb.block.ratio.two_bin([0], N)
     ka, kb = (v / N for v in plan.k[0])
     ideal = ideal_speedup(kappa, N, bb.D, bb.text, two_bin=(ka, kb))
     return dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
-                routed_ms=t_route * 1e3, speedup=t_dense / t_route, ideal_speedup=ideal,
-                fraction_of_ideal=(t_dense / t_route) / ideal)
+                routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
+                fraction_of_ideal=speedup / ideal)

@@ -102,7 +102,17 @@ def _bench(args) -> int:
     out = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "threads": args.threads, "torch": torch.__version__, "config": vars(args).copy()}
     out["config"].pop("func", None)
-    out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds, **common)
+    if args.prepack and args.device != "cpu":
+        print("diffcr bench: --prepack is for CPU runs (MKL-packed weights)", file=sys.stderr)
+        return 2
+    if args.prepack:
+        from .cpu import prepack_available
+
+        if not prepack_available():
+            print("diffcr bench: --prepack needs a torch build with MKL", file=sys.stderr)
+            return 2
+    out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds,
+                                       prepack=args.prepack, naive=not args.no_naive, **common)
     if not args.no_overhead:
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
     if not args.no_training:
@@ -113,14 +123,26 @@ def _bench(args) -> int:
     print(f"diffcr bench: {args.model} block (D=1152, 16x72), N={args.tokens}, B={args.batch}, "
           f"{args.dtype}, {out['device']}" + (f", {args.threads} thread(s)"
                                               if args.device == "cpu" else ""))
+    blocks = out["blocks"]
+    if blocks and blocks[0]["prepacked"]:
+        print("linear layers: MKL-prepacked weights in the dense, routed and naive blocks alike "
+              "(--prepack off to compare without)")
+    naive = bool(blocks) and "naive_ms" in blocks[0]
     hdr = f"{'kappa':>6} {'k':>6} {'dense ms':>10} {'routed ms':>10} {'speedup':>8} " \
           f"{'ideal':>7} {'of ideal':>9} {'peak MB':>8}"
+    if naive:
+        hdr += f" {'naive ms':>9} {'naive of ideal':>15}"
     print(hdr)
-    for r in out["blocks"]:
+    for r in blocks:
         mem = "-" if r["peak_mem_MB"] is None else f"{r['peak_mem_MB']:.0f}"
-        print(f"{r['kappa']:>6.2f} {r['k']:>6d} {r['dense_ms']:>10.2f} {r['routed_ms']:>10.2f} "
-              f"{r['speedup']:>8.2f} {r['ideal_speedup']:>7.2f} "
-              f"{100 * r['fraction_of_ideal']:>8.1f}% {mem:>8}")
+        line = (f"{r['kappa']:>6.2f} {r['k']:>6d} {r['dense_ms']:>10.2f} {r['routed_ms']:>10.2f} "
+                f"{r['speedup']:>8.2f} {r['ideal_speedup']:>7.2f} "
+                f"{100 * r['fraction_of_ideal']:>8.1f}% {mem:>8}")
+        if naive:
+            line += f" {r['naive_ms']:>9.2f} {100 * r['naive_fraction_of_ideal']:>14.1f}%"
+        print(line)
+    print(f"(speedup and fraction of ideal: median over {args.rounds} interleaved rounds of "
+          "dense/routed; naive = gather -> diffusers block -> scatter in plain torch)")
     if "overhead" in out:
         o = out["overhead"]
         print(f"routing overhead (score+select+gather+scatter, kappa {o['kappa']}): "
@@ -341,7 +363,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                      help="default fp32 on CPU, bf16 on GPU")
     p_b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p_b.add_argument("--rounds", type=int, default=3, help="timed rounds per point (median)")
+    p_b.add_argument("--rounds", type=int, default=6,
+                     help="interleaved timed rounds per point (median; default 6)")
+    p_b.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                     help="MKL-prepacked linear weights for dense, routed and naive alike "
+                          "(default: on for CPU when MKL is available)")
+    p_b.add_argument("--no-naive", action="store_true",
+                     help="skip the plain-torch gather -> block -> scatter control")
     p_b.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
     p_b.add_argument("--no-training", action="store_true", help="skip the training step")
     p_b.add_argument("--json", action="store_true", help="machine-readable output")
