@@ -162,3 +162,30 @@ def test_fused_path_on_every_kernel_backend(kind, backend):
         with dk.use_backend(backend):
             out = _run(m, kw)
     close(out, expect)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ratios", [1.0, 0.5, [0.2, 0.5, 0.7, 1.0]])
+def test_inference_never_writes_into_block_inputs(kind, ratios):
+    """Without autograd the fused path updates its own buffers in place; the residual stream a
+    block receives (and every other input) must come out unchanged, and the result must equal
+    the result with autograd on (the out-of-place code)."""
+    m = _pair(kind, ratios)["fused"].eval()
+    seen = []
+
+    def keep(block, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        seen.append((x, x.clone()))
+
+    for b in diffcr.routed_blocks(m).values():
+        b.register_forward_pre_hook(keep, with_kwargs=True)
+    kw = _inputs(kind, (100, 600, 999), mask=True)
+    with torch.no_grad():
+        out = _run(m, kw)
+    assert len(seen) == len(diffcr.routed_blocks(m))
+    for x, before in seen:
+        assert torch.equal(x, before), "a block modified its input"
+    seen.clear()
+    with torch.enable_grad():
+        ref = _run(m, kw)
+    assert torch.equal(out, ref.detach())

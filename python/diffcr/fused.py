@@ -146,12 +146,50 @@ def _cross_attention(attn, h, sel, text, text_bias):
     return attn.to_out[1](attn.to_out[0](out))
 
 
+def _plain_gelu_ff(ff) -> bool:
+    """Whether ``ff`` is diffusers' FeedForward with a GELU first layer and no hooks other than
+    diffcr's (inactive) gate hook, so :func:`_feed_forward` may run it step by step."""
+    from diffusers.models.activations import GELU
+
+    from .convert import _ff_hook
+
+    net = getattr(ff, "net", None)
+    if net is None or len(net) < 3 or type(net[0]) is not GELU or ff._forward_pre_hooks:
+        return False
+    if any(h is not _ff_hook for h in ff._forward_hooks.values()):
+        return False
+    if ff.__dict__.get("_diffcr_scale") is not None:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in net)
+
+
+def _feed_forward(ff, h, inplace):
+    """``ff(h)``; at inference the GELU is applied in place on the projection's output, which
+    saves one ``[T, 4D]`` buffer (on CPU each buffer above 32 MB is a fresh mmap whose pages
+    fault in on first touch: at B = 8 that allocation cost more than the GELU itself)."""
+    if not (inplace and _plain_gelu_ff(ff)):
+        return ff(h)
+    act = ff.net[0]
+    y = act.proj(h)
+    if y.device.type == "mps":
+        y = act.gelu(y)
+    else:
+        torch.ops.aten.gelu_(y, approximate=act.approximate)
+    for m in ff.net[1:]:
+        y = m(y)
+    return y
+
+
 def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
                         encoder_attention_mask, timestep, class_labels):
     """One routed block over a packed :class:`~diffcr_kernels.Selection` (any number of
     segments per sample, ragged lengths). ``gate_scores`` ``[T]`` multiply the MLP branch of
-    each packed row. Returns the new residual stream ``[B, N, D]``."""
+    each packed row. Returns the new residual stream ``[B, N, D]``.
+
+    Without autograd the intermediate updates are done in place on buffers this function
+    made (never on ``x`` or any other input): fewer large allocations, same values."""
     B, N, D = x.shape
+    inplace = not torch.is_grad_enabled()
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
         block, x, timestep, class_labels)
     idx = sel.indices
@@ -162,8 +200,12 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     xp = dk.gather_rows(x, idx)
     a = _self_attention(block.attn1, h_in, sel)
     g, shape = _per_row(gate_msa, sel, rowb)
-    d1 = (_apply(a, shape) * g).reshape(-1, D)
-    h = xp + d1
+    if inplace:  # a, xp, c, n2 below are fresh outputs of this function's own calls
+        d1 = _apply(a, shape).mul_(g).reshape(-1, D)
+        h = xp.add_(d1)
+    else:
+        d1 = (_apply(a, shape) * g).reshape(-1, D)
+        h = xp + d1
     if getattr(block, "attn2", None) is not None:
         if block.norm_type == "ada_norm_single":
             cross_in = h  # PixArt applies no norm before cross-attention
@@ -171,14 +213,21 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
             cross_in = block.norm2(h)
         c = _cross_attention(block.attn2, cross_in, sel, encoder_hidden_states,
                              encoder_attention_mask)
-        d1 = d1 + c
-        h = h + c
+        if inplace:
+            d1.add_(c)
+            h.add_(c)
+        else:
+            d1 = d1 + c
+            h = h + c
     norm2 = block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
     w2, b2, eps2 = _ln_params(norm2)
     sc, shape = _per_row(scale_mlp, sel, rowb)
     sh, _ = _per_row(shift_mlp, sel, rowb)
     n2 = F.layer_norm(_apply(h, shape), (D,), w2, b2, eps2)
-    n2 = (n2 * (1 + sc) + sh).reshape(-1, D)
-    m = block.ff(n2)
+    if inplace:
+        n2 = n2.mul_(1 + sc).add_(sh).reshape(-1, D)
+    else:
+        n2 = (n2 * (1 + sc) + sh).reshape(-1, D)
+    m = _feed_forward(block.ff, n2, inplace)
     return dk.scatter_back(x, idx, sel.cu_seqlens, sel.seg_weight, d1, m, gate_scores, gate_mlp,
                            max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)
