@@ -10,8 +10,10 @@ Order for each call (first that applies):
 4. ``sdpa_uniform``  every segment has the same query and key length (``uniform=True``, e.g. a
    uniform-k selection at inference): one batched
    :func:`torch.nn.functional.scaled_dot_product_attention` on a ``[S, H, L, Dh]`` view;
-5. ``sdpa_grouped``  host segment lengths given (``seqlens_q``/``seqlens_k``): one batched SDPA
-   per group of segments with equal lengths (ragged selections on CPU); no device sync;
+5. ``sdpa_grouped``  host segment lengths given (``seqlens_q``/``seqlens_k``): when the lengths
+   repeat per sample (:func:`slot_period`, e.g. two training bins shared by the batch), one
+   batched SDPA per slot on split views; otherwise one batched SDPA per group of equal-length
+   segments (ragged selections on CPU); no device sync;
 6. ``sdpa_segments`` one SDPA call per segment (reads cu_seqlens on the host);
 7. ``reference``     :func:`diffcr_kernels.reference.varlen_attention` (forced only).
 
@@ -167,19 +169,57 @@ def varlen_attention(
     # sdpa_segments
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
-    outs = []
-    for i in range(S):
-        qi = q[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)
-        if ck[i + 1] == ck[i]:
-            outs.append(q.new_zeros(cq[i + 1] - cq[i], q.shape[1], v.shape[-1]))
-            continue
-        ki = k[ck[i]:ck[i + 1]].transpose(0, 1).unsqueeze(0)
-        vi = v[ck[i]:ck[i + 1]].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qi, ki, vi, scale=softmax_scale)
-        outs.append(o[0].transpose(0, 1))
+    lq = [cq[i + 1] - cq[i] for i in range(S)]
+    lk = [ck[i + 1] - ck[i] for i in range(S)]
+    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0] or min(lq + lk, default=0) < 0:
+        raise ValueError(f"cu_seqlens end at {cq[-1]} queries / {ck[-1]} keys but q has "
+                         f"{q.shape[0]} rows and k has {k.shape[0]}")
+    qs, ks, vs = torch.split(q, lq), torch.split(k, lk), torch.split(v, lk)
+    outs = [_sdpa_one(qs[i].unsqueeze(0), ks[i].unsqueeze(0), vs[i].unsqueeze(0),
+                      softmax_scale)[0] for i in range(S)]
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     return torch.cat(outs, 0)
+
+
+def _sdpa_one(qg, kg, vg, scale):
+    """SDPA on ``[G, n, H, Dh]`` groups (token-major), output ``[G, n, H, Dv]``; no keys give
+    zeros."""
+    G, nq, H, _ = qg.shape
+    if kg.shape[1] == 0 or nq == 0:
+        return qg.new_zeros(G, nq, H, vg.shape[-1])
+    o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2),
+                                       vg.transpose(1, 2), scale=scale)
+    return o.transpose(1, 2)
+
+
+def slot_period(lq: Sequence[int], lk: Optional[Sequence[int]] = None) -> Optional[int]:
+    """The smallest P < S such that segment lengths repeat every P segments (``lq[i] ==
+    lq[i - P]``, same for ``lk``): S / P samples with the same P slot lengths each, e.g. the
+    two bins of a batch whose samples share a timestep region. None if there is none."""
+    S = len(lq)
+    for P in range(1, S):
+        if S % P:
+            continue
+        if all(lq[i] == lq[i - P] for i in range(P, S)) and (
+                lk is None or all(lk[i] == lk[i - P] for i in range(P, S))):
+            return P
+    return None
+
+
+def _periodic(q, k, v, lq: List[int], lk: List[int], P: int, scale):
+    """Segments repeating every P: view the packed rows as [S/P, rows per sample, H, Dh] and
+    split the P slots along dim 1 (views; the backward is one concatenation per input); one
+    batched SDPA per slot; one concatenation of the outputs."""
+    S = len(lq)
+    Bp = S // P
+    H = q.shape[1]
+    q4 = q.view(Bp, sum(lq[:P]), H, q.shape[-1])
+    k4 = k.view(Bp, sum(lk[:P]), H, k.shape[-1])
+    v4 = v.view(Bp, sum(lk[:P]), H, v.shape[-1])
+    outs = [_sdpa_one(a, b, c, scale) for a, b, c in zip(
+        q4.split(lq[:P], dim=1), k4.split(lk[:P], dim=1), v4.split(lk[:P], dim=1))]
+    return torch.cat(outs, 1).view(q.shape[0], H, v.shape[-1])
 
 
 def _grouped(q, k, v, lq: List[int], lk: List[int], scale):
@@ -195,22 +235,27 @@ def _grouped(q, k, v, lq: List[int], lk: List[int], scale):
     if sq[-1] != q.shape[0] or sk[-1] != k.shape[0]:
         raise ValueError(f"seqlens sum to {sq[-1]} queries / {sk[-1]} keys but q has "
                          f"{q.shape[0]} rows and k has {k.shape[0]}")
+    P = slot_period(lq, lk)
+    if P is not None:
+        return _periodic(q, k, v, lq, lk, P, scale)
     groups: Dict[tuple, List[int]] = {}
     for s in range(S):
         groups.setdefault((lq[s], lk[s]), []).append(s)
-    out = q.new_zeros(q.shape[0], H, v.shape[-1])
-    dev = q.device
-    for (nq, nk), segs in groups.items():
-        rq = ref.host_index([sq[s] + j for s in segs for j in range(nq)], dev)
-        if nq == 0:
+    # Segments are contiguous row ranges: torch.split gives views, and its backward is one
+    # concatenation (no index gathers, no zero-filled gradient per slice); only groups of
+    # several equal-length segments are stacked into a batch (one copy).
+    qs, ks, vs = torch.split(q, lq), torch.split(k, lk), torch.split(v, lk)
+    outs: List[Optional[torch.Tensor]] = [None] * S
+    for segs in groups.values():
+        if len(segs) == 1:
+            s = segs[0]
+            outs[s] = _sdpa_one(qs[s].unsqueeze(0), ks[s].unsqueeze(0), vs[s].unsqueeze(0),
+                                scale)[0]
             continue
-        if nk == 0:
-            continue  # no keys: zeros
-        rk = ref.host_index([sk[s] + j for s in segs for j in range(nk)], dev)
-        G = len(segs)
-        qg = q.index_select(0, rq).view(G, nq, H, -1).transpose(1, 2)
-        kg = k.index_select(0, rk).view(G, nk, H, -1).transpose(1, 2)
-        vg = v.index_select(0, rk).view(G, nk, H, -1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
-        out = out.index_copy(0, rq, o.transpose(1, 2).reshape(G * nq, H, -1))
-    return out
+        o = _sdpa_one(torch.stack([qs[s] for s in segs]), torch.stack([ks[s] for s in segs]),
+                      torch.stack([vs[s] for s in segs]), scale)
+        for s, os_ in zip(segs, o.unbind(0)):
+            outs[s] = os_
+    if S == 0:
+        return q.new_zeros(q.shape[0], H, v.shape[-1])
+    return torch.cat(outs, 0)

@@ -434,23 +434,28 @@ def _register_family(ns: str) -> None:
         if need[2] and shift is not None:
             grad_shift = torch.zeros(B, D, dtype=a, device=x.device).index_add_(0, b, g)
             grad_shift = grad_shift.to(shift.dtype)
-        if (need[3] and scale is not None) or (need[4] and weight is not None) or (
-                need[5] and bias is not None):
-            xhat = (x.reshape(B * N, D).index_select(0, idx).to(a) - mean.unsqueeze(1)) \
-                * rstd.unsqueeze(1)
-            n = xhat
-            if weight is not None:
-                n = n * weight.to(a)
-            if bias is not None:
-                n = n + bias.to(a)
+        need_w = need[4] and weight is not None
+        need_b = need[5] and bias is not None
+        if (need[3] and scale is not None) or need_w or need_b:
+            # xhat and its products are [T, D] temporaries: built in place, one buffer where
+            # only the modulation scale needs a gradient (fresh large CPU buffers each cost a
+            # page fault per 4 KiB, which dominated this backward at B = 8)
+            xhat = x.reshape(B * N, D).index_select(0, idx).to(a)
+            xhat.sub_(mean.unsqueeze(1)).mul_(rstd.unsqueeze(1))
+            dn = None
+            if need_w or need_b:
+                dn = g if scale is None else g * (1 + scale.to(a)).index_select(0, b)
+                if need_b:
+                    grad_bias = dn.sum(0).to(bias.dtype)
+                if need_w:
+                    grad_weight = (dn * xhat).sum(0).to(weight.dtype)
             if need[3] and scale is not None:
-                grad_scale = torch.zeros(B, D, dtype=a, device=x.device).index_add_(0, b, g * n)
+                n = xhat if weight is None else xhat.mul_(weight.to(a))
+                if bias is not None:
+                    n = n.add_(bias.to(a))
+                grad_scale = torch.zeros(B, D, dtype=a, device=x.device).index_add_(
+                    0, b, n.mul_(g))
                 grad_scale = grad_scale.to(scale.dtype)
-            dn = g if scale is None else g * (1 + scale.to(a)[b])
-            if need[4] and weight is not None:
-                grad_weight = (dn * xhat).sum(0).to(weight.dtype)
-            if need[5] and bias is not None:
-                grad_bias = dn.sum(0).to(bias.dtype)
         return grad_x, None, grad_shift, grad_scale, grad_weight, grad_bias, None
 
     torch.library.register_autograd(lib + "gather_norm_modulate", _gnm_backward,
@@ -480,9 +485,9 @@ def _register_family(ns: str) -> None:
                                               output_size=idx.numel())
             grad_w = torch.zeros(S, dtype=a, device=cu.device).index_add_(0, row_seg, dots)
         if need[9] and gate is not None and d2 is not None:
-            contrib = gd1.to(a) * d2.to(a)
+            contrib = gd1.to(a) * d2.to(a)  # one [T, D] temporary, scaled in place
             if scores is not None:
-                contrib = contrib * scores.unsqueeze(1)
+                contrib.mul_(scores.unsqueeze(1).to(a))
             b = torch.div(idx, N, rounding_mode="floor")
             grad_gate = torch.zeros(B, D, dtype=a, device=G.device).index_add_(0, b, contrib)
             grad_gate = grad_gate.to(gate.dtype)

@@ -18,7 +18,11 @@ def _segments(lengths_q, lengths_k, H=2, Dh=8, dtype=torch.float32, device="cpu"
 
 @pytest.mark.parametrize("backend", ["sdpa_segments", "sdpa_grouped", "reference", None])
 @pytest.mark.parametrize("lq,lk", [([5, 1, 9], [5, 1, 9]), ([3, 7], [11, 2]), ([1], [1]),
-                                   ([4, 6, 4, 6], [4, 6, 4, 6]), ([2, 3], [0, 3])])
+                                   ([4, 6, 4, 6], [4, 6, 4, 6]), ([2, 3], [0, 3]),
+                                   ([4, 6, 4, 6, 4, 6], [4, 6, 4, 6, 4, 6]),  # periodic, P = 2
+                                   ([3, 3, 5, 3, 3, 5], [2, 2, 7, 2, 2, 7]),  # periodic, P = 3
+                                   ([4, 6, 6, 4], [4, 6, 6, 4]),              # groups, not periodic
+                                   ([2, 2, 2, 2], [3, 3, 3, 3])])             # P = 1
 def test_ragged_paths_match_reference(backend, lq, lk):
     q, k, v, cq, ck, mq, mk = _segments(lq, lk)
     out = dk.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend, seqlens_q=lq,
@@ -35,15 +39,28 @@ def test_uniform_sdpa_matches_reference(scale):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
-def test_self_attention_gradients_match_reference():
-    q, k, v, cq, ck, mq, mk = _segments([4, 7], [4, 7])
+@pytest.mark.parametrize("lens", [[4, 7], [4, 7, 4, 7, 4, 7], [4, 7, 7, 4, 5]])
+def test_self_attention_gradients_match_reference(lens):
+    """Per-segment, periodic (split along the sample dim) and grouped (stacked) paths."""
+    q, k, v, cq, ck, mq, mk = _segments(lens, lens)
     grads = []
-    for backend in ("sdpa_segments", "reference"):
+    for backend in ("sdpa_segments", "sdpa_grouped", "reference"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        dk.varlen_attention(*leaves, cq, ck, mq, mk, backend=backend).square().sum().backward()
+        dk.varlen_attention(*leaves, cq, ck, mq, mk, backend=backend, seqlens_q=lens,
+                            seqlens_k=lens).square().sum().backward()
         grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for got in grads[:-1]:
+        for a, b in zip(got, grads[-1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_slot_period():
+    from diffcr_kernels.attention import slot_period
+
+    assert slot_period([4, 6, 4, 6]) == 2
+    assert slot_period([4, 6, 4, 6], [1, 2, 1, 3]) is None
+    assert slot_period([5, 5, 5]) == 1
+    assert slot_period([4, 6]) is None and slot_period([7]) is None and slot_period([]) is None
 
 
 def test_forced_unavailable_backend_raises():

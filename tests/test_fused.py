@@ -65,8 +65,12 @@ def test_fused_equals_compat_eval(kind, ratios, t):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("gate", ["sigmoid", "sigmoid2x"])
-def test_fused_equals_compat_training_two_bins(kind, gate):
+@pytest.mark.parametrize("gate,t", [("sigmoid", (100, 400, 600, 900)),
+                                    ("sigmoid2x", (100, 400, 600, 900)),
+                                    # one shared region: the same two bins repeat per sample
+                                    # (the periodic attention paths)
+                                    ("sigmoid2x", (400, 400, 400))])
+def test_fused_equals_compat_training_two_bins(kind, gate, t):
     # float64: attention over the large activations of randomised tiny models amplifies fp32
     # rounding in the gradients; in float64 the two paths must agree to ~1e-10
     ms = _pair(kind, [0.35, 0.55, 0.72, 0.95], gate=gate, dtype=torch.float64)
@@ -74,7 +78,7 @@ def test_fused_equals_compat_training_two_bins(kind, gate):
         torch.manual_seed(5)
         for b in diffcr.routed_blocks(m).values():
             torch.nn.init.normal_(b.router.weight, std=0.3)
-    kw = _inputs(kind, (100, 400, 600, 900), mask=True, dtype=torch.float64)
+    kw = _inputs(kind, t, mask=True, dtype=torch.float64)
     grads, outs = {}, {}
     for path, m in ms.items():
         m.train()
@@ -89,7 +93,9 @@ def test_fused_equals_compat_training_two_bins(kind, gate):
                                    atol=1e-8 * max(1.0, g.abs().max().item()),
                                    msg=lambda m: f"{n}: {m}")
     for b in diffcr.routed_blocks(ms["fused"]).values():
-        assert (b.ratio.kept.grad != 0).all() and b.router.weight.grad.abs().sum() > 0
+        moved = b.ratio.kept.grad != 0  # regions that saw a sample (all four when t is mixed)
+        assert (moved.all() if len(set(t)) > 1 else moved.any())
+        assert b.router.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -81,12 +81,19 @@ def _ln_params(norm):
     return norm.weight, norm.bias, norm.eps
 
 
-def _per_row(v, sel, rowb):
-    """[B, D] -> per packed row, as a broadcastable view when the selection is uniform."""
+def _per_row(v, sel):
+    """[B, D] -> per packed row, as a broadcastable view when every segment (uniform) or every
+    sample (equal row totals: the rows of a sample are contiguous, sample-major) has the same
+    number of rows; otherwise materialised per row."""
     if sel.uniform:
         S = sel.num_segments
         return v.index_select(0, sel.seg_sample).view(S, 1, -1), (S, sel.max_seqlen)
-    return v.index_select(0, rowb), None
+    P = sel.segs_per_sample
+    lens = sel.seqlens
+    totals = {sum(lens[i:i + P]) for i in range(0, len(lens), P)}
+    if len(totals) == 1 and len(lens) == P * v.shape[0]:
+        return v.unsqueeze(1), (v.shape[0], totals.pop())
+    return v.index_select(0, sel.row_sample()), None
 
 
 def _apply(t, shape):
@@ -115,33 +122,52 @@ def _cross_attention(attn, h, sel, text, text_bias):
     kt, vt = attn.to_k(text), attn.to_v(text)  # [B, L, D] once per sample
     Dh = kt.shape[-1] // H
     L = kt.shape[1]
+    lens = list(sel.seqlens)
+    P = sel.segs_per_sample
+    B = len(lens) // P if P else 0
+    if (not sel.uniform and B == kt.shape[0] and B * P == len(lens)
+            and all(lens[i] == lens[i - P] for i in range(P, len(lens)))):
+        # every sample has the same P slot lengths: [B, rows per sample, H, Dh], split the
+        # slots along dim 1 (views), keys/values are the sample's own text (no gather)
+        q4 = q.view(B, sum(lens[:P]), H, Dh)
+        kg = kt.view(B, L, H, Dh).transpose(1, 2)
+        vg = vt.view(B, L, H, Dh).transpose(1, 2)
+        mask = None if text_bias is None else text_bias.view(B, 1, -1, L).to(q.dtype)
+        outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kg, vg, attn_mask=mask
+                                               ).transpose(1, 2)
+                for qp in q4.split(lens[:P], dim=1)]
+        out = torch.cat(outs, 1).reshape(T, H * Dh).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
     groups = {}
     for s, n in enumerate(sel.seqlens):
         groups.setdefault(n, []).append(s)
-    out = q.new_empty(T, H * Dh) if len(groups) > 1 else None
-    starts = [0]
-    for n in sel.seqlens:
-        starts.append(starts[-1] + n)
+    # segments are contiguous row ranges: split views (backward: one concatenation), stack
+    # only groups of several equal-length segments, concatenate the outputs once
+    qs = None if len(groups) == 1 else torch.split(q, list(sel.seqlens))
+    outs = [None] * len(sel.seqlens)
     for n, segs in groups.items():
-        if len(groups) == 1:
+        G = len(segs)
+        if qs is None:
             samp = sel.seg_sample
-            qg = q.view(len(segs), n, H, Dh)
+            qg = q.view(G, n, H, Dh)
         else:
             samp = dk.reference.host_index([s // sel.segs_per_sample for s in segs], q.device)
-            rows = dk.reference.host_index([starts[s] + j for s in segs for j in range(n)],
-                                           q.device)
-            qg = q.index_select(0, rows).view(len(segs), n, H, Dh)
-        kg = kt.index_select(0, samp).view(len(segs), L, H, Dh).transpose(1, 2)
-        vg = vt.index_select(0, samp).view(len(segs), L, H, Dh).transpose(1, 2)
+            qg = (qs[segs[0]].unsqueeze(0) if G == 1 else
+                  torch.stack([qs[s] for s in segs])).view(G, n, H, Dh)
+        kg = kt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
+        vg = vt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
         mask = None
         if text_bias is not None:
-            mask = text_bias.index_select(0, samp).view(len(segs), 1, -1, L).to(qg.dtype)
+            mask = text_bias.index_select(0, samp).view(G, 1, -1, L).to(qg.dtype)
         o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask)
-        o = o.transpose(1, 2).reshape(-1, H * Dh)
-        if out is None:
-            out = o
+        o = o.transpose(1, 2)  # [G, n, H, Dh]
+        if qs is None:
+            out = o.reshape(-1, H * Dh)
         else:
-            out = out.index_copy(0, rows, o)
+            for s, os_ in zip(segs, o.unbind(0)):
+                outs[s] = os_.reshape(n, H * Dh)
+    if qs is not None:
+        out = torch.cat(outs, 0)
     out = out.to(q.dtype)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -193,13 +219,12 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
         block, x, timestep, class_labels)
     idx = sel.indices
-    rowb = None if sel.uniform else sel.row_sample()
     norm1 = block.norm1 if block.norm_type == "ada_norm_single" else block.norm1.norm
     w1, b1, eps1 = _ln_params(norm1)
     h_in = dk.gather_norm_modulate(x, idx, shift_msa, scale_msa, w1, b1, eps1)
     xp = dk.gather_rows(x, idx)
     a = _self_attention(block.attn1, h_in, sel)
-    g, shape = _per_row(gate_msa, sel, rowb)
+    g, shape = _per_row(gate_msa, sel)
     if inplace:  # a, xp, c, n2 below are fresh outputs of this function's own calls
         d1 = _apply(a, shape).mul_(g).reshape(-1, D)
         h = xp.add_(d1)
@@ -221,8 +246,8 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
             h = h + c
     norm2 = block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
     w2, b2, eps2 = _ln_params(norm2)
-    sc, shape = _per_row(scale_mlp, sel, rowb)
-    sh, _ = _per_row(shift_mlp, sel, rowb)
+    sc, shape = _per_row(scale_mlp, sel)
+    sh, _ = _per_row(shift_mlp, sel)
     n2 = F.layer_norm(_apply(h, shape), (D,), w2, b2, eps2)
     if inplace:
         n2 = n2.mul_(1 + sc).add_(sh).reshape(-1, D)
