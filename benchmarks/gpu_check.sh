@@ -5,7 +5,8 @@
 #   2. GPU tests (bf16 and fp32): op tests against the reference, fused == compat, training
 #      step, CUDA-graph capture, inductor compile;
 #   3. compute-sanitizer memcheck and racecheck over every CUDA op (fwd + bwd, all dtypes);
-#   4. the kernel / block / model benchmarks, and a results table.
+#   4. `diffcr bench` (block: dense vs routed vs naive, overhead, two-bin step) and the kernel /
+#      block / model benchmark suites, and a results table.
 # Writes everything under $OUT (default benchmarks/results/<date>-<gpu>/). Target: < 8 min on
 # an H100. Usage: bash benchmarks/gpu_check.sh [quick]
 set -uo pipefail
@@ -47,6 +48,12 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo "compute-sanitizer not found" | tee "$OUT/sanitizer_missing.txt"
 fi
+
+step "diffcr bench (N = 4096, B = 8 and N = 1024, B = 1, bf16)" | tee -a "$OUT/log.txt"
+(cd /tmp && timeout 150 python -m diffcr bench --rounds 10 --json) > "$OUT/diffcr_bench_b8.json" \
+  2>&1 || status=1
+(cd /tmp && timeout 90 python -m diffcr bench --tokens 1024 --batch 1 --rounds 20 --json) \
+  > "$OUT/diffcr_bench_b1.json" 2>&1 || status=1
 
 step "benchmarks" | tee -a "$OUT/log.txt"
 SEL=""

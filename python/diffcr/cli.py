@@ -116,7 +116,7 @@ def _bench(args) -> int:
     if not args.no_overhead:
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
     if not args.no_training:
-        out["training"] = bench.bench_training(rounds=max(1, args.rounds - 1), **common)
+        out["training"] = bench.bench_training(rounds=max(3, args.rounds - 1), **common)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0

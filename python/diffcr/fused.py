@@ -4,13 +4,16 @@ layout, using the block's existing parameters.
 Per routed block (DESIGN.md's data path):
 
 1. adaLN modulation vectors of every sample (PixArt: ``scale_shift_table + t_emb``; DiT: the
-   block's ``norm1.emb`` + ``norm1.linear``), ``[B, D]`` each, never expanded per token;
+   block's ``norm1.emb`` + ``norm1.linear``), ``[B, D]`` each, broadcast per sample (expanded
+   per row only when samples keep different numbers of rows);
 2. ``gather_norm_modulate``: packed rows ``LN(x[idx]) * (1 + scale) + shift`` in one pass;
 3. one GEMM per projection for all segments of all samples (both training bins included),
    self-attention over the segments (:func:`diffcr_kernels.varlen_attention`: batched SDPA when
-   uniform, FlashAttention varlen on GPU, grouped SDPA otherwise), cross-attention of each
-   segment's queries over its sample's text with the text mask as diffusers applies it;
-4. the MLP on the packed rows;
+   uniform, FlashAttention varlen on GPU, split-view SDPA per slot or per group otherwise),
+   cross-attention of each segment's queries over its sample's text with the text mask as
+   diffusers applies it;
+4. the MLP on the packed rows (without autograd: GELU and the residual updates in place, on
+   buffers this path made);
 5. ``scatter_back``: ``out[idx] = x[idx] + w_seg * (d_attn + s * g_mlp * mlp)`` with the router
    score gating the MLP branch only, the two-bin weights, and the residual add fused.
 
