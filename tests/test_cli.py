@@ -103,6 +103,7 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["train", "--regions", "two"], "--regions"),
     (["inspect", "/nonexistent/ckpt"], "not a DiffCR checkpoint"),
     (["bench", "--kappas", "1.5"], "--kappas"),
+    (["bench", "--device", "cuda", "--prepack"], "--prepack is for CPU"),
     (["nonsense"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_line_errors(args, needle):

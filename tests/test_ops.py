@@ -123,6 +123,29 @@ def test_gather_norm_modulate_gradcheck_float64(device, ext_backend):
             lambda *a: dk.gather_norm_modulate(a[0], sel.indices, *a[1:], eps=1e-6), leaves)
 
 
+@pytest.mark.parametrize("affine,needs", [
+    ("none", "all"), ("none", "scale"), ("weight", "all"), ("weight", "scale"),
+    ("both", "scale"), ("both", "affine"), ("both", "x")])
+def test_gather_norm_modulate_gradcheck_partial(device, ext_backend, affine, needs):
+    """The backward takes separate branches for LN weight/bias present or absent and for which
+    inputs need a gradient (PixArt: no LN affine, only the modulation needs one)."""
+    x, sel, shift, scale, *_ = _inputs(2, 7, 5, [[2, 5], [7, 1]], torch.float64, device)
+    w = torch.randn(5, dtype=torch.float64, device=device) if affine != "none" else None
+    bias = torch.randn(5, dtype=torch.float64, device=device) if affine == "both" else None
+    want = {"all": (0, 1, 2, 3, 4), "scale": (2,), "affine": (3, 4), "x": (0,)}[needs]
+    args = [t if t is None else t.clone().requires_grad_(i in want)
+            for i, t in enumerate((x, shift, scale, w, bias))]
+    leaves = [t for t in args if t is not None and t.requires_grad]
+
+    def f(*vals):
+        it = iter(vals)
+        full = [next(it) if (t is not None and t.requires_grad) else t for t in args]
+        return dk.gather_norm_modulate(full[0], sel.indices, *full[1:], eps=1e-6)
+
+    with dk.use_backend(ext_backend):
+        assert torch.autograd.gradcheck(f, leaves)
+
+
 # ---------------------------------------------------------------- scatter back
 def _scatter(backend, x, sel, d1, d2, gate, use_scores=True):
     with dk.use_backend(backend):

@@ -88,6 +88,15 @@ def _bench(args) -> int:
 
     from . import bench
 
+    if args.prepack and args.device != "cpu":
+        print("diffcr bench: --prepack is for CPU runs (MKL-packed weights)", file=sys.stderr)
+        return 2
+    if args.prepack:
+        from .cpu import prepack_available
+
+        if not prepack_available():
+            print("diffcr bench: --prepack needs a torch build with MKL", file=sys.stderr)
+            return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("diffcr bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
@@ -102,15 +111,6 @@ def _bench(args) -> int:
     out = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "threads": args.threads, "torch": torch.__version__, "config": vars(args).copy()}
     out["config"].pop("func", None)
-    if args.prepack and args.device != "cpu":
-        print("diffcr bench: --prepack is for CPU runs (MKL-packed weights)", file=sys.stderr)
-        return 2
-    if args.prepack:
-        from .cpu import prepack_available
-
-        if not prepack_available():
-            print("diffcr bench: --prepack needs a torch build with MKL", file=sys.stderr)
-            return 2
     out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds,
                                        prepack=args.prepack, naive=not args.no_naive, **common)
     if not args.no_overhead:

@@ -84,23 +84,32 @@ def _ln_params(norm):
     return norm.weight, norm.bias, norm.eps
 
 
-def _per_row(v, sel):
-    """[B, D] -> per packed row, as a broadcastable view when every segment (uniform) or every
-    sample (equal row totals: the rows of a sample are contiguous, sample-major) has the same
-    number of rows; otherwise materialised per row."""
+def _row_layout(sel):
+    """How a ``[B, D]`` per-sample vector reaches the packed rows: ``(S, rows)`` when every
+    segment has the same length (uniform), ``(B, rows)`` when every sample has the same row
+    total (a sample's rows are contiguous, sample-major), else None (expanded per row)."""
     if sel.uniform:
-        S = sel.num_segments
-        return v.index_select(0, sel.seg_sample).view(S, 1, -1), (S, sel.max_seqlen)
+        return sel.num_segments, sel.max_seqlen
     P = sel.segs_per_sample
     lens = sel.seqlens
     totals = {sum(lens[i:i + P]) for i in range(0, len(lens), P)}
-    if len(totals) == 1 and len(lens) == P * v.shape[0]:
-        return v.unsqueeze(1), (v.shape[0], totals.pop())
-    return v.index_select(0, sel.row_sample()), None
+    if len(totals) == 1:
+        return len(lens) // P, totals.pop()
+    return None
+
+
+def _per_row(v, sel, layout):
+    """[B, D] -> per packed row for ``layout`` (:func:`_row_layout`): a broadcastable
+    ``[S or B, 1, D]`` view, or ``[T, D]`` materialised when samples differ in row count."""
+    if layout is None:
+        return v.index_select(0, sel.row_sample())
+    if sel.uniform:
+        return v.index_select(0, sel.seg_sample).unsqueeze(1)
+    return v.unsqueeze(1)
 
 
 def _apply(t, shape):
-    """[T, D] -> [S, k, D] when uniform (shape given), else unchanged."""
+    """[T, D] -> [S or B, rows, D] for a :func:`_row_layout` (None: unchanged)."""
     return t.view(shape[0], shape[1], -1) if shape is not None else t
 
 
@@ -227,7 +236,8 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     h_in = dk.gather_norm_modulate(x, idx, shift_msa, scale_msa, w1, b1, eps1)
     xp = dk.gather_rows(x, idx)
     a = _self_attention(block.attn1, h_in, sel)
-    g, shape = _per_row(gate_msa, sel)
+    shape = _row_layout(sel)
+    g = _per_row(gate_msa, sel, shape)
     if inplace:  # a, xp, c, n2 below are fresh outputs of this function's own calls
         d1 = _apply(a, shape).mul_(g).reshape(-1, D)
         h = xp.add_(d1)
@@ -249,8 +259,8 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
             h = h + c
     norm2 = block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
     w2, b2, eps2 = _ln_params(norm2)
-    sc, shape = _per_row(scale_mlp, sel)
-    sh, _ = _per_row(shift_mlp, sel)
+    sc = _per_row(scale_mlp, sel, shape)
+    sh = _per_row(shift_mlp, sel, shape)
     n2 = F.layer_norm(_apply(h, shape), (D,), w2, b2, eps2)
     if inplace:
         n2 = n2.mul_(1 + sc).add_(sh).reshape(-1, D)
