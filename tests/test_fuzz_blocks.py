@@ -6,6 +6,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("diffusers", reason="diffusers is not installed (tests of converted models)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402

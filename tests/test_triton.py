@@ -32,6 +32,9 @@ else:  # pragma: no cover
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1",
                 allow_module_level=True)
 
+# on a GPU these are GPU tests (benchmarks/gpu_check.sh selects `-m gpu`)
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
+
 HAS_CPU_OPS = DEVICE.type == "cpu" and _ext.LOADED and _ext.has_kernel("scatter_back", "CPU")
 
 # (B, N, D, ks): ks is [B][P] kept counts; T = sum(ks) stays <= 64 for the interpreter
