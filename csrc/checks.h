@@ -83,4 +83,26 @@ inline void check_cu_seqlens_values(const at::Tensor& cu, int64_t T, int64_t max
               T);
 }
 
+// Forward scatter-back only (its slots run concurrently): a sample-major layout (every
+// Selection) has S = B * P, and a P that contradicts the shapes would make the kernels add two
+// segments of one sample to the same rows at once.
+inline void check_segs_layout(const char* op, int64_t B, int64_t S, int64_t P) {
+  TORCH_CHECK_VALUE(B == 0 || S == 0 || S % B != 0 || S / B == P, op, ": segs_per_sample = ", P,
+              " does not match the layout: ", S, " segments over B = ", B, " samples is ",
+              (B ? S / B : 0), " per sample (sample-major)");
+}
+
+// The in-place scatter-back writes into x: it must be one dense block of memory that no input
+// read by the kernel shares (the kernel reads d1/d2/gate/idx while it updates x).
+inline void check_inplace_target(const at::Tensor& x, const char* op,
+                                 std::initializer_list<std::pair<const char*, const at::Tensor*>> reads) {
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous to be updated in place "
+              "(use scatter_back, which returns a new tensor)");
+  for (const auto& r : reads) {
+    if (r.second == nullptr || !r.second->defined()) continue;
+    TORCH_CHECK_VALUE(!(r.second->is_alias_of(x)), op, ": ", r.first,
+                " shares memory with x, which is updated in place");
+  }
+}
+
 }  // namespace diffcr

@@ -97,6 +97,19 @@ at::Tensor gnm_bwd_cuda(const at::Tensor& grad_y_, const at::Tensor& x_, const a
   return grad_rows;
 }
 
+// out holds x (contiguous); the kernel adds the packed rows into it.
+void launch_scatter(const char* op, at::Tensor& out, const at::Tensor& idx, const at::Tensor& cu,
+                    int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& w,
+                    const at::Tensor& d1, const at::Tensor& m, const at::Tensor& s,
+                    const at::Tensor& g) {
+  const int64_t B = out.size(0), N = out.size(1), D = out.size(2);
+  check_launch(cuda::scatter_back_fwd(dtype_of(out), out.data_ptr(), idx.data_ptr<int64_t>(),
+                                      cu.data_ptr<int32_t>(), cu.numel() - 1, max_seqlen,
+                                      segs_per_sample, D, N, B * N, w.data_ptr(), d1.data_ptr(),
+                                      ptr(m), ptr(s), ptr(g), stream()),
+               op);
+}
+
 at::Tensor sb_cuda(const at::Tensor& x_, const at::Tensor& idx_, const at::Tensor& cu_,
                    int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& w_,
                    const at::Tensor& d1_, const c10::optional<at::Tensor>& d2,
@@ -104,18 +117,32 @@ at::Tensor sb_cuda(const at::Tensor& x_, const at::Tensor& idx_, const at::Tenso
                    const c10::optional<at::Tensor>& gate) {
   const char* op = "diffcr::scatter_back";
   check_scatter_args(op, x_, idx_, cu_, max_seqlen, segs_per_sample, w_, d1_, d2, scores, gate);
+  check_segs_layout(op, x_.size(0), cu_.numel() - 1, segs_per_sample);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor idx = idx_.contiguous(), cu = cu_.contiguous(), w = w_.contiguous(),
                    d1 = d1_.contiguous();
   const at::Tensor m = opt_contig(d2), s = opt_contig(scores), g = opt_contig(gate);
   at::Tensor out = x_.contiguous().clone();
-  const int64_t B = out.size(0), N = out.size(1), D = out.size(2);
-  check_launch(cuda::scatter_back_fwd(dtype_of(out), out.data_ptr(), idx.data_ptr<int64_t>(),
-                                      cu.data_ptr<int32_t>(), cu.numel() - 1, max_seqlen,
-                                      segs_per_sample, D, N, B * N, w.data_ptr(), d1.data_ptr(),
-                                      ptr(m), ptr(s), ptr(g), stream()),
-               op);
+  launch_scatter(op, out, idx, cu, max_seqlen, segs_per_sample, w, d1, m, s, g);
   return out;
+}
+
+// In place: x itself receives the scatter (no copy of the B*N*D residual stream).
+void sb_inplace_cuda(at::Tensor& x, const at::Tensor& idx_, const at::Tensor& cu_,
+                     int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& w_,
+                     const at::Tensor& d1_, const c10::optional<at::Tensor>& d2,
+                     const c10::optional<at::Tensor>& scores,
+                     const c10::optional<at::Tensor>& gate) {
+  const char* op = "diffcr::scatter_back_";
+  check_scatter_args(op, x, idx_, cu_, max_seqlen, segs_per_sample, w_, d1_, d2, scores, gate);
+  check_segs_layout(op, x.size(0), cu_.numel() - 1, segs_per_sample);
+  check_inplace_target(x, op, {{"d1", &d1_}, {"d2", d2 ? &*d2 : nullptr},
+                               {"gate", gate ? &*gate : nullptr}, {"idx", &idx_}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor idx = idx_.contiguous(), cu = cu_.contiguous(), w = w_.contiguous(),
+                   d1 = d1_.contiguous();
+  launch_scatter(op, x, idx, cu, max_seqlen, segs_per_sample, w, d1, opt_contig(d2),
+                 opt_contig(scores), opt_contig(gate));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cuda(
@@ -151,5 +178,6 @@ TORCH_LIBRARY_IMPL(diffcr, CUDA, m) {
   m.impl("gather_norm_modulate", &diffcr::gnm_cuda);
   m.impl("gather_norm_modulate_backward", &diffcr::gnm_bwd_cuda);
   m.impl("scatter_back", &diffcr::sb_cuda);
+  m.impl("scatter_back_", &diffcr::sb_inplace_cuda);
   m.impl("scatter_back_backward", &diffcr::sb_bwd_cuda);
 }

@@ -13,6 +13,7 @@ const char* kGnm = "diffcr::gather_norm_modulate";
 const char* kGnmB = "diffcr::gather_norm_modulate_backward";
 const char* kSb = "diffcr::scatter_back";
 const char* kSbB = "diffcr::scatter_back_backward";
+const char* kSbI = "diffcr::scatter_back_";
 
 at::Tensor opt_contig(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
@@ -92,10 +93,27 @@ at::Tensor sb_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& 
                   const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate) {
   check_scatter_args(kSb, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
                      scores, gate);
+  check_segs_layout(kSb, x.size(0), cu_seqlens.numel() - 1, segs_per_sample);
   check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSb);
   return cpu::scatter_back(x.contiguous(), idx.contiguous(), cu_seqlens.contiguous(),
                            seg_weight.contiguous(), d1.contiguous(), as_opt(opt_contig(d2)),
                            as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
+}
+
+void sb_inplace_cpu(at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+                    int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& seg_weight,
+                    const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
+                    const c10::optional<at::Tensor>& scores,
+                    const c10::optional<at::Tensor>& gate) {
+  check_scatter_args(kSbI, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
+                     scores, gate);
+  check_segs_layout(kSbI, x.size(0), cu_seqlens.numel() - 1, segs_per_sample);
+  check_inplace_target(x, kSbI, {{"d1", &d1}, {"d2", d2 ? &*d2 : nullptr},
+                                 {"gate", gate ? &*gate : nullptr}, {"idx", &idx}});
+  check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSbI);
+  cpu::scatter_back_into(x, idx.contiguous(), cu_seqlens.contiguous(), seg_weight.contiguous(),
+                         d1.contiguous(), as_opt(opt_contig(d2)), as_opt(opt_contig(scores)),
+                         as_opt(opt_contig(gate)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cpu(
@@ -126,6 +144,10 @@ TORCH_LIBRARY(diffcr, m) {
       "scatter_back(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, int segs_per_sample, "
       "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, Tensor? gate) -> Tensor");
   m.def(
+      "scatter_back_(Tensor(a!) x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
+      "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, "
+      "Tensor? gate) -> ()");
+  m.def(
       "scatter_back_backward(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
       "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, Tensor? gate) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -135,5 +157,6 @@ TORCH_LIBRARY_IMPL(diffcr, CPU, m) {
   m.impl("gather_norm_modulate", &diffcr::gnm_cpu);
   m.impl("gather_norm_modulate_backward", &diffcr::gnm_bwd_cpu);
   m.impl("scatter_back", &diffcr::sb_cpu);
+  m.impl("scatter_back_", &diffcr::sb_inplace_cpu);
   m.impl("scatter_back_backward", &diffcr::sb_bwd_cpu);
 }

@@ -9,6 +9,7 @@ kernels, compiled C++ CPU kernels, or the pure-torch reference that defines them
 * :func:`gather_norm_modulate`   gather + LayerNorm + adaLN modulate
 * :func:`varlen_attention`       self/cross attention over packed segments
 * :func:`scatter_back`           gated, bin-weighted scatter-back into the residual stream
+  (:func:`scatter_back_`: the same, in place, for inference)
 
 :func:`available_backends` reports what loaded and why not.
 """
@@ -27,6 +28,7 @@ from .ops import (
     resolve_backend,
     router_scores,
     scatter_back,
+    scatter_back_,
     scatter_back_selection,
     select_topk,
     use_backend,
@@ -46,6 +48,7 @@ __all__ = [
     "resolve_backend",
     "router_scores",
     "scatter_back",
+    "scatter_back_",
     "scatter_back_selection",
     "select_topk",
     "use_backend",
@@ -70,13 +73,14 @@ def available_backends() -> Dict[str, Dict[str, str]]:
         out["triton"] = {"status": "unavailable",
                          "detail": _ops.TRITON_ERROR or str(_tr.IMPORT_ERROR)}
     elif torch.cuda.is_available():
-        out["triton"] = {"status": "loaded", "detail": "4 ops (CUDA)"}
+        out["triton"] = {"status": "loaded", "detail": f"{len(_ops.SCHEMAS)} ops (CUDA)"}
     elif _tr.INTERPRETED:
-        out["triton"] = {"status": "loaded", "detail": "4 ops, interpreter (TRITON_INTERPRET=1)"}
+        out["triton"] = {"status": "loaded", "detail": f"{len(_ops.SCHEMAS)} ops, interpreter "
+                                                       "(TRITON_INTERPRET=1)"}
     else:
         out["triton"] = {"status": "compiled",
-                         "detail": "4 ops; no CUDA device here (TRITON_INTERPRET=1 runs them "
-                                   "on CPU, slowly)"}
+                         "detail": f"{len(_ops.SCHEMAS)} ops; no CUDA device here "
+                                   "(TRITON_INTERPRET=1 runs them on CPU, slowly)"}
     info = _ext.BUILD_INFO
     if not _ext.LOADED:
         why = _ext.LOAD_ERROR or "extension not loaded"

@@ -20,7 +20,7 @@ LIBRARY_PATH: Optional[str] = None
 BUILD_INFO: dict = {}
 _KERNELS: dict = {}  # (op, dispatch key) -> bool, filled once at load (a dict lookup traces)
 _OPS = ("gather_norm_modulate", "gather_norm_modulate_backward", "scatter_back",
-        "scatter_back_backward")
+        "scatter_back_", "scatter_back_backward")
 
 
 def _load() -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "gather_rows",
     "gather_norm_modulate",
     "scatter_back",
+    "scatter_back_",
     "scatter_back_selection",
 ]
 
@@ -217,7 +218,8 @@ def _check_gather(op, x, idx, shift, scale, weight, bias):
         _need(t, op, name, shape, x)
 
 
-def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) -> int:
+def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P):
+    """Validates a scatter-back call; returns ``(max_seqlen, segs_per_sample)``."""
     op = "scatter_back"
     _check_x(op, x)
     _check_idx(op, x, idx)
@@ -230,9 +232,7 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) 
     if cu.device != x.device:
         raise ValueError(f"{op}: cu_seqlens is on {cu.device} but x is on {x.device}")
     S = cu.numel() - 1
-    if not isinstance(P, int) or P < 1 or S % P:
-        raise ValueError(f"{op}: the number of segments ({S}) is not a multiple of "
-                         f"segs_per_sample ({P})")
+    P, derived = _segs_per_sample(op, S, B, P)
     _need(seg_weight, op, "seg_weight", (S,), x)
     _need(d1, op, "d1", (T, D), x)
     _need(d2, op, "d2", (T, D), x)
@@ -242,8 +242,11 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) 
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected {x.dtype} (the dtype "
                              "of x)")
+    # a layout that is not sample-major (S not a multiple of B) with a derived P is checked on
+    # the host even on a GPU: nothing else says its slots are free of races
     if S and not torch.compiler.is_compiling() and (
-            cu.device.type == "cpu" or _validate_contents() or max_seqlen is None):
+            cu.device.type == "cpu" or _validate_contents() or max_seqlen is None
+            or (derived and B and S % B)):
         c = cu.tolist()
         if c[0] != 0:
             raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {c[0]}")
@@ -273,7 +276,27 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P) 
         elif max_seqlen < max(lens):
             raise ValueError(f"{op}: segment {lens.index(max(lens))} has {max(lens)} rows but "
                              f"max_seqlen = {max_seqlen}")
-    return 0 if max_seqlen is None else int(max_seqlen)
+    return (0 if max_seqlen is None else int(max_seqlen)), P
+
+
+def _segs_per_sample(op: str, S: int, B: int, P) -> "tuple[int, bool]":
+    """(P, derived): the segments per sample of a scatter-back layout. Every
+    :class:`~diffcr_kernels.reference.Selection` is sample-major with the same P segments for
+    each of the B samples, so ``S = B * P`` and P follows from the shapes (None: derived). An
+    explicit P that contradicts ``S // B`` is refused: with P = 1 for a two-bin layout the
+    CUDA/Triton kernels would add a sample's two bins to the same rows concurrently (a race
+    that no cheap check on the GPU could see). Layouts whose S is not a multiple of B (custom
+    segments) keep P = 1 by default."""
+    if P is None:
+        return (S // B if B and S and S % B == 0 else 1), True
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1 or S % P:
+        raise ValueError(f"{op}: the number of segments ({S}) is not a multiple of "
+                         f"segs_per_sample ({P})")
+    if B and S and S % B == 0 and S // B != P:
+        raise ValueError(f"{op}: segs_per_sample = {P} does not match the layout: {S} segments "
+                         f"over B = {B} samples is {S // B} per sample (sample-major); leave "
+                         "segs_per_sample out to derive it")
+    return P, False
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +338,7 @@ def scatter_back(
     gate: Optional[torch.Tensor] = None,
     *,
     max_seqlen: Optional[int] = None,
-    segs_per_sample: int = 1,
+    segs_per_sample: Optional[int] = None,
 ) -> torch.Tensor:
     """``out = x; out[idx[r]] += seg_weight[seg(r)] * (d1[r] + scores[r] * gate[b] * d2[r])``.
 
@@ -323,10 +346,11 @@ def scatter_back(
     (the longest segment) is needed by the CUDA grid; it is computed from ``cu_seqlens`` (a
     device sync) when not given. ``segs_per_sample`` is P of the sample-major segment layout:
     it lets the CUDA kernel add the segments of a sample in a fixed order without atomics.
-    Differentiable in x, d1, d2, scores, gate and seg_weight.
+    Leave it out: it is derived from the shapes (``S // B``), and a value that contradicts
+    them is refused. Differentiable in x, d1, d2, scores, gate and seg_weight.
     """
-    max_seqlen = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate,
-                                max_seqlen, segs_per_sample)
+    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2,
+                                                 scores, gate, max_seqlen, segs_per_sample)
     backend = resolve_backend("scatter_back", x.device)
     if backend == "reference":
         return ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
@@ -334,6 +358,51 @@ def scatter_back(
     return _ns(backend).scatter_back(
         x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
         None if scores is None else scores.to(a), gate)
+
+
+def scatter_back_(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seg_weight: torch.Tensor,
+    d1: torch.Tensor,
+    d2: Optional[torch.Tensor] = None,
+    scores: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    *,
+    max_seqlen: Optional[int] = None,
+    segs_per_sample: Optional[int] = None,
+) -> torch.Tensor:
+    """In-place :func:`scatter_back` for inference: ``x[idx[r]] += seg_weight[seg(r)] *
+    (d1[r] + scores[r] * gate[b] * d2[r])`` written into ``x`` itself, which is returned.
+
+    Saves the copy of the whole ``[B, N, D]`` residual stream that :func:`scatter_back` makes
+    (a full read and write of it per routed block). Same arguments and checks as
+    :func:`scatter_back`; in addition x must be contiguous and share no memory with d1, d2,
+    gate or idx. Not differentiable: refused when autograd would record it (an input
+    requires grad and grad mode is on).
+    """
+    op = "scatter_back_"
+    tensors = (x, seg_weight, d1, d2, scores, gate)
+    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors):
+        raise ValueError(f"{op}: the in-place scatter-back is for inference; an input requires "
+                         "grad (use scatter_back, or run under torch.no_grad())")
+    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2,
+                                                 scores, gate, max_seqlen, segs_per_sample)
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous to be updated in place (use scatter_back, "
+                         "which returns a new tensor)")
+    for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
+        if t is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise ValueError(f"{op}: {name} shares memory with x, which is updated in place")
+    backend = resolve_backend(op, x.device)
+    if backend == "reference":
+        return x.copy_(ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate))
+    a = acc_dtype(x.dtype)
+    _ns(backend).scatter_back_(
+        x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
+        None if scores is None else scores.to(a), gate)
+    return x
 
 
 def scatter_back_selection(
@@ -368,6 +437,9 @@ SCHEMAS = {
     "scatter_back": "(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
                     "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
                     "Tensor? scores, Tensor? gate) -> Tensor",
+    "scatter_back_": "(Tensor(a!) x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
+                     "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
+                     "Tensor? scores, Tensor? gate) -> ()",
     "scatter_back_backward": "(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
                              "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, "
                              "Tensor? gate) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -381,7 +453,8 @@ def _define_triton_ops() -> None:
     Triton interpreter."""
     for name, schema in SCHEMAS.items():
         torch.library.custom_op(f"diffcr_triton::{name}", getattr(_triton, name),
-                                mutates_args=(), device_types=("cuda", "cpu"), schema=schema)
+                                mutates_args=("x",) if name.endswith("_") else (),
+                                device_types=("cuda", "cpu"), schema=schema)
 
 
 def _register_family(ns: str) -> None:
@@ -404,6 +477,11 @@ def _register_family(ns: str) -> None:
     def _sb_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2, scores,
                  gate):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "scatter_back_")
+    def _sb_inplace_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
+                         scores, gate):
+        return None
 
     @torch.library.register_fake(lib + "scatter_back_backward")
     def _sb_bwd_fake(grad_out, idx, cu_seqlens, max_seqlen, seg_weight, d1, d2, scores, gate):

@@ -195,3 +195,42 @@ def test_inference_never_writes_into_block_inputs(kind, ratios):
     with torch.enable_grad():
         ref = _run(m, kw)
     assert torch.equal(out, ref.detach())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", ["fused", "compat"])
+def test_frozen_inplace_residual_gives_the_same_output_without_copying(kind, path):
+    """freeze(inplace_residual=True): at inference each routed block adds its rows into its
+    input and returns that tensor (no copy of the residual stream); the model's output is
+    bitwise the default's. With autograd on, or after unfreeze, blocks copy again."""
+    ms = _pair(kind, [0.2, 0.5, 0.7, 1.0])
+    m = ms[path].eval()
+    kw = _inputs(kind, (100, 600, 999), mask=True)
+    diffcr.freeze(m)
+    with torch.no_grad():
+        expect = _run(m, kw)
+    diffcr.freeze(m, inplace_residual=True)
+    same = []
+
+    def check(block, args, kwargs, out):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        same.append(out.data_ptr() == x.data_ptr())
+
+    hooks = [b.register_forward_hook(check, with_kwargs=True)
+             for b in diffcr.routed_blocks(m).values()]
+    with torch.no_grad():
+        out = _run(m, kw)
+    assert torch.equal(out, expect)
+    # kappa = 1 blocks (region 4 of sample 3) run the dense block; the routed ones write in place
+    assert any(same), "no routed block updated its input in place"
+    same.clear()
+    with torch.enable_grad():
+        out2 = _run(m, kw)
+    assert not any(same), "a block wrote into its input with autograd on"
+    torch.testing.assert_close(out2.detach(), expect)
+    diffcr.unfreeze(m)
+    assert not m._diffcr_state.inplace_residual  # unfreeze resets the in-place switch
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="inplace_residual must be True or False"):
+        diffcr.freeze(m, inplace_residual="yes")

@@ -186,6 +186,42 @@ def test_scatter_back_forward(device, ext_backend, B, N, D, ks, dtype, parts):
         _assert_close_lowp(out, expect, naive)
 
 
+@pytest.mark.parametrize("B,N,D,ks", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scatter_back_inplace_equals_out_of_place(device, ext_backend, B, N, D, ks, dtype):
+    """scatter_back_ writes into x exactly what scatter_back returns (same kernel, no copy),
+    on the same backend, for one bin and two bins per sample."""
+    x, sel, _, _, d1, d2, gate = _inputs(B, N, D, ks, dtype, device)
+    expect = _scatter(ext_backend, x, sel, d1, d2, gate)
+    y = x.clone()
+    with dk.use_backend(ext_backend):
+        out = dk.scatter_back_(y, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2,
+                               sel.scores, gate, max_seqlen=sel.max_seqlen)
+    assert out is y
+    assert torch.equal(y, expect)
+
+
+def test_scatter_back_inplace_refuses_what_it_cannot_do_safely(device, ext_backend):
+    x, sel, _, _, d1, d2, gate = _inputs(2, 9, 8, [[3, 5], [9, 2]], torch.float32, device)
+    args = (sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2, sel.scores, gate)
+    with dk.use_backend(ext_backend):
+        xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            dk.scatter_back_(xt, *args)
+        big = torch.randn(x.numel() + d1.numel(), device=device)
+        xa, d1a = big[:x.numel()].view_as(x), big[x.numel():].view_as(d1)
+        with pytest.raises(ValueError, match="d1 shares memory with x"):
+            dk.scatter_back_(xa, sel.indices, sel.cu_seqlens, sel.seg_weight, d1a)
+        with pytest.raises(ValueError, match="for inference"):
+            dk.scatter_back_(x, sel.indices, sel.cu_seqlens, sel.seg_weight,
+                             d1.clone().requires_grad_())
+    # the raw op (what a compiled graph calls) checks contiguity and aliasing too
+    ns = torch.ops.diffcr_triton if ext_backend == "triton" else torch.ops.diffcr
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ns.scatter_back_(xt, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, sel.seg_weight,
+                         d1, d2, sel.scores, gate)
+
+
 def test_scatter_back_poisoned_unselected_rows_stay_poisoned(device, ext_backend):
     B, N, D = 2, 31, 16
     x, sel, _, _, d1, d2, gate = _inputs(B, N, D, [[3, 9], [1, 31]], torch.float32, device)
@@ -266,6 +302,9 @@ def test_opcheck_compiled_ops(device, ext_backend):
     args = (xr, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, sel.seg_weight,
             d1.clone().requires_grad_(), d2, sel.scores, gate)
     torch.library.opcheck(ops.scatter_back, args)
+    torch.library.opcheck(ops.scatter_back_,
+                          (x.clone(),) + tuple(a.detach() if torch.is_tensor(a) else a
+                                               for a in args[1:]))
     torch.library.opcheck(ops.scatter_back_backward,
                           (torch.randn_like(x), sel.indices, sel.cu_seqlens, sel.max_seqlen,
                            sel.seg_weight, d1, d2, sel.scores, gate))

@@ -72,6 +72,8 @@ SCATTER_CASES = {
                            "must equal the number of rows"),
     "max_seqlen too small": (lambda b: dict(max_seqlen=1), "max_seqlen"),
     "segs_per_sample": (lambda b: dict(segs_per_sample=3), "not a multiple of segs_per_sample"),
+    "segs_per_sample contradicts the layout": (lambda b: dict(segs_per_sample=1),
+                                               "does not match the layout: 4 segments over B = 2"),
     "seg_weight shape": (lambda b: dict(seg_weight=torch.ones(3)), "seg_weight has shape"),
     "d1 rows": (lambda b: dict(d1=b["d1"][:-1]), "d1 has shape"),
     "d1 dtype": (lambda b: dict(d1=b["d1"].double()), "d1 has dtype"),
@@ -93,11 +95,53 @@ def test_scatter_back_rejects_a_row_shared_by_two_segments_of_one_slot(backend):
     d1 = torch.randn(4, 8)
     with dk.use_backend(backend), pytest.raises(ValueError, match="slot 0"):
         dk.scatter_back(x, idx, cu, torch.ones(2), d1, max_seqlen=2, segs_per_sample=1)
-    # the same rows as two slots of one sample (P = 2) are fine: added one slot after the other
+    # the same rows as two slots of one sample (B = 1: P = 2 derived) are fine: added one slot
+    # after the other
+    x1 = x[:1]
     with dk.use_backend(backend):
-        out = dk.scatter_back(x, idx, cu, torch.ones(2), d1, max_seqlen=2, segs_per_sample=2)
-    expect = dk.reference.scatter_back(x, idx, cu, torch.ones(2), d1)
+        out = dk.scatter_back(x1, idx, cu, torch.ones(2), d1, max_seqlen=2)
+    expect = dk.reference.scatter_back(x1, idx, cu, torch.ones(2), d1)
     torch.testing.assert_close(out, expect)
+
+
+def test_scatter_back_derives_segs_per_sample_from_the_layout(backend):
+    """A two-bin layout (two segments per sample, the rows of the smaller bin inside the
+    larger) with max_seqlen given and segs_per_sample left out: P = S // B = 2 is derived, so
+    the two bins of a sample are never added concurrently (with P = 1 they would race)."""
+    b = _base()
+    s = b["sel"]
+    assert s.segs_per_sample == 2
+    with dk.use_backend(backend):
+        out = dk.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["d1"], b["d2"],
+                              s.scores, b["gate"], max_seqlen=s.max_seqlen)
+    expect = dk.reference.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["d1"],
+                                       b["d2"], s.scores, b["gate"])
+    torch.testing.assert_close(out, expect)
+
+
+def test_raw_scatter_ops_refuse_a_segs_per_sample_that_contradicts_the_layout():
+    """The compiled op and the Triton launcher (what torch.compile graphs call, with the Python
+    checks traced away) check S == B * P from the shapes alone."""
+    from diffcr_kernels import _ext
+    from diffcr_kernels import ops
+
+    b = _base()
+    s = b["sel"]
+    args = (b["x"], s.indices, s.cu_seqlens, s.max_seqlen, 1, s.seg_weight, b["d1"], b["d2"],
+            s.scores, b["gate"])
+    tried = 0
+    if _ext.has_kernel("scatter_back", "CPU"):
+        with pytest.raises(ValueError, match="does not match the layout"):
+            torch.ops.diffcr.scatter_back(*args)
+        tried += 1
+    if ops._triton_ok(torch.device("cpu")) is None:
+        from diffcr_kernels.triton import kernels as K
+
+        with pytest.raises(ValueError, match="does not match the layout"):
+            K.scatter_back(*args)
+        tried += 1
+    if not tried:
+        pytest.skip("neither the compiled CPU op nor the Triton interpreter is available")
 
 
 @pytest.mark.parametrize("case", list(SCATTER_CASES))

@@ -18,6 +18,13 @@ at::Tensor gather_norm_modulate_backward(const at::Tensor& grad_y, const at::Ten
                                          const c10::optional<at::Tensor>& scale,
                                          const c10::optional<at::Tensor>& weight);
 
+// out (contiguous [B, N, D], holding x) += the scatter of the packed rows, in place.
+void scatter_back_into(at::Tensor& out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+                       const at::Tensor& seg_weight, const at::Tensor& d1,
+                       const c10::optional<at::Tensor>& d2,
+                       const c10::optional<at::Tensor>& scores,
+                       const c10::optional<at::Tensor>& gate);
+
 at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
                         const at::Tensor& seg_weight, const at::Tensor& d1,
                         const c10::optional<at::Tensor>& d2,

@@ -20,18 +20,17 @@ std::vector<int64_t> row_segments(const at::Tensor& cu_seqlens, int64_t T) {
 }
 }  // namespace
 
-at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-                        const at::Tensor& seg_weight, const at::Tensor& d1,
-                        const c10::optional<at::Tensor>& d2,
-                        const c10::optional<at::Tensor>& scores,
-                        const c10::optional<at::Tensor>& gate) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+void scatter_back_into(at::Tensor& out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+                       const at::Tensor& seg_weight, const at::Tensor& d1,
+                       const c10::optional<at::Tensor>& d2,
+                       const c10::optional<at::Tensor>& scores,
+                       const c10::optional<at::Tensor>& gate) {
+  const int64_t B = out.size(0), N = out.size(1), D = out.size(2);
   const int64_t T = idx.numel();
   check_indices(idx, B * N, "diffcr::scatter_back");
-  at::Tensor out = x.clone();
-  if (T == 0) return out;
+  if (T == 0) return;
   const std::vector<int64_t> seg = row_segments(cu_seqlens, T);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_back", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_back", [&] {
     using A = at::opmath_type<scalar_t>;
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* ip = idx.data_ptr<int64_t>();
@@ -68,6 +67,15 @@ at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Te
       }
     });
   });
+}
+
+at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
+                        const at::Tensor& seg_weight, const at::Tensor& d1,
+                        const c10::optional<at::Tensor>& d2,
+                        const c10::optional<at::Tensor>& scores,
+                        const c10::optional<at::Tensor>& gate) {
+  at::Tensor out = x.clone();
+  scatter_back_into(out, idx, cu_seqlens, seg_weight, d1, d2, scores, gate);
   return out;
 }
 

@@ -1,11 +1,12 @@
 // Gated, bin-weighted scatter-back into the residual stream, forward and per-row backward.
-// Grid: (row blocks of max_seqlen, segments); one warp per packed row.
+// Grid: (row blocks of max_seqlen, segments); one warp per packed row; V elements per lane and
+// access (16-byte vectors when the row length and base pointers allow it, see common.cuh).
 #include "kernels/common.cuh"
 
 namespace diffcr {
 namespace cuda {
 
-template <typename T, typename A>
+template <typename T, typename A, int V>
 __global__ void scatter_fwd_kernel(T* __restrict__ out, const int64_t* __restrict__ idx,
                                    const int32_t* __restrict__ cu, int64_t P, int64_t p, int64_t D,
                                    int64_t N, int64_t num_rows, const A* __restrict__ seg_weight,
@@ -23,18 +24,29 @@ __global__ void scatter_fwd_kernel(T* __restrict__ out, const int64_t* __restric
   const A s = scores ? scores[r] : A(1);
   T* o = out + dst * D;
   const T* a = d1 + r * D;
-  for (int64_t d = lane; d < D; d += 32) {
-    A c = load_acc(a + d);
-    if (d2) {
-      A m = load_acc(d2 + r * D + d);
-      if (gate) m *= load_acc(gate + b * D + d);
-      c += s * m;
+  const T* m2 = d2 ? d2 + r * D : nullptr;
+  const T* gb = gate ? gate + b * D : nullptr;
+  A c[V], m[V], t[V];
+  for (int64_t d = lane * V; d < D; d += 32 * V) {
+    load_vec<V>(a + d, c);
+    if (m2) {
+      load_vec<V>(m2 + d, m);
+      if (gb) {
+        load_vec<V>(gb + d, t);
+#pragma unroll
+        for (int i = 0; i < V; ++i) m[i] *= t[i];
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) c[i] += s * m[i];
     }
-    store_acc(o + d, load_acc(o + d) + w * c);
+    load_vec<V>(o + d, t);
+#pragma unroll
+    for (int i = 0; i < V; ++i) t[i] += w * c[i];
+    store_vec<V>(o + d, t);
   }
 }
 
-template <typename T, typename A>
+template <typename T, typename A, int V>
 __global__ void scatter_bwd_kernel(const T* __restrict__ gout, const int64_t* __restrict__ idx,
                                    const int32_t* __restrict__ cu, int64_t D, int64_t N,
                                    const A* __restrict__ seg_weight, const T* __restrict__ d1,
@@ -52,19 +64,34 @@ __global__ void scatter_bwd_kernel(const T* __restrict__ gout, const int64_t* __
   const A w = seg_weight[seg];
   const A s = scores ? scores[r] : A(1);
   const T* G = gout + src * D;
+  const T* gb = gate ? gate + b * D : nullptr;
+  A g[V], c[V], m[V], gt[V], o[V];
   A dot_s = 0, dot_w = 0;
-  for (int64_t d = lane; d < D; d += 32) {
-    const A g = load_acc(G + d);
-    store_acc(grad_d1 + r * D + d, w * g);
-    A c = load_acc(d1 + r * D + d);
+  for (int64_t d = lane * V; d < D; d += 32 * V) {
+    load_vec<V>(G + d, g);
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] = w * g[i];
+    store_vec<V>(grad_d1 + r * D + d, o);
+    load_vec<V>(d1 + r * D + d, c);
     if (d2) {
-      const A gt = gate ? load_acc(gate + b * D + d) : A(1);
-      const A m = load_acc(d2 + r * D + d) * gt;
-      store_acc(grad_d2 + r * D + d, w * s * gt * g);
-      dot_s += m * g;
-      c += s * m;
+      if (gb) {
+        load_vec<V>(gb + d, gt);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) gt[i] = A(1);
+      }
+      load_vec<V>(d2 + r * D + d, m);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        m[i] *= gt[i];
+        o[i] = w * s * gt[i] * g[i];
+        dot_s += m[i] * g[i];
+        c[i] += s * m[i];
+      }
+      store_vec<V>(grad_d2 + r * D + d, o);
     }
-    dot_w += c * g;
+#pragma unroll
+    for (int i = 0; i < V; ++i) dot_w += c[i] * g[i];
   }
   dot_s = warp_sum(dot_s);
   dot_w = warp_sum(dot_w);
@@ -84,12 +111,16 @@ int scatter_back_fwd(DType dt, void* out, const int64_t* idx, const int32_t* cu_
                   static_cast<unsigned>(S / P));
   return DIFFCR_DISPATCH(dt, {
     using A = typename AccOf<scalar_t>::type;
+    const bool vec = D % vec_width<scalar_t>() == 0 && aligned16({out, d1, d2, gate});
     for (int64_t p = 0; p < P; ++p) {
-      scatter_fwd_kernel<scalar_t, A><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
-          static_cast<scalar_t*>(out), idx, cu_seqlens, P, p, D, N, num_rows,
-          static_cast<const A*>(seg_weight), static_cast<const scalar_t*>(d1),
-          static_cast<const scalar_t*>(d2), static_cast<const A*>(scores),
-          static_cast<const scalar_t*>(gate));
+      with_vec<scalar_t>(vec, [&](auto w) {
+        scatter_fwd_kernel<scalar_t, A, decltype(w)::value>
+            <<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+                static_cast<scalar_t*>(out), idx, cu_seqlens, P, p, D, N, num_rows,
+                static_cast<const A*>(seg_weight), static_cast<const scalar_t*>(d1),
+                static_cast<const scalar_t*>(d2), static_cast<const A*>(scores),
+                static_cast<const scalar_t*>(gate));
+      });
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return static_cast<int>(err);
     }
@@ -108,12 +139,18 @@ int scatter_back_bwd(DType dt, const void* grad_out, const int64_t* idx, const i
                   static_cast<unsigned>(S));
   return DIFFCR_DISPATCH(dt, {
     using A = typename AccOf<scalar_t>::type;
-    scatter_bwd_kernel<scalar_t, A><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const scalar_t*>(grad_out), idx, cu_seqlens, D, N,
-        static_cast<const A*>(seg_weight), static_cast<const scalar_t*>(d1),
-        static_cast<const scalar_t*>(d2), static_cast<const A*>(scores),
-        static_cast<const scalar_t*>(gate), static_cast<scalar_t*>(grad_d1),
-        static_cast<scalar_t*>(grad_d2), static_cast<A*>(grad_scores), static_cast<A*>(row_dot));
+    const bool vec = D % vec_width<scalar_t>() == 0 &&
+                     aligned16({grad_out, d1, d2, gate, grad_d1, grad_d2});
+    with_vec<scalar_t>(vec, [&](auto w) {
+      scatter_bwd_kernel<scalar_t, A, decltype(w)::value>
+          <<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+              static_cast<const scalar_t*>(grad_out), idx, cu_seqlens, D, N,
+              static_cast<const A*>(seg_weight), static_cast<const scalar_t*>(d1),
+              static_cast<const scalar_t*>(d2), static_cast<const A*>(scores),
+              static_cast<const scalar_t*>(gate), static_cast<scalar_t*>(grad_d1),
+              static_cast<scalar_t*>(grad_d2), static_cast<A*>(grad_scores),
+              static_cast<A*>(row_dot));
+    });
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -23,6 +23,7 @@ __all__ = [
     "gather_norm_modulate",
     "gather_norm_modulate_backward",
     "scatter_back",
+    "scatter_back_",
     "scatter_back_backward",
     "router_scores",
 ]
@@ -34,6 +35,7 @@ try:
         gather_norm_modulate_backward,
         router_scores,
         scatter_back,
+        scatter_back_,
         scatter_back_backward,
     )
 except ImportError as e:  # triton missing or broken

@@ -20,8 +20,9 @@ Conventions (as in ``csrc/kernels/diffcr_cuda.h``):
 Kernel layout: each program handles a tile of ``BLOCK_R`` packed rows (``BLOCK_R`` is 1 for
 wide rows, up to :data:`MAX_BLOCK_R` for narrow ones); the segment-based kernels use the CUDA
 grid ``(row blocks of max_seqlen, segments)`` and mask the rows past the end of each segment.
-The hidden dimension is walked in chunks of ``BLOCK_D = next_power_of_two(D)`` capped at
-:data:`MAX_BLOCK_D` elements, with masks for D that is not a power of two.
+The hidden dimension is walked in chunks of ``BLOCK_D`` elements (:func:`_block_d`: a power of
+two that leaves at most 1/8 of the lanes masked, at most :data:`MAX_BLOCK_D`), with masks for D
+that is not a multiple of it.
 
 The launchers validate shapes, dtypes and devices (and, for CPU tensors, where it costs no device
 sync, the contents of ``idx`` and ``cu_seqlens``) and raise :class:`ValueError` naming the
@@ -44,6 +45,7 @@ __all__ = [
     "gather_norm_modulate",
     "gather_norm_modulate_backward",
     "scatter_back",
+    "scatter_back_",
     "scatter_back_backward",
     "router_scores",
 ]
@@ -53,7 +55,7 @@ __all__ = [
 #: exercise the chunk loop on tiny shapes.
 MAX_BLOCK_D = 8192
 #: Most packed rows one program handles (a power of two); the launchers use
-#: ``min(MAX_BLOCK_R, 4096 // BLOCK_D)`` rows (at least 1) so that a tile stays ~4K elements.
+#: ``min(MAX_BLOCK_R, TILE // BLOCK_D)`` rows (at least 1), see :func:`_block_r`.
 MAX_BLOCK_R = 16
 
 _DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -392,12 +394,44 @@ def _check_segments(op: str, x: torch.Tensor, idx: torch.Tensor, cu_seqlens, max
     return S
 
 
+#: Largest fraction of masked (idle) lanes :func:`_block_d` accepts in the last chunk of a row.
+MAX_MASKED = 0.125
+#: Elements of one program's tile (BLOCK_R x BLOCK_D) for the light kernels (forward gather +
+#: norm, scatter, router) and for the heavy ones (the two backward kernels, and float64 data),
+#: which hold several [BLOCK_R, BLOCK_D] values at once: at 4096 elements the scatter backward
+#: needed 207-254 registers per thread (one 8-warp program per SM), at 2048 see
+#: ``python -m diffcr_kernels.triton.aot``.
+TILE = 4096
+TILE_HEAVY = 2048
+
+
 def _block_d(D: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D))
+    """The chunk of the hidden dimension one program walks at a time: the largest power of two
+    (at most :data:`MAX_BLOCK_D`, at most ``next_power_of_2(D)``) whose chunked walk of D leaves
+    at most :data:`MAX_MASKED` of the lanes masked, and not below 128 lanes (else the least
+    masked of those). D = 1152 (PixArt/DiT-XL) gives 256 (5 chunks, 10 % masked) instead of
+    one 2048-wide chunk with 44 % of its lanes idle; 3072 (Flux) and 5120 (Wan-14B) give 1024
+    (no masked lane); D <= 128 one chunk of next_power_of_2(D)."""
+    D = max(D, 1)
+    top = min(triton.next_power_of_2(D), MAX_BLOCK_D)
+    lo = min(128, top)  # narrower chunks only multiply the loop trips of tiny rows
+    best, best_waste = top, 1.0
+    bd = top
+    while bd >= lo:
+        chunks = -(-D // bd)
+        waste = (chunks * bd - D) / (chunks * bd)
+        if waste <= MAX_MASKED:
+            return bd
+        if waste < best_waste:
+            best, best_waste = bd, waste
+        bd //= 2
+    return best
 
 
-def _block_r(block_d: int) -> int:
-    return max(1, min(MAX_BLOCK_R, 4096 // block_d))
+def _block_r(block_d: int, heavy: bool = False) -> int:
+    """Packed rows per program: the tile (:data:`TILE` or :data:`TILE_HEAVY` elements) divided
+    by the chunk, at most :data:`MAX_BLOCK_R`."""
+    return max(1, min(MAX_BLOCK_R, (TILE_HEAVY if heavy else TILE) // block_d))
 
 
 def _num_warps(block: int) -> int:
@@ -454,7 +488,7 @@ def gather_norm_modulate(
     eps_hi = float(torch.tensor(eps, dtype=torch.float32))
     eps_lo = float(torch.tensor(eps - eps_hi, dtype=torch.float32))
     BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D)
+    BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
     with _on_device(x):
         _gnm_fwd_kernel[(triton.cdiv(T, BLOCK_R),)](
             x, idx, x if shift is None else shift, x if scale is None else scale,
@@ -503,7 +537,7 @@ def gather_norm_modulate_backward(
     grad_y, x, idx, mean, rstd = (t.contiguous() for t in (grad_y, x, idx, mean, rstd))
     scale, weight = _c(scale), _c(weight)
     BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D)
+    BLOCK_R = _block_r(BLOCK_D, heavy=True)
     with _on_device(x):
         _gnm_bwd_kernel[(triton.cdiv(T, BLOCK_R),)](
             grad_y, x, idx, mean, rstd, x if scale is None else scale,
@@ -512,6 +546,25 @@ def gather_norm_modulate_backward(
             ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
             num_warps=_num_warps(BLOCK_R * BLOCK_D))
     return out
+
+
+def scatter_back_(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    segs_per_sample: int,
+    seg_weight: torch.Tensor,
+    d1: torch.Tensor,
+    d2: Optional[torch.Tensor],
+    scores: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+) -> None:
+    """In-place :func:`scatter_back`: ``x`` itself receives the update (no copy of the
+    ``[B, N, D]`` residual stream). x must be contiguous and share no memory with d1, d2, gate
+    or idx. Same arguments and result otherwise."""
+    _scatter_launch("scatter_back_", x, x, idx, cu_seqlens, max_seqlen, segs_per_sample,
+                    seg_weight, d1, d2, scores, gate)
 
 
 def scatter_back(
@@ -545,7 +598,13 @@ def scatter_back(
     dtype); d1, d2 ``[T, D]`` (x's dtype); scores ``[T]`` (acc dtype); gate ``[B, D]``.
     ``max_seqlen`` must be >= the longest segment. Returns ``[B, N, D]`` in x's dtype.
     """
-    op = "scatter_back"
+    return _scatter_launch("scatter_back", x, None, idx, cu_seqlens, max_seqlen,
+                           segs_per_sample, seg_weight, d1, d2, scores, gate)
+
+
+def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1,
+                    d2, scores, gate):
+    """Validates, then adds the packed rows into ``out`` (a contiguous copy of x when None)."""
     _check_x(x, op)
     _check_device(x, op)
     _check_idx(idx, x, op)
@@ -554,19 +613,32 @@ def scatter_back(
     max_seqlen = _check_int(max_seqlen, op, "max_seqlen", 0)
     P = _check_int(segs_per_sample, op, "segs_per_sample", 1)
     S = _check_segments(op, x, idx, cu_seqlens, max_seqlen, P)
+    if B and S and S % B == 0 and S // B != P:
+        raise ValueError(f"{op}: segs_per_sample = {P} does not match the layout: {S} segments "
+                         f"over B = {B} samples is {S // B} per sample (sample-major)")
     _check_acc(seg_weight, op, "seg_weight", x, S)
     _check_data(d1, op, "d1", x, (T, D))
     _check_opt(d2, op, "d2", x, (T, D))
     if scores is not None:
         _check_acc(scores, op, "scores", x, T)
     _check_opt(gate, op, "gate", x, (B, D))
-    out = x.clone(memory_format=torch.contiguous_format)
+    if out is None:
+        out = x.clone(memory_format=torch.contiguous_format)
+    else:
+        if not out.is_contiguous():
+            raise ValueError(f"{op}: x must be contiguous to be updated in place (use "
+                             "scatter_back, which returns a new tensor)")
+        for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
+            if t is not None and t.untyped_storage().data_ptr() == \
+                    out.untyped_storage().data_ptr():
+                raise ValueError(f"{op}: {name} shares memory with x, which is updated in "
+                                 "place")
     if T == 0 or S == 0 or max_seqlen == 0 or D == 0:
         return out
     idx, cu_seqlens, seg_weight, d1 = (t.contiguous() for t in (idx, cu_seqlens, seg_weight, d1))
     d2, scores, gate = _c(d2), _c(scores), _c(gate)
     BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D)
+    BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
     grid = (triton.cdiv(max_seqlen, BLOCK_R), S // P)
     with _on_device(x):
         for p in range(P):  # one launch per slot: no row is written twice within a launch
@@ -636,7 +708,7 @@ def scatter_back_backward(
         t.contiguous() for t in (grad_out, idx, cu_seqlens, seg_weight, d1))
     d2, scores, gate = _c(d2), _c(scores), _c(gate)
     BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D)
+    BLOCK_R = _block_r(BLOCK_D, heavy=True)
     with _on_device(grad_out):
         _scatter_bwd_kernel[(triton.cdiv(max_seqlen, BLOCK_R), S)](
             grad_out, idx, cu_seqlens, seg_weight, d1, d1 if d2 is None else d2,
@@ -679,7 +751,7 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return out.fill_(0.5)
     x, weight = x.contiguous(), weight.contiguous()
     BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D)
+    BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
     with _on_device(x):
         _router_kernel[(triton.cdiv(M, BLOCK_R),)](
             x, weight, out, M, D, ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,

@@ -50,6 +50,7 @@ class _RoutingState:
     timesteps: Optional[List[float]] = None  # host copy, one per sample
     regions: Optional[List[int]] = None
     frozen: bool = False
+    inplace_residual: bool = False  # freeze(..., inplace_residual=True)
 
 
 def _make_block_class():
@@ -152,13 +153,18 @@ def _make_block_class():
                 finally:
                     self.ff._diffcr_scale = None
             sel = dk.select_topk(scores, ks, weights)
+            # frozen with inplace_residual: the block's input receives the update (no copy
+            # of the residual stream); only without autograd
+            inplace = (self._diffcr_state.inplace_residual and not torch.is_grad_enabled()
+                       and x.is_contiguous())
             if self._diffcr_use_fused(attention_mask, cross_attention_kwargs):
                 return fused_block_forward(self, x, sel, self._diffcr_gate(sel.scores),
                                            encoder_hidden_states, encoder_attention_mask,
-                                           timestep, class_labels)
+                                           timestep, class_labels, inplace_residual=inplace)
             delta = self._diffcr_run_groups(x, sel, ks, attention_mask, args)
-            return dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, delta,
-                                   max_seqlen=sel.max_seqlen, segs_per_sample=P)
+            scatter = dk.scatter_back_ if inplace else dk.scatter_back
+            return scatter(x, sel.indices, sel.cu_seqlens, sel.seg_weight, delta,
+                           max_seqlen=sel.max_seqlen, segs_per_sample=P)
 
         def _diffcr_gate(self, scores):
             """Factor on the MLP branch of each token: the router gate, or 1 for random
@@ -295,7 +301,7 @@ def __getattr__(name):  # DiffCRBlock is built lazily (diffusers import)
 # ------------------------------------------------------------------------ hooks
 def _ff_hook(module, inputs, output):
     """Forward hook on a routed block's feed-forward: multiplies its output by the router gate
-    of each token (SPEC §1: the score gates the MLP branch only). Inactive when no scale is set."""
+    of each token (method §1: the score gates the MLP branch only). Inactive when no scale is set."""
     scale = module.__dict__.get("_diffcr_scale")
     if scale is None:
         return output
@@ -479,16 +485,26 @@ def _remove_hook(table, fn, module) -> None:
             getattr(module, extra, {}).pop(key, None)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, *, inplace_residual: bool = False) -> nn.Module:
     """Inference mode of the ratios: each (block, region) uses the bin nearest to its learned
     ratio, fixed, with one branch; k is static per (block, region) and no ratio value is read
     from the device during a forward. Training mode of the model no longer changes the routing;
-    :func:`unfreeze` undoes it."""
+    :func:`unfreeze` undoes it.
+
+    ``inplace_residual=True``: without autograd, each routed block adds its kept rows into its
+    input ``hidden_states`` in place and returns it (:func:`diffcr_kernels.scatter_back_`)
+    instead of copying the whole ``[B, N, D]`` residual stream first. Safe inside the model's
+    own forward, where a block's input is an intermediate that nothing else reads; leave it
+    off when something keeps block inputs (a hook or cache that compares a block's output with
+    its input, or your own code calling blocks directly)."""
     st = _state(model)
+    if not isinstance(inplace_residual, bool):
+        raise ValueError(f"inplace_residual must be True or False, got {inplace_residual!r}")
     for b in routed_blocks(model).values():
         b._diffcr_frozen_bins = b.ratio.nearest_bins()
         b.ratio.kept.requires_grad_(False)  # not used while frozen (e.g. MoD training, DDP)
     st.frozen = True
+    st.inplace_residual = inplace_residual
     return model
 
 
@@ -498,6 +514,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
         b._diffcr_frozen_bins = None
         b.ratio.kept.requires_grad_(True)
     st.frozen = False
+    st.inplace_residual = False
     return model
 
 

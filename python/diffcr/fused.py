@@ -1,7 +1,7 @@
 """The fused routed path: DiffCR's own forward of a diffusers PixArt / DiT block over the packed
 layout, using the block's existing parameters.
 
-Per routed block (DESIGN.md's data path):
+Per routed block (docs/method.md §7):
 
 1. adaLN modulation vectors of every sample (PixArt: ``scale_shift_table + t_emb``; DiT: the
    block's ``norm1.emb`` + ``norm1.linear``), ``[B, D]`` each, broadcast per sample (expanded
@@ -219,13 +219,16 @@ def _feed_forward(ff, h, inplace):
 
 
 def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
-                        encoder_attention_mask, timestep, class_labels):
+                        encoder_attention_mask, timestep, class_labels, *,
+                        inplace_residual=False):
     """One routed block over a packed :class:`~diffcr_kernels.Selection` (any number of
     segments per sample, ragged lengths). ``gate_scores`` ``[T]`` multiply the MLP branch of
     each packed row. Returns the new residual stream ``[B, N, D]``.
 
     Without autograd the intermediate updates are done in place on buffers this function
-    made (never on ``x`` or any other input): fewer large allocations, same values."""
+    made (never on ``x`` or any other input): fewer large allocations, same values. With
+    ``inplace_residual`` (only without autograd, x contiguous: the caller checks) the final
+    scatter-back writes into ``x`` itself and returns it."""
     B, N, D = x.shape
     inplace = not torch.is_grad_enabled()
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
@@ -267,5 +270,6 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     else:
         n2 = (n2 * (1 + sc) + sh).reshape(-1, D)
     m = _feed_forward(block.ff, n2, inplace)
-    return dk.scatter_back(x, idx, sel.cu_seqlens, sel.seg_weight, d1, m, gate_scores, gate_mlp,
-                           max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)
+    scatter = dk.scatter_back_ if (inplace and inplace_residual) else dk.scatter_back
+    return scatter(x, idx, sel.cu_seqlens, sel.seg_weight, d1, m, gate_scores, gate_mlp,
+                   max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)
