@@ -4,7 +4,7 @@ GPU: PixArt-Sigma-XL block, bf16, N in {1024, 4096}, B in {1, 8}, SDPA/FlashAtte
 baseline. CPU: N = 1024, B in {1, 8}, fp32, one thread, MKL-prepacked linear weights in the dense
 and the routed block alike (``diffcr.prepack_linears``). ``extra_info``: speedup over the dense
 block (median over interleaved dense/routed rounds, :func:`diffcr.bench.time_pairs`), the ideal
-speedup of SPEC §6 and the fraction of it reached, peak memory (GPU).
+speedup of method §6 and the fraction of it reached, peak memory (GPU).
 """
 import statistics
 

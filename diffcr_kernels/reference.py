@@ -6,7 +6,7 @@ per-segment attention loop, which is only the last-resort attention path) and au
 through all of them: the router scores, the per-segment bin weights, the modulation vectors and
 the values all receive gradients.
 
-Data path of one routed block (see DESIGN.md):
+Data path of one routed block (docs/method.md §7):
 
 1. :func:`router_scores`   s = sigmoid(x . w) for every image token.
 2. :func:`select_topk`     per segment, the k highest-scoring tokens of its sample, packed.
@@ -56,7 +56,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def kept_count(kappa: float, n: int) -> int:
-    """Number of tokens a block keeps: ``k = min(N, max(1, ceil(kappa * N)))`` (SPEC §1).
+    """Number of tokens a block keeps: ``k = min(N, max(1, ceil(kappa * N)))`` (method §1).
 
     ``kappa * N`` is computed in float64 and nudged down by a relative 1e-9 before the ceiling so
     that ratios which are exact decimals (0.7 * 10 = 7.000000000000001 in binary) give the
@@ -128,7 +128,7 @@ class Selection:
 
 
 def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router scores ``s = sigmoid(x . w)`` (SPEC §1: a linear map to one logit, no bias).
+    """Router scores ``s = sigmoid(x . w)`` (method §1: a linear map to one logit, no bias).
 
     x: ``[B, N, D]`` hidden states (any float dtype); weight: ``[D]``.
     Returns ``[B, N]`` scores in the accumulation dtype (float32, or float64 for float64 input),
@@ -212,7 +212,7 @@ def select_topk(
     index (a stable descending sort). NaN scores rank below every number, so they are chosen
     only when k exceeds the number of non-NaN scores. Selected indices are returned ascending
     within each segment; since every segment of a sample is cut from the same ranking, a segment
-    with a smaller k is a subset of one with a larger k (SPEC §2).
+    with a smaller k is a subset of one with a larger k (method §2).
 
     All shapes follow from the host-side k, so the selection has static shapes (no
     data-dependent ``nonzero``, no device sync): it traces under ``torch.compile`` and captures
@@ -336,7 +336,7 @@ def scatter_back(
 
     In a routed block, d1 is the packed residual update of the attention branches
     (``h - x[idx]``) and d2 the MLP output before its adaLN gate; the router score multiplies the
-    MLP branch only (SPEC §1). A token selected in several segments (both bins of a sample)
+    MLP branch only (method §1). A token selected in several segments (both bins of a sample)
     receives the sum of their contributions; rows never selected are returned unchanged.
     Accumulated in the acc dtype and rounded once. Shapes: x ``[B, N, D]``; d1, d2 ``[T, D]``;
     scores ``[T]``; gate ``[B, D]``; seg_weight ``[S]``; cu_seqlens int32 ``[S + 1]``.

@@ -1,4 +1,4 @@
-"""The reference ops (the executable spec) against independent, loop-based definitions of SPEC.md.
+"""The reference ops (the executable spec) against independent, loop-based definitions of docs/method.md.
 
 These naive versions loop over samples, segments and rows in Python and share no code with
 ``diffcr_kernels.reference``; if the vectorised reference drifts from the spec, these fail.
@@ -197,7 +197,7 @@ def test_scatter_back_matches_naive(parts):
 
 
 def test_two_bin_scatter_is_weighted_combination_of_branches():
-    """SPEC §2: out = w_a F_a(x) + w_b F_b(x) when each branch is x + scatter(delta)."""
+    """method §2: out = w_a F_a(x) + w_b F_b(x) when each branch is x + scatter(delta)."""
     B, N, D = 2, 12, 4
     x = torch.randn(B, N, D)
     scores = torch.rand(B, N)

@@ -1,6 +1,6 @@
 """Measurements shared by ``pytest benchmarks/`` and ``diffcr bench``: dense vs routed blocks,
 the routing overhead, and the two-bin training step, each against a baseline measured in the
-same run, with the ideal speedup of SPEC §6.
+same run, with the ideal speedup of method §6.
 
 Sizes are real (PixArt-Sigma-XL block: D = 1152, 16 heads x 72, 120 text tokens; DiT-XL/2:
 D = 1152, no cross-attention) with random weights, built on the target device; nothing is
@@ -29,7 +29,7 @@ TEXT_TOKENS = 120
 
 
 def ideal_block_flops(n: float, d: int, text: int) -> float:
-    """SPEC §6: N (24 D^2 + 4 L D) + 4 N^2 D + 4 L D^2 (the text K/V projection is fixed)."""
+    """method §6: N (24 D^2 + 4 L D) + 4 N^2 D + 4 L D^2 (the text K/V projection is fixed)."""
     return n * (24 * d * d + 4 * text * d) + 4 * n * n * d + 4 * text * d * d
 
 

@@ -1,7 +1,7 @@
 """The ``diffcr`` command line.
 
   diffcr info       versions, device, which kernel backends loaded (and why not)
-  diffcr bench      dense vs routed block: time, speedup, ideal (SPEC §6), peak memory
+  diffcr bench      dense vs routed block: time, speedup, ideal (method §6), peak memory
   diffcr train      the embedded end-to-end demo (no arguments), or DiffCR fine-tuning of a
                     diffusers DiT on an image folder (--model, --data); works under torchrun
   diffcr inspect    the learned ratio table of a DiffCR checkpoint

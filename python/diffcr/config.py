@@ -17,7 +17,7 @@ _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 @dataclass
 class DiffCRConfig:
-    """Configuration of a DiffCR conversion (SPEC.md §1-§4).
+    """Configuration of a DiffCR conversion (docs/method.md §1-§4).
 
     Attributes
     ----------

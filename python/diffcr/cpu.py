@@ -4,7 +4,7 @@ Why: at the row counts routing produces (k ~ 300 rows of a 1024-token image at k
 MKL's ``sgemm`` runs its DiT-sized GEMMs 5-15 % slower per row than at 1024 rows; weights
 prepacked for the exact row count run at full speed again (measured on a Xeon core, fp32,
 D = 1152: 308 x 1152 -> 4608 takes 19.2 ms with ``F.linear`` and 16.9 ms prepacked; at 1024 rows
-the two are within 1-5 %). The ideal of SPEC §6 scales linear layers with the row count, so this
+the two are within 1-5 %). The ideal of method §6 scales linear layers with the row count, so this
 is the fixed cost that keeps a routed block from its ideal at small kappa on CPU.
 
 Cost: each packed copy takes 1.8x (4D x D) to 3.3x (D x D) the weight's memory, once per

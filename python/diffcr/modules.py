@@ -1,4 +1,4 @@
-"""DiffCR's learnable parts: the token router and the differentiable kept ratio (SPEC §1-§2)."""
+"""DiffCR's learnable parts: the token router and the differentiable kept ratio (method §1-§2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ __all__ = ["Router", "DifferentiableRatio", "TwoBinPlan"]
 
 
 class Router(nn.Module):
-    """Token router: ``s_i = sigmoid(w . x_i)``, one weight vector, no bias (SPEC §1).
+    """Token router: ``s_i = sigmoid(w . x_i)``, one weight vector, no bias (method §1).
 
     ``gate="sigmoid2x"`` makes :meth:`gate_factor` return ``2 s`` (exactly 1 for the zero init),
     ``"sigmoid"`` returns ``s`` (the paper).
@@ -58,7 +58,7 @@ class TwoBinPlan:
 
 
 class DifferentiableRatio(nn.Module):
-    """R learnable kept ratios of one block (one per timestep region), SPEC §2.
+    """R learnable kept ratios of one block (one per timestep region), method §2.
 
     ``kept`` lives in kept space and starts at ``init`` (1.0 = no compression). In training the
     block runs the two bins a < b nearest to ``kappa = clamp(kept, min_bin, max_bin)`` and mixes

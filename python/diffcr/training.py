@@ -1,4 +1,4 @@
-"""Training helpers: the ratio loss (SPEC §4), the ratio table, and keeping ratios in range."""
+"""Training helpers: the ratio loss (method §4), the ratio table, and keeping ratios in range."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -35,7 +35,7 @@ def mean_kept_ratio(model: nn.Module) -> torch.Tensor:
 
 def ratio_loss(model: nn.Module, target: Optional[float] = None,
                lam: Optional[float] = None) -> torch.Tensor:
-    """``lam * (mean_kappa - target) ** 2`` over the ratios used in the last forward (SPEC §4).
+    """``lam * (mean_kappa - target) ** 2`` over the ratios used in the last forward (method §4).
 
     ``target`` and ``lam`` default to the config's ``target_kept_ratio`` and ``lam``. Add it to
     the diffusion loss: ``loss = mse + diffcr.ratio_loss(model)``.
