@@ -392,9 +392,12 @@ def scatter_back_(
     if not x.is_contiguous():
         raise ValueError(f"{op}: x must be contiguous to be updated in place (use scatter_back, "
                          "which returns a new tensor)")
-    for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
-        if t is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            raise ValueError(f"{op}: {name} shares memory with x, which is updated in place")
+    if not torch.compiler.is_compiling():  # (the compiled ops check it again, traced or not)
+        for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
+            if t is not None and t.untyped_storage().data_ptr() == \
+                    x.untyped_storage().data_ptr():
+                raise ValueError(f"{op}: {name} shares memory with x, which is updated in "
+                                 "place")
     backend = resolve_backend(op, x.device)
     if backend == "reference":
         return x.copy_(ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate))

@@ -131,9 +131,11 @@ def test_fused_refuses_blocks_it_cannot_run():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t", [(300, 300), (100, 900)], ids=["uniform", "ragged"])
-def test_frozen_model_compiles_fullgraph(kind, t):
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_frozen_model_compiles_fullgraph(kind, t, inplace):
     """An eval-mode frozen model compiles with fullgraph=True (no graph break) and matches
-    eager; a second call with other regions recompiles rather than breaking."""
+    eager; a second call with other regions recompiles rather than breaking. Also with the
+    in-place scatter-back (a mutating custom op inside the traced graph)."""
     m = make(kind)
     diffcr.convert(m)
     set_ratios(m, [0.3, 0.5, 0.7, 1.0])
@@ -141,6 +143,7 @@ def test_frozen_model_compiles_fullgraph(kind, t):
     kw = _inputs(kind, t, mask=True)
     with torch.no_grad():
         expect = m(**kw).sample
+    diffcr.freeze(m, inplace_residual=inplace)
     torch._dynamo.reset()
     diffcr.compile_model(m, backend="eager")  # fullgraph=True: any graph break raises
     with torch.no_grad():
