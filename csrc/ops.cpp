@@ -1,6 +1,6 @@
-// Schemas of the diffcr:: operators and their CPU implementations.
-// The CUDA implementations are registered in cuda_ops.cpp (compiled only in CUDA builds); fake
-// (meta) implementations and autograd are registered from Python (diffcr_kernels/ops.py).
+// CPU implementations of the diffcr:: operators. Their schemas are defined once, from Python
+// (diffcr_kernels/_schemas.py), before this library is loaded; the CUDA implementations are in
+// cuda_ops.cpp (CUDA builds only); fake kernels and autograd in diffcr_kernels/ops.py.
 #include <torch/library.h>
 
 #include "checks.h"
@@ -133,26 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cpu(
 }  // namespace
 }  // namespace diffcr
 
-TORCH_LIBRARY(diffcr, m) {
-  m.def(
-      "gather_norm_modulate(Tensor x, Tensor idx, Tensor? shift, Tensor? scale, Tensor? weight, "
-      "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "gather_norm_modulate_backward(Tensor grad_y, Tensor x, Tensor idx, Tensor mean, "
-      "Tensor rstd, Tensor? scale, Tensor? weight) -> Tensor");
-  m.def(
-      "scatter_back(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, int segs_per_sample, "
-      "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, Tensor? gate) -> Tensor");
-  m.def(
-      "scatter_back_(Tensor(a!) x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-      "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, "
-      "Tensor? gate) -> ()");
-  m.def(
-      "scatter_back_backward(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-      "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, Tensor? gate) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The ops are defined (schemas) once, in diffcr_kernels/_schemas.py, before this library is
+// loaded; this file and cuda_ops.cpp only implement them.
 TORCH_LIBRARY_IMPL(diffcr, CPU, m) {
   m.impl("gather_norm_modulate", &diffcr::gnm_cpu);
   m.impl("gather_norm_modulate_backward", &diffcr::gnm_bwd_cpu);

@@ -1,7 +1,8 @@
 """Loading of the compiled extension ``diffcr_kernels._C`` and the record of why it did (not).
 
-The extension is a plain shared library of ``TORCH_LIBRARY(diffcr, ...)`` registrations loaded
-with :func:`torch.ops.load_library`. If it is missing or fails to load, every public op still
+The extension is a plain shared library of ``TORCH_LIBRARY_IMPL(diffcr, CPU|CUDA, ...)`` kernel
+registrations loaded with :func:`torch.ops.load_library`; the ops themselves (their schemas)
+are defined here first, from :data:`diffcr_kernels._schemas.SCHEMAS`. If it is missing or fails to load, every public op still
 works through :mod:`diffcr_kernels.reference`; :func:`available_backends` says why.
 """
 from __future__ import annotations
@@ -13,14 +14,25 @@ from typing import Optional
 
 import torch
 
+from ._schemas import SCHEMAS
+
 _HERE = Path(__file__).resolve().parent
 LOADED: bool = False
 LOAD_ERROR: Optional[str] = None
 LIBRARY_PATH: Optional[str] = None
 BUILD_INFO: dict = {}
 _KERNELS: dict = {}  # (op, dispatch key) -> bool, filled once at load (a dict lookup traces)
-_OPS = ("gather_norm_modulate", "gather_norm_modulate_backward", "scatter_back",
-        "scatter_back_", "scatter_back_backward")
+_OPS = tuple(SCHEMAS)
+_LIB: Optional[torch.library.Library] = None  # keeps the diffcr:: definitions alive
+
+
+def _define_ops() -> None:
+    """Define ``diffcr::<op>`` for every op of the table (the .so only implements them)."""
+    global _LIB
+    if _LIB is None:
+        _LIB = torch.library.Library("diffcr", "DEF")
+        for name, schema in SCHEMAS.items():
+            _LIB.define(name + schema)
 
 
 def _load() -> None:
@@ -46,6 +58,7 @@ def _load() -> None:
         return
     LIBRARY_PATH = str(cands[0])
     try:
+        _define_ops()
         torch.ops.load_library(LIBRARY_PATH)
     except Exception as e:  # noqa: BLE001 - any load failure must leave the library usable
         built = BUILD_INFO.get("torch")

@@ -27,6 +27,7 @@ import torch
 
 from . import _ext
 from . import reference as ref
+from ._schemas import SCHEMAS, mutated_args
 from . import triton as _triton
 
 if _triton.AVAILABLE:
@@ -432,31 +433,16 @@ def _ns(backend: str):
     return torch.ops.diffcr_triton if backend == "triton" else torch.ops.diffcr
 
 
-SCHEMAS = {
-    "gather_norm_modulate": "(Tensor x, Tensor idx, Tensor? shift, Tensor? scale, Tensor? weight, "
-                            "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
-    "gather_norm_modulate_backward": "(Tensor grad_y, Tensor x, Tensor idx, Tensor mean, "
-                                     "Tensor rstd, Tensor? scale, Tensor? weight) -> Tensor",
-    "scatter_back": "(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-                    "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
-                    "Tensor? scores, Tensor? gate) -> Tensor",
-    "scatter_back_": "(Tensor(a!) x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-                     "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
-                     "Tensor? scores, Tensor? gate) -> ()",
-    "scatter_back_backward": "(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-                             "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, "
-                             "Tensor? gate) -> (Tensor, Tensor, Tensor, Tensor)",
-}
 TRITON_ERROR: Optional[str] = None
 
 
 def _define_triton_ops() -> None:
     """The Triton launchers as ``torch.library`` custom ops (namespace ``diffcr_triton``) with
-    the schemas of the C++ ops (csrc/ops.cpp), for CUDA tensors and for CPU tensors under the
-    Triton interpreter."""
+    the schemas of :mod:`diffcr_kernels._schemas` (the same as ``torch.ops.diffcr``), for CUDA
+    tensors and for CPU tensors under the Triton interpreter."""
     for name, schema in SCHEMAS.items():
         torch.library.custom_op(f"diffcr_triton::{name}", getattr(_triton, name),
-                                mutates_args=("x",) if name.endswith("_") else (),
+                                mutates_args=mutated_args(name),
                                 device_types=("cuda", "cpu"), schema=schema)
 
 

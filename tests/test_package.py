@@ -79,3 +79,26 @@ print("ok")
                        env={**os.environ, "DIFFCR_DISABLE_EXT": "1"}, timeout=120,
                        cwd=tempfile.gettempdir())
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_one_schema_table_for_both_kernel_families():
+    """torch.ops.diffcr (C++/CUDA kernels, which only implement the ops) and
+    torch.ops.diffcr_triton are both registered from diffcr_kernels._schemas, and every op of
+    the table has its kernels."""
+    import torch
+
+    from diffcr_kernels import ops
+    from diffcr_kernels._schemas import SCHEMAS
+
+    assert _ext._OPS == tuple(SCHEMAS)
+    namespaces = ["diffcr"] if _ext.LOADED else []
+    if not ops.TRITON_ERROR and dk.triton.AVAILABLE:
+        namespaces.append("diffcr_triton")
+    for name, schema in SCHEMAS.items():
+        for ns in namespaces:
+            op = getattr(getattr(torch.ops, ns), name).default
+            assert str(op._schema) == f"{ns}::{name}{schema}"
+        if _ext.LOADED:
+            assert _ext.has_kernel(name, "CPU"), f"no CPU kernel for diffcr::{name}"
+            if _ext.BUILD_INFO.get("cuda_kernels"):
+                assert _ext.has_kernel(name, "CUDA"), f"no CUDA kernel for diffcr::{name}"

@@ -1,8 +1,8 @@
 """Triton kernels of the DiffCR data path, with plain Python launchers.
 
-The launchers mirror the compiled ``torch.ops.diffcr.*`` operators (``csrc/ops.cpp``) argument
-for argument and output for output, and the kernels follow the CUDA kernels of
-``csrc/kernels/*.cu`` (same formulas, same order of operations where it matters, same
+The launchers mirror the compiled ``torch.ops.diffcr.*`` operators (one schema table for both:
+``diffcr_kernels/_schemas.py``) argument for argument and output for output, and the kernels
+follow the CUDA kernels of ``csrc/kernels/*.cu`` (same formulas, same order of operations where it matters, same
 deterministic slot-by-slot scatter). They do no ``torch.library`` registration: dispatch is wired
 elsewhere. :func:`router_scores` has no compiled counterpart; it mirrors
 :func:`diffcr_kernels.reference.router_scores`.
