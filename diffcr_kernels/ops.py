@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -191,7 +191,7 @@ def _check_x(op, x):
         raise ValueError(f"{op}: x is too large to index")
 
 
-def _check_idx(op, x, idx):
+def _check_idx(op, x, idx, contents=True):
     if not torch.is_tensor(idx) or idx.dim() != 1 or idx.dtype != torch.int64:
         raise ValueError(f"{op}: idx must be a 1-D int64 tensor [T], got "
                          f"{getattr(idx, 'dtype', type(idx).__name__)} "
@@ -201,7 +201,7 @@ def _check_idx(op, x, idx):
     if idx.numel() > INDEX_LIMIT:
         raise ValueError(f"{op}: {idx.numel()} packed rows exceed the int32 limit of cu_seqlens")
     rows = x.shape[0] * x.shape[1]
-    if idx.numel() and not torch.compiler.is_compiling() and (
+    if contents and idx.numel() and not torch.compiler.is_compiling() and (
             idx.device.type == "cpu" or _validate_contents()):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= rows:
@@ -210,20 +210,21 @@ def _check_idx(op, x, idx):
                              f"{rows} rows (B*N)")
 
 
-def _check_gather(op, x, idx, shift, scale, weight, bias):
+def _check_gather(op, x, idx, shift, scale, weight, bias, contents=True):
     _check_x(op, x)
-    _check_idx(op, x, idx)
+    _check_idx(op, x, idx, contents)
     B, N, D = x.shape
     for name, t, shape in (("shift", shift, (B, D)), ("scale", scale, (B, D)),
                            ("weight", weight, (D,)), ("bias", bias, (D,))):
         _need(t, op, name, shape, x)
 
 
-def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P):
-    """Validates a scatter-back call; returns ``(max_seqlen, segs_per_sample)``."""
+def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P, contents=True):
+    """Validates a scatter-back call; returns ``(max_seqlen, segs_per_sample)``. ``contents``
+    False (a checked :class:`Selection`) skips the host-side reads of idx and cu_seqlens."""
     op = "scatter_back"
     _check_x(op, x)
-    _check_idx(op, x, idx)
+    _check_idx(op, x, idx, contents)
     B, N, D = x.shape
     T = idx.numel()
     if not torch.is_tensor(cu) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
@@ -245,9 +246,8 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P):
                              "of x)")
     # a layout that is not sample-major (S not a multiple of B) with a derived P is checked on
     # the host even on a GPU: nothing else says its slots are free of races
-    if S and not torch.compiler.is_compiling() and (
-            cu.device.type == "cpu" or _validate_contents() or max_seqlen is None
-            or (derived and B and S % B)):
+    if S and not torch.compiler.is_compiling() and (max_seqlen is None or (contents and (
+            cu.device.type == "cpu" or _validate_contents() or (derived and B and S % B)))):
         c = cu.tolist()
         if c[0] != 0:
             raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {c[0]}")
@@ -259,25 +259,32 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P):
         if c[-1] != T:
             raise ValueError(f"{op}: cu_seqlens[-1] = {c[-1]} must equal the number of rows "
                              f"T = {T}")
-        if T:
-            # The CUDA/Triton kernels add all segments of one slot (segments s with s % P == p,
-            # one per sample) concurrently: a row may appear in several slots (the two bins of a
-            # sample) but only once per slot, or two threads would race on it.
-            seg = torch.repeat_interleave(torch.arange(S), torch.tensor(lens))
-            key = (seg % P) * (B * N) + idx.cpu()
-            if torch.unique(key).numel() != T:
-                srt, order = torch.sort(key)
-                dup = int(order[1:][srt[1:] == srt[:-1]][0])
-                raise ValueError(f"{op}: idx[{dup}] = {int(idx[dup])} appears twice in the "
-                                 f"segments of slot {int(seg[dup]) % P} (segment {int(seg[dup])});"
-                                 " a row may appear once per slot (segments s with "
-                                 "s % segs_per_sample equal are added concurrently)")
+        if T and contents:
+            _check_slots(op, idx, lens, P, B * N)
         if max_seqlen is None:
             max_seqlen = max(lens)
         elif max_seqlen < max(lens):
             raise ValueError(f"{op}: segment {lens.index(max(lens))} has {max(lens)} rows but "
                              f"max_seqlen = {max_seqlen}")
     return (0 if max_seqlen is None else int(max_seqlen)), P
+
+
+def _check_slots(op: str, idx: torch.Tensor, lens, P: int, rows: int) -> None:
+    """The CUDA/Triton kernels add all segments of one slot (segments s with s % P == p, one
+    per sample) concurrently: a row may appear in several slots (the two bins of a sample) but
+    only once per slot, or two threads would race on it. A host-side scan: run only for
+    user-supplied indices, never for a checked :class:`Selection`."""
+    S = len(lens)
+    T = idx.numel()
+    seg = torch.repeat_interleave(torch.arange(S), torch.tensor(lens))
+    key = (seg % P) * rows + idx.cpu()
+    if torch.unique(key).numel() != T:
+        srt, order = torch.sort(key)
+        dup = int(order[1:][srt[1:] == srt[:-1]][0])
+        raise ValueError(f"{op}: idx[{dup}] = {int(idx[dup])} appears twice in the "
+                         f"segments of slot {int(seg[dup]) % P} (segment {int(seg[dup])});"
+                         " a row may appear once per slot (segments s with "
+                         "s % segs_per_sample equal are added concurrently)")
 
 
 def _segs_per_sample(op: str, S: int, B: int, P) -> "tuple[int, bool]":
@@ -305,7 +312,7 @@ def _segs_per_sample(op: str, S: int, B: int, P) -> "tuple[int, bool]":
 # --------------------------------------------------------------------------------------------
 def gather_norm_modulate(
     x: torch.Tensor,
-    idx: torch.Tensor,
+    idx: Union[torch.Tensor, Selection],
     shift: Optional[torch.Tensor] = None,
     scale: Optional[torch.Tensor] = None,
     weight: Optional[torch.Tensor] = None,
@@ -314,11 +321,16 @@ def gather_norm_modulate(
 ) -> torch.Tensor:
     """``LN(x[idx]) * (1 + scale[b]) + shift[b]`` on packed rows (one read, one write per row).
 
-    x ``[B, N, D]``; idx int64 ``[T]`` flat rows ``b * N + n``; shift/scale ``[B, D]``;
-    weight/bias ``[D]`` (LayerNorm affine, None for PixArt/DiT). Returns ``[T, D]`` in x's
-    dtype. Differentiable in x, shift, scale, weight and bias.
+    x ``[B, N, D]``; idx int64 ``[T]`` flat rows ``b * N + n``, or a
+    :class:`~diffcr_kernels.reference.Selection` (its indices; a checked one skips the host-side
+    range check); shift/scale ``[B, D]``; weight/bias ``[D]`` (LayerNorm affine, None for
+    PixArt/DiT). Returns ``[T, D]`` in x's dtype. Differentiable in x, shift, scale, weight and
+    bias.
     """
-    _check_gather("gather_norm_modulate", x, idx, shift, scale, weight, bias)
+    contents = True
+    if isinstance(idx, Selection):
+        contents, idx = not idx.checked, idx.indices
+    _check_gather("gather_norm_modulate", x, idx, shift, scale, weight, bias, contents)
     backend = resolve_backend("gather_norm_modulate", x.device)
     if backend == "reference":
         return ref.gather_norm_modulate(x, idx, shift, scale, weight, bias, eps)
@@ -349,16 +361,14 @@ def scatter_back(
     it lets the CUDA kernel add the segments of a sample in a fixed order without atomics.
     Leave it out: it is derived from the shapes (``S // B``), and a value that contradicts
     them is refused. Differentiable in x, d1, d2, scores, gate and seg_weight.
+
+    These are user-supplied indices: on CPU (and on GPU with ``DIFFCR_VALIDATE=1``) their range,
+    ``cu_seqlens`` and the race-freedom of every slot are checked on the host. A
+    :class:`~diffcr_kernels.reference.Selection` from :func:`select_topk` needs none of that:
+    pass it to :func:`scatter_back_selection`.
     """
-    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2,
-                                                 scores, gate, max_seqlen, segs_per_sample)
-    backend = resolve_backend("scatter_back", x.device)
-    if backend == "reference":
-        return ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
-    a = acc_dtype(x.dtype)
-    return _ns(backend).scatter_back(
-        x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
-        None if scores is None else scores.to(a), gate)
+    return _scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate, max_seqlen,
+                    segs_per_sample, contents=True, inplace=False)
 
 
 def scatter_back_(
@@ -383,30 +393,8 @@ def scatter_back_(
     gate or idx. Not differentiable: refused when autograd would record it (an input
     requires grad and grad mode is on).
     """
-    op = "scatter_back_"
-    tensors = (x, seg_weight, d1, d2, scores, gate)
-    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors):
-        raise ValueError(f"{op}: the in-place scatter-back is for inference; an input requires "
-                         "grad (use scatter_back, or run under torch.no_grad())")
-    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2,
-                                                 scores, gate, max_seqlen, segs_per_sample)
-    if not x.is_contiguous():
-        raise ValueError(f"{op}: x must be contiguous to be updated in place (use scatter_back, "
-                         "which returns a new tensor)")
-    if not torch.compiler.is_compiling():  # (the compiled ops check it again, traced or not)
-        for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
-            if t is not None and t.untyped_storage().data_ptr() == \
-                    x.untyped_storage().data_ptr():
-                raise ValueError(f"{op}: {name} shares memory with x, which is updated in "
-                                 "place")
-    backend = resolve_backend(op, x.device)
-    if backend == "reference":
-        return x.copy_(ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate))
-    a = acc_dtype(x.dtype)
-    _ns(backend).scatter_back_(
-        x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
-        None if scores is None else scores.to(a), gate)
-    return x
+    return _scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate, max_seqlen,
+                    segs_per_sample, contents=True, inplace=True)
 
 
 def scatter_back_selection(
@@ -417,13 +405,55 @@ def scatter_back_selection(
     gate: Optional[torch.Tensor] = None,
     *,
     use_scores: bool = True,
+    scores: Optional[torch.Tensor] = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """:func:`scatter_back` with the indices, segments, weights and scores of a
-    :class:`~diffcr_kernels.reference.Selection` (the router score gates d2 when
-    ``use_scores``)."""
-    return scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2,
-                        sel.scores if use_scores else None, gate,
-                        max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)
+    """:func:`scatter_back` (``inplace``: :func:`scatter_back_`) with the indices, segments,
+    weights and scores of a :class:`~diffcr_kernels.reference.Selection`.
+
+    The router scores ``sel.scores`` gate d2 when ``use_scores``; ``scores`` ``[T]`` replaces
+    them (e.g. the gate factor γ(s) of the MLP branch). A selection made by
+    :func:`select_topk` is correct by construction, so its indices and segments are not
+    re-checked on the host (no per-call scan on the hot path)."""
+    if scores is None and use_scores:
+        scores = sel.scores
+    return _scatter(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2, scores, gate,
+                    sel.max_seqlen, sel.segs_per_sample, contents=not sel.checked,
+                    inplace=inplace)
+
+
+def _scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate, max_seqlen,
+             segs_per_sample, *, contents: bool, inplace: bool) -> torch.Tensor:
+    op = "scatter_back_" if inplace else "scatter_back"
+    if inplace:
+        tensors = (x, seg_weight, d1, d2, scores, gate)
+        if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad
+                                           for t in tensors):
+            raise ValueError(f"{op}: the in-place scatter-back is for inference; an input "
+                             "requires grad (use scatter_back, or run under torch.no_grad())")
+    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores,
+                                                 gate, max_seqlen, segs_per_sample, contents)
+    if inplace:
+        if not x.is_contiguous():
+            raise ValueError(f"{op}: x must be contiguous to be updated in place (use "
+                             "scatter_back, which returns a new tensor)")
+        if not torch.compiler.is_compiling():  # (the compiled ops check it again)
+            for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
+                if t is not None and t.untyped_storage().data_ptr() == \
+                        x.untyped_storage().data_ptr():
+                    raise ValueError(f"{op}: {name} shares memory with x, which is updated in "
+                                     "place")
+    backend = resolve_backend(op, x.device)
+    if backend == "reference":
+        out = ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
+        return x.copy_(out) if inplace else out
+    a = acc_dtype(x.dtype)
+    args = (x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
+            None if scores is None else scores.to(a), gate)
+    if inplace:
+        _ns(backend).scatter_back_(*args)
+        return x
+    return _ns(backend).scatter_back(*args)
 
 
 # --------------------------------------------------------------------------------------------

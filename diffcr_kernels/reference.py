@@ -90,6 +90,10 @@ class Selection:
                  dense ``[S, k, D]`` view of the packed rows is valid).
     seqlens:     host tuple of the segment lengths (the same numbers as ``cu_seqlens``, without
                  a device sync).
+    checked:     True when :func:`select_topk` made it: its indices are in range and distinct
+                 within a segment and its ``cu_seqlens`` is consistent by construction, so the
+                 ops that take a Selection skip their host-side content checks (a Selection built
+                 by hand is checked like raw tensors; do not modify a checked one in place).
     """
 
     indices: torch.Tensor
@@ -102,6 +106,7 @@ class Selection:
     segs_per_sample: int
     uniform: bool
     seqlens: Tuple[int, ...] = ()
+    checked: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -281,6 +286,7 @@ def _selection(scores, indices, cu, ws, a, kmin, kmax, N, P, B, flat_k) -> Selec
         segs_per_sample=P,
         uniform=kmin == kmax,
         seqlens=tuple(flat_k),
+        checked=True,
     )
 
 

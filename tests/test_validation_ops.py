@@ -197,3 +197,33 @@ def test_non_contiguous_inputs_are_accepted(backend):
     torch.testing.assert_close(y, dk.reference.gather_norm_modulate(x.contiguous(), s.indices,
                                                                     b["shift"]))
     assert out.shape == x.shape
+
+
+def test_a_selection_from_select_topk_is_not_rescanned_but_raw_indices_are(backend, monkeypatch):
+    """The host-side content checks (index range, cu_seqlens, the per-slot uniqueness scan)
+    run for user-supplied tensors on every call, and never for a Selection that select_topk
+    made (correct by construction): no per-call scan on the hot path. A Selection built by
+    hand is checked like raw tensors."""
+    import dataclasses
+
+    from diffcr_kernels import ops
+
+    b = _base()
+    s = b["sel"]
+    assert s.checked
+    calls = []
+    real = ops._check_slots
+    monkeypatch.setattr(ops, "_check_slots", lambda *a: calls.append(1) or real(*a))
+    with dk.use_backend(backend):
+        out_sel = dk.scatter_back_selection(b["x"], s, b["d1"], b["d2"], b["gate"])
+        dk.gather_norm_modulate(b["x"], s, b["shift"])
+        assert calls == []
+        out_raw = dk.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["d1"],
+                                  b["d2"], s.scores, b["gate"], max_seqlen=s.max_seqlen)
+        assert calls == [1]
+        torch.testing.assert_close(out_sel, out_raw, rtol=0, atol=0)
+        bad = dataclasses.replace(s, indices=s.indices + 100, checked=False)
+        with pytest.raises(ValueError, match="out of range"):
+            dk.scatter_back_selection(b["x"], bad, b["d1"])
+        with pytest.raises(ValueError, match="out of range"):
+            dk.gather_norm_modulate(b["x"], bad, b["shift"])

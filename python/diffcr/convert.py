@@ -162,9 +162,7 @@ def _make_block_class():
                                            encoder_hidden_states, encoder_attention_mask,
                                            timestep, class_labels, inplace_residual=inplace)
             delta = self._diffcr_run_groups(x, sel, ks, attention_mask, args)
-            scatter = dk.scatter_back_ if inplace else dk.scatter_back
-            return scatter(x, sel.indices, sel.cu_seqlens, sel.seg_weight, delta,
-                           max_seqlen=sel.max_seqlen, segs_per_sample=P)
+            return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
 
         def _diffcr_gate(self, scores):
             """Factor on the MLP branch of each token: the router gate, or 1 for random

@@ -236,7 +236,7 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     idx = sel.indices
     norm1 = block.norm1 if block.norm_type == "ada_norm_single" else block.norm1.norm
     w1, b1, eps1 = _ln_params(norm1)
-    h_in = dk.gather_norm_modulate(x, idx, shift_msa, scale_msa, w1, b1, eps1)
+    h_in = dk.gather_norm_modulate(x, sel, shift_msa, scale_msa, w1, b1, eps1)
     xp = dk.gather_rows(x, idx)
     a = _self_attention(block.attn1, h_in, sel)
     shape = _row_layout(sel)
@@ -270,6 +270,5 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     else:
         n2 = (n2 * (1 + sc) + sh).reshape(-1, D)
     m = _feed_forward(block.ff, n2, inplace)
-    scatter = dk.scatter_back_ if (inplace and inplace_residual) else dk.scatter_back
-    return scatter(x, idx, sel.cu_seqlens, sel.seg_weight, d1, m, gate_scores, gate_mlp,
-                   max_seqlen=sel.max_seqlen, segs_per_sample=sel.segs_per_sample)
+    return dk.scatter_back_selection(x, sel, d1, m, gate_mlp, scores=gate_scores,
+                                     inplace=inplace and inplace_residual)
