@@ -26,7 +26,7 @@ from torch import nn
 import diffcr_kernels as dk
 
 from .config import DiffCRConfig
-from .fused import fused_block_forward, fused_supported
+from .fused import fused_block_forward, fused_unsupported_reason
 from .modules import DifferentiableRatio, Router
 
 __all__ = ["DiffCRBlock", "convert", "revert", "freeze", "unfreeze", "is_converted",
@@ -418,7 +418,7 @@ def convert(model: nn.Module, config: Optional[DiffCRConfig] = None) -> nn.Modul
         if getattr(b, "_chunk_size", None) is not None:
             raise ValueError(f"diffcr: transformer_blocks[{i}] uses feed-forward chunking; call "
                              "model.disable_forward_chunking() before converting")
-    fused_why = {i: fused_supported(blocks[i]) for i in idx}
+    fused_why = {i: fused_unsupported_reason(blocks[i]) for i in idx}
     if config.path == "fused":
         bad = {i: w for i, w in fused_why.items() if w is not None}
         if bad:

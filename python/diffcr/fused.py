@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import diffcr_kernels as dk
 
-__all__ = ["fused_supported", "fused_block_forward"]
+__all__ = ["fused_unsupported_reason", "fused_block_forward"]
 
 
 def _plain_attention(attn) -> Optional[str]:
@@ -50,7 +50,7 @@ def _plain_attention(attn) -> Optional[str]:
     return None
 
 
-def fused_supported(block) -> Optional[str]:
+def fused_unsupported_reason(block) -> Optional[str]:
     """None when the fused path can run ``block`` exactly; otherwise the reason it cannot."""
     if block.norm_type not in ("ada_norm_single", "ada_norm_zero"):
         return f"norm_type {block.norm_type}"
