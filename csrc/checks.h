@@ -66,9 +66,12 @@ inline void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& x, const ch
               " but x is on ", x.device());
 }
 
-// Host-side content check of cu_seqlens (only where it is free: CPU tensors).
-inline void check_cu_seqlens_values(const at::Tensor& cu, int64_t T, int64_t max_seqlen,
+// Host-side content check of cu_seqlens (only where it is free: CPU tensors). Reads a
+// contiguous copy: a strided or stride-0 (expanded) cu_seqlens must be checked for the values
+// the kernel will use, which are those of cu.contiguous(), never its raw memory.
+inline void check_cu_seqlens_values(const at::Tensor& cu_in, int64_t T, int64_t max_seqlen,
                                     const char* op) {
+  const at::Tensor cu = cu_in.contiguous();
   const int32_t* p = cu.data_ptr<int32_t>();
   const int64_t S = cu.numel() - 1;
   TORCH_CHECK_VALUE(p[0] == 0, op, ": cu_seqlens[0] must be 0, got ", p[0]);

@@ -227,3 +227,32 @@ def test_a_selection_from_select_topk_is_not_rescanned_but_raw_indices_are(backe
             dk.scatter_back_selection(b["x"], bad, b["d1"])
         with pytest.raises(ValueError, match="out of range"):
             dk.gather_norm_modulate(b["x"], bad, b["shift"])
+
+
+def test_raw_cpu_op_checks_the_values_of_a_strided_cu_seqlens():
+    """torch.ops.diffcr.scatter_back (what a compiled graph calls) reads cu_seqlens by its
+    strides: a valid non-contiguous one is accepted and gives the contiguous result; a
+    stride-0 one whose values do not describe the rows is refused (it used to pass a check of
+    the raw memory and let the kernel write past a buffer)."""
+    from diffcr_kernels import _ext
+
+    if not _ext.has_kernel("scatter_back", "CPU"):
+        pytest.skip("compiled CPU kernels not built")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 8, generator=g)
+    sel = dk.select_topk(torch.rand(2, 9, generator=g), [[3], [4]])
+    d1 = torch.randn(sel.total, 8, generator=g)
+    w = torch.ones(2)
+    cu = sel.cu_seqlens
+    strided = torch.stack([cu, torch.full_like(cu, 999)], 1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    op = torch.ops.diffcr.scatter_back
+    expect = op(x, sel.indices, cu, sel.max_seqlen, 1, w, d1, None, None, None)
+    got = op(x, sel.indices, strided, sel.max_seqlen, 1, w, d1, None, None, None)
+    assert torch.equal(got, expect)
+    zero_stride = torch.zeros(1, dtype=torch.int32).expand(3)
+    with pytest.raises(ValueError, match="must equal the number of rows"):
+        op(x, sel.indices, zero_stride, sel.max_seqlen, 1, w, d1, None, None, None)
+    with pytest.raises(ValueError, match="must equal the number of rows"):
+        torch.ops.diffcr.scatter_back_backward(x, sel.indices, zero_stride, sel.max_seqlen, w,
+                                               d1, None, None, None)
