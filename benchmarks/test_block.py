@@ -3,7 +3,7 @@
 GPU: PixArt-Sigma-XL block, bf16, N in {1024, 4096}, B in {1, 8}, SDPA/FlashAttention dense
 baseline. CPU: N = 1024, B in {1, 8}, fp32, one thread, MKL-prepacked linear weights in the dense
 and the routed block alike (``diffcr.prepack_linears``). ``extra_info``: speedup over the dense
-block (median over interleaved dense/routed rounds, :func:`diffcr.bench.time_pairs`), the ideal
+block (median over interleaved dense/routed rounds, :func:`diffcr.app.bench.time_pairs`), the ideal
 speedup of method §6 and the fraction of it reached, peak memory (GPU).
 """
 import statistics
@@ -11,7 +11,8 @@ import statistics
 import pytest
 import torch
 
-from diffcr import bench, prepack_linears
+from diffcr import prepack_linears
+from diffcr.app import bench
 
 KAPPAS = [1.0, 0.8, 0.5, 0.3]
 _CACHE = {}
@@ -77,7 +78,7 @@ def test_block_pixart(benchmark, bench_device, kappa, N, B):
 
 
 def _record(benchmark, device, result):
-    """The measurement is taken by diffcr.bench (interleaved with its dense baseline); the
+    """The measurement is taken by diffcr.app.bench (interleaved with its dense baseline); the
     pytest-benchmark entry carries it in extra_info."""
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update(_info(benchmark, device))

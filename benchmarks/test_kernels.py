@@ -10,7 +10,7 @@ import torch
 import diffcr_kernels as dk
 from diffcr_kernels import _ext
 from diffcr_kernels import reference as ref
-from diffcr.bench import time_fn
+from diffcr.app.bench import time_fn
 
 D = 1152
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import diffcr
-from diffcr import DiffCRConfig, bench
+from diffcr import DiffCRConfig
+from diffcr.app import bench
 
 SCHEDULES = {"uniform-0.8": 0.8, "uniform-0.5": 0.5, "varying": "varying"}
 _CACHE = {}

@@ -31,7 +31,7 @@ def one_line_error(r, prog="diffcr"):
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A tiny DiT config (8x8 RGB, patch 2) and an image folder of 3 classes."""
-    from diffcr.demo.data import make_shapes, save_image_folder
+    from diffcr.app.demo.data import make_shapes, save_image_folder
 
     root = tmp_path_factory.mktemp("tiny")
     conf = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2,

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffcr
-from diffcr import bench, cpu
+from diffcr import cpu
+from diffcr.app import bench
 from tiny_models import make, set_ratios
 
 needs_mkl = pytest.mark.skipif(not cpu.prepack_available(),

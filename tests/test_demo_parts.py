@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from diffcr.demo import (CLASS_NAMES, NUM_CLASSES, ShapeClassifier, accuracy, class_accuracy,
+from diffcr.app.demo import (CLASS_NAMES, NUM_CLASSES, ShapeClassifier, accuracy, class_accuracy,
                          classifier_fid, features, frechet_distance, load_image_folder,
                          make_shapes, plot_ratio_heatmap, plot_router_maps, plot_samples,
                          predict, save_image_folder, shape_masks, train_classifier)

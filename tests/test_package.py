@@ -102,3 +102,24 @@ def test_one_schema_table_for_both_kernel_families():
             assert _ext.has_kernel(name, "CPU"), f"no CPU kernel for diffcr::{name}"
             if _ext.BUILD_INFO.get("cuda_kernels"):
                 assert _ext.has_kernel(name, "CUDA"), f"no CUDA kernel for diffcr::{name}"
+
+
+def test_the_library_never_imports_the_application():
+    """diffcr's library modules (and a convert + forward + save/load round) leave diffcr.app —
+    the CLI, `diffcr train`, the bench harness, the demo — unimported."""
+    code = (
+        "import sys, torch, tempfile\n"
+        "import diffcr, diffcr.config, diffcr.convert, diffcr.fused, diffcr.io, diffcr.modules,"
+        " diffcr.training, diffcr.cpu, diffcr_kernels\n"
+        "from diffusers import DiTTransformer2DModel\n"
+        "m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,"
+        " out_channels=8, num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)\n"
+        "diffcr.convert(m)\n"
+        "m(torch.randn(1, 4, 8, 8), timestep=torch.tensor([3]), class_labels=torch.tensor([1]))\n"
+        "d = tempfile.mkdtemp(); diffcr.save(m, d); diffcr.load(m, d)\n"
+        "bad = sorted(k for k in sys.modules if k.startswith('diffcr.app'))\n"
+        "assert not bad, bad\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tempfile.gettempdir(), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

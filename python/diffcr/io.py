@@ -17,7 +17,7 @@ from ._version import __version__
 from .config import DiffCRConfig
 from .convert import _state, convert, is_converted, routed_blocks
 
-__all__ = ["save", "load", "CheckpointError"]
+__all__ = ["save", "load", "read_checkpoint", "CheckpointError"]
 
 TENSORS = "diffcr.safetensors"
 META = "diffcr.json"
@@ -57,10 +57,15 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     return out
 
 
-def _read(path: Path):
+def read_checkpoint(path: Union[str, Path]):
+    """Read a checkpoint written by :func:`save` without applying it: ``(meta, config,
+    tensors)`` (the JSON metadata, the :class:`DiffCRConfig`, the tensors by name). Raises
+    :class:`CheckpointError` for a missing, malformed or corrupt checkpoint."""
     from safetensors import SafetensorError
+
     from safetensors.torch import load_file
 
+    path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a DiffCR checkpoint directory (expected {TENSORS} "
                               f"and {META} inside)")
@@ -94,7 +99,7 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     (:class:`CheckpointError` saying what differs) leaves the model unchanged.
     """
     path = Path(path)
-    meta, cfg, tensors = _read(path)
+    meta, cfg, tensors = read_checkpoint(path)
     sig, want = _signature(model), meta.get("model", {})
     diffs = [f"{k}: checkpoint {want.get(k)!r}, model {sig[k]!r}" for k in sig
              if want.get(k) != sig[k]]

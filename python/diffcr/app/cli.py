@@ -16,7 +16,7 @@ import platform
 import sys
 from typing import List, Optional
 
-from ._version import __version__
+from .._version import __version__
 
 
 def _version_of(module: str) -> str:
@@ -92,7 +92,7 @@ def _bench(args) -> int:
         print("diffcr bench: --prepack is for CPU runs (MKL-packed weights)", file=sys.stderr)
         return 2
     if args.prepack:
-        from .cpu import prepack_available
+        from ..cpu import prepack_available
 
         if not prepack_available():
             print("diffcr bench: --prepack needs a torch build with MKL", file=sys.stderr)
@@ -242,10 +242,10 @@ def _inspect_cmd(args) -> int:
 
     from safetensors.torch import load_file
 
-    from .io import CheckpointError, _read
+    from ..io import CheckpointError, read_checkpoint
 
     try:
-        meta, cfg, tensors = _read(Path(args.checkpoint))
+        meta, cfg, tensors = read_checkpoint(Path(args.checkpoint))
     except CheckpointError as e:
         print(f"diffcr inspect: error: {e}", file=sys.stderr)
         return 2
@@ -280,17 +280,17 @@ def _generate_cmd(args) -> int:
 
     import torch
 
-    from . import load
-    from .io import CheckpointError
-    from .train import TrainError, _load_model, sample_images
+    from .. import load
+    from ..io import CheckpointError
+    from .train import TrainError, load_model, sample_images
 
     try:
-        model = _load_model(args.model)
+        model = load_model(args.model)
         load(model, args.diffcr)
     except (TrainError, CheckpointError) as e:
         print(f"diffcr generate: error: {e}", file=sys.stderr)
         return 2
-    from . import freeze
+    from .. import freeze
     if not model._diffcr_state.frozen:
         freeze(model)
     model.eval()

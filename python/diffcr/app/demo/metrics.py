@@ -1,5 +1,5 @@
 """Sample-quality metrics for the demo: a Frechet distance in the feature space of the demo's
-:class:`~diffcr.demo.classifier.ShapeClassifier` ("classifier FID") and class accuracy of
+:class:`~diffcr.app.demo.classifier.ShapeClassifier` ("classifier FID") and class accuracy of
 class-conditional samples."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
 
 def classifier_fid(model: ShapeClassifier, real_images: Tensor, fake_images: Tensor,
                    batch: int = 256) -> float:
-    """Frechet distance between the :func:`~diffcr.demo.classifier.features` of real and
+    """Frechet distance between the :func:`~diffcr.app.demo.classifier.features` of real and
     generated images (``[n, 3, H, W]`` in [-1, 1]); lower is better. Only comparable between runs
     that use the same classifier and similar sample counts (the estimate is biased upwards for
     small n)."""

@@ -18,8 +18,8 @@ import torch
 
 import diffcr_kernels as dk
 
-from .config import DiffCRConfig
-from .convert import convert, freeze, routed_blocks, set_timestep
+from ..config import DiffCRConfig
+from ..convert import convert, freeze, routed_blocks, set_timestep
 
 __all__ = ["ideal_block_flops", "ideal_speedup", "BlockBench", "make_block_bench", "time_fn",
            "time_pairs", "bench_blocks", "bench_overhead", "bench_training"]
@@ -93,7 +93,7 @@ class BlockBench:
         return self.model.transformer_blocks[0]
 
     def set_kappa(self, kappa: float) -> None:
-        from .convert import unfreeze
+        from ..convert import unfreeze
 
         unfreeze(self.model)
         with torch.no_grad():
@@ -199,7 +199,7 @@ def _naive_fn(bb: BlockBench, k: int):
 
 
 def _resolve_prepack(prepack: Optional[bool], device) -> bool:
-    from .cpu import prepack_available
+    from ..cpu import prepack_available
 
     if prepack is None:
         return device.type == "cpu" and prepack_available()
@@ -224,7 +224,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
     packed = _resolve_prepack(prepack, dev)
     bb = make_block_bench(kind, N, B, device, dtype)
     if packed:
-        from .cpu import prepack_linears
+        from ..cpu import prepack_linears
 
         prepack_linears(bb.dense)
         prepack_linears(bb.block)
@@ -294,7 +294,7 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     branches in one packed pass), with the ideal for the two branches together."""
     bb = make_block_bench(kind, N, B, device, dtype)
     dev = torch.device(device)
-    from .convert import unfreeze
+    from ..convert import unfreeze
 
     unfreeze(bb.model)
     for b in routed_blocks(bb.model).values():

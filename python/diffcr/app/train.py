@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DEFAULT_BINS, DiffCRConfig
+from ..config import DEFAULT_BINS, DiffCRConfig
 
 __all__ = ["TrainConfig", "run_demo", "run_train", "diffusion_loss", "sample_images",
            "TrainError"]
@@ -486,7 +486,7 @@ def format_summary(metrics: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ real use
-def _load_model(path: str):
+def load_model(path: str):
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
     p = Path(path)
@@ -562,7 +562,7 @@ def _load_train_state(path: Path, model, opt) -> int:
 def run_train(cfg: TrainConfig) -> dict:
     """DiffCR fine-tuning of a class-conditional diffusers DiT on an image folder."""
     import diffcr
-    from .demo.data import load_image_folder
+    from .image_folder import load_image_folder
 
     cfg.validate()
     if cfg.model is None or cfg.data is None:
@@ -578,7 +578,7 @@ def run_train(cfg: TrainConfig) -> dict:
 
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
-    model = _load_model(cfg.model).to(dev)
+    model = load_model(cfg.model).to(dev)
     try:
         images, labels, classes = load_image_folder(cfg.data, model.config.sample_size
                                                     * (8 if cfg.vae else 1))
@@ -605,7 +605,7 @@ def run_train(cfg: TrainConfig) -> dict:
     conv = cfg.diffcr_config()
     start = 0
     if cfg.resume:
-        model = _load_model(str(Path(cfg.resume) / "model")).to(dev)
+        model = load_model(str(Path(cfg.resume) / "model")).to(dev)
         if cfg.grad_ckpt:
             model.enable_gradient_checkpointing()
         diffcr.load(model, Path(cfg.resume) / "diffcr")

@@ -2,7 +2,7 @@
 
 The Inception network of the usual FID would need a download and is far too slow on a CPU, so the
 demo trains this ~70k-parameter classifier on the real images in a few seconds and measures
-sample quality in its 64-d feature space (:mod:`diffcr.demo.metrics`).
+sample quality in its 64-d feature space (:mod:`diffcr.app.demo.metrics`).
 """
 from __future__ import annotations
 

@@ -1,26 +1,25 @@
-"""Procedural image data for the DiffCR demo, and ImageFolder-style input/output.
+"""Procedural image data for the DiffCR demo.
 
 :func:`make_shapes` draws a class-conditional data set of one coloured shape per image on a
 textured background, fully vectorised in torch and deterministic for a seed. Images are float32
 ``[n, 3, size, size]`` in [-1, 1], labels int64 ``[n]``. :func:`save_image_folder` and
-:func:`load_image_folder` move such tensors to and from a ``root/<class>/<file>.png`` tree.
+:func:`load_image_folder` (from :mod:`diffcr.app.image_folder`, with the demo's class names)
+move such tensors to and from a ``root/<class>/<file>.png`` tree.
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .. import image_folder as _image_folder
+
 NUM_CLASSES = 6
 CLASS_NAMES: Tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
-
-#: Written by :func:`save_image_folder`; :func:`load_image_folder` uses it for the class order.
-CLASSES_FILE = "classes.txt"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 _CHUNK = 2048          # images rendered at a time (bounds the memory of the temporaries)
 _MAX_ROT = math.radians(12.0)   # shape rotation range: keeps square and diamond apart
@@ -191,104 +190,16 @@ def shape_masks(n: int, size: int = 32, seed: int = 0,
 
 
 # ------------------------------------------------------------------ image folders
-def _to_uint8(images: Tensor) -> Tensor:
-    """``[n, 3, H, W]`` in [-1, 1] -> uint8 ``[n, H, W, 3]``."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 def save_image_folder(images: Tensor, labels: Tensor, root: PathLike,
                       class_names: Optional[Sequence[str]] = None) -> Path:
-    """Write ``images`` as uint8 RGB PNGs to ``root/<class_name>/<i>.png``.
-
-    ``i`` is the zero-padded index of the image in ``images``, so files sort in input order.
-    ``class_names`` defaults to :data:`CLASS_NAMES` (or ``class_<k>`` beyond it). The class order
-    is also written to ``root/classes.txt``, which :func:`load_image_folder` uses to give back the
-    same labels. Returns ``root`` as a Path.
-    """
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [n, 3, H, W], got {tuple(images.shape)}")
-    labels = torch.as_tensor(labels).flatten().long().cpu()
-    if labels.numel() != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.numel()} labels")
-    n_cls = int(labels.max()) + 1 if labels.numel() else 0
+    """:func:`diffcr.app.image_folder.save_image_folder` with the demo's class names
+    (:data:`CLASS_NAMES`, then ``class_<k>``) as the default."""
     if class_names is None:
+        labels = torch.as_tensor(labels).flatten().long().cpu()
+        n_cls = int(labels.max()) + 1 if labels.numel() else 0
         class_names = [CLASS_NAMES[k] if k < len(CLASS_NAMES) else f"class_{k}"
                        for k in range(max(n_cls, 1))]
-    class_names = list(class_names)
-    if n_cls > len(class_names):
-        raise ValueError(f"label {n_cls - 1} has no name in class_names ({len(class_names)})")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in class_names:
-        (root / name).mkdir(exist_ok=True)
-    (root / CLASSES_FILE).write_text("\n".join(class_names) + "\n")
-    width = max(6, len(str(max(images.shape[0] - 1, 0))))
-    arr = _to_uint8(images).numpy()
-    for i, (a, y) in enumerate(zip(arr, labels.tolist())):
-        Image.fromarray(a).save(root / class_names[y] / f"{i:0{width}d}.png")
-    return root
+    return _image_folder.save_image_folder(images, labels, root, class_names)
 
 
-def _load_one(path: Path, size: int) -> Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if (w, h) != (size, size):
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def load_image_folder(root: PathLike, size: int = 32) -> Tuple[Tensor, Tensor, List[str]]:
-    """Read an ImageFolder-style tree: ``root/<class>/<image>.{png,jpg,jpeg}``.
-
-    Classes are the subfolders of ``root`` (hidden ones skipped), in the order of
-    ``root/classes.txt`` when present (as written by :func:`save_image_folder`; subfolders it does
-    not list follow, sorted), else sorted by name. Images are read in sorted file-name order
-    within each class, converted to RGB, resized so the shorter side is ``size`` (bicubic) and
-    center-cropped to ``size x size``.
-
-    Returns:
-        ``(images, labels, class_names)``: float32 ``[n, 3, size, size]`` in [-1, 1], int64
-        ``[n]``, and the class names (``class_names[label]``).
-
-    Raises:
-        FileNotFoundError: ``root`` does not exist or is not a folder.
-        ValueError: ``root`` has no class subfolders, or they hold no images.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
-    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not subdirs:
-        raise ValueError(f"image folder {str(root)!r} has no class subfolders "
-                         "(expected root/<class>/<image>.png)")
-    order: List[str] = []
-    listed = root / CLASSES_FILE
-    if listed.is_file():
-        for name in listed.read_text().splitlines():
-            name = name.strip()
-            if name and name in subdirs and name not in order:
-                order.append(name)
-    class_names = order + [d for d in subdirs if d not in order]
-    files: List[Tuple[Path, int]] = []
-    for k, name in enumerate(class_names):
-        for f in sorted((root / name).iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((f, k))
-    if not files:
-        raise ValueError(f"image folder {str(root)!r} has no images "
-                         f"({'/'.join(IMAGE_EXTENSIONS)}) in its class subfolders")
-    images = torch.stack([_load_one(f, size) for f, _ in files])
-    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
-    return images, labels, class_names
+load_image_folder = _image_folder.load_image_folder
