@@ -21,7 +21,7 @@ if not dkt.AVAILABLE:  # pragma: no cover - depends on the environment
 
 from diffcr_kernels import _ext  # noqa: E402
 from diffcr_kernels import reference as ref  # noqa: E402
-from diffcr_kernels.triton import kernels as K  # noqa: E402
+from diffcr_kernels.triton import _common as C  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if INTERPRET:
@@ -374,8 +374,8 @@ def test_router_scores(B, N, D, dtype):
 def test_chunked_hidden_dim_and_single_row_tiles(monkeypatch):
     """D larger than the chunk (MAX_BLOCK_D shrunk to 16: D = 40 is 16 + 16 + 8) and one row per
     program; every launcher against the reference."""
-    monkeypatch.setattr(K, "MAX_BLOCK_D", 16)
-    monkeypatch.setattr(K, "MAX_BLOCK_R", 1)
+    monkeypatch.setattr(C, "MAX_BLOCK_D", 16)
+    monkeypatch.setattr(C, "MAX_BLOCK_R", 1)
     B, N, D = 2, 13, 40
     t = _inputs(B, N, D, [[4, 13], [9, 2]], torch.float64)
     x, sel = t["x"], t["sel"]
@@ -493,7 +493,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_compiled_kernels_reject_cpu_tensors(monkeypatch):
-    monkeypatch.setattr(K, "INTERPRETED", False)
+    monkeypatch.setattr(C, "INTERPRETED", False)
     x = torch.randn(1, 4, 8)
     with pytest.raises(ValueError, match="x is on cpu, but the Triton kernels need CUDA"):
         dkt.gather_norm_modulate(x, torch.arange(4), None, None, None, None, 1e-6)

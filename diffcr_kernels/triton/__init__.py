@@ -1,9 +1,10 @@
 """Triton kernels of the DiffCR data path (GPU; also runnable on CPU tensors under the Triton
 interpreter, ``TRITON_INTERPRET=1``, which must be set before this package is imported).
 
-The launchers mirror the compiled ``torch.ops.diffcr.*`` operators one to one (see
-:mod:`diffcr_kernels.triton.kernels`); they are plain Python functions with no
-``torch.library`` registration.
+The launchers mirror the compiled ``torch.ops.diffcr.*`` operators one to one (one file per
+op: :mod:`.gather_norm`, :mod:`.scatter`, :mod:`.router`, :mod:`.select`; all launchers
+in :mod:`diffcr_kernels.triton.kernels`); they are plain Python functions with no
+``torch.library`` registration. :mod:`.aot` compiles them for sm_80 / sm_90 without a GPU.
 
 :data:`AVAILABLE` is False (and :data:`IMPORT_ERROR` says why) when triton cannot be imported;
 the launchers are then absent. :data:`INTERPRETED` is True when the kernels run under the

@@ -3,8 +3,8 @@ GPU: proof that the kernels compile for sm_80 / sm_90 (a kernel that does not co
 fails here), with register, spill and shared-memory figures per specialisation.
 
 How: a stand-in Triton driver reports the chosen ``GPUTarget("cuda", arch, 32)``; every kernel
-object of :mod:`diffcr_kernels.triton.kernels` and :mod:`diffcr_kernels.triton.select` is
-replaced by a recorder whose ``kernel[grid](...)`` calls ``JITFunction.run(..., warmup=True)``
+object of the op files (:mod:`.gather_norm`, :mod:`.scatter`, :mod:`.router`,
+:mod:`.select`) is replaced by a recorder whose ``kernel[grid](...)`` calls ``JITFunction.run(..., warmup=True)``
 (compile, never launch); then the package's **own launchers** are called on CPU tensors for a
 matrix of dtypes, optional inputs, hidden sizes and token counts. So what gets compiled is
 exactly what the launchers would launch: the same constexprs (``HAS_*``, ``ACC``, ``BLOCK_R``,
@@ -127,28 +127,33 @@ class _Recorder:
 def _aot_mode(arch: int, sink) -> Iterator[None]:
     from triton.runtime.driver import driver
 
-    from . import kernels as K
-    from . import select as S
+    import importlib
 
-    if K.INTERPRETED:
+    from . import _common as C
+
+    # by module path: the package re-exports launchers whose names may equal a file's
+    op_files = [importlib.import_module(f"{__package__}.{m}")
+                for m in ("gather_norm", "scatter", "router", "select")]
+
+    if C.INTERPRETED:
         raise RuntimeError("diffcr_kernels.triton was imported under TRITON_INTERPRET=1: "
                            "ahead-of-time compilation needs the JIT kernels (run it in a "
                            "process with TRITON_INTERPRET unset or 0)")
     saved = []
-    for mod in (K, S):
+    for mod in op_files:
         for name in dir(mod):
             obj = getattr(mod, name)
             if type(obj).__name__ == "JITFunction":
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, sink))
-    old_interp, old_active = K.INTERPRETED, driver._active
-    K.INTERPRETED = True  # let the launchers' device checks accept CPU tensors
+    old_interp, old_active = C.INTERPRETED, driver._active
+    C.INTERPRETED = True  # let the launchers' device checks accept CPU tensors
     driver.set_active(_fake_driver(arch))
     try:
         yield
     finally:
         driver._active = old_active  # back to lazy discovery (no real driver may exist)
-        K.INTERPRETED = old_interp
+        C.INTERPRETED = old_interp
         for mod, name, obj in saved:
             setattr(mod, name, obj)
 
