@@ -30,6 +30,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -164,17 +165,30 @@ def host_index(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor
     return t
 
 
+def _whole_k(v) -> int:
+    """One kept count: a whole number (an int, or a float with no fraction); never truncated."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"k must be whole numbers of tokens (int, [B] or [B, P]), got {v!r}")
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if not math.isfinite(v) or not float(v).is_integer():
+        raise ValueError(f"k must be whole numbers of tokens, got {v!r} (use "
+                         "diffcr_kernels.kept_count(kappa, N) to turn a ratio into k)")
+    return int(v)
+
+
 def _host_k_table(k, B: int) -> List[List[int]]:
     """k as a host list ``[B][P]`` of ints (a tensor is copied to the host: pass Python ints on
     hot paths to avoid the device sync)."""
     if torch.is_tensor(k):
         k = k.tolist()
-    if isinstance(k, (int,)) and not isinstance(k, bool):
-        return [[int(k)] for _ in range(B)]
+    if not isinstance(k, (list, tuple)):
+        return [[_whole_k(k)] for _ in range(B)]
     rows = list(k)
     if len(rows) != B:
         raise ValueError(f"k must be an int, [B] or [B, P] with B = {B}, got {len(rows)} rows")
-    table = [[int(v)] if not isinstance(v, (list, tuple)) else [int(x) for x in v] for v in rows]
+    table = [[_whole_k(v)] if not isinstance(v, (list, tuple)) else [_whole_k(x) for x in v]
+             for v in rows]
     P = len(table[0])
     if P < 1 or any(len(r) != P for r in table):
         raise ValueError("k must have the same number of segments (P >= 1) for every sample")

@@ -59,6 +59,10 @@ def test_config_defaults_and_json_roundtrip():
     (dict(routed_blocks=[-1]), "routed_blocks"),
     (dict(param_dtype="int8"), "param_dtype"),
     (dict(num_train_timesteps=0), "num_train_timesteps"),
+    (dict(lam=float("inf")), "lam must be a finite number"),
+    (dict(router_init_std=float("nan")), "router_init_std must be a finite number"),
+    (dict(lam="0.3"), "lam must be a finite number, got '0.3'"),
+    (dict(target_kept_ratio=True), "target_kept_ratio must be a finite number"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -443,6 +447,29 @@ def test_load_rejects_truncated_and_tampered_files(tmp_path):
         diffcr.load(make("dit"), ck)
     with pytest.raises(diffcr.CheckpointError, match="not a DiffCR checkpoint"):
         diffcr.load(make("dit"), tmp_path / "nothing")
+
+
+def test_load_checks_finiteness_in_the_model_dtype(tmp_path):
+    """A value finite in the file (float64 1e300) but not in the parameter's float32 is
+    refused before anything changes, instead of loading as inf."""
+    from safetensors.torch import load_file, save_file
+
+    model = make("dit")
+    diffcr.convert(model)
+    ck = diffcr.save(model, tmp_path / "ck")
+    tensors = load_file(str(ck / "diffcr.safetensors"))
+    key = next(k for k in tensors if k.endswith("router.weight"))
+    t = tensors[key].double()
+    t[0] = 1e300
+    tensors[key] = t
+    save_file(tensors, str(ck / "diffcr.safetensors"),
+              metadata={"format": "diffcr", "version": "1"})
+    fresh = make("dit")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(diffcr.CheckpointError, match="not finite in the model's torch.float32"):
+        diffcr.load(fresh, ck)
+    assert not diffcr.is_converted(fresh)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
 def test_model_deep_copies_right_after_a_training_forward():

@@ -168,6 +168,10 @@ def test_scatter_back_rejects(backend, case):
     (torch.rand(2, 9), 0, r"every k must be in \[1, N=9\]"),
     (torch.rand(2, 9), [[1, 2], [3]], "same number of segments"),
     (torch.rand(2, 9), [1, 2, 3], "B = 2"),
+    (torch.rand(2, 9), 3.5, "whole numbers of tokens, got 3.5"),
+    (torch.rand(2, 9), [2, 2.5], "whole numbers of tokens, got 2.5"),
+    (torch.rand(2, 9), None, "whole numbers of tokens"),
+    (torch.rand(2, 9), torch.tensor([1.5, 2.0]), "whole numbers of tokens, got 1.5"),
 ])
 def test_select_topk_rejects(scores, k, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Sequence, Tuple
 
@@ -13,6 +14,13 @@ GATES = ("sigmoid", "sigmoid2x")
 PATHS = ("auto", "fused", "compat")
 SELECTIONS = ("router", "random")
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def _finite_number(name: str, v) -> float:
+    """A real, finite number (int or float, not bool, not a string) as float; else ValueError."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
 
 
 @dataclass
@@ -104,6 +112,8 @@ class DiffCRConfig:
                                  f"DDPM-style models, 1.0 for flow matching), got "
                                  f"{self.num_train_timesteps!r}")
             self.num_train_timesteps = t
+        for name in ("target_kept_ratio", "init_kept_ratio", "lam", "router_init_std"):
+            setattr(self, name, _finite_number(name, getattr(self, name)))
         lo, hi = self.bins[0], self.bins[-1]
         if not (lo <= float(self.target_kept_ratio) <= hi):
             raise ValueError(f"target_kept_ratio must lie within the bins [{lo}, {hi}], got "

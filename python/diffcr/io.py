@@ -124,12 +124,27 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if missing or extra:
         raise CheckpointError(f"checkpoint tensors do not match: missing {missing[:4]}, "
                               f"unexpected {extra[:4]}")
+    # the dtype each value will have in the model: a value finite in the file's dtype may
+    # overflow the parameter's (float64 1e300 -> float32 inf), so check after the cast
+    if is_converted(model):
+        have = routed_blocks(model)
+        target = {}
+        for i in idx:
+            if i in have:
+                target[f"transformer_blocks.{i}.router.weight"] = have[i].router.weight.dtype
+                target[f"transformer_blocks.{i}.ratio.kept"] = have[i].ratio.kept.dtype
+    else:
+        target = dict.fromkeys(expect, getattr(torch, cfg.param_dtype))
     for k, shape in expect.items():
         t = tensors[k]
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{k} has shape {tuple(t.shape)}, expected {shape}")
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise CheckpointError(f"{k} is not a finite floating-point tensor")
+        dt = target.get(k, t.dtype)
+        if dt != t.dtype and not torch.isfinite(t.to(dt)).all():
+            raise CheckpointError(f"{k} has values that are not finite in the model's {dt} "
+                                  f"(the file holds {t.dtype})")
     lo, hi = cfg.min_bin, cfg.max_bin
     for i in idx:
         kept = tensors[f"transformer_blocks.{i}.ratio.kept"]
