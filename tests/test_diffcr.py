@@ -1,5 +1,6 @@
 """DiffCR modules and the diffusers drop-in (tiny random PixArt / DiT, CPU, no downloads)."""
 import copy
+import hashlib
 import json
 
 import pytest
@@ -464,6 +465,9 @@ def test_load_checks_finiteness_in_the_model_dtype(tmp_path):
     tensors[key] = t
     save_file(tensors, str(ck / "diffcr.safetensors"),
               metadata={"format": "diffcr", "version": "1"})
+    meta = json.loads((ck / "diffcr.json").read_text())
+    meta["tensors_sha256"] = hashlib.sha256((ck / "diffcr.safetensors").read_bytes()).hexdigest()
+    (ck / "diffcr.json").write_text(json.dumps(meta))  # a consistent file: the value is the issue
     fresh = make("dit")
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(diffcr.CheckpointError, match="not finite in the model's torch.float32"):
@@ -481,3 +485,49 @@ def test_model_deep_copies_right_after_a_training_forward():
     assert diffcr.is_converted(clone)
     with pytest.raises(RuntimeError, match="no forward"):
         diffcr.ratio_loss(clone)
+
+
+@pytest.mark.parametrize("tamper,pattern", [
+    (lambda m: m.update(config=5), "'config' has the wrong type"),
+    (lambda m: m.pop("config"), "no 'config' object"),
+    (lambda m: m["config"].update(num_regions="x"), "invalid config"),
+    (lambda m: m["config"].update(bins={"a": 1}), "invalid config"),
+    (lambda m: m.update(model=[1]), "'model' has the wrong type"),
+    (lambda m: m.update(frozen_bins={"a": 1}), "frozen_bins"),
+    (lambda m: m.update(frozen_bins={"0": 1, "1": [0.5]}), "frozen_bins"),
+    (lambda m: m.update(tensors_sha256=7), "'tensors_sha256' has the wrong type"),
+    ("nested", "not valid JSON"),
+])
+def test_load_gives_checkpoint_error_for_every_malformed_json(tmp_path, tamper, pattern):
+    model = make("dit")
+    diffcr.convert(model)
+    ck = diffcr.save(model, tmp_path / "ck")
+    if tamper == "nested":
+        (ck / "diffcr.json").write_text("[" * 100000 + "]" * 100000)
+    else:
+        meta = json.loads((ck / "diffcr.json").read_text())
+        tamper(meta)
+        (ck / "diffcr.json").write_text(json.dumps(meta))
+    fresh = make("dit")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(diffcr.CheckpointError, match=pattern):
+        diffcr.load(fresh, ck)
+    assert not diffcr.is_converted(fresh)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_load_detects_in_range_corruption_by_checksum(tmp_path):
+    """A bit flip inside a tensor that keeps the value finite and in range is caught by the
+    SHA-256 recorded at save time."""
+    model = make("dit")
+    diffcr.convert(model)
+    ck = diffcr.save(model, tmp_path / "ck")
+    data = bytearray((ck / "diffcr.safetensors").read_bytes())
+    data[-2] ^= 0x01  # lowest mantissa bits of the last float32: still finite, still in range
+    (ck / "diffcr.safetensors").write_bytes(bytes(data))
+    with pytest.raises(diffcr.CheckpointError, match="does not match the checksum"):
+        diffcr.load(make("dit"), ck)
+    meta = json.loads((ck / "diffcr.json").read_text())
+    meta.pop("tensors_sha256")  # a checkpoint from before checksums: loads as before
+    (ck / "diffcr.json").write_text(json.dumps(meta))
+    diffcr.load(make("dit"), ck)

@@ -1,11 +1,13 @@
 """Saving and loading only what DiffCR adds: router weights, ratio parameters, the config.
 
-Format: a directory with ``diffcr.safetensors`` (tensors) and ``diffcr.json`` (config plus a
-signature of the model it came from). Never pickle. :func:`load` validates everything against
-the model before it copies a single value; a failed load leaves the model unchanged.
+Format: a directory with ``diffcr.safetensors`` (tensors) and ``diffcr.json`` (config, a
+signature of the model it came from, and the SHA-256 of the tensor file). Never pickle.
+:func:`load` validates everything against the model before it copies a single value; a failed
+load leaves the model unchanged and raises :class:`CheckpointError`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Union
@@ -53,8 +55,18 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     meta = {"format": FORMAT, "diffcr_version": __version__, "config": st.config.to_dict(),
             "model": _signature(model), "frozen_bins": frozen if st.frozen else None}
     save_file(tensors, str(out / TENSORS), metadata={"format": "diffcr", "version": str(FORMAT)})
+    # a checksum of the tensor file: corruption that keeps every value in range is detected too
+    meta["tensors_sha256"] = _sha256(out / TENSORS)
     (out / META).write_text(json.dumps(meta, indent=2))
     return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_checkpoint(path: Union[str, Path]):
@@ -74,19 +86,30 @@ def read_checkpoint(path: Union[str, Path]):
             raise CheckpointError(f"{path} has no {f}")
     try:
         meta = json.loads((path / META).read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise CheckpointError(f"{path / META} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META}: unknown checkpoint format "
                               f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    for key, kind in (("config", dict), ("model", dict), ("frozen_bins", (dict, type(None))),
+                      ("tensors_sha256", (str, type(None)))):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{path / META}: {key!r} has the wrong type "
+                                  f"({type(meta[key]).__name__})")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path / META}: no 'config' object")
     try:
         cfg = DiffCRConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path / META}: invalid config: {e}") from e
     try:
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path / TENSORS} is truncated or corrupt: {e}") from e
+    want = meta.get("tensors_sha256")
+    if want is not None and _sha256(path / TENSORS) != want:
+        raise CheckpointError(f"{path / TENSORS} does not match the checksum recorded in "
+                              f"{META}: the file is corrupt or was changed")
     return meta, cfg, tensors
 
 
@@ -100,7 +123,7 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """
     path = Path(path)
     meta, cfg, tensors = read_checkpoint(path)
-    sig, want = _signature(model), meta.get("model", {})
+    sig, want = _signature(model), meta.get("model") or {}
     diffs = [f"{k}: checkpoint {want.get(k)!r}, model {sig[k]!r}" for k in sig
              if want.get(k) != sig[k]]
     if diffs:
@@ -153,8 +176,13 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                                   f"bin range [{lo}, {hi}]")
     frozen = meta.get("frozen_bins")
     if frozen is not None:
-        if not isinstance(frozen, dict) or sorted(map(int, frozen)) != idx or any(
-                len(v) != R or any(b not in cfg.bins for b in v) for v in frozen.values()):
+        try:
+            ok = set(frozen) == {str(i) for i in idx} and all(
+                isinstance(v, list) and len(v) == R and all(b in cfg.bins for b in v)
+                for v in frozen.values())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise CheckpointError("frozen_bins in the checkpoint do not match its config")
     # ---- everything checked: now change the model
     if not is_converted(model):
