@@ -23,6 +23,7 @@ run raises an error that says why.
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -129,12 +130,8 @@ def varlen_attention(
     cu_seqlens back from the device. Same semantics as
     :func:`diffcr_kernels.reference.varlen_attention`.
     """
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be [T, H, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same segments, got "
-                         f"shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, uniform,
+                  seqlens_q, seqlens_k)
     forced = backend or os.environ.get("DIFFCR_ATTENTION") or None
     grouped = seqlens_q is not None and seqlens_k is not None and len(seqlens_q) > 0
     path = _pick(q, uniform, forced, grouped)
@@ -180,6 +177,74 @@ def varlen_attention(
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     return torch.cat(outs, 0)
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, uniform, seqlens_q, seqlens_k) -> None:
+    """The checks every path of :func:`varlen_attention` relies on, before any of them runs
+    (ValueError naming the argument). Segment contents are checked on the host where that is
+    free: from ``seqlens_q`` / ``seqlens_k`` when given, from CPU ``cu_seqlens``, and from CUDA
+    ones with ``DIFFCR_VALIDATE=1`` (a device sync)."""
+    op = "varlen_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dim() != 3:
+            raise ValueError(f"{op}: {name} must be a [T, H, Dh] tensor, got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got "
+                             f"{t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{op}: {name} is {t.dtype} on {t.device} but q is {q.dtype} on "
+                             f"{q.device}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"{op}: k has {k.shape[0]} rows but v has {v.shape[0]}")
+    if not (q.shape[1] == k.shape[1] == v.shape[1]):
+        raise ValueError(f"{op}: q, k and v must have the same number of heads (no grouped-query "
+                         f"attention), got {q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: q and k must have the same head dim, got {q.shape[2]} and "
+                         f"{k.shape[2]}")
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not torch.is_tensor(cu) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
+            raise ValueError(f"{op}: {name} must be a 1-D int32 tensor [S + 1], got "
+                             f"{getattr(cu, 'dtype', type(cu).__name__)} "
+                             f"{tuple(getattr(cu, 'shape', ()))}")
+        if cu.device != q.device:
+            raise ValueError(f"{op}: {name} is on {cu.device} but q is on {q.device}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same segments, "
+                         f"got shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    S = cu_q.numel() - 1
+    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+            raise ValueError(f"{op}: {name} must be an int >= 0, got {m!r}")
+    if uniform and S and (q.shape[0] % S or k.shape[0] % S):
+        raise ValueError(f"{op}: uniform=True but Tq={q.shape[0]} / Tk={k.shape[0]} rows do "
+                         f"not split evenly into {S} segments")
+    if torch.compiler.is_compiling():
+        return
+    for side, cu, lens, T, mx in (("q", cu_q, seqlens_q, q.shape[0], max_q),
+                                  ("k", cu_k, seqlens_k, k.shape[0], max_k)):
+        if lens is None:
+            if cu.device.type != "cpu" and os.environ.get("DIFFCR_VALIDATE", "0") != "1":
+                continue
+            c = cu.tolist()
+            if c[0] != 0:
+                raise ValueError(f"{op}: cu_seqlens_{side}[0] must be 0, got {c[0]}")
+            lens = [b - a for a, b in zip(c[:-1], c[1:])]
+        lens = list(lens)
+        if len(lens) != S:
+            raise ValueError(f"{op}: seqlens_{side} has {len(lens)} segments but cu_seqlens_"
+                             f"{side} describes {S}")
+        if lens and min(lens) < 0:
+            raise ValueError(f"{op}: cu_seqlens_{side} must be non-decreasing")
+        if sum(lens) != T:
+            raise ValueError(f"{op}: the segments cover {sum(lens)} rows but {side} has {T} "
+                             "(cu_seqlens must end at the number of rows)")
+        if lens and max(lens) > mx:
+            raise ValueError(f"{op}: a segment has {max(lens)} rows but max_seqlen_{side} = {mx}")
 
 
 def _sdpa_one(qg, kg, vg, scale):

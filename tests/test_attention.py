@@ -88,3 +88,42 @@ def test_gpu_default_path_matches_reference(dtype):
     out = dk.varlen_attention(q, k, v, cq, ck, mq, mk)
     expect = ref.varlen_attention(q.float(), k.float(), v.float(), cq, ck, mq, mk)
     torch.testing.assert_close(out.float(), expect, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("heads", "same number of heads"),
+    ("head_dim", "same head dim"),
+    ("kv_rows", "k has .* rows but v has"),
+    ("dtype", "k is torch.float64 on cpu but q is torch.float32"),
+    ("cu_dtype", "cu_seqlens_q must be a 1-D int32 tensor"),
+    ("cu_short", "the segments cover 5 rows but q has 8"),
+    ("max_small", "a segment has 5 rows but max_seqlen_q = 2"),
+    ("max_type", "max_seqlen_k must be an int"),
+    ("seqlens", "seqlens_q has 1 segments but cu_seqlens_q describes 2"),
+])
+@pytest.mark.parametrize("backend", [None, "reference", "sdpa_segments"])
+def test_varlen_attention_refuses_bad_inputs_on_every_path(case, pattern, backend):
+    """Checked once before any path runs: the reference used to drop the rows a short
+    cu_seqlens did not cover, and mismatched heads, dtypes and max_seqlen went through."""
+    q, k, v, cq, ck, mq, mk = _segments([3, 5], [3, 5])
+    kw = dict(backend=backend)
+    if case == "heads":
+        k, v = k[:, :1], v[:, :1]
+    elif case == "head_dim":
+        k = k[..., :-1]
+    elif case == "kv_rows":
+        v = v[:-1]
+    elif case == "dtype":
+        k = k.double()
+    elif case == "cu_dtype":
+        cq = cq.long()
+    elif case == "cu_short":
+        cq = torch.tensor([0, 3, 5], dtype=torch.int32)
+    elif case == "max_small":
+        mq = 2
+    elif case == "max_type":
+        mk = 5.0
+    elif case == "seqlens":
+        kw.update(seqlens_q=[8], seqlens_k=[3, 5])
+    with pytest.raises(ValueError, match=pattern):
+        dk.varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
