@@ -20,6 +20,7 @@ the modulation vectors, the router scores and the per-segment (bin) weights.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterator, Optional, Union
 
@@ -210,13 +211,18 @@ def _check_idx(op, x, idx, contents=True):
                              f"{rows} rows (B*N)")
 
 
-def _check_gather(op, x, idx, shift, scale, weight, bias, contents=True):
+def _check_gather(op, x, idx, shift, scale, weight, bias, contents=True, eps=0.0):
     _check_x(op, x)
     _check_idx(op, x, idx, contents)
     B, N, D = x.shape
     for name, t, shape in (("shift", shift, (B, D)), ("scale", scale, (B, D)),
                            ("weight", weight, (D,)), ("bias", bias, (D,))):
         _need(t, op, name, shape, x)
+        if t is not None and t.dtype != x.dtype:  # as every compiled backend requires
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected {x.dtype} (the dtype "
+                             "of x)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
 def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P, contents=True):
@@ -330,7 +336,7 @@ def gather_norm_modulate(
     contents = True
     if isinstance(idx, Selection):
         contents, idx = not idx.checked, idx.indices
-    _check_gather("gather_norm_modulate", x, idx, shift, scale, weight, bias, contents)
+    _check_gather("gather_norm_modulate", x, idx, shift, scale, weight, bias, contents, eps)
     backend = resolve_backend("gather_norm_modulate", x.device)
     if backend == "reference":
         return ref.gather_norm_modulate(x, idx, shift, scale, weight, bias, eps)

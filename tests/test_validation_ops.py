@@ -260,3 +260,17 @@ def test_raw_cpu_op_checks_the_values_of_a_strided_cu_seqlens():
     with pytest.raises(ValueError, match="must equal the number of rows"):
         torch.ops.diffcr.scatter_back_backward(x, sel.indices, zero_stride, sel.max_seqlen, w,
                                                d1, None, None, None)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), "1e-6"])
+def test_gather_norm_modulate_refuses_bad_eps_on_every_backend(backend, eps):
+    b = _base()
+    with dk.use_backend(backend), pytest.raises(ValueError, match="eps must be a finite number"):
+        dk.gather_norm_modulate(b["x"], b["sel"].indices, b["shift"], eps=eps)
+
+
+def test_gather_norm_modulate_refuses_a_modulation_dtype_on_every_backend(backend):
+    """The reference used to accept a float64 shift for float32 x; every backend refuses it."""
+    b = _base()
+    with dk.use_backend(backend), pytest.raises(ValueError, match="shift has dtype"):
+        dk.gather_norm_modulate(b["x"], b["sel"].indices, b["shift"].double())
