@@ -141,9 +141,11 @@ def select_topk(scores: torch.Tensor, k, seg_weight=None) -> Selection:
     """Ragged per-segment top-k into the packed layout. See
     :func:`diffcr_kernels.reference.select_topk`. With ``DIFFCR_BACKEND=triton`` one Triton
     program per segment sorts and packs the indices (:mod:`diffcr_kernels.triton.select`);
-    otherwise torch's stable sort (CUB segmented radix sort on CUDA) with static shapes."""
+    otherwise torch's stable sort (CUB segmented radix sort on CUDA) with static shapes. The
+    Triton kernel ranks in float32, so float64 scores (which float32 could tie) and more than
+    its ``MAX_TOKENS`` tokens take the torch sort: every backend selects the same tokens."""
     if current_backend() == "triton" and _triton_select is not None and torch.is_tensor(scores) \
-            and scores.dim() == 2 \
+            and scores.dim() == 2 and scores.dtype != torch.float64 \
             and scores.shape[1] <= _triton_select.MAX_TOKENS:
         why = _triton_ok(scores.device)
         if why:

@@ -527,3 +527,19 @@ def test_triton_select_matches_reference(B, N, ks):
     assert torch.equal(got.cu_seqlens, expect.cu_seqlens)
     torch.testing.assert_close(got.scores, expect.scores, equal_nan=True)
     assert got.seqlens == expect.seqlens and got.max_seqlen == expect.max_seqlen
+
+
+def test_triton_select_ties_signed_zeros_and_ranks_float64_like_the_reference():
+    """-0.0 and +0.0 tie (lower index first, as torch.sort), and float64 scores that float32
+    would round to a tie select the same tokens as the reference (they take the torch sort)."""
+    import diffcr_kernels as dk
+
+    s = torch.tensor([[0.5, -0.0, 0.0, -0.0, 0.25, 0.0]]).to(DEVICE)
+    with dk.use_backend("triton"):
+        got = dk.select_topk(s, 4)
+    assert got.indices.tolist() == ref.select_topk(s, 4).indices.tolist() == [0, 1, 2, 4]
+    d = torch.tensor([[0.5, 0.5 + 1e-12, 0.5 + 2e-12, 0.1]], dtype=torch.float64).to(DEVICE)
+    assert float(d[0, 1]) != float(d[0, 2]) and d[0, 1].float() == d[0, 2].float()
+    with dk.use_backend("triton"):
+        got = dk.select_topk(d, 1)
+    assert got.indices.tolist() == ref.select_topk(d, 1).indices.tolist() == [2]

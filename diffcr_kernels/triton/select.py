@@ -25,6 +25,7 @@ def _select_kernel(scores_ptr, ks_ptr, cu_ptr, out_ptr, N, P, BLOCK_N: tl.conste
     n = tl.arange(0, BLOCK_N)
     s = tl.load(scores_ptr + b * N + n, mask=n < N, other=float("-inf"))
     s = tl.where(s != s, float("-inf"), s)  # NaN ranks last (with -inf and the padding)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0 (lower index first), as torch.sort does
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotonic int image of the float
     key = (ordered.to(tl.int64) << 32) | (BLOCK_N - 1 - n).to(tl.int64)
