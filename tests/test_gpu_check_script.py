@@ -65,17 +65,16 @@ def test_deadline_cuts_the_running_step_and_skips_the_rest(tmp_path):
     env = _env(tmp_path, PATH=f"{_fake_smi(tmp_path)}:{os.environ['PATH']}",
                GPU_CHECK_DRY_RUN=1, GPU_CHECK_DRY_STEP_S=60, GPU_CHECK_DEADLINE=20,
                GPU_CHECK_RESERVE=2)
-    t0 = time.monotonic()
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                        timeout=120)
-    wall = time.monotonic() - t0
     out = tmp_path / "out"
     status, order = _steps(out)
     assert order == ["preflight"] + STEPS, (order, r.stdout)
-    assert status["build"].startswith("timeout after"), status  # cut to the deadline
+    # the 60 s step was cut to the time left before the 20 s deadline, the rest skipped
+    assert status["build"].startswith("timeout after"), status
+    assert int(status["build"].split()[2].rstrip("s")) < 20, status
     assert all(status[s] == "skipped (deadline)" for s in STEPS[1:]), status
     assert r.returncode == 1
-    assert wall < 20 + 30, wall  # a 60 s step did not run past a 20 s deadline
     assert "compute capability: 90" in (out / "preflight.txt").read_text()
     summary = (out / "summary.md").read_text()
     assert "| build | timeout after" in summary and "| suites | skipped (deadline)" in summary
