@@ -193,12 +193,18 @@ def test_convert_refuses_unsupported_models_and_blocks():
 
 
 def test_convert_refuses_diffusers_hooks_and_chunking():
-    from diffusers.hooks import HookRegistry
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 
     model = make("pixart")
-    HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0])
-    with pytest.raises(ValueError, match="diffusers hooks"):
+    HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0])  # empty: fine
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match=r"diffusers hooks on \['transformer_blocks.0 "
+                                         r"\(fbc_leader_block_hook"):
         diffcr.convert(model)
+    assert not diffcr.is_converted(model)
+    HookRegistry.check_if_exists_or_initialize(model).remove_hook("fbc_leader_block_hook")
+    HookRegistry.check_if_exists_or_initialize(model).remove_hook("fbc_block_hook")
+    diffcr.convert(model)  # removed hooks: converts
     model = make("dit")
     model.transformer_blocks[0].set_chunk_feed_forward(4, 1)
     with pytest.raises(ValueError, match="chunking"):
@@ -267,7 +273,7 @@ def test_freeze_fixes_k_per_block_and_region(kind):
     with torch.no_grad():
         eval_out = run(model, kw)
     diffcr.freeze(model)
-    assert model.transformer_blocks[0]._diffcr_frozen_bins == [0.3, 0.5, 0.8, 1.0]
+    assert diffcr.routing_state(model).blocks[0].frozen_bins == [0.3, 0.5, 0.8, 1.0]
     set_ratios(model, 0.1)  # frozen: parameters no longer matter
     for b in diffcr.routed_blocks(model).values():
         b.training = True  # nor does training mode of the blocks: one branch, fixed bins
@@ -409,8 +415,8 @@ def test_save_load_roundtrip(kind, tmp_path):
     diffcr.save(model, tmp_path / "ck2")
     fresh2 = make(kind)
     diffcr.load(fresh2, tmp_path / "ck2")
-    assert fresh2._diffcr_state.frozen
-    assert fresh2.transformer_blocks[0]._diffcr_frozen_bins == [0.3, 0.6, 0.9]
+    assert diffcr.routing_state(fresh2).frozen
+    assert diffcr.routing_state(fresh2).blocks[0].frozen_bins == [0.3, 0.6, 0.9]
 
 
 def test_load_mismatch_errors_leave_model_unchanged(tmp_path):

@@ -232,7 +232,7 @@ def test_frozen_inplace_residual_gives_the_same_output_without_copying(kind, pat
     assert not any(same), "a block wrote into its input with autograd on"
     torch.testing.assert_close(out2.detach(), expect)
     diffcr.unfreeze(m)
-    assert not m._diffcr_state.inplace_residual  # unfreeze resets the in-place switch
+    assert not diffcr.routing_state(m).inplace_residual  # unfreeze resets the in-place switch
     for h in hooks:
         h.remove()
     with pytest.raises(ValueError, match="inplace_residual must be True or False"):

@@ -109,7 +109,7 @@ def test_the_library_never_imports_the_application():
     the CLI, `diffcr train`, the bench harness, the demo — unimported."""
     code = (
         "import sys, torch, tempfile\n"
-        "import diffcr, diffcr.config, diffcr.convert, diffcr.fused, diffcr.io, diffcr.modules,"
+        "import diffcr, diffcr.config, diffcr.convert, diffcr.routing, diffcr.models, diffcr.io, diffcr.modules,"
         " diffcr.training, diffcr.cpu, diffcr_kernels\n"
         "from diffusers import DiTTransformer2DModel\n"
         "m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,"

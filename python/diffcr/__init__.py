@@ -19,6 +19,8 @@ from .config import DiffCRConfig
 from .cpu import prepack_linears, unpack_linears
 from .convert import (compile_model, convert, freeze, is_converted, revert, routed_blocks,
                       set_timestep, unfreeze)
+from .models import ModelFamily, families, family_for, register_family
+from .routing import BlockRouting, RoutingState, routing_state
 from .io import CheckpointError, load, save
 from .modules import DifferentiableRatio, Router
 from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ratio,
@@ -26,9 +28,10 @@ from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ra
                        router_parameters)
 
 __all__ = [
-    "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "Router", "__version__",
-    "attach_ratio_projection", "available_backends", "compile_model", "convert", "format_ratio_table", "freeze",
+    "BlockRouting", "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "ModelFamily",
+    "Router", "RoutingState", "__version__", "attach_ratio_projection", "available_backends",
+    "compile_model", "convert", "families", "family_for", "format_ratio_table", "freeze",
     "is_converted", "load", "mean_kept_ratio", "prepack_linears", "project_ratios", "ratio_loss",
-    "ratio_parameters", "ratio_table", "revert", "routed_blocks", "router_parameters", "save",
-    "set_timestep", "unfreeze", "unpack_linears",
+    "ratio_parameters", "ratio_table", "register_family", "revert", "routed_blocks",
+    "router_parameters", "routing_state", "save", "set_timestep", "unfreeze", "unpack_linears",
 ]

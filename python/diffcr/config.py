@@ -156,10 +156,19 @@ class DiffCRConfig:
         """T used for the regions (1000 when not set)."""
         return 1000.0 if self.num_train_timesteps is None else float(self.num_train_timesteps)
 
-    def region_of(self, t: float) -> int:
-        """region(t) = min(R - 1, floor(t * R / T)), clamped at 0 for t < 0."""
+    def region_of_level(self, level: float) -> int:
+        """The region of a noise level in [0, 1] (method §3): ``min(R - 1, floor(level * R))``,
+        clamped at 0 below 0. ``level * R`` is rounded to 9 decimals first, so a boundary such
+        as ``t = 250`` of ``T = 1000`` (R = 4) starts region 1 whatever the float rounding of
+        ``t / T``."""
         R = self.num_regions
-        return max(0, min(R - 1, int(math.floor(float(t) * R / self.timesteps))))
+        return max(0, min(R - 1, int(math.floor(round(float(level) * R, 9)))))
+
+    def region_of(self, t: float) -> int:
+        """Region of a DDPM-style timestep ``t`` in ``[0, T)``: the region of noise level
+        ``t / T`` (:meth:`region_of_level`). Model families with other timestep conventions
+        map to a noise level first (:mod:`diffcr.models`)."""
+        return self.region_of_level(float(t) / self.timesteps)
 
     def torch_dtype(self):
         import torch

@@ -17,7 +17,9 @@ from torch import nn
 
 from ._version import __version__
 from .config import DiffCRConfig
-from .convert import _state, convert, is_converted, routed_blocks
+from .convert import convert, is_converted, routed_blocks
+from .models import family_for
+from .routing import routing_state
 
 __all__ = ["save", "load", "read_checkpoint", "CheckpointError"]
 
@@ -31,9 +33,16 @@ class CheckpointError(ValueError):
 
 
 def _signature(model: nn.Module) -> dict:
-    blocks = model.transformer_blocks
-    return {"model_class": type(model).__name__, "num_blocks": len(blocks),
-            "hidden_size": blocks[0].attn1.to_q.in_features}
+    positions = family_for(model).blocks(model)
+    if not positions:
+        raise CheckpointError(f"{type(model).__name__} has no blocks to route")
+    return {"model_class": type(model).__name__, "num_blocks": len(positions),
+            "hidden_size": family_for(model).hidden_size(positions[0][1])}
+
+
+def _block_names(model: nn.Module):
+    """Qualified name of every routable block position (the checkpoint's key prefixes)."""
+    return [name for name, _ in family_for(model).blocks(model)]
 
 
 def save(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -41,17 +50,17 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     ``path`` (created if needed). Returns the directory."""
     from safetensors.torch import save_file
 
-    st = _state(model)
+    st = routing_state(model)
+    names = _block_names(model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     frozen = {}
     for i, b in routed_blocks(model).items():
-        tensors[f"transformer_blocks.{i}.router.weight"] = b.router.weight.detach().cpu() \
-            .contiguous()
-        tensors[f"transformer_blocks.{i}.ratio.kept"] = b.ratio.kept.detach().cpu().contiguous()
-        if b._diffcr_frozen_bins is not None:
-            frozen[str(i)] = list(b._diffcr_frozen_bins)
+        tensors[f"{names[i]}.router.weight"] = b.router.weight.detach().cpu().contiguous()
+        tensors[f"{names[i]}.ratio.kept"] = b.ratio.kept.detach().cpu().contiguous()
+        if st.blocks[i].frozen_bins is not None:
+            frozen[str(i)] = list(st.blocks[i].frozen_bins)
     meta = {"format": FORMAT, "diffcr_version": __version__, "config": st.config.to_dict(),
             "model": _signature(model), "frozen_bins": frozen if st.frozen else None}
     save_file(tensors, str(out / TENSORS), metadata={"format": "diffcr", "version": str(FORMAT)})
@@ -124,12 +133,13 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     path = Path(path)
     meta, cfg, tensors = read_checkpoint(path)
     sig, want = _signature(model), meta.get("model") or {}
+    names = _block_names(model)
     diffs = [f"{k}: checkpoint {want.get(k)!r}, model {sig[k]!r}" for k in sig
              if want.get(k) != sig[k]]
     if diffs:
         raise CheckpointError("checkpoint does not fit this model: " + "; ".join(diffs))
     if is_converted(model):
-        have = _state(model).config
+        have = routing_state(model).config
         keys = ("bins", "num_regions", "gate", "routed_blocks", "num_train_timesteps")
         cd = [f"{k}: checkpoint {getattr(cfg, k)!r}, model {getattr(have, k)!r}" for k in keys
               if getattr(cfg, k) != getattr(have, k)]
@@ -140,8 +150,8 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     D, R = sig["hidden_size"], cfg.num_regions
     expect = {}
     for i in idx:
-        expect[f"transformer_blocks.{i}.router.weight"] = (D,)
-        expect[f"transformer_blocks.{i}.ratio.kept"] = (R,)
+        expect[f"{names[i]}.router.weight"] = (D,)
+        expect[f"{names[i]}.ratio.kept"] = (R,)
     missing = sorted(set(expect) - set(tensors))
     extra = sorted(set(tensors) - set(expect))
     if missing or extra:
@@ -154,8 +164,8 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         target = {}
         for i in idx:
             if i in have:
-                target[f"transformer_blocks.{i}.router.weight"] = have[i].router.weight.dtype
-                target[f"transformer_blocks.{i}.ratio.kept"] = have[i].ratio.kept.dtype
+                target[f"{names[i]}.router.weight"] = have[i].router.weight.dtype
+                target[f"{names[i]}.ratio.kept"] = have[i].ratio.kept.dtype
     else:
         target = dict.fromkeys(expect, getattr(torch, cfg.param_dtype))
     for k, shape in expect.items():
@@ -170,9 +180,9 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                                   f"(the file holds {t.dtype})")
     lo, hi = cfg.min_bin, cfg.max_bin
     for i in idx:
-        kept = tensors[f"transformer_blocks.{i}.ratio.kept"]
+        kept = tensors[f"{names[i]}.ratio.kept"]
         if (kept < lo - 1e-6).any() or (kept > hi + 1e-6).any():
-            raise CheckpointError(f"transformer_blocks.{i}.ratio.kept has values outside the "
+            raise CheckpointError(f"{names[i]}.ratio.kept has values outside the "
                                   f"bin range [{lo}, {hi}]")
     frozen = meta.get("frozen_bins")
     if frozen is not None:
@@ -191,12 +201,12 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     with torch.no_grad():
         for i in idx:
             b = blocks[i]
-            b.router.weight.copy_(tensors[f"transformer_blocks.{i}.router.weight"])
-            b.ratio.kept.copy_(tensors[f"transformer_blocks.{i}.ratio.kept"])
-    st = _state(model)
+            b.router.weight.copy_(tensors[f"{names[i]}.router.weight"])
+            b.ratio.kept.copy_(tensors[f"{names[i]}.ratio.kept"])
+    st = routing_state(model)
     if frozen is not None:
         for i in idx:
-            blocks[i]._diffcr_frozen_bins = [float(v) for v in frozen[str(i)]]
+            st.blocks[i].frozen_bins = [float(v) for v in frozen[str(i)]]
             blocks[i].ratio.kept.requires_grad_(False)
         st.frozen = True
     return model

@@ -1,12 +1,13 @@
 """Training helpers: the ratio loss (method §4), the ratio table, and keeping ratios in range."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .convert import _state, routed_blocks
+from .convert import routed_blocks
+from .routing import routing_state
 
 __all__ = ["ratio_loss", "mean_kept_ratio", "ratio_table", "format_ratio_table",
            "project_ratios", "attach_ratio_projection", "router_parameters",
@@ -15,9 +16,8 @@ __all__ = ["ratio_loss", "mean_kept_ratio", "ratio_table", "format_ratio_table",
 
 def _used_kappas(model: nn.Module) -> List[torch.Tensor]:
     used = []
-    for i, b in routed_blocks(model).items():
-        holder = b._diffcr_last_kappa
-        k = None if holder is None else holder.value
+    for r in routing_state(model).blocks.values():
+        k = r.last_kappa
         if k is None:
             raise RuntimeError("diffcr: no forward has run since conversion; ratio_loss and "
                                "mean_kept_ratio read the ratios used by the last forward")
@@ -40,7 +40,7 @@ def ratio_loss(model: nn.Module, target: Optional[float] = None,
     ``target`` and ``lam`` default to the config's ``target_kept_ratio`` and ``lam``. Add it to
     the diffusion loss: ``loss = mse + diffcr.ratio_loss(model)``.
     """
-    cfg = _state(model).config
+    cfg = routing_state(model).config
     target = cfg.target_kept_ratio if target is None else float(target)
     lam = cfg.lam if lam is None else float(lam)
     if not (0.0 < target <= 1.0):
@@ -68,7 +68,7 @@ def format_ratio_table(model: nn.Module, compression: bool = False) -> str:
     idx, table = ratio_table(model)
     if compression:
         table = 1 - table
-    cfg = _state(model).config
+    cfg = routing_state(model).config
     R, T = table.shape[1], cfg.timesteps
     head = ["block"] + [f"t<{(r + 1) * T / R:g}" if r < R - 1 else f"t>={r * T / R:g}"
                         for r in range(R)]

@@ -290,8 +290,8 @@ def _generate_cmd(args) -> int:
     except (TrainError, CheckpointError) as e:
         print(f"diffcr generate: error: {e}", file=sys.stderr)
         return 2
-    from .. import freeze
-    if not model._diffcr_state.frozen:
+    from .. import freeze, routing_state
+    if not routing_state(model).frozen:
         freeze(model)
     model.eval()
     ncls = model.config.num_embeds_ada_norm

@@ -215,7 +215,8 @@ def _train(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_l
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             loss = diffusion_loss(net, sched, x0, y, g)
             total = loss
-            if ratio_loss and diffcr.is_converted(module) and not module._diffcr_state.frozen:
+            if (ratio_loss and diffcr.is_converted(module)
+                    and not diffcr.routing_state(module).frozen):
                 rl = diffcr.ratio_loss(module)
                 total = loss + rl
         opt.zero_grad(set_to_none=True)
@@ -223,7 +224,8 @@ def _train(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_l
         scaler.step(opt)
         scaler.update()
         last = {"loss": loss.item()}
-        if ratio_loss and diffcr.is_converted(module) and not module._diffcr_state.frozen:
+        if (ratio_loss and diffcr.is_converted(module)
+                and not diffcr.routing_state(module).frozen):
             last["kept"] = diffcr.mean_kept_ratio(module).item()
         bar.update(**last)
         if on_step is not None:
@@ -377,7 +379,7 @@ def run_demo(cfg: TrainConfig) -> dict:
         _train(m, x_tr, y_tr, ft_steps, ft_cfg, f"fine-tune {name}", ratio_loss=ratio,
                gen_seed=cfg.seed + 11)
         timings[f"finetune_{name}_s"] = time.time() - t0
-        if conv_cfg is not None and not m._diffcr_state.frozen:
+        if conv_cfg is not None and not diffcr.routing_state(m).frozen:
             diffcr.freeze(m)
         variants[name] = m
         log(f"fine-tuned {name} ({ft_steps} steps)")
@@ -401,8 +403,8 @@ def run_demo(cfg: TrainConfig) -> dict:
         row = {"heldout_denoising_loss": heldout_loss(m, x_te, y_te)}
         if diffcr.is_converted(m):
             idx, table = diffcr.ratio_table(m)
-            frozen = torch.tensor([b._diffcr_frozen_bins for b in
-                                   diffcr.routed_blocks(m).values()])
+            frozen = torch.tensor([r.frozen_bins for r in
+                                   diffcr.routing_state(m).blocks.values()])
             row["mean_kept_ratio"] = float(frozen.mean())
             row["mean_compression"] = 1 - float(frozen.mean())
             row["learned_kept_ratio_table"] = frozen.tolist()
@@ -437,7 +439,7 @@ def run_demo(cfg: TrainConfig) -> dict:
     diffcr.revert(base)
     base.save_pretrained(out / "model")
     idx, table = diffcr.ratio_table(lt)
-    frozen = torch.tensor([b._diffcr_frozen_bins for b in diffcr.routed_blocks(lt).values()])
+    frozen = torch.tensor([r.frozen_bins for r in diffcr.routing_state(lt).blocks.values()])
     plot_ratio_heatmap(frozen, idx, out / "ratios.png", 1000,
                        title="DiffCR-LT learned compression per block and timestep region")
     blocks = [0, len(idx) // 2, len(idx) - 1]

@@ -1,7 +1,7 @@
-"""The fused routed path: DiffCR's own forward of a diffusers PixArt / DiT block over the packed
-layout, using the block's existing parameters.
+"""diffusers ``BasicTransformerBlock`` (PixArt-α/Σ, DiT): the compat path over gathered tokens
+and DiffCR's fused forward over the packed layout, using the block's existing parameters.
 
-Per routed block (docs/method.md §7):
+Fused forward, per routed block (docs/method.md §7):
 
 1. adaLN modulation vectors of every sample (PixArt: ``scale_shift_table + t_emb``; DiT: the
    block's ``norm1.emb`` + ``norm1.linear``), ``[B, D]`` each, broadcast per sample (expanded
@@ -14,11 +14,12 @@ Per routed block (docs/method.md §7):
    diffusers applies it;
 4. the MLP on the packed rows (without autograd: GELU and the residual updates in place, on
    buffers this path made);
-5. ``scatter_back``: ``out[idx] = x[idx] + w_seg * (d_attn + s * g_mlp * mlp)`` with the router
-   score gating the MLP branch only, the two-bin weights, and the residual add fused.
+5. ``scatter_back``: ``out[idx] = x[idx] + w_seg * (attn_update + s * g_mlp * mlp_out)`` with
+   the router score gating the MLP branch only, the two-bin weights, and the residual add fused.
 
-The compat path (the block's own diffusers forward on gathered tokens) stays available for
-verification; the two are tested equal.
+The compat path (the block's own diffusers forward on gathered tokens, one call per group of
+segments with equal k) stays available for verification; the two are tested equal
+(``tests/test_family_conformance.py``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ import torch.nn.functional as F
 
 import diffcr_kernels as dk
 
-__all__ = ["fused_unsupported_reason", "fused_block_forward"]
+from ..routing import MlpGate
+from . import ModelFamily
+
+__all__ = ["BasicBlockFamily", "fused_unsupported_reason", "fused_block_forward"]
+
+SUPPORTED_NORMS = ("ada_norm_single", "ada_norm_zero")
 
 
 def _plain_attention(attn) -> Optional[str]:
@@ -52,7 +58,7 @@ def _plain_attention(attn) -> Optional[str]:
 
 def fused_unsupported_reason(block) -> Optional[str]:
     """None when the fused path can run ``block`` exactly; otherwise the reason it cannot."""
-    if block.norm_type not in ("ada_norm_single", "ada_norm_zero"):
+    if block.norm_type not in SUPPORTED_NORMS:
         return f"norm_type {block.norm_type}"
     if getattr(block, "pos_embed", None) is not None:
         return "block positional embedding"
@@ -186,17 +192,14 @@ def _cross_attention(attn, h, sel, text, text_bias):
 
 def _plain_gelu_ff(ff) -> bool:
     """Whether ``ff`` is diffusers' FeedForward with a GELU first layer and no hooks other than
-    diffcr's (inactive) gate hook, so :func:`_feed_forward` may run it step by step."""
+    diffcr's (inactive) gate, so :func:`_feed_forward` may run it step by step."""
     from diffusers.models.activations import GELU
-
-    from .convert import _ff_hook
 
     net = getattr(ff, "net", None)
     if net is None or len(net) < 3 or type(net[0]) is not GELU or ff._forward_pre_hooks:
         return False
-    if any(h is not _ff_hook for h in ff._forward_hooks.values()):
-        return False
-    if ff.__dict__.get("_diffcr_scale") is not None:
+    if any(not isinstance(h, MlpGate) or h.scale is not None
+           for h in ff._forward_hooks.values()):
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in net)
 
@@ -242,11 +245,11 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     shape = _row_layout(sel)
     g = _per_row(gate_msa, sel, shape)
     if inplace:  # a, xp, c, n2 below are fresh outputs of this function's own calls
-        d1 = _apply(a, shape).mul_(g).reshape(-1, D)
-        h = xp.add_(d1)
+        attn_update = _apply(a, shape).mul_(g).reshape(-1, D)
+        h = xp.add_(attn_update)
     else:
-        d1 = (_apply(a, shape) * g).reshape(-1, D)
-        h = xp + d1
+        attn_update = (_apply(a, shape) * g).reshape(-1, D)
+        h = xp + attn_update
     if getattr(block, "attn2", None) is not None:
         if block.norm_type == "ada_norm_single":
             cross_in = h  # PixArt applies no norm before cross-attention
@@ -255,10 +258,10 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
         c = _cross_attention(block.attn2, cross_in, sel, encoder_hidden_states,
                              encoder_attention_mask)
         if inplace:
-            d1.add_(c)
+            attn_update.add_(c)
             h.add_(c)
         else:
-            d1 = d1 + c
+            attn_update = attn_update + c
             h = h + c
     norm2 = block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
     w2, b2, eps2 = _ln_params(norm2)
@@ -269,6 +272,113 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
         n2 = n2.mul_(1 + sc).add_(sh).reshape(-1, D)
     else:
         n2 = (n2 * (1 + sc) + sh).reshape(-1, D)
-    m = _feed_forward(block.ff, n2, inplace)
-    return dk.scatter_back_selection(x, sel, d1, m, gate_mlp, scores=gate_scores,
+    mlp_out = _feed_forward(block.ff, n2, inplace)
+    return dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate_mlp, scores=gate_scores,
                                      inplace=inplace and inplace_residual)
+
+
+# ---------------------------------------------------------------------- compat path helpers
+def _take(v, samp, B):
+    """Select the samples ``samp`` of a per-sample argument (tensors with a leading batch dim;
+    dicts recursively); anything else passes through."""
+    if torch.is_tensor(v) and v.dim() >= 1:
+        if v.shape[0] == B:
+            return v[samp]
+        if v.shape[0] == 1:
+            return v.expand(samp.numel(), *v.shape[1:])
+        return v
+    if isinstance(v, dict):
+        return {k: _take(x, samp, B) for k, x in v.items()}
+    return v
+
+
+def _take_token_mask(mask, samp, tok, B, N):
+    """Self-attention mask ``[B, 1, N]`` / ``[B, N]`` -> the selected keys of each segment."""
+    m = mask[samp] if mask.shape[0] == B else mask.expand(samp.numel(), *mask.shape[1:])
+    if m.shape[-1] != N:
+        raise ValueError(f"diffcr: self-attention mask has {m.shape[-1]} keys for {N} tokens")
+    if m.dim() == 3:
+        return torch.gather(m, 2, tok.unsqueeze(1).expand(-1, m.shape[1], -1))
+    return torch.gather(m, 1, tok)
+
+
+class BasicBlockFamily(ModelFamily):
+    """Families whose routable blocks are diffusers ``BasicTransformerBlock`` with adaLN
+    (``ada_norm_single``: PixArt; ``ada_norm_zero``: DiT). Per-token side input: the
+    self-attention mask (its keys are gathered with the tokens); per-sample inputs (text,
+    text mask, timestep embedding, class labels) follow each segment's sample."""
+
+    def block_classes(self):
+        from diffusers.models.attention import BasicTransformerBlock
+
+        return (BasicTransformerBlock,)
+
+    def check_block(self, name, block):
+        super().check_block(name, block)
+        if block.norm_type not in SUPPORTED_NORMS:
+            raise TypeError(f"diffcr: {name} uses norm_type {block.norm_type!r}; supported: "
+                            f"{SUPPORTED_NORMS}")
+        if getattr(block, "_chunk_size", None) is not None:
+            raise ValueError(f"diffcr: {name} uses feed-forward chunking; call "
+                             "model.disable_forward_chunking() before converting")
+
+    def hidden_size(self, block):
+        return block.attn1.to_q.in_features
+
+    def fused_unsupported_reason(self, block):
+        return fused_unsupported_reason(block)
+
+    def call_fused_reason(self, block, call):
+        if call.get("attention_mask") is not None:
+            return "a self-attention mask"
+        if call.get("cross_attention_kwargs"):
+            return f"cross_attention_kwargs {sorted(call['cross_attention_kwargs'])}"
+        return None
+
+    def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        return fused_block_forward(block, call["hidden_states"], sel, gate_scores,
+                                   call.get("encoder_hidden_states"),
+                                   call.get("encoder_attention_mask"), call.get("timestep"),
+                                   call.get("class_labels"), inplace_residual=inplace_residual)
+
+    def compat_update(self, block, base_forward, call, sel, ks, gate, mlp_gate):
+        """Run the diffusers block on each group of equal-length segments; return the packed
+        residual update ``[T, D]``."""
+        x = call["hidden_states"]
+        attention_mask = call.get("attention_mask")
+        args = {k: v for k, v in call.items() if k not in ("hidden_states", "attention_mask")}
+        B, N, D = x.shape
+        flat_k = [k for row in ks for k in row]
+        S = len(flat_k)
+        starts = [0]
+        for k in flat_k:
+            starts.append(starts[-1] + k)
+        groups = {}
+        for s, k in enumerate(flat_k):
+            groups.setdefault(k, []).append(s)
+        xf = x.reshape(B * N, D)
+        P = sel.segs_per_sample
+        T = sel.total
+        pieces = []
+        for k, segs in groups.items():
+            if len(groups) == 1:
+                rows = torch.arange(T, device=x.device).view(S, k)
+            else:
+                st = torch.tensor([starts[s] for s in segs], device=x.device)
+                rows = st[:, None] + torch.arange(k, device=x.device)[None]
+            idx = sel.indices[rows]  # [G, k]
+            samp = torch.tensor([s // P for s in segs], device=x.device)
+            xg = xf[idx]  # [G, k, D]
+            gargs = {name: _take(v, samp, B) for name, v in args.items()}
+            mask_g = None
+            if attention_mask is not None:
+                mask_g = _take_token_mask(attention_mask, samp, idx % N, B, N)
+            with mlp_gate.scaled(gate[rows].unsqueeze(-1)):
+                out = base_forward(xg, mask_g, **gargs)
+            pieces.append((rows, out - xg))
+        if len(pieces) == 1:
+            return pieces[0][1].reshape(T, D)
+        delta = x.new_empty(T, D)
+        for rows, d in pieces:
+            delta = delta.index_put((rows.reshape(-1),), d.reshape(-1, D))
+        return delta

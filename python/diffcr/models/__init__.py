@@ -1,0 +1,255 @@
+"""Model families: what :func:`diffcr.convert` needs to know about one diffusers model class.
+
+One file per family (``pixart.py``, ``dit.py``, …), each registering a :class:`ModelFamily`
+subclass with :func:`register_family`. :func:`family_for` finds the family of a model from its
+class. A family says, as data where it can and as code where it must:
+
+- ``model_classes``: the diffusers model class names it handles;
+- ``block_lists``: the module lists that hold its routable blocks, and :meth:`block_classes`
+  the block classes it can route (:meth:`unsupported_block_reason` refuses the rest);
+- which tokens are routable: every token of the block's ``hidden_states`` (the image tokens;
+  text tokens of joint-attention blocks arrive in ``encoder_hidden_states`` and are never
+  routed) unless a family overrides :meth:`routable_tokens`;
+- :meth:`compat_update`: the block's own diffusers forward on a gathered subset, with the
+  per-token side inputs (masks, rotary embeddings, per-token modulation) gathered with the
+  tokens; :meth:`fused_forward`: an optional forward over the packed layout;
+- :meth:`noise_level`: where the timestep is and how it maps to a noise level in [0, 1] (the
+  regions are defined on that: method §3);
+- ``tested_diffusers``: the diffusers versions it was tested with. Outside that range
+  ``path="auto"`` runs the compat path and warns once; ``path="fused"`` refuses.
+
+Adding a family means its file here and one line in ``tests/test_family_conformance.py``.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+from torch import nn
+
+__all__ = ["ModelFamily", "register_family", "family_for", "families", "known_block_classes",
+           "TESTED_DIFFUSERS"]
+
+_FAMILIES: Dict[str, "ModelFamily"] = {}
+
+#: the diffusers releases every built-in family is tested with (major.minor, inclusive)
+TESTED_DIFFUSERS = ("0.35", "0.42")
+
+
+class ModelFamily:
+    """Base class of a model family adapter (see the module docstring). Subclasses set the
+    class attributes and override the methods that differ."""
+
+    #: registry name, e.g. ``"pixart"``
+    name: str = ""
+    #: diffusers model class names this family handles
+    model_classes: Tuple[str, ...] = ()
+    #: names of the module lists that hold the routable blocks, in model order
+    block_lists: Tuple[str, ...] = ("transformer_blocks",)
+    #: diffusers releases tested, ``(oldest, newest)`` as major.minor, inclusive (CI runs the
+    #: family conformance tests on both; ``[tool.diffcr]`` in pyproject.toml says the same)
+    tested_diffusers: Tuple[str, str] = TESTED_DIFFUSERS
+
+    # ------------------------------------------------------------------ structure
+    def block_classes(self) -> Tuple[type, ...]:
+        """The diffusers block classes this family can route."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        """``[(qualified name, block)]`` of every routable block position, in model order
+        (``"transformer_blocks.3"``); the list index is the block's number in
+        ``DiffCRConfig.routed_blocks``."""
+        out = []
+        for list_name in self.block_lists:
+            mods = getattr(model, list_name, None)
+            if mods is None:
+                continue
+            out.extend((f"{list_name}.{i}", b) for i, b in enumerate(mods))
+        return out
+
+    def check_block(self, name: str, block: nn.Module) -> None:
+        """Raise (``TypeError`` for a block of another kind, ``ValueError`` for a setting the
+        user can change) when ``block`` cannot be routed; ``name`` is its position."""
+        if type(block) not in self.block_classes():
+            raise TypeError(f"diffcr: {name} is a {type(block).__name__}, not one of "
+                            f"{[c.__name__ for c in self.block_classes()]}; it cannot be "
+                            "routed")
+
+    def hidden_size(self, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    def mlp_module(self, block: nn.Module) -> nn.Module:
+        """The block's feed-forward, whose output the router gate multiplies (compat path)."""
+        return block.ff
+
+    def routable_tokens(self, block: nn.Module, call: dict) -> Optional[Tuple[int, int]]:
+        """``(start, stop)`` of the routable tokens in ``call["hidden_states"]``; None: all."""
+        return None
+
+    # ------------------------------------------------------------------ timesteps
+    def timestep_of_call(self, model: nn.Module, args, kwargs):
+        """The model forward's timestep argument (tensor ``[B]``, scalar or number) or None."""
+        try:
+            bound = _signature(type(model).forward).bind_partial(model, *args, **kwargs)
+        except TypeError:
+            return kwargs.get("timestep")
+        return bound.arguments.get("timestep")
+
+    def default_num_train_timesteps(self, model: nn.Module) -> Optional[float]:
+        """T when the model's config says it (else the config default, 1000, is used)."""
+        cfg = getattr(model, "config", None)
+        for key in ("num_train_timesteps", "num_timesteps"):
+            v = getattr(cfg, key, None) if cfg is not None else None
+            if v:
+                return float(v)
+        return None
+
+    def noise_level(self, t: float, config) -> float:
+        """Noise level in [0, 1] of the raw timestep ``t`` (DDPM-style: ``t / T``)."""
+        return float(t) / config.timesteps
+
+    # ------------------------------------------------------------------ a block call
+    def bind(self, block: nn.Module, args, kwargs) -> dict:
+        """The block call's arguments by name, positional ones included, defaults filled in
+        (from the parameter list its routed class read once from the diffusers forward:
+        no ``inspect`` per call, so ``torch.compile`` traces it)."""
+        params = type(block)._diffcr_params
+        if len(args) > type(block)._diffcr_npos:
+            raise TypeError(f"{type(block).__name__}.forward takes "
+                            f"{type(block)._diffcr_npos} positional arguments, got {len(args)}")
+        call = {}
+        for (name, _), value in zip(params, args):
+            call[name] = value
+        for name, value in kwargs.items():
+            if name in call:
+                raise TypeError(f"{type(block).__name__}.forward got multiple values for "
+                                f"{name!r}")
+            call[name] = value
+        for name, default in params:
+            if name not in call:
+                if default is _REQUIRED:
+                    raise TypeError(f"{type(block).__name__}.forward is missing {name!r}")
+                call[name] = default
+        return call
+
+    @contextmanager
+    def call_context(self, block: nn.Module, call: dict):
+        """Around one routed block call (e.g. draw a random label drop once for all groups)."""
+        yield
+
+    def call_fused_reason(self, block: nn.Module, call: dict) -> Optional[str]:
+        """Why the fused path cannot run this particular call (None: it can)."""
+        return "this family has no fused forward"
+
+    def fused_unsupported_reason(self, block: nn.Module) -> Optional[str]:
+        """Why the fused path can never run ``block`` (None: it can, call permitting)."""
+        return "this family has no fused forward"
+
+    def compat_update(self, block, base_forward, call, sel, ks, gate, mlp_gate):
+        """The packed residual update ``[T, D]`` of the selected tokens, computed by the block's
+        own forward on gathered tokens."""
+        raise NotImplementedError
+
+    def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        raise NotImplementedError(f"{self.name}: no fused forward")
+
+    # ------------------------------------------------------------------ versions
+    def diffusers_tested(self) -> Optional[str]:
+        """None when the installed diffusers is in :attr:`tested_diffusers`, else a message."""
+        import diffusers
+
+        return _outside_tested(diffusers.__version__, self.tested_diffusers, self.name)
+
+
+def display_name(name: str) -> str:
+    """``"transformer_blocks.3"`` -> ``"transformer_blocks[3]"`` (for messages)."""
+    head, _, tail = name.rpartition(".")
+    return f"{head}[{tail}]" if head and tail.isdigit() else name
+
+
+def _outside_tested(version: str, tested: Tuple[str, str], family: str) -> Optional[str]:
+    have = _version_tuple(version)[:2]
+    lo, hi = tested
+    if have < _version_tuple(lo)[:2] or have > _version_tuple(hi)[:2]:
+        return (f"diffusers {version} is outside the releases the {family} family was tested "
+                f"with ({lo}.x to {hi}.x)")
+    return None
+
+
+def _version_tuple(v: str) -> Tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:
+            break
+    return tuple(out)
+
+
+_REQUIRED = inspect.Parameter.empty
+
+_SIGS: Dict[Callable, inspect.Signature] = {}
+
+
+def _signature(fn) -> inspect.Signature:
+    sig = _SIGS.get(fn)
+    if sig is None:
+        sig = _SIGS[fn] = inspect.signature(fn)
+    return sig
+
+
+def register_family(cls: Type[ModelFamily]) -> Type[ModelFamily]:
+    """Class decorator: register a :class:`ModelFamily` subclass (one instance) by its
+    ``model_classes``. A model class may belong to one family only."""
+    fam = cls()
+    if not fam.name or not fam.model_classes:
+        raise ValueError(f"{cls.__name__}: a family needs a name and model_classes")
+    for other in _FAMILIES.values():
+        clash = set(other.model_classes) & set(fam.model_classes)
+        if clash and other.name != fam.name:
+            raise ValueError(f"{cls.__name__}: {sorted(clash)} already belong to family "
+                             f"{other.name!r}")
+    _FAMILIES[fam.name] = fam
+    return cls
+
+
+def families() -> Dict[str, ModelFamily]:
+    """``{name: family}`` of every registered family."""
+    return dict(_FAMILIES)
+
+
+def family_for(model: nn.Module) -> ModelFamily:
+    """The family of ``model`` (by its class or a base class); TypeError naming the supported
+    classes when there is none."""
+    for klass in type(model).__mro__:
+        for fam in _FAMILIES.values():
+            if klass.__name__ in fam.model_classes:
+                return fam
+    supported = [f"{c} ({f.name})" for f in _FAMILIES.values() for c in f.model_classes]
+    raise TypeError(f"diffcr.convert supports {', '.join(supported)}; got "
+                    f"{type(model).__name__} (a new family is one file in diffcr/models/)")
+
+
+def known_block_classes() -> List[type]:
+    out = []
+    for fam in _FAMILIES.values():
+        for c in fam.block_classes():
+            if c not in out:
+                out.append(c)
+    return out
+
+
+_WARNED = set()
+
+
+def warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+from . import pixart, dit  # noqa: E402,F401  (register the built-in families)

@@ -1,0 +1,341 @@
+"""The routing runtime: the state a converted model carries and the forward of a routed block.
+
+One :class:`RoutingState` per converted model (``diffcr.routing_state(model)``) holds the
+config, the model family, the noise levels and regions of the current forward, the frozen
+flag and one :class:`BlockRouting` per routed block. A routed block keeps its diffusers class
+as a base: :func:`routed_class` makes one subclass per block class (``Routed<Name>``) whose
+``forward`` hands the call to :meth:`BlockRouting.forward`, which runs the family's fused
+forward or the block's own diffusers forward on the selected tokens (method §1-§3, §7).
+
+Why a class swap rather than a diffusers ``ModelHook`` (the other way to wrap a forward):
+diffusers hooks live in closures and ``functools.partial`` objects on the module, which
+``copy.deepcopy`` shares with the original (the copy silently runs the original's forward)
+and ``pickle`` refuses. Converted models are deep-copied for EMA and checkpoints, so the
+routed forward lives in a class. The routed class is registered in diffusers'
+``TransformerBlockRegistry`` with its base's metadata, so block-level caches
+(``apply_first_block_cache``, ``apply_mag_cache``) and offloading applied *after*
+:func:`diffcr.convert` wrap the routed forward like any other block forward.
+
+Per block, exactly one attribute is added besides the ``router`` and ``ratio`` submodules
+(which give the state-dict keys ``…router.weight`` and ``…ratio.kept``): ``_diffcr``, its
+:class:`BlockRouting`. The router gate reaches the feed-forward through a :class:`MlpGate`
+forward hook owned by that object (no attribute is set on the feed-forward module).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+import diffcr_kernels as dk
+
+from .config import DiffCRConfig
+
+__all__ = ["RoutingState", "BlockRouting", "MlpGate", "routed_class", "routing_state"]
+
+
+class MlpGate:
+    """Forward hook of a routed block's feed-forward: multiplies its output by the router gate
+    of each token (method §1: the score gates the MLP branch only). Inactive (identity) unless
+    the owning :class:`BlockRouting` runs the block inside :meth:`scaled`. A plain object, so
+    ``deepcopy`` and ``pickle`` of the model copy it with the module."""
+
+    def __init__(self):
+        self.scale: Optional[torch.Tensor] = None
+
+    def __call__(self, module, inputs, output):
+        if self.scale is None:
+            return output
+        return output * self.scale.to(output.dtype)
+
+    @contextmanager
+    def scaled(self, scale: torch.Tensor):
+        """Gate the feed-forward output by ``scale`` (``[G, n, 1]`` per token) for one call."""
+        self.scale = scale
+        try:
+            yield
+        finally:
+            self.scale = None
+
+    def __getstate__(self):
+        return {"scale": None}
+
+
+class _Transient:
+    """Holds a per-forward value (the ratios used, with their autograd graph). Dropped by
+    deepcopy and pickling, so a model can be copied right after a training forward (EMA,
+    checkpoints)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return _Transient(None)
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state):
+        self.value = None
+
+
+@dataclass
+class BlockRouting:
+    """Routing of one block. Public fields:
+
+    ``name``: the block's qualified name (``"transformer_blocks.3"``); ``index``: its index in
+    the model's routable blocks (the numbering of ``DiffCRConfig.routed_blocks``);
+    ``frozen_bins``: per region, the kept ratio fixed by :func:`diffcr.freeze` (None when not
+    frozen); ``fused_reason``: why the fused path cannot run this block (None: it can);
+    ``last_kappa``: the kept ratios the last forward used, ``[B]`` (differentiable in training,
+    None before the first forward).
+    """
+
+    name: str
+    index: int
+    state: "RoutingState"
+    fused_reason: Optional[str] = None
+    frozen_bins: Optional[List[float]] = None
+    mlp_gate: MlpGate = field(default_factory=MlpGate)
+    _kappa: _Transient = field(default_factory=_Transient)
+
+    @property
+    def last_kappa(self) -> Optional[torch.Tensor]:
+        return self._kappa.value
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, block: nn.Module, B: int, N: int):
+        """Kept counts ``[B][P]`` (host), two-bin weights ``[B, 2]`` or None, ratios ``[B]``."""
+        st = self.state
+        if st.regions is None:
+            raise RuntimeError(
+                "diffcr: no timestep was captured for this forward. Call the converted "
+                "model itself (its forward pre-hook records the timestep), or set one with "
+                "diffcr.set_timestep(model, t) before calling a block directly.")
+        if len(st.regions) != B:
+            if len(st.regions) == 1:
+                regions = st.regions * B
+            else:
+                raise RuntimeError(f"diffcr: captured {len(st.regions)} timesteps for a "
+                                   f"batch of {B}")
+        else:
+            regions = st.regions
+        ratio = block.ratio
+        if st.frozen:
+            bins = self.frozen_bins
+            ks = [[dk.kept_count(bins[r], N)] for r in regions]
+            return ks, None, torch.tensor([bins[r] for r in regions])
+        if block.training:
+            plan = ratio.two_bin(regions, N)
+            return plan.k, plan.weights, plan.kappa
+        nearest = ratio.nearest_bins()
+        ks = [[dk.kept_count(nearest[r], N)] for r in regions]
+        return ks, None, torch.tensor([nearest[r] for r in regions])
+
+    def gate(self, block: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+        """Factor on the MLP branch of each token: the router gate, or 1 for random
+        selection."""
+        if self.state.config.selection == "random":
+            return torch.ones_like(scores)
+        return block.router.gate_factor(scores)
+
+    def use_fused(self, block: nn.Module, call: dict, inner_hooks) -> bool:
+        """Whether this call runs the family's fused forward (path and block permitting)."""
+        st = self.state
+        mode = st.config.path
+        if mode == "compat":
+            return False
+        why = self.fused_reason or st.family.call_fused_reason(block, call)
+        if why is None:
+            other = [(name, h) for name, h, _ in inner_hooks if h not in _FUSED_SAFE_HOOKS]
+            if other:
+                # the fused path calls the block's linears itself, never its attention or
+                # feed-forward modules: hooks on those would be bypassed
+                why = f"diffusers hook {other[0][1]!r} on {other[0][0]}"
+        if why is None:
+            return True
+        if mode == "fused":
+            raise RuntimeError(f"diffcr: path='fused' cannot run this call of {self.name} "
+                               f"({why}); use path='auto' or 'compat'")
+        return False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, block: nn.Module, base_forward: Callable, args, kwargs):
+        """The routed forward of ``block``; ``base_forward`` is its diffusers forward."""
+        st = self.state
+        family = st.family
+        call = family.bind(block, args, kwargs)
+        x = call["hidden_states"]
+        if x.dim() != 3:
+            raise ValueError(f"diffcr: block input must be [B, N, D], got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        ks, weights, kappa = self.plan(block, B, N)
+        self._kappa = _Transient(kappa)
+        if st.config.selection == "random":
+            # baseline: k uniformly random tokens per sample; no router, no gating
+            scores = torch.rand(B, N, device=x.device)
+        else:
+            scores = block.router(x)  # [B, N] float32
+        with family.call_context(block, call):
+            if len(ks[0]) == 1 and all(k[0] == N for k in ks):
+                # every token kept: the dense block, with the router gating the MLP branch
+                with self.mlp_gate.scaled(self.gate(block, scores).unsqueeze(-1)):
+                    return base_forward(**call)
+            inner_hooks = _inner_hooks(block)
+            for name, hook, stateful in inner_hooks:
+                if stateful:
+                    raise RuntimeError(
+                        f"diffcr: {self.name}.{name} carries the diffusers hook {hook!r}, which "
+                        "reuses outputs across steps by token position; routing changes which "
+                        "tokens a block processes at every step. With kept ratios below 1 use "
+                        "a block-level cache (FirstBlockCache, MagCache), applied after "
+                        "diffcr.convert.")
+            sel = dk.select_topk(scores, ks, weights)
+            # frozen with inplace_residual: the block's input receives the update (no copy
+            # of the residual stream); only without autograd
+            inplace = (st.inplace_residual and not torch.is_grad_enabled()
+                       and x.is_contiguous())
+            if self.use_fused(block, call, inner_hooks):
+                return family.fused_forward(block, call, sel, self.gate(block, sel.scores),
+                                            inplace_residual=inplace)
+            delta = family.compat_update(block, base_forward, call, sel, ks,
+                                         self.gate(block, sel.scores), self.mlp_gate)
+            return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
+
+
+def _inner_hooks(block: nn.Module):
+    """``[(module name, hook name, stateful)]`` of the diffusers hooks on the modules inside
+    ``block`` (attention-level caches, layerwise casting of the linears, ...)."""
+    out = []
+    for name, m in block.named_modules():
+        reg = m.__dict__.get("_diffusers_hook")
+        if reg is None or not name:
+            continue
+        for hname, hook in reg.hooks.items():
+            out.append((name, hname, bool(getattr(hook, "_is_stateful", False))))
+    return out
+
+
+_FUSED_SAFE_HOOKS = ("layerwise_casting", "peft_autocast_disable")
+
+
+@dataclass
+class RoutingState:
+    """Everything a converted model carries for routing (``diffcr.routing_state(model)``).
+
+    ``config``: the :class:`~diffcr.DiffCRConfig` in use; ``family``: the model family adapter
+    (:mod:`diffcr.models`); ``blocks``: ``{routed index: BlockRouting}``; ``frozen`` /
+    ``inplace_residual``: set by :func:`diffcr.freeze`; ``timesteps``, ``noise_levels``,
+    ``regions``: what the current forward was called with, one per sample (host values).
+    """
+
+    config: DiffCRConfig
+    family: object
+    blocks: Dict[int, BlockRouting] = field(default_factory=dict)
+    timesteps: Optional[List[float]] = None
+    noise_levels: Optional[List[float]] = None
+    regions: Optional[List[int]] = None
+    frozen: bool = False
+    inplace_residual: bool = False
+
+    def set_timesteps(self, vals: List[float]) -> None:
+        """Record the raw timesteps of the next forward and map them to regions through the
+        family's noise level (method §3)."""
+        for v in vals:
+            if math.isnan(v):
+                raise ValueError("diffcr: timestep is NaN")
+        levels = [self.family.noise_level(v, self.config) for v in vals]
+        self.timesteps = vals
+        self.noise_levels = levels
+        self.regions = [self.config.region_of_level(u) for u in levels]
+
+    def clear_timesteps(self) -> None:
+        self.timesteps = self.noise_levels = self.regions = None
+
+
+def routing_state(model: nn.Module) -> RoutingState:
+    """The :class:`RoutingState` of a converted model (ValueError if it is not converted)."""
+    st = model.__dict__.get("_diffcr_state")
+    if st is None:
+        raise ValueError(f"diffcr: {type(model).__name__} is not converted (call "
+                         "diffcr.convert(model, config) first)")
+    return st
+
+
+# ---------------------------------------------------------------------- routed classes
+_ROUTED: Dict[type, type] = {}
+
+
+def routed_class(base: type) -> type:
+    """The routed subclass of a diffusers block class (made once, importable by name from this
+    module so converted models pickle, and registered with diffusers' block metadata so its
+    block-level caches recognise it)."""
+    cls = _ROUTED.get(base)
+    if cls is not None:
+        return cls
+
+    def forward(self, *args, **kwargs):
+        return self._diffcr.forward(self, super(cls, self).forward, args, kwargs)
+
+    sig = list(inspect.signature(base.forward).parameters.values())[1:]
+    params = tuple((p.name, p.default) for p in sig
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    npos = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in sig)
+    name = f"Routed{base.__name__}"
+    cls = type(name, (base,), {
+        "forward": forward, "_diffcr_params": params, "_diffcr_npos": npos,
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"A diffusers ``{base.__name__}`` whose forward processes only its "
+                   "router's top-k tokens (made by :func:`diffcr.convert`; same signature, "
+                   "weights and state-dict keys as the base, plus ``router`` and ``ratio``)."})
+    forward.__qualname__ = f"{name}.forward"
+    # the base's signature (diffusers' block metadata finds hidden_states by position in it)
+    forward.__signature__ = inspect.signature(base.forward)
+    forward.__doc__ = base.forward.__doc__
+    _ROUTED[base] = cls
+    setattr(sys.modules[__name__], name, cls)
+    _register_block_metadata(base, cls)
+    return cls
+
+
+def base_class(cls: type) -> type:
+    """The diffusers class a routed class was made from (``cls`` itself if not routed)."""
+    for base, routed in _ROUTED.items():
+        if routed is cls:
+            return base
+    return cls
+
+
+def _register_block_metadata(base: type, cls: type) -> None:
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # older diffusers: no block-level caches to serve
+        return
+    try:
+        meta = TransformerBlockRegistry.get(base)
+    except ValueError:
+        return
+    # a copy: register() stores the class on the metadata it is given
+    TransformerBlockRegistry.register(model_class=cls, metadata=dataclasses.replace(
+        meta, _cls=None, _cached_parameter_indices=None))
+
+
+def __getattr__(name):
+    """Unpickling a converted model looks its routed classes up here; make them on demand."""
+    if name.startswith("Routed"):
+        from .models import known_block_classes
+
+        for base in known_block_classes():
+            if f"Routed{base.__name__}" == name:
+                return routed_class(base)
+    raise AttributeError(name)

@@ -1,0 +1,226 @@
+"""Every registered model family (``diffcr.models``) against the same contract, on a tiny random
+model of the family (CPU, no downloads):
+
+- at kappa = 1 with ``gate="sigmoid2x"`` (fresh routers) the converted model computes exactly
+  what the original computes;
+- the fused path equals the compat path at kappa < 1, in eval and in training (two bins per
+  sample, samples in different timestep regions), and so do the router and ratio gradients;
+- ``revert`` restores the model exactly (classes, attributes, hooks, state dict, outputs).
+
+Adding a family: its file under ``python/diffcr/models/`` and one line in ``FAMILY_CASES``.
+"""
+import copy
+
+import pytest
+import torch
+
+import diffcr
+from diffcr import DiffCRConfig
+
+from tiny_models import make, set_ratios
+
+
+def _pixart_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 32, generator=g),
+                timestep=torch.tensor(t))
+
+
+def _dit_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
+                timestep=torch.tensor(t), class_labels=torch.tensor([1, 3, 5, 7][:len(t)]))
+
+
+# family name -> (tiny model factory, inputs for timesteps t)
+FAMILY_CASES = {
+    "pixart": (lambda: make("pixart"), _pixart_inputs),
+    "dit": (lambda: make("dit"), _dit_inputs),
+}
+
+FAMILIES = sorted(diffcr.families())
+
+
+def test_every_registered_family_has_a_case():
+    assert set(FAMILY_CASES) == set(FAMILIES)
+
+
+def _case(name):
+    factory, inputs = FAMILY_CASES[name]
+    model = factory()
+    assert diffcr.family_for(model).name == name
+    return model, inputs
+
+
+def _run(model, kw, seed=3):
+    torch.manual_seed(seed)  # DiT drops class labels at random in training
+    return model(**kw).sample
+
+
+def _module_snapshot(model):
+    return {name: (type(m), sorted(vars(m)), list(m._forward_hooks.values()),
+                   list(m._forward_pre_hooks.values()))
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_kappa_one_equals_the_original(family, mode):
+    model, inputs = _case(family)
+    ref = copy.deepcopy(model)
+    getattr(model, mode)()
+    getattr(ref, mode)()
+    diffcr.convert(model, DiffCRConfig(gate="sigmoid2x", num_regions=2))
+    if mode == "train":
+        # kappa = 1 keeps every token with weight 1 in the frozen routing of a trained model
+        diffcr.freeze(model)
+    kw = inputs((100, 900))
+    with torch.no_grad():
+        assert torch.equal(_run(model, kw), _run(ref, kw))
+
+
+def _paths(family, ratios, train):
+    out = {}
+    for path in ("fused", "compat"):
+        model, inputs = _case(family)
+        diffcr.convert(model, DiffCRConfig(num_regions=4, path=path))
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for b in diffcr.routed_blocks(model).values():
+                b.router.weight.copy_(torch.randn(b.router.weight.shape, generator=g))
+        set_ratios(model, ratios)
+        model.train(train)
+        y = _run(model, inputs((100, 900)))
+        grads = {}
+        if train:
+            (y.square().mean() + diffcr.ratio_loss(model)).backward()
+            for i, b in diffcr.routed_blocks(model).items():
+                grads[f"router{i}"] = b.router.weight.grad
+                grads[f"ratio{i}"] = b.ratio.kept.grad
+        out[path] = (y.detach(), grads)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_equals_compat_in_eval(family):
+    out = _paths(family, [0.3, 0.5, 0.8, 1.0], train=False)
+    torch.testing.assert_close(out["fused"][0], out["compat"][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_equals_compat_in_training_with_gradients(family):
+    out = _paths(family, [0.35, 0.55, 0.75, 0.95], train=True)
+    (yf, gf), (yc, gc) = out["fused"], out["compat"]
+    torch.testing.assert_close(yf, yc, rtol=1e-5, atol=1e-5)
+    assert sorted(gf) == sorted(gc) and gf
+    for key in gf:
+        assert gf[key].abs().sum() > 0, key
+        torch.testing.assert_close(gf[key], gc[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_revert_is_exact(family):
+    model, inputs = _case(family)
+    before = _module_snapshot(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = inputs((100, 900))
+    with torch.no_grad():
+        want = _run(model, kw)
+    diffcr.convert(model, DiffCRConfig(num_regions=2))
+    set_ratios(model, 0.5)
+    diffcr.freeze(model)
+    with torch.no_grad():
+        assert not torch.equal(_run(model, kw), want)  # routing was active
+    diffcr.revert(model)
+    assert _module_snapshot(model) == before
+    after = model.state_dict()
+    assert sorted(after) == sorted(sd) and all(torch.equal(after[k], sd[k]) for k in sd)
+    with torch.no_grad():
+        assert torch.equal(_run(model, kw), want)
+
+
+# ------------------------------------------------------------------ registry and version gate
+def test_tested_diffusers_range_matches_pyproject():
+    import os
+    import re
+
+    from diffcr.models import TESTED_DIFFUSERS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "pyproject.toml")).read()
+    m = re.search(r'^tested-diffusers = \["([\d.]+)", "([\d.]+)"\]', text, re.M)
+    assert m, "pyproject.toml has no [tool.diffcr] tested-diffusers"
+    assert (m.group(1), m.group(2)) == TESTED_DIFFUSERS
+    for fam in diffcr.families().values():
+        assert fam.tested_diffusers == TESTED_DIFFUSERS, fam.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untested_diffusers_version_auto_runs_compat_fused_refused(family, monkeypatch):
+    import warnings
+
+    import diffusers
+
+    from diffcr import models
+
+    monkeypatch.setattr(diffusers, "__version__", "9.1.0")
+    monkeypatch.setattr(models, "_WARNED", set())
+    model, inputs = _case(family)
+    with pytest.raises(ValueError, match=r"path='fused' refused: diffusers 9.1.0 is outside"):
+        diffcr.convert(model, DiffCRConfig(path="fused"))
+    assert not diffcr.is_converted(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diffcr.convert(model, DiffCRConfig(path="auto", num_regions=4))
+    assert any("outside the releases" in str(w.message) for w in caught)
+    st = diffcr.routing_state(model)
+    assert all("9.1.0" in r.fused_reason for r in st.blocks.values())
+    set_ratios(model, [0.3, 0.5, 0.8, 1.0])
+    compat, _ = _case(family)
+    diffcr.convert(compat, DiffCRConfig(path="compat", num_regions=4))
+    set_ratios(compat, [0.3, 0.5, 0.8, 1.0])
+    kw = inputs((100, 900))
+    with torch.no_grad():
+        assert torch.equal(_run(model, kw), _run(compat, kw))
+
+
+def test_registry_refuses_a_second_family_for_a_model_class():
+    from diffcr.models import ModelFamily, register_family
+
+    class Clash(ModelFamily):
+        name = "clash"
+        model_classes = ("PixArtTransformer2DModel",)
+
+    with pytest.raises(ValueError, match="already belong to family 'pixart'"):
+        register_family(Clash)
+    assert "clash" not in diffcr.families()
+
+
+def test_unknown_model_names_the_supported_classes():
+    with pytest.raises(TypeError, match=r"supports PixArtTransformer2DModel \(pixart\), "
+                                        r"DiTTransformer2DModel \(dit\); got Linear"):
+        diffcr.convert(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_model_deepcopies_and_pickles(family):
+    """The routed forward lives in a class (not in closures on the module), so copies are
+    independent models that route with their own parameters."""
+    import pickle
+
+    model, inputs = _case(family)
+    diffcr.convert(model, DiffCRConfig(num_regions=2))
+    set_ratios(model, 0.5)
+    kw = inputs((100, 900))
+    with torch.no_grad():
+        want = _run(model, kw)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert diffcr.routing_state(clone) is not diffcr.routing_state(model)
+        with torch.no_grad():
+            assert torch.equal(_run(clone, kw), want)
+            for b in diffcr.routed_blocks(clone).values():
+                b.router.weight.normal_()
+            assert not torch.equal(_run(clone, kw), want)
+            assert torch.equal(_run(model, kw), want)
+        diffcr.revert(clone)
