@@ -31,13 +31,13 @@ def _one(device, backend, D, dtype):
     sel = ref.select_topk(scores, [[5, 11], [1, 37], [20, 20]], w)
     with dk.use_backend(backend):
         y = dk.gather_norm_modulate(x, sel.indices, shift, scale)
-        d2 = torch.tanh(y)
-        out = dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, y, d2,
+        mlp_out = torch.tanh(y)
+        out = dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, y, mlp_out,
                               sel.scores, gate, max_seqlen=sel.max_seqlen)
         out.float().square().sum().backward()
         with torch.no_grad():
             inplace = dk.scatter_back_(x.detach().clone(), sel.indices, sel.cu_seqlens,
-                                       sel.seg_weight.detach(), y.detach(), d2.detach(),
+                                       sel.seg_weight.detach(), y.detach(), mlp_out.detach(),
                                        sel.scores, gate.detach(), max_seqlen=sel.max_seqlen)
     if device == "cuda":
         torch.cuda.synchronize()

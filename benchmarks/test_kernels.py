@@ -99,18 +99,19 @@ def test_kernels_gather_norm_modulate(benchmark, bench_device, B):
 @pytest.mark.parametrize("P", [1, 2], ids=["inference", "two-bin"])
 def test_kernels_scatter_back(benchmark, bench_device, B, P):
     backend = _compiled(bench_device)
-    x, sel, (_, _, gate), (d1, d2) = _setup(bench_device, B, 0.5, P)
+    x, sel, (_, _, gate), (attn_update, mlp_out) = _setup(bench_device, B, 0.5, P)
     es = x.element_size()
-    # out = copy of x (read + write) + per packed row: read d1, d2, out row, write out row
+    # out = copy of x (read + write) + per packed row: read attn_update, mlp_out, out row,
+    # write out row
     bytes_moved = 2 * x.numel() * es + 4 * sel.total * D * es
 
     def base():
-        return ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2,
-                                sel.scores, gate)
+        return ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update,
+                                mlp_out, sel.scores, gate)
 
     def fn():
         with dk.use_backend(backend):
-            return dk.scatter_back_selection(x, sel, d1, d2, gate)
+            return dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate)
 
     _record(benchmark, bench_device, base, fn, bytes_moved)
 
@@ -118,8 +119,8 @@ def test_kernels_scatter_back(benchmark, bench_device, B, P):
 @pytest.mark.parametrize("B", [1, 8])
 def test_kernels_scatter_back_backward(benchmark, bench_device, B):
     backend = _compiled(bench_device)
-    x, sel, (_, _, gate), (d1, d2) = _setup(bench_device, B, 0.5, 2)
-    leaves = [t.clone().requires_grad_() for t in (x, d1, d2, gate)]
+    x, sel, (_, _, gate), (attn_update, mlp_out) = _setup(bench_device, B, 0.5, 2)
+    leaves = [t.clone().requires_grad_() for t in (x, attn_update, mlp_out, gate)]
     scores = sel.scores.clone().requires_grad_()
     w = sel.seg_weight.clone().requires_grad_()
     G = torch.randn_like(x)

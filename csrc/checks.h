@@ -11,8 +11,8 @@ inline at::ScalarType acc_type_of(at::ScalarType t) {
 
 inline void check_data(const at::Tensor& t, const char* op, const char* name,
                        const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              ref.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+                    " but x is on ", ref.device());
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), ", expected ", ref.scalar_type(), " (the dtype of x)");
 }
@@ -82,8 +82,8 @@ inline void check_cu_seqlens_values(const at::Tensor& cu_in, int64_t T, int64_t 
     TORCH_CHECK_VALUE(max_seqlen < 0 || len <= max_seqlen, op, ": segment ", s, " has ", len,
                 " rows but max_seqlen = ", max_seqlen);
   }
-  TORCH_CHECK_VALUE(p[S] == T, op, ": cu_seqlens[-1] = ", p[S], " must equal the number of rows T = ",
-              T);
+  TORCH_CHECK_VALUE(p[S] == T, op, ": cu_seqlens[-1] = ", p[S],
+                    " must equal the number of rows T = ", T);
 }
 
 // Forward scatter-back only (its slots run concurrently): a sample-major layout (every
@@ -96,9 +96,10 @@ inline void check_segs_layout(const char* op, int64_t B, int64_t S, int64_t P) {
 }
 
 // The in-place scatter-back writes into x: it must be one dense block of memory that no input
-// read by the kernel shares (the kernel reads d1/d2/gate/idx while it updates x).
-inline void check_inplace_target(const at::Tensor& x, const char* op,
-                                 std::initializer_list<std::pair<const char*, const at::Tensor*>> reads) {
+// read by the kernel shares (the kernel reads attn_update/mlp_out/gate/idx while it updates x).
+inline void check_inplace_target(
+    const at::Tensor& x, const char* op,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> reads) {
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous to be updated in place "
               "(use scatter_back, which returns a new tensor)");
   for (const auto& r : reads) {

@@ -11,8 +11,8 @@ namespace diffcr {
 
 void check_scatter_args(const char* op, const at::Tensor& x, const at::Tensor& idx,
                         const at::Tensor& cu_seqlens, int64_t max_seqlen, int64_t segs_per_sample,
-                        const at::Tensor& seg_weight, const at::Tensor& d1,
-                        const c10::optional<at::Tensor>& d2,
+                        const at::Tensor& seg_weight, const at::Tensor& attn_update,
+                        const c10::optional<at::Tensor>& mlp_out,
                         const c10::optional<at::Tensor>& scores,
                         const c10::optional<at::Tensor>& gate);
 
@@ -100,75 +100,81 @@ at::Tensor gnm_bwd_cuda(const at::Tensor& grad_y_, const at::Tensor& x_, const a
 // out holds x (contiguous); the kernel adds the packed rows into it.
 void launch_scatter(const char* op, at::Tensor& out, const at::Tensor& idx, const at::Tensor& cu,
                     int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& w,
-                    const at::Tensor& d1, const at::Tensor& m, const at::Tensor& s,
+                    const at::Tensor& attn_update, const at::Tensor& m, const at::Tensor& s,
                     const at::Tensor& g) {
   const int64_t B = out.size(0), N = out.size(1), D = out.size(2);
   check_launch(cuda::scatter_back_fwd(dtype_of(out), out.data_ptr(), idx.data_ptr<int64_t>(),
                                       cu.data_ptr<int32_t>(), cu.numel() - 1, max_seqlen,
-                                      segs_per_sample, D, N, B * N, w.data_ptr(), d1.data_ptr(),
-                                      ptr(m), ptr(s), ptr(g), stream()),
+                                      segs_per_sample, D, N, B * N, w.data_ptr(),
+                                      attn_update.data_ptr(), ptr(m), ptr(s), ptr(g), stream()),
                op);
 }
 
 at::Tensor sb_cuda(const at::Tensor& x_, const at::Tensor& idx_, const at::Tensor& cu_,
                    int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& w_,
-                   const at::Tensor& d1_, const c10::optional<at::Tensor>& d2,
+                   const at::Tensor& attn_update_, const c10::optional<at::Tensor>& mlp_out,
                    const c10::optional<at::Tensor>& scores,
                    const c10::optional<at::Tensor>& gate) {
   const char* op = "diffcr::scatter_back";
-  check_scatter_args(op, x_, idx_, cu_, max_seqlen, segs_per_sample, w_, d1_, d2, scores, gate);
+  check_scatter_args(op, x_, idx_, cu_, max_seqlen, segs_per_sample, w_, attn_update_, mlp_out,
+                     scores, gate);
   check_segs_layout(op, x_.size(0), cu_.numel() - 1, segs_per_sample);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor idx = idx_.contiguous(), cu = cu_.contiguous(), w = w_.contiguous(),
-                   d1 = d1_.contiguous();
-  const at::Tensor m = opt_contig(d2), s = opt_contig(scores), g = opt_contig(gate);
+                   attn_update = attn_update_.contiguous();
+  const at::Tensor m = opt_contig(mlp_out), s = opt_contig(scores), g = opt_contig(gate);
   at::Tensor out = x_.contiguous().clone();
-  launch_scatter(op, out, idx, cu, max_seqlen, segs_per_sample, w, d1, m, s, g);
+  launch_scatter(op, out, idx, cu, max_seqlen, segs_per_sample, w, attn_update, m, s, g);
   return out;
 }
 
 // In place: x itself receives the scatter (no copy of the B*N*D residual stream).
 void sb_inplace_cuda(at::Tensor& x, const at::Tensor& idx_, const at::Tensor& cu_,
                      int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& w_,
-                     const at::Tensor& d1_, const c10::optional<at::Tensor>& d2,
+                     const at::Tensor& attn_update_, const c10::optional<at::Tensor>& mlp_out,
                      const c10::optional<at::Tensor>& scores,
                      const c10::optional<at::Tensor>& gate) {
   const char* op = "diffcr::scatter_back_";
-  check_scatter_args(op, x, idx_, cu_, max_seqlen, segs_per_sample, w_, d1_, d2, scores, gate);
+  check_scatter_args(op, x, idx_, cu_, max_seqlen, segs_per_sample, w_, attn_update_, mlp_out,
+                     scores, gate);
   check_segs_layout(op, x.size(0), cu_.numel() - 1, segs_per_sample);
-  check_inplace_target(x, op, {{"d1", &d1_}, {"d2", d2 ? &*d2 : nullptr},
-                               {"gate", gate ? &*gate : nullptr}, {"idx", &idx_}});
+  check_inplace_target(x, op,
+                       {{"attn_update", &attn_update_},
+                        {"mlp_out", mlp_out ? &*mlp_out : nullptr},
+                        {"gate", gate ? &*gate : nullptr},
+                        {"idx", &idx_}});
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor idx = idx_.contiguous(), cu = cu_.contiguous(), w = w_.contiguous(),
-                   d1 = d1_.contiguous();
-  launch_scatter(op, x, idx, cu, max_seqlen, segs_per_sample, w, d1, opt_contig(d2),
+                   attn_update = attn_update_.contiguous();
+  launch_scatter(op, x, idx, cu, max_seqlen, segs_per_sample, w, attn_update, opt_contig(mlp_out),
                  opt_contig(scores), opt_contig(gate));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cuda(
     const at::Tensor& gout_, const at::Tensor& idx_, const at::Tensor& cu_, int64_t max_seqlen,
-    const at::Tensor& w_, const at::Tensor& d1_, const c10::optional<at::Tensor>& d2,
+    const at::Tensor& w_, const at::Tensor& attn_update_, const c10::optional<at::Tensor>& mlp_out,
     const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate) {
   const char* op = "diffcr::scatter_back_backward";
-  check_scatter_args(op, gout_, idx_, cu_, max_seqlen, 1, w_, d1_, d2, scores, gate);
+  check_scatter_args(op, gout_, idx_, cu_, max_seqlen, 1, w_, attn_update_, mlp_out, scores, gate);
   const c10::cuda::CUDAGuard guard(gout_.device());
   const at::Tensor G = gout_.contiguous(), idx = idx_.contiguous(), cu = cu_.contiguous(),
-                   w = w_.contiguous(), d1 = d1_.contiguous();
-  const at::Tensor m = opt_contig(d2), s = opt_contig(scores), g = opt_contig(gate);
+                   w = w_.contiguous(), attn_update = attn_update_.contiguous();
+  const at::Tensor m = opt_contig(mlp_out), s = opt_contig(scores), g = opt_contig(gate);
   const int64_t B = G.size(0), N = G.size(1), D = G.size(2), T = idx.numel();
-  at::Tensor grad_d1 = at::empty({T, D}, d1.options());
-  at::Tensor grad_d2 = at::empty({m.defined() ? T : 0, D}, d1.options());
+  at::Tensor grad_attn_update = at::empty({T, D}, attn_update.options());
+  at::Tensor grad_mlp_out = at::empty({m.defined() ? T : 0, D}, attn_update.options());
   at::Tensor grad_s = at::empty({s.defined() ? T : 0}, w.options());
   at::Tensor dots = at::empty({T}, w.options());
   if (s.defined() && !m.defined()) grad_s.zero_();
   check_launch(cuda::scatter_back_bwd(dtype_of(G), G.data_ptr(), idx.data_ptr<int64_t>(),
                                       cu.data_ptr<int32_t>(), cu.numel() - 1, max_seqlen, D, N,
-                                      B * N, w.data_ptr(), d1.data_ptr(), ptr(m), ptr(s), ptr(g),
-                                      grad_d1.data_ptr(), m.defined() ? grad_d2.data_ptr() : nullptr,
+                                      B * N, w.data_ptr(), attn_update.data_ptr(), ptr(m), ptr(s),
+                                      ptr(g), grad_attn_update.data_ptr(),
+                                      m.defined() ? grad_mlp_out.data_ptr() : nullptr,
                                       (s.defined() && m.defined()) ? grad_s.data_ptr() : nullptr,
                                       dots.data_ptr(), stream()),
                op);
-  return {grad_d1, grad_d2, grad_s, dots};
+  return {grad_attn_update, grad_mlp_out, grad_s, dots};
 }
 
 }  // namespace

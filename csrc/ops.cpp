@@ -64,8 +64,8 @@ at::Tensor gnm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::
 // Shared by the CPU and CUDA registrations.
 void check_scatter_args(const char* op, const at::Tensor& x, const at::Tensor& idx,
                         const at::Tensor& cu_seqlens, int64_t max_seqlen, int64_t segs_per_sample,
-                        const at::Tensor& seg_weight, const at::Tensor& d1,
-                        const c10::optional<at::Tensor>& d2,
+                        const at::Tensor& seg_weight, const at::Tensor& attn_update,
+                        const c10::optional<at::Tensor>& mlp_out,
                         const c10::optional<at::Tensor>& scores,
                         const c10::optional<at::Tensor>& gate) {
   check_x(x, op);
@@ -74,13 +74,14 @@ void check_scatter_args(const char* op, const at::Tensor& x, const at::Tensor& i
   const int64_t B = x.size(0), D = x.size(2), T = idx.numel();
   const int64_t S = cu_seqlens.numel() - 1;
   TORCH_CHECK_VALUE(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
-  TORCH_CHECK_VALUE(segs_per_sample >= 1, op, ": segs_per_sample must be >= 1, got ", segs_per_sample);
+  TORCH_CHECK_VALUE(segs_per_sample >= 1, op, ": segs_per_sample must be >= 1, got ",
+                    segs_per_sample);
   TORCH_CHECK_VALUE(S % segs_per_sample == 0, op, ": the number of segments (", S,
               ") is not a multiple of segs_per_sample (", segs_per_sample, ")");
   check_acc(seg_weight, x, op, "seg_weight", S);
-  check_data(d1, op, "d1", x);
-  check_shape(d1, op, "d1", {T, D});
-  check_opt(d2, op, "d2", x, {T, D});
+  check_data(attn_update, op, "attn_update", x);
+  check_shape(attn_update, op, "attn_update", {T, D});
+  check_opt(mlp_out, op, "mlp_out", x, {T, D});
   check_opt(gate, op, "gate", x, {B, D});
   if (scores.has_value() && scores->defined()) check_acc(*scores, x, op, "scores", T);
 }
@@ -89,44 +90,48 @@ namespace {
 
 at::Tensor sb_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
                   int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& seg_weight,
-                  const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
+                  const at::Tensor& attn_update, const c10::optional<at::Tensor>& mlp_out,
                   const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate) {
-  check_scatter_args(kSb, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
-                     scores, gate);
+  check_scatter_args(kSb, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, attn_update,
+                     mlp_out, scores, gate);
   check_segs_layout(kSb, x.size(0), cu_seqlens.numel() - 1, segs_per_sample);
   check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSb);
   return cpu::scatter_back(x.contiguous(), idx.contiguous(), cu_seqlens.contiguous(),
-                           seg_weight.contiguous(), d1.contiguous(), as_opt(opt_contig(d2)),
-                           as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
+                           seg_weight.contiguous(), attn_update.contiguous(),
+                           as_opt(opt_contig(mlp_out)), as_opt(opt_contig(scores)),
+                           as_opt(opt_contig(gate)));
 }
 
 void sb_inplace_cpu(at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
                     int64_t max_seqlen, int64_t segs_per_sample, const at::Tensor& seg_weight,
-                    const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
+                    const at::Tensor& attn_update, const c10::optional<at::Tensor>& mlp_out,
                     const c10::optional<at::Tensor>& scores,
                     const c10::optional<at::Tensor>& gate) {
-  check_scatter_args(kSbI, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
-                     scores, gate);
+  check_scatter_args(kSbI, x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, attn_update,
+                     mlp_out, scores, gate);
   check_segs_layout(kSbI, x.size(0), cu_seqlens.numel() - 1, segs_per_sample);
-  check_inplace_target(x, kSbI, {{"d1", &d1}, {"d2", d2 ? &*d2 : nullptr},
-                                 {"gate", gate ? &*gate : nullptr}, {"idx", &idx}});
+  check_inplace_target(x, kSbI,
+                       {{"attn_update", &attn_update},
+                        {"mlp_out", mlp_out ? &*mlp_out : nullptr},
+                        {"gate", gate ? &*gate : nullptr},
+                        {"idx", &idx}});
   check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSbI);
   cpu::scatter_back_into(x, idx.contiguous(), cu_seqlens.contiguous(), seg_weight.contiguous(),
-                         d1.contiguous(), as_opt(opt_contig(d2)), as_opt(opt_contig(scores)),
-                         as_opt(opt_contig(gate)));
+                         attn_update.contiguous(), as_opt(opt_contig(mlp_out)),
+                         as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-    int64_t max_seqlen, const at::Tensor& seg_weight, const at::Tensor& d1,
-    const c10::optional<at::Tensor>& d2, const c10::optional<at::Tensor>& scores,
+    int64_t max_seqlen, const at::Tensor& seg_weight, const at::Tensor& attn_update,
+    const c10::optional<at::Tensor>& mlp_out, const c10::optional<at::Tensor>& scores,
     const c10::optional<at::Tensor>& gate) {
-  check_scatter_args(kSbB, grad_out, idx, cu_seqlens, max_seqlen, 1, seg_weight, d1, d2, scores,
-                     gate);
+  check_scatter_args(kSbB, grad_out, idx, cu_seqlens, max_seqlen, 1, seg_weight, attn_update,
+                     mlp_out, scores, gate);
   check_cu_seqlens_values(cu_seqlens, idx.numel(), max_seqlen, kSbB);
   return cpu::scatter_back_backward(grad_out.contiguous(), idx.contiguous(),
                                     cu_seqlens.contiguous(), seg_weight.contiguous(),
-                                    d1.contiguous(), as_opt(opt_contig(d2)),
+                                    attn_update.contiguous(), as_opt(opt_contig(mlp_out)),
                                     as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
 }
 

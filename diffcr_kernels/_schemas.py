@@ -16,18 +16,18 @@ from typing import Dict
 
 SCHEMAS: Dict[str, str] = {
     "gather_norm_modulate": "(Tensor x, Tensor idx, Tensor? shift, Tensor? scale, Tensor? weight, "
-                            "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
     "gather_norm_modulate_backward": "(Tensor grad_y, Tensor x, Tensor idx, Tensor mean, "
-                                     "Tensor rstd, Tensor? scale, Tensor? weight) -> Tensor",
+    "Tensor rstd, Tensor? scale, Tensor? weight) -> Tensor",
     "scatter_back": "(Tensor x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-                    "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
-                    "Tensor? scores, Tensor? gate) -> Tensor",
+    "int segs_per_sample, Tensor seg_weight, Tensor attn_update, Tensor? mlp_out, "
+    "Tensor? scores, Tensor? gate) -> Tensor",
     "scatter_back_": "(Tensor(a!) x, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-                     "int segs_per_sample, Tensor seg_weight, Tensor d1, Tensor? d2, "
-                     "Tensor? scores, Tensor? gate) -> ()",
+    "int segs_per_sample, Tensor seg_weight, Tensor attn_update, Tensor? mlp_out, "
+    "Tensor? scores, Tensor? gate) -> ()",
     "scatter_back_backward": "(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
-                             "Tensor seg_weight, Tensor d1, Tensor? d2, Tensor? scores, "
-                             "Tensor? gate) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor seg_weight, Tensor attn_update, Tensor? mlp_out, Tensor? scores, "
+    "Tensor? gate) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 

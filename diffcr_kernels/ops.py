@@ -227,7 +227,8 @@ def _check_gather(op, x, idx, shift, scale, weight, bias, contents=True, eps=0.0
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P, contents=True):
+def _check_scatter(x, idx, cu, seg_weight, attn_update, mlp_out, scores, gate, max_seqlen, P,
+                   contents=True):
     """Validates a scatter-back call; returns ``(max_seqlen, segs_per_sample)``. ``contents``
     False (a checked :class:`Selection`) skips the host-side reads of idx and cu_seqlens."""
     op = "scatter_back"
@@ -244,11 +245,11 @@ def _check_scatter(x, idx, cu, seg_weight, d1, d2, scores, gate, max_seqlen, P, 
     S = cu.numel() - 1
     P, derived = _segs_per_sample(op, S, B, P)
     _need(seg_weight, op, "seg_weight", (S,), x)
-    _need(d1, op, "d1", (T, D), x)
-    _need(d2, op, "d2", (T, D), x)
+    _need(attn_update, op, "attn_update", (T, D), x)
+    _need(mlp_out, op, "mlp_out", (T, D), x)
     _need(scores, op, "scores", (T,), x)
     _need(gate, op, "gate", (B, D), x)
-    for name, t in (("d1", d1), ("d2", d2), ("gate", gate)):
+    for name, t in (("attn_update", attn_update), ("mlp_out", mlp_out), ("gate", gate)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected {x.dtype} (the dtype "
                              "of x)")
@@ -353,29 +354,30 @@ def scatter_back(
     idx: torch.Tensor,
     cu_seqlens: torch.Tensor,
     seg_weight: torch.Tensor,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor] = None,
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
     *,
     max_seqlen: Optional[int] = None,
     segs_per_sample: Optional[int] = None,
 ) -> torch.Tensor:
-    """``out = x; out[idx[r]] += seg_weight[seg(r)] * (d1[r] + scores[r] * gate[b] * d2[r])``.
+    """``out = x; out[idx[r]] += seg_weight[seg(r)] * (attn_update[r] + scores[r] * gate[b] *
+    mlp_out[r])``.
 
     See :func:`diffcr_kernels.reference.scatter_back` for the full definition. ``max_seqlen``
     (the longest segment) is needed by the CUDA grid; it is computed from ``cu_seqlens`` (a
     device sync) when not given. ``segs_per_sample`` is P of the sample-major segment layout:
     it lets the CUDA kernel add the segments of a sample in a fixed order without atomics.
     Leave it out: it is derived from the shapes (``S // B``), and a value that contradicts
-    them is refused. Differentiable in x, d1, d2, scores, gate and seg_weight.
+    them is refused. Differentiable in x, attn_update, mlp_out, scores, gate and seg_weight.
 
     These are user-supplied indices: on CPU (and on GPU with ``DIFFCR_VALIDATE=1``) their range,
     ``cu_seqlens`` and the race-freedom of every slot are checked on the host. A
     :class:`~diffcr_kernels.reference.Selection` from :func:`select_topk` needs none of that:
     pass it to :func:`scatter_back_selection`.
     """
-    return _scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate, max_seqlen,
+    return _scatter(x, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate, max_seqlen,
                     segs_per_sample, contents=True, inplace=False)
 
 
@@ -384,8 +386,8 @@ def scatter_back_(
     idx: torch.Tensor,
     cu_seqlens: torch.Tensor,
     seg_weight: torch.Tensor,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor] = None,
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
     *,
@@ -393,23 +395,24 @@ def scatter_back_(
     segs_per_sample: Optional[int] = None,
 ) -> torch.Tensor:
     """In-place :func:`scatter_back` for inference: ``x[idx[r]] += seg_weight[seg(r)] *
-    (d1[r] + scores[r] * gate[b] * d2[r])`` written into ``x`` itself, which is returned.
+    (attn_update[r] + scores[r] * gate[b] * mlp_out[r])`` written into ``x`` itself, which is
+    returned.
 
     Saves the copy of the whole ``[B, N, D]`` residual stream that :func:`scatter_back` makes
     (a full read and write of it per routed block). Same arguments and checks as
-    :func:`scatter_back`; in addition x must be contiguous and share no memory with d1, d2,
-    gate or idx. Not differentiable: refused when autograd would record it (an input
+    :func:`scatter_back`; in addition x must be contiguous and share no memory with attn_update,
+    mlp_out, gate or idx. Not differentiable: refused when autograd would record it (an input
     requires grad and grad mode is on).
     """
-    return _scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate, max_seqlen,
+    return _scatter(x, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate, max_seqlen,
                     segs_per_sample, contents=True, inplace=True)
 
 
 def scatter_back_selection(
     x: torch.Tensor,
     sel: Selection,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor] = None,
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
     *,
     use_scores: bool = True,
@@ -419,45 +422,47 @@ def scatter_back_selection(
     """:func:`scatter_back` (``inplace``: :func:`scatter_back_`) with the indices, segments,
     weights and scores of a :class:`~diffcr_kernels.reference.Selection`.
 
-    The router scores ``sel.scores`` gate d2 when ``use_scores``; ``scores`` ``[T]`` replaces
+    The router scores ``sel.scores`` gate mlp_out when ``use_scores``; ``scores`` ``[T]`` replaces
     them (e.g. the gate factor γ(s) of the MLP branch). A selection made by
     :func:`select_topk` is correct by construction, so its indices and segments are not
     re-checked on the host (no per-call scan on the hot path)."""
     if scores is None and use_scores:
         scores = sel.scores
-    return _scatter(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2, scores, gate,
-                    sel.max_seqlen, sel.segs_per_sample, contents=not sel.checked,
+    return _scatter(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update, mlp_out, scores,
+                    gate, sel.max_seqlen, sel.segs_per_sample, contents=not sel.checked,
                     inplace=inplace)
 
 
-def _scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate, max_seqlen,
+def _scatter(x, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate, max_seqlen,
              segs_per_sample, *, contents: bool, inplace: bool) -> torch.Tensor:
     op = "scatter_back_" if inplace else "scatter_back"
     if inplace:
-        tensors = (x, seg_weight, d1, d2, scores, gate)
+        tensors = (x, seg_weight, attn_update, mlp_out, scores, gate)
         if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad
                                            for t in tensors):
             raise ValueError(f"{op}: the in-place scatter-back is for inference; an input "
                              "requires grad (use scatter_back, or run under torch.no_grad())")
-    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, d1, d2, scores,
-                                                 gate, max_seqlen, segs_per_sample, contents)
+    max_seqlen, segs_per_sample = _check_scatter(x, idx, cu_seqlens, seg_weight, attn_update,
+                                                 mlp_out, scores, gate, max_seqlen, segs_per_sample,
+                                                 contents)
     if inplace:
         if not x.is_contiguous():
             raise ValueError(f"{op}: x must be contiguous to be updated in place (use "
                              "scatter_back, which returns a new tensor)")
         if not torch.compiler.is_compiling():  # (the compiled ops check it again)
-            for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
+            for name, t in (("attn_update", attn_update), ("mlp_out", mlp_out), ("gate", gate),
+                            ("idx", idx)):
                 if t is not None and t.untyped_storage().data_ptr() == \
                         x.untyped_storage().data_ptr():
                     raise ValueError(f"{op}: {name} shares memory with x, which is updated in "
                                      "place")
     backend = resolve_backend(op, x.device)
     if backend == "reference":
-        out = ref.scatter_back(x, idx, cu_seqlens, seg_weight, d1, d2, scores, gate)
+        out = ref.scatter_back(x, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate)
         return x.copy_(out) if inplace else out
     a = acc_dtype(x.dtype)
-    args = (x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a), d1, d2,
-            None if scores is None else scores.to(a), gate)
+    args = (x, idx, cu_seqlens, int(max_seqlen), int(segs_per_sample), seg_weight.to(a),
+            attn_update, mlp_out, None if scores is None else scores.to(a), gate)
     if inplace:
         _ns(backend).scatter_back_(*args)
         return x
@@ -501,21 +506,23 @@ def _register_family(ns: str) -> None:
         return x.new_empty(idx.shape[0], x.shape[2])
 
     @torch.library.register_fake(lib + "scatter_back")
-    def _sb_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2, scores,
-                 gate):
+    def _sb_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, attn_update, mlp_out,
+                 scores, gate):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "scatter_back_")
-    def _sb_inplace_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
-                         scores, gate):
+    def _sb_inplace_fake(x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, attn_update,
+                         mlp_out, scores, gate):
         return None
 
     @torch.library.register_fake(lib + "scatter_back_backward")
-    def _sb_bwd_fake(grad_out, idx, cu_seqlens, max_seqlen, seg_weight, d1, d2, scores, gate):
+    def _sb_bwd_fake(grad_out, idx, cu_seqlens, max_seqlen, seg_weight, attn_update, mlp_out,
+                     scores, gate):
         T, D = idx.shape[0], grad_out.shape[2]
         a = seg_weight.dtype
-        return (d1.new_empty(T, D), d1.new_empty(T if d2 is not None else 0, D),
-                d1.new_empty(T if scores is not None else 0, dtype=a), d1.new_empty(T, dtype=a))
+        new = attn_update.new_empty
+        return (new(T, D), new(T if mlp_out is not None else 0, D),
+                new(T if scores is not None else 0, dtype=a), new(T, dtype=a))
 
     # gather_norm_modulate: inputs (x, idx, shift, scale, weight, bias, eps)
     def _gnm_setup(ctx, inputs, output):
@@ -566,22 +573,22 @@ def _register_family(ns: str) -> None:
     torch.library.register_autograd(lib + "gather_norm_modulate", _gnm_backward,
                                     setup_context=_gnm_setup)
 
-    # scatter_back: inputs (x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1, d2,
-    # scores, gate)
+    # scatter_back: inputs (x, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight,
+    # attn_update, mlp_out, scores, gate)
     def _sb_setup(ctx, inputs, output):
-        x, idx, cu, max_seqlen, _p, seg_weight, d1, d2, scores, gate = inputs
+        x, idx, cu, max_seqlen, _p, seg_weight, attn_update, mlp_out, scores, gate = inputs
         ctx.max_seqlen = max_seqlen
         ctx.shape = x.shape
-        ctx.save_for_backward(idx, cu, seg_weight, d1, d2, scores, gate)
+        ctx.save_for_backward(idx, cu, seg_weight, attn_update, mlp_out, scores, gate)
 
     def _sb_backward(ctx, grad_out):
-        idx, cu, seg_weight, d1, d2, scores, gate = ctx.saved_tensors
+        idx, cu, seg_weight, attn_update, mlp_out, scores, gate = ctx.saved_tensors
         need = ctx.needs_input_grad
         B, N, D = ctx.shape
         a = seg_weight.dtype
         G = grad_out.contiguous()
-        gd1, gd2, gs, dots = ops.scatter_back_backward(G, idx, cu, ctx.max_seqlen, seg_weight,
-                                                       d1, d2, scores, gate)
+        g_attn_update, g_mlp_out, gs, dots = ops.scatter_back_backward(
+            G, idx, cu, ctx.max_seqlen, seg_weight, attn_update, mlp_out, scores, gate)
         grad_w = grad_gate = None
         if need[5]:
             S = cu.numel() - 1
@@ -589,16 +596,16 @@ def _register_family(ns: str) -> None:
             row_seg = torch.repeat_interleave(torch.arange(S, device=cu.device), lengths,
                                               output_size=idx.numel())
             grad_w = torch.zeros(S, dtype=a, device=cu.device).index_add_(0, row_seg, dots)
-        if need[9] and gate is not None and d2 is not None:
-            contrib = gd1.to(a) * d2.to(a)  # one [T, D] temporary, scaled in place
+        if need[9] and gate is not None and mlp_out is not None:
+            contrib = g_attn_update.to(a) * mlp_out.to(a)  # one [T, D] temporary, scaled in place
             if scores is not None:
                 contrib.mul_(scores.unsqueeze(1).to(a))
             b = torch.div(idx, N, rounding_mode="floor")
             grad_gate = torch.zeros(B, D, dtype=a, device=G.device).index_add_(0, b, contrib)
             grad_gate = grad_gate.to(gate.dtype)
         return (G if need[0] else None, None, None, None, None, grad_w,
-                gd1 if need[6] else None,
-                gd2 if (need[7] and d2 is not None) else None,
+                g_attn_update if need[6] else None,
+                g_mlp_out if (need[7] and mlp_out is not None) else None,
                 gs if (need[8] and scores is not None) else None,
                 grad_gate)
 

@@ -12,7 +12,7 @@ Data path of one routed block (docs/method.md §7):
 2. :func:`select_topk`     per segment, the k highest-scoring tokens of its sample, packed.
 3. :func:`gather_norm_modulate`  LN(x[idx]) * (1 + scale[b]) + shift[b] on the packed rows.
 4. block body on packed rows; :func:`varlen_attention` for self- and cross-attention.
-5. :func:`scatter_back`    out = x;  out[idx] += w_seg * (d1 + s * gate[b] * d2).
+5. :func:`scatter_back`    out = x;  out[idx] += w_seg * (attn_update + s * gate[b] * mlp_out).
 
 Conventions
 -----------
@@ -344,22 +344,24 @@ def scatter_back(
     idx: torch.Tensor,
     cu_seqlens: torch.Tensor,
     seg_weight: torch.Tensor,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor] = None,
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gated, bin-weighted scatter-back into the residual stream.
 
     ``out = x``; for every packed row r of segment j:
-    ``out[idx[r]] += seg_weight[j] * (d1[r] + scores[r] * gate[b] * d2[r])``, ``b = idx[r] // N``.
+    ``out[idx[r]] += seg_weight[j] * (attn_update[r] + scores[r] * gate[b] * mlp_out[r])``,
+    ``b = idx[r] // N``.
 
-    In a routed block, d1 is the packed residual update of the attention branches
-    (``h - x[idx]``) and d2 the MLP output before its adaLN gate; the router score multiplies the
-    MLP branch only (method §1). A token selected in several segments (both bins of a sample)
-    receives the sum of their contributions; rows never selected are returned unchanged.
-    Accumulated in the acc dtype and rounded once. Shapes: x ``[B, N, D]``; d1, d2 ``[T, D]``;
-    scores ``[T]``; gate ``[B, D]``; seg_weight ``[S]``; cu_seqlens int32 ``[S + 1]``.
+    In a routed block, attn_update is the packed residual update of the attention branches
+    (``h - x[idx]``) and mlp_out the MLP output before its adaLN gate; the router score
+    multiplies the MLP branch only (method §1). A token selected in several segments (both bins
+    of a sample) receives the sum of their contributions; rows never selected are returned
+    unchanged. Accumulated in the acc dtype and rounded once. Shapes: x ``[B, N, D]``;
+    attn_update, mlp_out ``[T, D]``; scores ``[T]``; gate ``[B, D]``; seg_weight ``[S]``;
+    cu_seqlens int32 ``[S + 1]``.
     """
     B, N, D = x.shape
     a = acc_dtype(x.dtype)
@@ -367,9 +369,9 @@ def scatter_back(
     S = cu_seqlens.numel() - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     row_seg = torch.repeat_interleave(torch.arange(S, device=x.device), lengths, output_size=T)
-    c = d1.to(a)
-    if d2 is not None:
-        m = d2.to(a)
+    c = attn_update.to(a)
+    if mlp_out is not None:
+        m = mlp_out.to(a)
         if gate is not None:
             m = m * gate.to(a)[torch.div(idx, N, rounding_mode="floor")]
         if scores is not None:

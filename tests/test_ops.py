@@ -32,10 +32,10 @@ def _inputs(B, N, D, ks, dtype, device, mod=True):
     T = sel.total
     shift = torch.randn(B, D, generator=g).to(device, dtype) if mod else None
     scale = (0.5 * torch.randn(B, D, generator=g)).to(device, dtype) if mod else None
-    d1 = torch.randn(T, D, generator=g).to(device, dtype)
-    d2 = torch.randn(T, D, generator=g).to(device, dtype)
+    attn_update = torch.randn(T, D, generator=g).to(device, dtype)
+    mlp_out = torch.randn(T, D, generator=g).to(device, dtype)
     gate = torch.randn(B, D, generator=g).to(device, dtype)
-    return x, sel, shift, scale, d1, d2, gate
+    return x, sel, shift, scale, attn_update, mlp_out, gate
 
 
 def _tol(dtype):
@@ -147,40 +147,42 @@ def test_gather_norm_modulate_gradcheck_partial(device, ext_backend, affine, nee
 
 
 # ---------------------------------------------------------------- scatter back
-def _scatter(backend, x, sel, d1, d2, gate, use_scores=True):
+def _scatter(backend, x, sel, attn_update, mlp_out, gate, use_scores=True):
     with dk.use_backend(backend):
-        return dk.scatter_back_selection(x, sel, d1, d2, gate, use_scores=use_scores)
+        return dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, use_scores=use_scores)
 
 
 @pytest.mark.parametrize("B,N,D,ks", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("parts", ["d1", "gated", "all"])
+@pytest.mark.parametrize("parts", ["attn_update", "gated", "all"])
 def test_scatter_back_forward(device, ext_backend, B, N, D, ks, dtype, parts):
-    x, sel, _, _, d1, d2, gate = _inputs(B, N, D, ks, dtype, device)
-    if parts == "d1":
-        d2 = gate = None
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(B, N, D, ks, dtype, device)
+    if parts == "attn_update":
+        mlp_out = gate = None
     use_scores = parts == "all"
     if parts == "gated":
         gate = None
     x_before = x.clone()
-    out = _scatter(ext_backend, x, sel, d1, d2, gate, use_scores)
+    out = _scatter(ext_backend, x, sel, attn_update, mlp_out, gate, use_scores)
     assert torch.equal(x, x_before), "scatter_back modified its input"
     assert out.dtype == dtype and out.shape == x.shape
     keep = torch.zeros(B * N, dtype=torch.bool, device=device)
     keep[sel.indices] = True
     # rows never selected are passed through bit-exactly
     assert torch.equal(out.reshape(B * N, D)[~keep], x.reshape(B * N, D)[~keep])
-    xf, d1f, d2f, gf = _as_fp32_inputs(x, d1, d2, gate)
-    expect = ref.scatter_back(xf, sel.indices, sel.cu_seqlens, sel.seg_weight, d1f, d2f,
-                              sel.scores if use_scores else None, gf)
+    xf, attn_update_f, mlp_out_f, gf = _as_fp32_inputs(x, attn_update, mlp_out, gate)
+    expect = ref.scatter_back(xf, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update_f,
+                              mlp_out_f, sel.scores if use_scores else None, gf)
     if dtype == torch.float32:
         torch.testing.assert_close(out, expect, **_tol(dtype))
     else:
-        naive = ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight.to(dtype), d1,
-                                 d2, sel.scores.to(dtype) if use_scores else None, gate)
+        naive = ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight.to(dtype),
+                                 attn_update, mlp_out,
+                                 sel.scores.to(dtype) if use_scores else None, gate)
         # naive bf16: the reference formula with every intermediate rounded to bf16
-        c = d1 if d2 is None else d1 + (sel.scores.to(dtype)[:, None] if use_scores else 1) * (
-            d2 * (gate[sel.row_sample()] if gate is not None else 1))
+        c = attn_update if mlp_out is None else attn_update + (
+            sel.scores.to(dtype)[:, None] if use_scores else 1) * (
+                mlp_out * (gate[sel.row_sample()] if gate is not None else 1))
         naive = x.reshape(B * N, D).index_add(
             0, sel.indices, c * sel.seg_weight.to(dtype)[sel.row_segment()][:, None]).view_as(x)
         _assert_close_lowp(out, expect, naive)
@@ -191,63 +193,66 @@ def test_scatter_back_forward(device, ext_backend, B, N, D, ks, dtype, parts):
 def test_scatter_back_inplace_equals_out_of_place(device, ext_backend, B, N, D, ks, dtype):
     """scatter_back_ writes into x exactly what scatter_back returns (same kernel, no copy),
     on the same backend, for one bin and two bins per sample."""
-    x, sel, _, _, d1, d2, gate = _inputs(B, N, D, ks, dtype, device)
-    expect = _scatter(ext_backend, x, sel, d1, d2, gate)
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(B, N, D, ks, dtype, device)
+    expect = _scatter(ext_backend, x, sel, attn_update, mlp_out, gate)
     y = x.clone()
     with dk.use_backend(ext_backend):
-        out = dk.scatter_back_(y, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2,
+        out = dk.scatter_back_(y, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update, mlp_out,
                                sel.scores, gate, max_seqlen=sel.max_seqlen)
     assert out is y
     assert torch.equal(y, expect)
 
 
 def test_scatter_back_inplace_refuses_what_it_cannot_do_safely(device, ext_backend):
-    x, sel, _, _, d1, d2, gate = _inputs(2, 9, 8, [[3, 5], [9, 2]], torch.float32, device)
-    args = (sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2, sel.scores, gate)
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(2, 9, 8, [[3, 5], [9, 2]], torch.float32,
+                                                       device)
+    args = (sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update, mlp_out, sel.scores, gate)
     with dk.use_backend(ext_backend):
         xt = x.transpose(0, 1).contiguous().transpose(0, 1)
         with pytest.raises(ValueError, match="x must be contiguous"):
             dk.scatter_back_(xt, *args)
-        big = torch.randn(x.numel() + d1.numel(), device=device)
-        xa, d1a = big[:x.numel()].view_as(x), big[x.numel():].view_as(d1)
-        with pytest.raises(ValueError, match="d1 shares memory with x"):
-            dk.scatter_back_(xa, sel.indices, sel.cu_seqlens, sel.seg_weight, d1a)
+        big = torch.randn(x.numel() + attn_update.numel(), device=device)
+        xa, attn_update_a = big[:x.numel()].view_as(x), big[x.numel():].view_as(attn_update)
+        with pytest.raises(ValueError, match="attn_update shares memory with x"):
+            dk.scatter_back_(xa, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update_a)
         with pytest.raises(ValueError, match="for inference"):
             dk.scatter_back_(x, sel.indices, sel.cu_seqlens, sel.seg_weight,
-                             d1.clone().requires_grad_())
+                             attn_update.clone().requires_grad_())
     # the raw op (what a compiled graph calls) checks contiguity and aliasing too
     ns = torch.ops.diffcr_triton if ext_backend == "triton" else torch.ops.diffcr
     with pytest.raises(ValueError, match="must be contiguous"):
         ns.scatter_back_(xt, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, sel.seg_weight,
-                         d1, d2, sel.scores, gate)
+                         attn_update, mlp_out, sel.scores, gate)
 
 
 def test_scatter_back_poisoned_unselected_rows_stay_poisoned(device, ext_backend):
     B, N, D = 2, 31, 16
-    x, sel, _, _, d1, d2, gate = _inputs(B, N, D, [[3, 9], [1, 31]], torch.float32, device)
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(B, N, D, [[3, 9], [1, 31]], torch.float32,
+                                                       device)
     keep = torch.zeros(B * N, dtype=torch.bool, device=device)
     keep[sel.indices] = True
     xp = x.clone().reshape(B * N, D)
     xp[~keep] = float("nan")
-    out = _scatter(ext_backend, xp.view(B, N, D), sel, d1, d2, gate).reshape(B * N, D)
+    out = _scatter(ext_backend, xp.view(B, N, D), sel, attn_update, mlp_out, gate).reshape(B * N, D)
     assert torch.isfinite(out[keep]).all()
     assert torch.isnan(out[~keep]).all()
 
 
 def test_scatter_back_is_deterministic(device, ext_backend):
-    x, sel, _, _, d1, d2, gate = _inputs(2, 50, 72, [[13, 31], [50, 7]], torch.float32, device)
-    a = _scatter(ext_backend, x, sel, d1, d2, gate)
-    b = _scatter(ext_backend, x, sel, d1, d2, gate)
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(2, 50, 72, [[13, 31], [50, 7]],
+                                                       torch.float32, device)
+    a = _scatter(ext_backend, x, sel, attn_update, mlp_out, gate)
+    b = _scatter(ext_backend, x, sel, attn_update, mlp_out, gate)
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("B,N,D,ks", CASES)
 def test_scatter_back_backward_fp32(device, ext_backend, B, N, D, ks):
-    x, sel, _, _, d1, d2, gate = _inputs(B, N, D, ks, torch.float32, device)
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(B, N, D, ks, torch.float32, device)
     G = torch.randn_like(x)
     grads = {}
     for backend in ("reference", ext_backend):
-        leaves = [t.clone().requires_grad_() for t in (x, d1, d2, gate, sel.scores,
+        leaves = [t.clone().requires_grad_() for t in (x, attn_update, mlp_out, gate, sel.scores,
                                                        sel.seg_weight)]
         with dk.use_backend(backend):
             out = dk.scatter_back(leaves[0], sel.indices, sel.cu_seqlens, leaves[5], leaves[1],
@@ -255,19 +260,20 @@ def test_scatter_back_backward_fp32(device, ext_backend, B, N, D, ks):
                                   segs_per_sample=sel.segs_per_sample)
         out.backward(G)
         grads[backend] = [t.grad for t in leaves]
-    for name, a, b in zip(("x", "d1", "d2", "gate", "scores", "seg_weight"),
+    for name, a, b in zip(("x", "attn_update", "mlp_out", "gate", "scores", "seg_weight"),
                           grads["reference"], grads[ext_backend]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("optional", ["all", "no-gate", "no-scores", "d1-only"])
+@pytest.mark.parametrize("optional", ["all", "no-gate", "no-scores", "attn_update-only"])
 def test_scatter_back_gradcheck_float64(device, ext_backend, optional):
-    x, sel, _, _, d1, d2, gate = _inputs(2, 7, 5, [[2, 5], [7, 1]], torch.float64, device)
+    x, sel, _, _, attn_update, mlp_out, gate = _inputs(2, 7, 5, [[2, 5], [7, 1]], torch.float64,
+                                                       device)
     scores = sel.scores.double()
     use = {"all": (True, True, True), "no-gate": (True, True, False),
-           "no-scores": (True, False, True), "d1-only": (False, False, False)}[optional]
-    leaves = [x, d1, sel.seg_weight.double()]
-    leaves += [d2] if use[0] else []
+           "no-scores": (True, False, True), "attn_update-only": (False, False, False)}[optional]
+    leaves = [x, attn_update, sel.seg_weight.double()]
+    leaves += [mlp_out] if use[0] else []
     leaves += [scores] if use[1] else []
     leaves += [gate] if use[2] else []
     leaves = [t.clone().requires_grad_() for t in leaves]
@@ -291,8 +297,8 @@ def test_opcheck_compiled_ops(device, ext_backend):
     from diffcr_kernels.ops import _ns
 
     ops = _ns(ext_backend)
-    x, sel, shift, scale, d1, d2, gate = _inputs(2, 11, 8, [[3, 6], [11, 2]], torch.float32,
-                                                 device)
+    x, sel, shift, scale, attn_update, mlp_out, gate = _inputs(2, 11, 8, [[3, 6], [11, 2]],
+                                                               torch.float32, device)
     xr = x.clone().requires_grad_()
     torch.library.opcheck(ops.gather_norm_modulate,
                           (xr, sel.indices, shift, scale, None, None, 1e-6))
@@ -300,33 +306,35 @@ def test_opcheck_compiled_ops(device, ext_backend):
     torch.library.opcheck(ops.gather_norm_modulate_backward,
                           (torch.randn_like(y), x, sel.indices, mean, rstd, scale, None))
     args = (xr, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, sel.seg_weight,
-            d1.clone().requires_grad_(), d2, sel.scores, gate)
+            attn_update.clone().requires_grad_(), mlp_out, sel.scores, gate)
     torch.library.opcheck(ops.scatter_back, args)
     torch.library.opcheck(ops.scatter_back_,
                           (x.clone(),) + tuple(a.detach() if torch.is_tensor(a) else a
                                                for a in args[1:]))
     torch.library.opcheck(ops.scatter_back_backward,
                           (torch.randn_like(x), sel.indices, sel.cu_seqlens, sel.max_seqlen,
-                           sel.seg_weight, d1, d2, sel.scores, gate))
+                           sel.seg_weight, attn_update, mlp_out, sel.scores, gate))
 
 
 def test_compiled_ops_trace_with_torch_compile(ext_backend, device):
-    x, sel, shift, scale, d1, d2, gate = _inputs(2, 11, 8, [[3], [11]], torch.float32, device)
+    x, sel, shift, scale, attn_update, mlp_out, gate = _inputs(2, 11, 8, [[3], [11]], torch.float32,
+                                                               device)
 
-    def f(x, shift, scale, d2, gate):
+    def f(x, shift, scale, mlp_out, gate):
         y = dk.gather_norm_modulate(x, sel.indices, shift, scale)
-        return dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, y, d2,
+        return dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, y, mlp_out,
                                sel.scores, gate, max_seqlen=sel.max_seqlen)
 
     with dk.use_backend(ext_backend):
-        eager = f(x, shift, scale, d2, gate)
-        compiled = torch.compile(f, fullgraph=True, backend="eager")(x, shift, scale, d2, gate)
+        eager = f(x, shift, scale, mlp_out, gate)
+        compiled = torch.compile(f, fullgraph=True, backend="eager")(x, shift, scale, mlp_out, gate)
     torch.testing.assert_close(compiled, eager)
 
 
 # ---------------------------------------------------------------- errors
 def test_bad_inputs_raise_clear_errors(device, ext_backend):
-    x, sel, shift, scale, d1, d2, gate = _inputs(2, 9, 8, [[3], [4]], torch.float32, device)
+    x, sel, shift, scale, attn_update, mlp_out, gate = _inputs(2, 9, 8, [[3], [4]], torch.float32,
+                                                               device)
     with dk.use_backend(ext_backend):
         with pytest.raises(ValueError, match="shift has shape"):
             dk.gather_norm_modulate(x, sel.indices, shift[:1], scale)
@@ -334,10 +342,10 @@ def test_bad_inputs_raise_clear_errors(device, ext_backend):
             dk.gather_norm_modulate(x, sel.indices.int(), shift, scale)
         with pytest.raises(ValueError, match="dtype"):
             dk.gather_norm_modulate(x, sel.indices, shift.double(), scale)
-        with pytest.raises(ValueError, match="d1 has shape"):
-            dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1[:-1])
+        with pytest.raises(ValueError, match="attn_update has shape"):
+            dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update[:-1])
         with pytest.raises(ValueError, match="not a multiple of segs_per_sample"):
-            dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1,
+            dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update,
                             segs_per_sample=3)
     if device.type == "cpu":  # content checks that need no device sync
         with dk.use_backend(ext_backend):
@@ -348,9 +356,9 @@ def test_bad_inputs_raise_clear_errors(device, ext_backend):
             cu = sel.cu_seqlens.clone()
             cu[-1] += 1
             with pytest.raises(ValueError, match="must equal the number of rows"):
-                dk.scatter_back(x, sel.indices, cu, sel.seg_weight, d1)
+                dk.scatter_back(x, sel.indices, cu, sel.seg_weight, attn_update)
             with pytest.raises(ValueError, match="max_seqlen"):
-                dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1,
+                dk.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update,
                                 max_seqlen=1)
 
 

@@ -24,17 +24,19 @@ def test_select_property(B, N, P, data):
     assert sel.indices.tolist() == [i for s in naive_select(scores, ks) for i in s]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 3), N=st.integers(1, 40), D=st.integers(1, 70), P=st.integers(1, 2),
        data=st.data())
 def test_ops_property(ext_backend, device, B, N, D, P, data):
     ks = [[data.draw(st.integers(1, N)) for _ in range(P)] for _ in range(B)]
-    x, sel, shift, scale, d1, d2, gate = _inputs(B, N, D, ks, torch.float32, device)
+    x, sel, shift, scale, attn_update, mlp_out, gate = _inputs(B, N, D, ks, torch.float32, device)
     with dk.use_backend(ext_backend):
         y = dk.gather_norm_modulate(x, sel.indices, shift, scale)
-        out = dk.scatter_back_selection(x, sel, d1, d2, gate)
+        out = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate)
     torch.testing.assert_close(y, ref.gather_norm_modulate(x, sel.indices, shift, scale),
                                rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out, ref.scatter_back(x, sel.indices, sel.cu_seqlens,
-                                                     sel.seg_weight, d1, d2, sel.scores, gate),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out,
+        ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update, mlp_out,
+                         sel.scores, gate), rtol=1e-5, atol=1e-5)

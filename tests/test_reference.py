@@ -1,4 +1,5 @@
-"""The reference ops (the executable spec) against independent, loop-based definitions of docs/method.md.
+"""The reference ops (the executable spec) against independent, loop-based definitions of
+docs/method.md.
 
 These naive versions loop over samples, segments and rows in Python and share no code with
 ``diffcr_kernels.reference``; if the vectorised reference drifts from the spec, these fail.
@@ -44,15 +45,15 @@ def naive_gnm(x, idx, shift, scale, eps):
     return torch.stack(out) if out else x.new_zeros(0, D).double()
 
 
-def naive_scatter(x, segs, w, d1, d2, scores, gate):
+def naive_scatter(x, segs, w, attn_update, mlp_out, scores, gate):
     B, N, D = x.shape
     out = x.reshape(-1, D).double().clone()
     r = 0
     for j, seg in enumerate(segs):
         for dst in seg:
-            c = d1[r].double()
-            if d2 is not None:
-                m = d2[r].double()
+            c = attn_update[r].double()
+            if mlp_out is not None:
+                m = mlp_out[r].double()
                 if gate is not None:
                     m = m * gate[dst // N].double()
                 c = c + (scores[r].double() if scores is not None else 1.0) * m
@@ -177,7 +178,7 @@ def test_gather_norm_affine_matches_layernorm_module():
 
 
 # ---------------------------------------------------------------- scatter back
-@pytest.mark.parametrize("parts", ["d1", "d2", "scores", "gate", "all"])
+@pytest.mark.parametrize("parts", ["attn_update", "mlp_out", "scores", "gate", "all"])
 def test_scatter_back_matches_naive(parts):
     B, N, D = 2, 9, 6
     x = torch.randn(B, N, D)
@@ -185,15 +186,17 @@ def test_scatter_back_matches_naive(parts):
     sel = ref.select_topk(scores, torch.tensor([[2, 5], [9, 1]]),
                           torch.tensor([[0.3, 0.7], [0.6, 0.4]]))
     T = sel.total
-    d1 = torch.randn(T, D)
-    d2 = torch.randn(T, D) if parts in ("d2", "scores", "gate", "all") else None
+    attn_update = torch.randn(T, D)
+    mlp_out = torch.randn(T, D) if parts in ("mlp_out", "scores", "gate", "all") else None
     s = sel.scores if parts in ("scores", "all") else None
     gate = torch.randn(B, D) if parts in ("gate", "all") else None
-    out = ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2, s, gate)
+    out = ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update, mlp_out, s,
+                           gate)
     segs = [sel.indices[a:b].tolist() for a, b in zip(sel.cu_seqlens[:-1].tolist(),
                                                         sel.cu_seqlens[1:].tolist())]
-    torch.testing.assert_close(out.double(), naive_scatter(x, segs, sel.seg_weight.tolist(), d1,
-                                                           d2, s, gate), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), naive_scatter(x, segs, sel.seg_weight.tolist(), attn_update, mlp_out, s,
+                                    gate), rtol=1e-5, atol=1e-5)
 
 
 def test_two_bin_scatter_is_weighted_combination_of_branches():
@@ -204,8 +207,8 @@ def test_two_bin_scatter_is_weighted_combination_of_branches():
     sel = ref.select_topk(scores, torch.tensor([[3, 6], [4, 8]]),
                           torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
     delta_full = torch.randn(B * N, D)  # per-token update, same function in both branches
-    d1 = delta_full[sel.indices]
-    out = ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1)
+    attn_update = delta_full[sel.indices]
+    out = ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update)
     expect = torch.empty_like(x)
     for b, (ka, kb, wa, wb) in enumerate([(3, 6, 0.25, 0.75), (4, 8, 0.5, 0.5)]):
         top = torch.sort(scores[b], descending=True, stable=True).indices
@@ -291,10 +294,10 @@ def test_reference_gradcheck_float64():
         s = ref.router_scores(x, w)
         sel = ref.select_topk(s, ks, seg_w.view(B, 2))
         y = ref.gather_norm_modulate(x, sel.indices, shift, scale)
-        d1 = torch.tanh(y)
-        d2 = y * 0.5
-        return ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, d1, d2,
-                                sel.scores, gate)
+        attn_update = torch.tanh(y)
+        mlp_out = y * 0.5
+        return ref.scatter_back(x, sel.indices, sel.cu_seqlens, sel.seg_weight, attn_update,
+                                mlp_out, sel.scores, gate)
 
     assert torch.autograd.gradcheck(f, (x, shift, scale, gate, w, seg_w))
 

@@ -64,8 +64,8 @@ def _inputs(B, N, D, ks, dtype, seed=0):
         scale=(0.5 * torch.randn(B, D, generator=g)).to(DEVICE, dtype),
         weight=(1 + 0.3 * torch.randn(D, generator=g)).to(DEVICE, dtype),
         bias=(0.3 * torch.randn(D, generator=g)).to(DEVICE, dtype),
-        d1=torch.randn(T, D, generator=g).to(DEVICE, dtype),
-        d2=torch.randn(T, D, generator=g).to(DEVICE, dtype),
+        attn_update=torch.randn(T, D, generator=g).to(DEVICE, dtype),
+        mlp_out=torch.randn(T, D, generator=g).to(DEVICE, dtype),
         gate=torch.randn(B, D, generator=g).to(DEVICE, dtype),
         seg_weight=sel.seg_weight.to(a),
         scores=sel.scores.to(a),
@@ -205,34 +205,34 @@ def test_gather_norm_modulate_backward_low_precision(dtype):
 
 # ---------------------------------------------------------------- scatter back
 def _parts(t, parts):
-    d2 = t["d2"] if parts != "d1" else None
+    mlp_out = t["mlp_out"] if parts != "attn_update" else None
     scores = t["scores"] if parts in ("all", "no-gate") else None
     gate = t["gate"] if parts in ("all", "no-scores") else None
-    return d2, scores, gate
+    return mlp_out, scores, gate
 
 
 @pytest.mark.parametrize("B,N,D,ks", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("parts", ["d1", "no-gate", "no-scores", "all"])
+@pytest.mark.parametrize("parts", ["attn_update", "no-gate", "no-scores", "all"])
 def test_scatter_back_forward(B, N, D, ks, dtype, parts):
     t = _inputs(B, N, D, ks, dtype)
     x, sel = t["x"], t["sel"]
-    d2, scores, gate = _parts(t, parts)
+    mlp_out, scores, gate = _parts(t, parts)
     x_before = x.clone()
     out = dkt.scatter_back(x, sel.indices, sel.cu_seqlens, sel.max_seqlen, sel.segs_per_sample,
-                           t["seg_weight"], t["d1"], d2, scores, gate)
+                           t["seg_weight"], t["attn_update"], mlp_out, scores, gate)
     assert torch.equal(x, x_before), "scatter_back modified its input"
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
     keep = _selected_mask(sel, B * N)
     # rows never selected are passed through bit-exactly
     assert torch.equal(out.reshape(B * N, D)[~keep], x.reshape(B * N, D)[~keep])
     expect = ref.scatter_back(x.float(), sel.indices, sel.cu_seqlens, t["seg_weight"],
-                              t["d1"].float(), _f32(d2), scores, _f32(gate))
+                              t["attn_update"].float(), _f32(mlp_out), scores, _f32(gate))
     _check(out, expect, dtype)
     if HAS_CPU_OPS and dtype == torch.float32:
         out2 = torch.ops.diffcr.scatter_back(x, sel.indices, sel.cu_seqlens, sel.max_seqlen,
-                                             sel.segs_per_sample, t["seg_weight"], t["d1"], d2,
-                                             scores, gate)
+                                             sel.segs_per_sample, t["seg_weight"], t["attn_update"],
+                                             mlp_out, scores, gate)
         torch.testing.assert_close(out, out2, rtol=1e-6, atol=1e-6)
 
 
@@ -244,7 +244,7 @@ def test_scatter_back_poisoned_unselected_rows_stay_poisoned():
     xp = x.clone().reshape(B * N, D)
     xp[~keep] = float("nan")
     out = dkt.scatter_back(xp.view(B, N, D), sel.indices, sel.cu_seqlens, sel.max_seqlen, 2,
-                           t["seg_weight"], t["d1"], t["d2"], t["scores"], t["gate"])
+                           t["seg_weight"], t["attn_update"], t["mlp_out"], t["scores"], t["gate"])
     out = out.reshape(B * N, D)
     assert torch.isfinite(out[keep]).all()
     assert torch.isnan(out[~keep]).all()
@@ -253,71 +253,74 @@ def test_scatter_back_poisoned_unselected_rows_stay_poisoned():
 def test_scatter_back_deterministic_and_loose_max_seqlen():
     t = _inputs(2, 23, 72, [[13, 5], [23, 7]], torch.float32)
     x, sel = t["x"], t["sel"]
-    args = (t["seg_weight"], t["d1"], t["d2"], t["scores"], t["gate"])
+    args = (t["seg_weight"], t["attn_update"], t["mlp_out"], t["scores"], t["gate"])
     a = dkt.scatter_back(x, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, *args)
     b = dkt.scatter_back(x, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, *args)
     assert torch.equal(a, b)
     # a larger max_seqlen than needed only launches idle programs
     c = dkt.scatter_back(x, sel.indices, sel.cu_seqlens, sel.max_seqlen + 5, 2, *args)
     assert torch.equal(a, c)
-    expect = ref.scatter_back(x, sel.indices, sel.cu_seqlens, t["seg_weight"], t["d1"], t["d2"],
-                              t["scores"], t["gate"])
+    expect = ref.scatter_back(x, sel.indices, sel.cu_seqlens, t["seg_weight"], t["attn_update"],
+                              t["mlp_out"], t["scores"], t["gate"])
     torch.testing.assert_close(a, expect, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,N,D,ks", CASES)
-@pytest.mark.parametrize("parts", ["d1", "no-gate", "no-scores", "all", "scores-no-d2"])
+@pytest.mark.parametrize("parts",
+                         ["attn_update", "no-gate", "no-scores", "all", "scores-no-mlp_out"])
 def test_scatter_back_backward_float64(B, N, D, ks, parts):
     t = _inputs(B, N, D, ks, torch.float64)
     x, sel = t["x"], t["sel"]
-    if parts == "scores-no-d2":
-        d2, scores, gate = None, t["scores"], None
+    if parts == "scores-no-mlp_out":
+        mlp_out, scores, gate = None, t["scores"], None
     else:
-        d2, scores, gate = _parts(t, parts)
+        mlp_out, scores, gate = _parts(t, parts)
     G = torch.randn(B, N, D, dtype=torch.float64, device=DEVICE)
-    gd1, gd2, gs, dots = dkt.scatter_back_backward(G, sel.indices, sel.cu_seqlens,
-                                                   sel.max_seqlen, t["seg_weight"], t["d1"], d2,
-                                                   scores, gate)
+    g_attn_update, g_mlp_out, gs, dots = dkt.scatter_back_backward(G, sel.indices, sel.cu_seqlens,
+                                                                   sel.max_seqlen, t["seg_weight"],
+                                                                   t["attn_update"], mlp_out,
+                                                                   scores, gate)
     T = sel.total
-    assert gd1.shape == (T, D) and gd1.dtype == torch.float64
-    assert gd2.shape == ((T if d2 is not None else 0), D) and gd2.dtype == torch.float64
+    assert g_attn_update.shape == (T, D) and g_attn_update.dtype == torch.float64
+    assert g_mlp_out.shape == ((T if mlp_out is not None else 0),
+                               D) and g_mlp_out.dtype == torch.float64
     assert gs.shape == ((T if scores is not None else 0),) and gs.dtype == torch.float64
     assert dots.shape == (T,) and dots.dtype == torch.float64
     # autograd through the reference
-    leaves = {"d1": t["d1"], "w": t["seg_weight"]}
-    if d2 is not None:
-        leaves["d2"] = d2
+    leaves = {"attn_update": t["attn_update"], "w": t["seg_weight"]}
+    if mlp_out is not None:
+        leaves["mlp_out"] = mlp_out
     if scores is not None:
         leaves["s"] = scores
     if gate is not None:
         leaves["gate"] = gate
     leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-    out = ref.scatter_back(x, sel.indices, sel.cu_seqlens, leaves["w"], leaves["d1"],
-                           leaves.get("d2"), leaves.get("s"), leaves.get("gate"))
+    out = ref.scatter_back(x, sel.indices, sel.cu_seqlens, leaves["w"], leaves["attn_update"],
+                           leaves.get("mlp_out"), leaves.get("s"), leaves.get("gate"))
     out.backward(G)
     tol = dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(gd1, leaves["d1"].grad, **tol)
-    if d2 is not None:
-        torch.testing.assert_close(gd2, leaves["d2"].grad, **tol)
+    torch.testing.assert_close(g_attn_update, leaves["attn_update"].grad, **tol)
+    if mlp_out is not None:
+        torch.testing.assert_close(g_mlp_out, leaves["mlp_out"].grad, **tol)
     if scores is not None:
         expect_s = leaves["s"].grad if leaves["s"].grad is not None else torch.zeros_like(gs)
         torch.testing.assert_close(gs, expect_s, **tol)
-        if d2 is None:
+        if mlp_out is None:
             assert torch.equal(gs, torch.zeros_like(gs))
     S = sel.num_segments
     grad_w = torch.zeros(S, dtype=torch.float64, device=DEVICE).index_add_(0, _row_segment(sel),
                                                                           dots)
     torch.testing.assert_close(grad_w, leaves["w"].grad, **tol)
     if gate is not None:  # how ops.py turns the per-row outputs into the gate gradient
-        contrib = gd1 * d2 * (scores.unsqueeze(1) if scores is not None else 1)
+        contrib = g_attn_update * mlp_out * (scores.unsqueeze(1) if scores is not None else 1)
         grad_gate = torch.zeros(B, D, dtype=torch.float64, device=DEVICE).index_add_(
             0, sel.row_sample(), contrib)
         torch.testing.assert_close(grad_gate, leaves["gate"].grad, **tol)
     if HAS_CPU_OPS:
         expect = torch.ops.diffcr.scatter_back_backward(G, sel.indices, sel.cu_seqlens,
                                                         sel.max_seqlen, t["seg_weight"],
-                                                        t["d1"], d2, scores, gate)
-        for got, exp in zip((gd1, gd2, gs, dots), expect):
+                                                        t["attn_update"], mlp_out, scores, gate)
+        for got, exp in zip((g_attn_update, g_mlp_out, gs, dots), expect):
             assert got.shape == exp.shape and got.dtype == exp.dtype
             torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
@@ -328,12 +331,14 @@ def test_scatter_back_backward_low_precision(dtype):
     t = _inputs(B, N, D, ks, dtype)
     sel = t["sel"]
     G = torch.randn(B, N, D, device=DEVICE).to(dtype)
-    got = dkt.scatter_back_backward(G, sel.indices, sel.cu_seqlens, sel.max_seqlen,
-                                    t["seg_weight"], t["d1"], t["d2"], t["scores"], t["gate"])
+    got = dkt.scatter_back_backward(G, sel.indices, sel.cu_seqlens, sel.max_seqlen, t["seg_weight"],
+                                    t["attn_update"], t["mlp_out"], t["scores"], t["gate"])
     assert got[0].dtype == got[1].dtype == dtype
     assert got[2].dtype == got[3].dtype == torch.float32
     t32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-    leaves = [t32[k].clone().requires_grad_() for k in ("d1", "d2", "scores", "seg_weight")]
+    leaves = [
+        t32[k].clone().requires_grad_() for k in ("attn_update", "mlp_out", "scores", "seg_weight")
+    ]
     out = ref.scatter_back(t32["x"], sel.indices, sel.cu_seqlens, leaves[3], leaves[0],
                            leaves[1], leaves[2], t32["gate"])
     out.backward(G.float())
@@ -390,16 +395,16 @@ def test_chunked_hidden_dim_and_single_row_tiles(monkeypatch):
     torch.testing.assert_close(
         torch.zeros(B * N, D, dtype=x.dtype).index_add_(0, sel.indices, rows).view_as(x),
         xr.grad, rtol=1e-10, atol=1e-10)
-    sb = (t["seg_weight"], t["d1"], t["d2"], t["scores"], t["gate"])
+    sb = (t["seg_weight"], t["attn_update"], t["mlp_out"], t["scores"], t["gate"])
     out = dkt.scatter_back(x, sel.indices, sel.cu_seqlens, sel.max_seqlen, 2, *sb)
     _check(out, ref.scatter_back(x, sel.indices, sel.cu_seqlens, *sb), torch.float64)
     G = torch.randn_like(x)
-    gd1, gd2, gs, dots = dkt.scatter_back_backward(G, sel.indices, sel.cu_seqlens,
+    g_attn_update, g_mlp_out, gs, dots = dkt.scatter_back_backward(G, sel.indices, sel.cu_seqlens,
                                                    sel.max_seqlen, *sb)
     leaves = [v.clone().requires_grad_() for v in sb]
     ref.scatter_back(x, sel.indices, sel.cu_seqlens, *leaves).backward(G)
-    torch.testing.assert_close(gd1, leaves[1].grad)
-    torch.testing.assert_close(gd2, leaves[2].grad)
+    torch.testing.assert_close(g_attn_update, leaves[1].grad)
+    torch.testing.assert_close(g_mlp_out, leaves[2].grad)
     torch.testing.assert_close(gs, leaves[3].grad)
     torch.testing.assert_close(
         torch.zeros(sel.num_segments, dtype=x.dtype).index_add_(0, sel.row_segment(), dots),
@@ -418,20 +423,22 @@ def test_empty_selection():
     idx = torch.empty(0, dtype=torch.int64, device=DEVICE)
     cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     w = torch.empty(0, device=DEVICE)
-    d1 = torch.empty(0, 8, device=DEVICE)
+    attn_update = torch.empty(0, 8, device=DEVICE)
     y, mean, rstd = dkt.gather_norm_modulate(x, idx, None, None, None, None, 1e-6)
     assert y.shape == (0, 8) and mean.shape == rstd.shape == (0,)
-    assert dkt.gather_norm_modulate_backward(d1, x, idx, mean, rstd, None, None).shape == (0, 8)
-    out = dkt.scatter_back(x, idx, cu, 0, 1, w, d1, None, None, None)
+    assert dkt.gather_norm_modulate_backward(attn_update, x, idx, mean, rstd, None,
+                                             None).shape == (0, 8)
+    out = dkt.scatter_back(x, idx, cu, 0, 1, w, attn_update, None, None, None)
     assert torch.equal(out, x)
-    gd1, gd2, gs, dots = dkt.scatter_back_backward(x, idx, cu, 0, w, d1, d1, None, None)
-    assert gd1.shape == gd2.shape == (0, 8) and gs.shape == dots.shape == (0,)
+    g_attn_update, g_mlp_out, gs, dots = dkt.scatter_back_backward(x, idx, cu, 0, w, attn_update,
+                                                                   attn_update, None, None)
+    assert g_attn_update.shape == g_mlp_out.shape == (0, 8) and gs.shape == dots.shape == (0,)
 
 
 # ---------------------------------------------------------------- argument validation
 def test_bad_inputs_raise_clear_errors():
     t = _inputs(2, 9, 8, [[3], [4]], torch.float32)
-    x, sel, shift, scale, d1 = t["x"], t["sel"], t["shift"], t["scale"], t["d1"]
+    x, sel, shift, scale, attn_update = t["x"], t["sel"], t["shift"], t["scale"], t["attn_update"]
     idx, cu, sw, ms = sel.indices, sel.cu_seqlens, t["seg_weight"], sel.max_seqlen
     gnm = dkt.gather_norm_modulate
     with pytest.raises(ValueError, match="x must be"):
@@ -461,32 +468,32 @@ def test_bad_inputs_raise_clear_errors():
         dkt.gather_norm_modulate_backward(y, x, idx, mean, rstd[:-1], None, None)
 
     sb = dkt.scatter_back
-    with pytest.raises(ValueError, match="d1 has shape"):
-        sb(x, idx, cu, ms, 1, sw, d1[:-1], None, None, None)
-    with pytest.raises(ValueError, match="d2 has dtype"):
-        sb(x, idx, cu, ms, 1, sw, d1, d1.double(), None, None)
+    with pytest.raises(ValueError, match="attn_update has shape"):
+        sb(x, idx, cu, ms, 1, sw, attn_update[:-1], None, None, None)
+    with pytest.raises(ValueError, match="mlp_out has dtype"):
+        sb(x, idx, cu, ms, 1, sw, attn_update, attn_update.double(), None, None)
     with pytest.raises(ValueError, match="not a multiple of segs_per_sample"):
-        sb(x, idx, cu, ms, 3, sw, d1, None, None, None)
+        sb(x, idx, cu, ms, 3, sw, attn_update, None, None, None)
     with pytest.raises(ValueError, match="segs_per_sample must be >= 1"):
-        sb(x, idx, cu, ms, 0, sw, d1, None, None, None)
+        sb(x, idx, cu, ms, 0, sw, attn_update, None, None, None)
     with pytest.raises(ValueError, match="seg_weight has dtype"):
-        sb(x, idx, cu, ms, 1, sw.double(), d1, None, None, None)
+        sb(x, idx, cu, ms, 1, sw.double(), attn_update, None, None, None)
     with pytest.raises(ValueError, match="scores has shape"):
-        sb(x, idx, cu, ms, 1, sw, d1, None, t["scores"][:-1], None)
+        sb(x, idx, cu, ms, 1, sw, attn_update, None, t["scores"][:-1], None)
     with pytest.raises(ValueError, match="gate has shape"):
-        sb(x, idx, cu, ms, 1, sw, d1, t["d2"], None, t["gate"][:, :-1])
+        sb(x, idx, cu, ms, 1, sw, attn_update, t["mlp_out"], None, t["gate"][:, :-1])
     with pytest.raises(ValueError, match="cu_seqlens must be int32"):
-        sb(x, idx, cu.long(), ms, 1, sw, d1, None, None, None)
+        sb(x, idx, cu.long(), ms, 1, sw, attn_update, None, None, None)
     cu_bad = cu.clone()
     cu_bad[-1] += 1
     with pytest.raises(ValueError, match="must equal the number of rows"):
-        sb(x, idx, cu_bad, ms + 1, 1, sw, d1, None, None, None)
+        sb(x, idx, cu_bad, ms + 1, 1, sw, attn_update, None, None, None)
     with pytest.raises(ValueError, match="max_seqlen"):
-        sb(x, idx, cu, 1, 1, sw, d1, None, None, None)
+        sb(x, idx, cu, 1, 1, sw, attn_update, None, None, None)
     with pytest.raises(ValueError, match="grad_out must be"):
-        dkt.scatter_back_backward(x[0], idx, cu, ms, sw, d1, None, None, None)
-    with pytest.raises(ValueError, match="d1 has dtype"):
-        dkt.scatter_back_backward(x, idx, cu, ms, sw, d1.double(), None, None, None)
+        dkt.scatter_back_backward(x[0], idx, cu, ms, sw, attn_update, None, None, None)
+    with pytest.raises(ValueError, match="attn_update has dtype"):
+        dkt.scatter_back_backward(x, idx, cu, ms, sw, attn_update.double(), None, None, None)
 
     with pytest.raises(ValueError, match="weight must be"):
         dkt.router_scores(x, torch.ones(7))

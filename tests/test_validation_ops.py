@@ -11,7 +11,7 @@ def _base():
     x = torch.randn(2, 9, 8, generator=g)
     sel = dk.select_topk(torch.rand(2, 9, generator=g), [[3, 5], [9, 2]], torch.rand(2, 2))
     T = sel.total
-    return dict(x=x, sel=sel, d1=torch.randn(T, 8), d2=torch.randn(T, 8),
+    return dict(x=x, sel=sel, attn_update=torch.randn(T, 8), mlp_out=torch.randn(T, 8),
                 gate=torch.randn(2, 8), shift=torch.randn(2, 8))
 
 
@@ -75,14 +75,17 @@ SCATTER_CASES = {
     "segs_per_sample contradicts the layout": (lambda b: dict(segs_per_sample=1),
                                                "does not match the layout: 4 segments over B = 2"),
     "seg_weight shape": (lambda b: dict(seg_weight=torch.ones(3)), "seg_weight has shape"),
-    "d1 rows": (lambda b: dict(d1=b["d1"][:-1]), "d1 has shape"),
-    "d1 dtype": (lambda b: dict(d1=b["d1"].double()), "d1 has dtype"),
-    "d2 shape": (lambda b: dict(d2=b["d2"][:, :4]), "d2 has shape"),
+    "attn_update rows": (lambda b: dict(attn_update=b["attn_update"][:-1]),
+                         "attn_update has shape"),
+    "attn_update dtype": (lambda b: dict(attn_update=b["attn_update"].double()),
+                          "attn_update has dtype"),
+    "mlp_out shape": (lambda b: dict(mlp_out=b["mlp_out"][:, :4]), "mlp_out has shape"),
     "scores shape": (lambda b: dict(scores=torch.ones(3)), "scores has shape"),
     "gate shape": (lambda b: dict(gate=b["gate"][:1]), "gate has shape"),
     "idx out of range": (lambda b: dict(idx=b["sel"].indices + 100), "out of range"),
     "duplicate in a segment": (lambda b: dict(idx=b["sel"].indices.clone().index_fill_(
-        0, torch.tensor([1]), int(b["sel"].indices[0]))), "appears twice in the segments of slot 0"),
+        0, torch.tensor([1]), int(b["sel"].indices[0]))),
+                               "appears twice in the segments of slot 0"),
 }
 
 
@@ -92,15 +95,15 @@ def test_scatter_back_rejects_a_row_shared_by_two_segments_of_one_slot(backend):
     x = b["x"]
     idx = torch.tensor([0, 1, 1, 2])  # segments [0, 1] and [1, 2] share row 1, same slot
     cu = torch.tensor([0, 2, 4], dtype=torch.int32)
-    d1 = torch.randn(4, 8)
+    attn_update = torch.randn(4, 8)
     with dk.use_backend(backend), pytest.raises(ValueError, match="slot 0"):
-        dk.scatter_back(x, idx, cu, torch.ones(2), d1, max_seqlen=2, segs_per_sample=1)
+        dk.scatter_back(x, idx, cu, torch.ones(2), attn_update, max_seqlen=2, segs_per_sample=1)
     # the same rows as two slots of one sample (B = 1: P = 2 derived) are fine: added one slot
     # after the other
     x1 = x[:1]
     with dk.use_backend(backend):
-        out = dk.scatter_back(x1, idx, cu, torch.ones(2), d1, max_seqlen=2)
-    expect = dk.reference.scatter_back(x1, idx, cu, torch.ones(2), d1)
+        out = dk.scatter_back(x1, idx, cu, torch.ones(2), attn_update, max_seqlen=2)
+    expect = dk.reference.scatter_back(x1, idx, cu, torch.ones(2), attn_update)
     torch.testing.assert_close(out, expect)
 
 
@@ -112,10 +115,10 @@ def test_scatter_back_derives_segs_per_sample_from_the_layout(backend):
     s = b["sel"]
     assert s.segs_per_sample == 2
     with dk.use_backend(backend):
-        out = dk.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["d1"], b["d2"],
-                              s.scores, b["gate"], max_seqlen=s.max_seqlen)
-    expect = dk.reference.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["d1"],
-                                       b["d2"], s.scores, b["gate"])
+        out = dk.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["attn_update"],
+                              b["mlp_out"], s.scores, b["gate"], max_seqlen=s.max_seqlen)
+    expect = dk.reference.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight,
+                                       b["attn_update"], b["mlp_out"], s.scores, b["gate"])
     torch.testing.assert_close(out, expect)
 
 
@@ -127,8 +130,8 @@ def test_raw_scatter_ops_refuse_a_segs_per_sample_that_contradicts_the_layout():
 
     b = _base()
     s = b["sel"]
-    args = (b["x"], s.indices, s.cu_seqlens, s.max_seqlen, 1, s.seg_weight, b["d1"], b["d2"],
-            s.scores, b["gate"])
+    args = (b["x"], s.indices, s.cu_seqlens, s.max_seqlen, 1, s.seg_weight, b["attn_update"],
+            b["mlp_out"], s.scores, b["gate"])
     tried = 0
     if _ext.has_kernel("scatter_back", "CPU"):
         with pytest.raises(ValueError, match="does not match the layout"):
@@ -150,8 +153,8 @@ def test_scatter_back_rejects(backend, case):
     s = b["sel"]
     make, pattern = SCATTER_CASES[case]
     args = dict(x=b["x"], idx=s.indices, cu_seqlens=s.cu_seqlens, seg_weight=s.seg_weight,
-                d1=b["d1"], d2=b["d2"], scores=s.scores, gate=b["gate"], max_seqlen=s.max_seqlen,
-                segs_per_sample=2)
+                attn_update=b["attn_update"], mlp_out=b["mlp_out"], scores=s.scores, gate=b["gate"],
+                max_seqlen=s.max_seqlen, segs_per_sample=2)
     args.update(make(b))
     snapshot = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
     with dk.use_backend(backend), pytest.raises((ValueError, TypeError), match=pattern):
@@ -197,7 +200,7 @@ def test_non_contiguous_inputs_are_accepted(backend):
     s = b["sel"]
     with dk.use_backend(backend):
         y = dk.gather_norm_modulate(x, s.indices, b["shift"])
-        out = dk.scatter_back_selection(x, s, b["d1"], b["d2"], b["gate"])
+        out = dk.scatter_back_selection(x, s, b["attn_update"], b["mlp_out"], b["gate"])
     torch.testing.assert_close(y, dk.reference.gather_norm_modulate(x.contiguous(), s.indices,
                                                                     b["shift"]))
     assert out.shape == x.shape
@@ -219,16 +222,16 @@ def test_a_selection_from_select_topk_is_not_rescanned_but_raw_indices_are(backe
     real = ops._check_slots
     monkeypatch.setattr(ops, "_check_slots", lambda *a: calls.append(1) or real(*a))
     with dk.use_backend(backend):
-        out_sel = dk.scatter_back_selection(b["x"], s, b["d1"], b["d2"], b["gate"])
+        out_sel = dk.scatter_back_selection(b["x"], s, b["attn_update"], b["mlp_out"], b["gate"])
         dk.gather_norm_modulate(b["x"], s, b["shift"])
         assert calls == []
-        out_raw = dk.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["d1"],
-                                  b["d2"], s.scores, b["gate"], max_seqlen=s.max_seqlen)
+        out_raw = dk.scatter_back(b["x"], s.indices, s.cu_seqlens, s.seg_weight, b["attn_update"],
+                                  b["mlp_out"], s.scores, b["gate"], max_seqlen=s.max_seqlen)
         assert calls == [1]
         torch.testing.assert_close(out_sel, out_raw, rtol=0, atol=0)
         bad = dataclasses.replace(s, indices=s.indices + 100, checked=False)
         with pytest.raises(ValueError, match="out of range"):
-            dk.scatter_back_selection(b["x"], bad, b["d1"])
+            dk.scatter_back_selection(b["x"], bad, b["attn_update"])
         with pytest.raises(ValueError, match="out of range"):
             dk.gather_norm_modulate(b["x"], bad, b["shift"])
 
@@ -245,21 +248,21 @@ def test_raw_cpu_op_checks_the_values_of_a_strided_cu_seqlens():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 8, generator=g)
     sel = dk.select_topk(torch.rand(2, 9, generator=g), [[3], [4]])
-    d1 = torch.randn(sel.total, 8, generator=g)
+    attn_update = torch.randn(sel.total, 8, generator=g)
     w = torch.ones(2)
     cu = sel.cu_seqlens
     strided = torch.stack([cu, torch.full_like(cu, 999)], 1).reshape(-1)[::2]
     assert not strided.is_contiguous() and torch.equal(strided, cu)
     op = torch.ops.diffcr.scatter_back
-    expect = op(x, sel.indices, cu, sel.max_seqlen, 1, w, d1, None, None, None)
-    got = op(x, sel.indices, strided, sel.max_seqlen, 1, w, d1, None, None, None)
+    expect = op(x, sel.indices, cu, sel.max_seqlen, 1, w, attn_update, None, None, None)
+    got = op(x, sel.indices, strided, sel.max_seqlen, 1, w, attn_update, None, None, None)
     assert torch.equal(got, expect)
     zero_stride = torch.zeros(1, dtype=torch.int32).expand(3)
     with pytest.raises(ValueError, match="must equal the number of rows"):
-        op(x, sel.indices, zero_stride, sel.max_seqlen, 1, w, d1, None, None, None)
+        op(x, sel.indices, zero_stride, sel.max_seqlen, 1, w, attn_update, None, None, None)
     with pytest.raises(ValueError, match="must equal the number of rows"):
         torch.ops.diffcr.scatter_back_backward(x, sel.indices, zero_stride, sel.max_seqlen, w,
-                                               d1, None, None, None)
+                                               attn_update, None, None, None)
 
 
 @pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), "1e-6"])

@@ -20,21 +20,22 @@ at::Tensor gather_norm_modulate_backward(const at::Tensor& grad_y, const at::Ten
 
 // out (contiguous [B, N, D], holding x) += the scatter of the packed rows, in place.
 void scatter_back_into(at::Tensor& out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-                       const at::Tensor& seg_weight, const at::Tensor& d1,
-                       const c10::optional<at::Tensor>& d2,
+                       const at::Tensor& seg_weight, const at::Tensor& attn_update,
+                       const c10::optional<at::Tensor>& mlp_out,
                        const c10::optional<at::Tensor>& scores,
                        const c10::optional<at::Tensor>& gate);
 
 at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-                        const at::Tensor& seg_weight, const at::Tensor& d1,
-                        const c10::optional<at::Tensor>& d2,
+                        const at::Tensor& seg_weight, const at::Tensor& attn_update,
+                        const c10::optional<at::Tensor>& mlp_out,
                         const c10::optional<at::Tensor>& scores,
                         const c10::optional<at::Tensor>& gate);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_back_backward(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-    const at::Tensor& seg_weight, const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
-    const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate);
+    const at::Tensor& seg_weight, const at::Tensor& attn_update,
+    const c10::optional<at::Tensor>& mlp_out, const c10::optional<at::Tensor>& scores,
+    const c10::optional<at::Tensor>& gate);
 
 }  // namespace cpu
 }  // namespace diffcr

@@ -21,8 +21,8 @@ std::vector<int64_t> row_segments(const at::Tensor& cu_seqlens, int64_t T) {
 }  // namespace
 
 void scatter_back_into(at::Tensor& out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-                       const at::Tensor& seg_weight, const at::Tensor& d1,
-                       const c10::optional<at::Tensor>& d2,
+                       const at::Tensor& seg_weight, const at::Tensor& attn_update,
+                       const c10::optional<at::Tensor>& mlp_out,
                        const c10::optional<at::Tensor>& scores,
                        const c10::optional<at::Tensor>& gate) {
   const int64_t B = out.size(0), N = out.size(1), D = out.size(2);
@@ -35,8 +35,8 @@ void scatter_back_into(at::Tensor& out, const at::Tensor& idx, const at::Tensor&
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     const A* wp = seg_weight.data_ptr<A>();
-    const scalar_t* ap = d1.data_ptr<scalar_t>();
-    const scalar_t* mp = opt_ptr<scalar_t>(d2);
+    const scalar_t* ap = attn_update.data_ptr<scalar_t>();
+    const scalar_t* mp = opt_ptr<scalar_t>(mlp_out);
     const A* sp = opt_ptr<A>(scores);
     const scalar_t* gp = opt_ptr<scalar_t>(gate);
     // Column blocks: each thread owns a slice of the hidden dimension for every row.
@@ -70,43 +70,45 @@ void scatter_back_into(at::Tensor& out, const at::Tensor& idx, const at::Tensor&
 }
 
 at::Tensor scatter_back(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-                        const at::Tensor& seg_weight, const at::Tensor& d1,
-                        const c10::optional<at::Tensor>& d2,
+                        const at::Tensor& seg_weight, const at::Tensor& attn_update,
+                        const c10::optional<at::Tensor>& mlp_out,
                         const c10::optional<at::Tensor>& scores,
                         const c10::optional<at::Tensor>& gate) {
   at::Tensor out = x.clone();
-  scatter_back_into(out, idx, cu_seqlens, seg_weight, d1, d2, scores, gate);
+  scatter_back_into(out, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_back_backward(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& cu_seqlens,
-    const at::Tensor& seg_weight, const at::Tensor& d1, const c10::optional<at::Tensor>& d2,
+    const at::Tensor& seg_weight, const at::Tensor& attn_update,
+    const c10::optional<at::Tensor>& mlp_out,
     const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& gate) {
   const int64_t N = grad_out.size(1), D = grad_out.size(2);
   const int64_t num_rows = grad_out.size(0) * N;
   const int64_t T = idx.numel();
   check_indices(idx, num_rows, "diffcr::scatter_back_backward");
-  const bool has_d2 = d2.has_value() && d2->defined();
+  const bool has_mlp_out = mlp_out.has_value() && mlp_out->defined();
   const bool has_s = scores.has_value() && scores->defined();
   const auto acc_dtype = seg_weight.scalar_type();
-  at::Tensor grad_d1 = at::empty({T, D}, d1.options());
-  at::Tensor grad_d2 = at::empty({has_d2 ? T : 0, D}, d1.options());
-  at::Tensor grad_s = at::empty({has_s ? T : 0}, d1.options().dtype(acc_dtype));
-  at::Tensor dots = at::empty({T}, d1.options().dtype(acc_dtype));
-  if (T == 0) return {grad_d1, grad_d2, grad_s, dots};
+  at::Tensor grad_attn_update = at::empty({T, D}, attn_update.options());
+  at::Tensor grad_mlp_out = at::empty({has_mlp_out ? T : 0, D}, attn_update.options());
+  at::Tensor grad_s = at::empty({has_s ? T : 0}, attn_update.options().dtype(acc_dtype));
+  at::Tensor dots = at::empty({T}, attn_update.options().dtype(acc_dtype));
+  if (T == 0) return {grad_attn_update, grad_mlp_out, grad_s, dots};
   const std::vector<int64_t> seg = row_segments(cu_seqlens, T);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d1.scalar_type(), "scatter_back_backward", [&] {
+  const auto dtype = attn_update.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scatter_back_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* Gp = grad_out.data_ptr<scalar_t>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     const A* wp = seg_weight.data_ptr<A>();
-    const scalar_t* ap = d1.data_ptr<scalar_t>();
-    const scalar_t* mp = has_d2 ? d2->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ap = attn_update.data_ptr<scalar_t>();
+    const scalar_t* mp = has_mlp_out ? mlp_out->data_ptr<scalar_t>() : nullptr;
     const A* sp = has_s ? scores->data_ptr<A>() : nullptr;
     const scalar_t* gp = opt_ptr<scalar_t>(gate);
-    scalar_t* g1 = grad_d1.data_ptr<scalar_t>();
-    scalar_t* g2 = has_d2 ? grad_d2.data_ptr<scalar_t>() : nullptr;
+    scalar_t* g1 = grad_attn_update.data_ptr<scalar_t>();
+    scalar_t* g2 = has_mlp_out ? grad_mlp_out.data_ptr<scalar_t>() : nullptr;
     A* gs = has_s ? grad_s.data_ptr<A>() : nullptr;
     A* rd = dots.data_ptr<A>();
     at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
@@ -141,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_back_backward
       }
     });
   });
-  return {grad_d1, grad_d2, grad_s, dots};
+  return {grad_attn_update, grad_mlp_out, grad_s, dots};
 }
 
 }  // namespace cpu

@@ -32,22 +32,24 @@ int gather_norm_modulate_bwd(DType dt, const void* grad_y, const void* x, const 
                              const void* scale, const void* weight, void* grad_rows, void* stream);
 
 // out must already hold x. For each segment s (in slot order, see below) and row r of s:
-//   out[idx[r]] += seg_weight[s] * (d1[r] + scores[r] * gate[b] * d2[r]).
+//   out[idx[r]] += seg_weight[s] * (attn_update[r] + scores[r] * gate[b] * mlp_out[r]).
 // Segments are sample-major with `segs_per_sample` P segments per sample; slot p (segments
 // s = j*P + p) is one launch, so rows never collide within a launch (deterministic, no atomics).
-int scatter_back_fwd(DType dt, void* out, const int64_t* idx, const int32_t* cu_seqlens,
-                     int64_t S, int64_t max_seqlen, int64_t segs_per_sample, int64_t D, int64_t N,
-                     int64_t num_rows, const void* seg_weight, const void* d1, const void* d2,
-                     const void* scores, const void* gate, void* stream);
+int scatter_back_fwd(DType dt, void* out, const int64_t* idx, const int32_t* cu_seqlens, int64_t S,
+                     int64_t max_seqlen, int64_t segs_per_sample, int64_t D, int64_t N,
+                     int64_t num_rows, const void* seg_weight, const void* attn_update,
+                     const void* mlp_out, const void* scores, const void* gate, void* stream);
 
 // Per packed row r of segment s, with G = grad_out[idx[r]], w = seg_weight[s], s_r = scores[r]:
-//   grad_d1[r] = w*G;  grad_d2[r] = w*s_r*gate*G;  grad_scores[r] = w*sum(gate*d2*G);
-//   row_dot[r] = sum((d1 + s_r*gate*d2) * G)   (segment sums of row_dot give d out/d seg_weight).
+//   grad_attn_update[r] = w*G;  grad_mlp_out[r] = w*s_r*gate*G;
+//   grad_scores[r] = w*sum(gate*mlp_out*G);
+//   row_dot[r] = sum((attn_update + s_r*gate*mlp_out) * G)   (segment sums of row_dot give
+//   d out/d seg_weight).
 int scatter_back_bwd(DType dt, const void* grad_out, const int64_t* idx, const int32_t* cu_seqlens,
                      int64_t S, int64_t max_seqlen, int64_t D, int64_t N, int64_t num_rows,
-                     const void* seg_weight, const void* d1, const void* d2, const void* scores,
-                     const void* gate, void* grad_d1, void* grad_d2, void* grad_scores,
-                     void* row_dot, void* stream);
+                     const void* seg_weight, const void* attn_update, const void* mlp_out,
+                     const void* scores, const void* gate, void* grad_attn_update,
+                     void* grad_mlp_out, void* grad_scores, void* row_dot, void* stream);
 
 }  // namespace cuda
 }  // namespace diffcr

@@ -3,8 +3,8 @@ GPU: proof that the kernels compile for sm_80 / sm_90 (a kernel that does not co
 fails here), with register, spill and shared-memory figures per specialisation.
 
 How: a stand-in Triton driver reports the chosen ``GPUTarget("cuda", arch, 32)``; every kernel
-object of the op files (:mod:`.gather_norm`, :mod:`.scatter`, :mod:`.router`,
-:mod:`.select`) is replaced by a recorder whose ``kernel[grid](...)`` calls ``JITFunction.run(..., warmup=True)``
+object of the op files (:mod:`.gather_norm`, :mod:`.scatter`, :mod:`.router`, :mod:`.select`) is
+replaced by a recorder whose ``kernel[grid](...)`` calls ``JITFunction.run(..., warmup=True)``
 (compile, never launch); then the package's **own launchers** are called on CPU tensors for a
 matrix of dtypes, optional inputs, hidden sizes and token counts. So what gets compiled is
 exactly what the launchers would launch: the same constexprs (``HAS_*``, ``ACC``, ``BLOCK_R``,
@@ -20,7 +20,8 @@ Must run in a process where the kernels were **not** defined under the interpret
 
 exits 1 when a kernel fails to compile or spills (``--allow-spills`` reports spills without
 failing; float64 kernels may spill up to :data:`FP64_CALL_SPILL_BYTES` around the fp64 sqrt /
-division subroutine call). ``--full`` adds the N = 8192 / 16384 selection kernels (minutes each to compile).
+division subroutine call). ``--full`` adds the N = 8192 / 16384 selection kernels (minutes
+each to compile).
 """
 from __future__ import annotations
 
@@ -201,8 +202,8 @@ def _calls(full: bool) -> Iterator[tuple]:
                 cu = torch.tensor([0, 1, 3, 4, 6][: 2 * P + 1] if P == 2 else [0, 3, 6],
                                   dtype=torch.int32)
                 sw = torch.ones(cu.numel() - 1, dtype=a)
-                for opt in ("d2+scores+gate", "d1 only"):
-                    full_opt = opt != "d1 only"
+                for opt in ("mlp_out+scores+gate", "attn_update only"):
+                    full_opt = opt != "attn_update only"
                     yield (f"scatter_back {name[dt]} D={D} P={P} {opt}",
                            lambda x=x, idx=idx, cu=cu, sw=sw, r=rows, s=stat, v=vec, P=P,
                            f=full_opt: K.scatter_back(x, idx, cu, 3, P, sw, r,

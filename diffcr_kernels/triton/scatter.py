@@ -15,10 +15,10 @@ from ._common import (_block_d, _block_r, _c, _check_acc, _check_data, _check_de
 __all__ = ["scatter_back", "scatter_back_", "scatter_back_backward"]
 
 @triton.jit
-def _scatter_fwd_kernel(out_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores_ptr, gate_ptr,
-                        P, p, N, D,
-                        HAS_D2: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_GATE: tl.constexpr,
-                        ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scatter_fwd_kernel(out_ptr, idx_ptr, cu_ptr, w_ptr, attn_update_ptr, mlp_out_ptr, scores_ptr,
+                        gate_ptr, P, p, N, D, HAS_MLP_OUT: tl.constexpr, HAS_SCORES: tl.constexpr,
+                        HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     # grid (row blocks of max_seqlen, samples): segment j * P + p, rows of this block
     seg = tl.program_id(1).to(tl.int64) * P + p
     start = tl.load(cu_ptr + seg).to(tl.int64)
@@ -35,9 +35,9 @@ def _scatter_fwd_kernel(out_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores_
     for d0 in range(0, D, BLOCK_D):
         d = (d0 + offs)[None, :]
         m = rm[:, None] & (d < D)
-        c = tl.load(d1_ptr + r[:, None] * D + d, mask=m, other=0.0).to(ACC)
-        if HAS_D2:
-            mm = tl.load(d2_ptr + r[:, None] * D + d, mask=m, other=0.0).to(ACC)
+        c = tl.load(attn_update_ptr + r[:, None] * D + d, mask=m, other=0.0).to(ACC)
+        if HAS_MLP_OUT:
+            mm = tl.load(mlp_out_ptr + r[:, None] * D + d, mask=m, other=0.0).to(ACC)
             if HAS_GATE:
                 mm = mm * tl.load(gate_ptr + b[:, None] * D + d, mask=m, other=0.0).to(ACC)
             if HAS_SCORES:
@@ -49,9 +49,9 @@ def _scatter_fwd_kernel(out_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores_
 
 
 @triton.jit
-def _scatter_bwd_kernel(gout_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores_ptr, gate_ptr,
-                        gd1_ptr, gd2_ptr, gs_ptr, dot_ptr, N, D,
-                        HAS_D2: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_GATE: tl.constexpr,
+def _scatter_bwd_kernel(gout_ptr, idx_ptr, cu_ptr, w_ptr, attn_update_ptr, mlp_out_ptr, scores_ptr,
+                        gate_ptr, g_attn_update_ptr, g_mlp_out_ptr, gs_ptr, dot_ptr, N, D,
+                        HAS_MLP_OUT: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_GATE: tl.constexpr,
                         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     seg = tl.program_id(1).to(tl.int64)
     start = tl.load(cu_ptr + seg).to(tl.int64)
@@ -72,10 +72,10 @@ def _scatter_bwd_kernel(gout_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores
         m = rm[:, None] & (d < D)
         rd = r[:, None] * D + d
         g = tl.load(g_rows + d, mask=m, other=0.0).to(ACC)
-        tl.store(gd1_ptr + rd, (w * g).to(gd1_ptr.dtype.element_ty), mask=m)
-        c = tl.load(d1_ptr + rd, mask=m, other=0.0).to(ACC)
-        if HAS_D2:
-            mm = tl.load(d2_ptr + rd, mask=m, other=0.0).to(ACC)
+        tl.store(g_attn_update_ptr + rd, (w * g).to(g_attn_update_ptr.dtype.element_ty), mask=m)
+        c = tl.load(attn_update_ptr + rd, mask=m, other=0.0).to(ACC)
+        if HAS_MLP_OUT:
+            mm = tl.load(mlp_out_ptr + rd, mask=m, other=0.0).to(ACC)
             if HAS_SCORES:
                 ws = w * s
             else:
@@ -86,7 +86,7 @@ def _scatter_bwd_kernel(gout_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores
                 g2 = ws * gt * g
             else:
                 g2 = ws * g
-            tl.store(gd2_ptr + rd, g2.to(gd2_ptr.dtype.element_ty), mask=m)
+            tl.store(g_mlp_out_ptr + rd, g2.to(g_mlp_out_ptr.dtype.element_ty), mask=m)
             acc_s += mm * g
             if HAS_SCORES:
                 c = c + s * mm
@@ -94,7 +94,7 @@ def _scatter_bwd_kernel(gout_ptr, idx_ptr, cu_ptr, w_ptr, d1_ptr, d2_ptr, scores
                 c = c + mm
         acc_w += c * g
     if HAS_SCORES:
-        # zero when d2 is absent (acc_s never accumulates), like the CUDA kernel
+        # zero when mlp_out is absent (acc_s never accumulates), like the CUDA kernel
         tl.store(gs_ptr + r, w * tl.sum(acc_s, axis=1), mask=rm)
     tl.store(dot_ptr + r, tl.sum(acc_w, axis=1), mask=rm)
 
@@ -106,16 +106,16 @@ def scatter_back_(
     max_seqlen: int,
     segs_per_sample: int,
     seg_weight: torch.Tensor,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor],
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor],
     scores: Optional[torch.Tensor],
     gate: Optional[torch.Tensor],
 ) -> None:
     """In-place :func:`scatter_back`: ``x`` itself receives the update (no copy of the
-    ``[B, N, D]`` residual stream). x must be contiguous and share no memory with d1, d2, gate
-    or idx. Same arguments and result otherwise."""
+    ``[B, N, D]`` residual stream). x must be contiguous and share no memory with attn_update,
+    mlp_out, gate or idx. Same arguments and result otherwise."""
     _scatter_launch("scatter_back_", x, x, idx, cu_seqlens, max_seqlen, segs_per_sample,
-                    seg_weight, d1, d2, scores, gate)
+                    seg_weight, attn_update, mlp_out, scores, gate)
 
 
 def scatter_back(
@@ -125,17 +125,17 @@ def scatter_back(
     max_seqlen: int,
     segs_per_sample: int,
     seg_weight: torch.Tensor,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor],
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor],
     scores: Optional[torch.Tensor],
     gate: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Gated, bin-weighted scatter-back (Triton twin of ``torch.ops.diffcr.scatter_back``).
 
     ``out = x.clone()``; then for each segment s and packed row r of s:
-    ``out[idx[r]] += seg_weight[s] * (d1[r] + scores[r] * gate[b] * d2[r])``, ``b = idx[r] //
-    N``. A missing scores/gate counts as 1; a missing d2 drops the second term. Rows never
-    selected are copied bit-exactly.
+    ``out[idx[r]] += seg_weight[s] * (attn_update[r] + scores[r] * gate[b] * mlp_out[r])``,
+    ``b = idx[r] // N``. A missing scores/gate counts as 1; a missing mlp_out drops the second term.
+    Rows never selected are copied bit-exactly.
 
     Deterministic without atomics: segments are sample-major with ``P = segs_per_sample``
     segments per sample; each slot p (segments ``s = j * P + p``) is one launch over grid
@@ -146,15 +146,16 @@ def scatter_back(
     per slot, like the CUDA kernel).
 
     x ``[B, N, D]``; idx int64 ``[T]``; cu_seqlens int32 ``[S + 1]``; seg_weight ``[S]`` (acc
-    dtype); d1, d2 ``[T, D]`` (x's dtype); scores ``[T]`` (acc dtype); gate ``[B, D]``.
+    dtype); attn_update, mlp_out ``[T, D]`` (x's dtype); scores ``[T]`` (acc dtype); gate
+    ``[B, D]``.
     ``max_seqlen`` must be >= the longest segment. Returns ``[B, N, D]`` in x's dtype.
     """
     return _scatter_launch("scatter_back", x, None, idx, cu_seqlens, max_seqlen,
-                           segs_per_sample, seg_weight, d1, d2, scores, gate)
+                           segs_per_sample, seg_weight, attn_update, mlp_out, scores, gate)
 
 
-def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight, d1,
-                    d2, scores, gate):
+def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight,
+                    attn_update, mlp_out, scores, gate):
     """Validates, then adds the packed rows into ``out`` (a contiguous copy of x when None)."""
     _check_x(x, op)
     _check_device(x, op)
@@ -168,8 +169,8 @@ def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, se
         raise ValueError(f"{op}: segs_per_sample = {P} does not match the layout: {S} segments "
                          f"over B = {B} samples is {S // B} per sample (sample-major)")
     _check_acc(seg_weight, op, "seg_weight", x, S)
-    _check_data(d1, op, "d1", x, (T, D))
-    _check_opt(d2, op, "d2", x, (T, D))
+    _check_data(attn_update, op, "attn_update", x, (T, D))
+    _check_opt(mlp_out, op, "mlp_out", x, (T, D))
     if scores is not None:
         _check_acc(scores, op, "scores", x, T)
     _check_opt(gate, op, "gate", x, (B, D))
@@ -179,27 +180,30 @@ def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, se
         if not out.is_contiguous():
             raise ValueError(f"{op}: x must be contiguous to be updated in place (use "
                              "scatter_back, which returns a new tensor)")
-        for name, t in (("d1", d1), ("d2", d2), ("gate", gate), ("idx", idx)):
+        for name, t in (("attn_update", attn_update), ("mlp_out", mlp_out), ("gate", gate), ("idx",
+                                                                                             idx)):
             if t is not None and t.untyped_storage().data_ptr() == \
                     out.untyped_storage().data_ptr():
                 raise ValueError(f"{op}: {name} shares memory with x, which is updated in "
                                  "place")
     if T == 0 or S == 0 or max_seqlen == 0 or D == 0:
         return out
-    idx, cu_seqlens, seg_weight, d1 = (t.contiguous() for t in (idx, cu_seqlens, seg_weight, d1))
-    d2, scores, gate = _c(d2), _c(scores), _c(gate)
+    idx, cu_seqlens, seg_weight, attn_update = (t.contiguous()
+                                                for t in (idx, cu_seqlens, seg_weight, attn_update))
+    mlp_out, scores, gate = _c(mlp_out), _c(scores), _c(gate)
     BLOCK_D = _block_d(D)
     BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
     grid = (triton.cdiv(max_seqlen, BLOCK_R), S // P)
     with _on_device(x):
         for p in range(P):  # one launch per slot: no row is written twice within a launch
-            _scatter_fwd_kernel[grid](
-                out, idx, cu_seqlens, seg_weight, d1, d1 if d2 is None else d2,
-                seg_weight if scores is None else scores, d1 if gate is None else gate,
-                P, p, N, D,
-                HAS_D2=d2 is not None, HAS_SCORES=scores is not None, HAS_GATE=gate is not None,
-                ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-                num_warps=_num_warps(BLOCK_R * BLOCK_D))
+            _scatter_fwd_kernel[grid](out, idx, cu_seqlens, seg_weight, attn_update,
+                                      attn_update if mlp_out is None else mlp_out,
+                                      seg_weight if scores is None else scores,
+                                      attn_update if gate is None else gate, P, p, N, D,
+                                      HAS_MLP_OUT=mlp_out is not None,
+                                      HAS_SCORES=scores is not None, HAS_GATE=gate is not None,
+                                      ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                      num_warps=_num_warps(BLOCK_R * BLOCK_D))
     return out
 
 
@@ -209,8 +213,8 @@ def scatter_back_backward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     seg_weight: torch.Tensor,
-    d1: torch.Tensor,
-    d2: Optional[torch.Tensor],
+    attn_update: torch.Tensor,
+    mlp_out: Optional[torch.Tensor],
     scores: Optional[torch.Tensor],
     gate: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,17 +224,17 @@ def scatter_back_backward(
     For packed row r of segment s, with ``G = grad_out[idx[r]]``, ``w = seg_weight[s]``,
     ``s_r = scores[r]`` (1 if None) and ``gate[b]`` (1 if None):
 
-    * ``grad_d1[r] = w * G``
-    * ``grad_d2[r] = w * s_r * gate[b] * G``                       (``[0, D]`` when d2 is None)
-    * ``grad_scores[r] = w * sum(gate[b] * d2[r] * G)``            (0 when d2 is None; ``[0]``
+    * ``grad_attn_update[r] = w * G``
+    * ``grad_mlp_out[r] = w * s_r * gate[b] * G`` (``[0, D]`` when mlp_out is None)
+    * ``grad_scores[r] = w * sum(gate[b] * mlp_out[r] * G)`` (0 when mlp_out is None; ``[0]``
       when scores is None)
-    * ``row_dot[r] = sum((d1[r] + s_r * gate[b] * d2[r]) * G)``    (segment sums give
-      d out / d seg_weight)
+    * ``row_dot[r] = sum((attn_update[r] + s_r * gate[b] * mlp_out[r]) * G)`` (segment sums
+      give d out / d seg_weight)
 
-    grad_out ``[B, N, D]``; the other arguments as in :func:`scatter_back` (d1, d2, gate in
-    grad_out's dtype; seg_weight, scores in the acc dtype). Returns ``(grad_d1 [T, D],
-    grad_d2 [T or 0, D], grad_scores [T or 0], row_dot [T])``; the first two in grad_out's
-    dtype, the last two in the acc dtype.
+    grad_out ``[B, N, D]``; the other arguments as in :func:`scatter_back` (attn_update,
+    mlp_out, gate in grad_out's dtype; seg_weight, scores in the acc dtype). Returns
+    ``(grad_attn_update [T, D], grad_mlp_out [T or 0, D], grad_scores [T or 0], row_dot [T])``;
+    the first two in grad_out's dtype, the last two in the acc dtype.
     """
     op = "scatter_back_backward"
     xn = "grad_out"
@@ -242,31 +246,32 @@ def scatter_back_backward(
     max_seqlen = _check_int(max_seqlen, op, "max_seqlen", 0)
     S = _check_segments(op, grad_out, idx, cu_seqlens, max_seqlen, 1, xn)
     _check_acc(seg_weight, op, "seg_weight", grad_out, S, xn)
-    _check_data(d1, op, "d1", grad_out, (T, D), xn)
-    _check_opt(d2, op, "d2", grad_out, (T, D), xn)
+    _check_data(attn_update, op, "attn_update", grad_out, (T, D), xn)
+    _check_opt(mlp_out, op, "mlp_out", grad_out, (T, D), xn)
     if scores is not None:
         _check_acc(scores, op, "scores", grad_out, T, xn)
     _check_opt(gate, op, "gate", grad_out, (B, D), xn)
     a = seg_weight.dtype
     dev = grad_out.device
-    grad_d1 = torch.empty(T, D, dtype=d1.dtype, device=dev)
-    grad_d2 = torch.empty(T if d2 is not None else 0, D, dtype=d1.dtype, device=dev)
+    grad_attn_update = torch.empty(T, D, dtype=attn_update.dtype, device=dev)
+    grad_mlp_out = torch.empty(T if mlp_out is not None else 0, D, dtype=attn_update.dtype,
+                               device=dev)
     grad_s = torch.empty(T if scores is not None else 0, dtype=a, device=dev)
     row_dot = torch.empty(T, dtype=a, device=dev)
     if T == 0 or S == 0 or max_seqlen == 0:
-        return grad_d1, grad_d2, grad_s, row_dot
-    grad_out, idx, cu_seqlens, seg_weight, d1 = (
-        t.contiguous() for t in (grad_out, idx, cu_seqlens, seg_weight, d1))
-    d2, scores, gate = _c(d2), _c(scores), _c(gate)
+        return grad_attn_update, grad_mlp_out, grad_s, row_dot
+    grad_out, idx, cu_seqlens, seg_weight, attn_update = (
+        t.contiguous() for t in (grad_out, idx, cu_seqlens, seg_weight, attn_update))
+    mlp_out, scores, gate = _c(mlp_out), _c(scores), _c(gate)
     BLOCK_D = _block_d(D)
     BLOCK_R = _block_r(BLOCK_D, heavy=True)
     with _on_device(grad_out):
         _scatter_bwd_kernel[(triton.cdiv(max_seqlen, BLOCK_R), S)](
-            grad_out, idx, cu_seqlens, seg_weight, d1, d1 if d2 is None else d2,
-            seg_weight if scores is None else scores, d1 if gate is None else gate,
-            grad_d1, grad_d1 if d2 is None else grad_d2, row_dot if scores is None else grad_s,
-            row_dot, N, D,
-            HAS_D2=d2 is not None, HAS_SCORES=scores is not None, HAS_GATE=gate is not None,
-            ACC=_tl_acc(grad_out.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-            num_warps=_num_warps(BLOCK_R * BLOCK_D))
-    return grad_d1, grad_d2, grad_s, row_dot
+            grad_out, idx, cu_seqlens, seg_weight, attn_update,
+            attn_update if mlp_out is None else mlp_out, seg_weight if scores is None else scores,
+            attn_update if gate is None else gate, grad_attn_update,
+            grad_attn_update if mlp_out is None else grad_mlp_out,
+            row_dot if scores is None else grad_s, row_dot, N, D, HAS_MLP_OUT=mlp_out is not None,
+            HAS_SCORES=scores is not None, HAS_GATE=gate is not None, ACC=_tl_acc(grad_out.dtype),
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_R * BLOCK_D))
+    return grad_attn_update, grad_mlp_out, grad_s, row_dot

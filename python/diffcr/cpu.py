@@ -1,21 +1,20 @@
 """CPU inference: linear layers with MKL-prepacked weights.
 
 Why: at the row counts routing produces (k ~ 300 rows of a 1024-token image at kappa 0.3),
-MKL's ``sgemm`` runs its DiT-sized GEMMs 5-15 % slower per row than at 1024 rows; weights
-prepacked for the exact row count run at full speed again (measured on a Xeon core, fp32,
-D = 1152: 308 x 1152 -> 4608 takes 19.2 ms with ``F.linear`` and 16.9 ms prepacked; at 1024 rows
-the two are within 1-5 %). The ideal of method §6 scales linear layers with the row count, so this
-is the fixed cost that keeps a routed block from its ideal at small kappa on CPU.
+MKL's ``sgemm`` runs DiT-sized GEMMs slower per row than at full size; weights prepacked for
+the exact row count take that back (the measurement is in the README's "CPU inference"
+paragraph). The ideal of method §6 scales linear layers with the row count, so this is the
+fixed cost that keeps a routed block from its ideal at small kappa on CPU.
 
 Cost: each packed copy takes 1.8x (4D x D) to 3.3x (D x D) the weight's memory, once per
 distinct row count (at most ``max_shapes`` per layer, least recently used dropped). That is a lot
 for a whole model, so it is opt-in: :func:`prepack_linears` on the module(s) you run on CPU.
 
-Results match ``F.linear`` to float rounding (bit for bit in the checks made on the development
-machine; the tests require 1e-5). The packed path is used only where it is exact and safe: CPU, float32 input and weight, no autograd
-needed, no autocast, not while ``torch.compile`` traces (inductor packs weights itself when
-freezing); everything else falls back to ``F.linear``. A weight changed in place or moved is
-noticed (storage pointer and version counter) and repacked.
+Results match ``F.linear`` to float rounding (the tests require 1e-5). The packed path is used
+only where it is exact and safe: CPU, float32 input and weight, no autograd needed, no autocast,
+not while ``torch.compile`` traces (inductor packs weights itself when freezing); everything
+else falls back to ``F.linear``. A weight changed in place or moved is noticed (storage pointer
+and version counter) and repacked.
 """
 from __future__ import annotations
 

@@ -269,15 +269,15 @@ def bench_overhead(kind="pixart", N=1024, B=1, kappa=0.5, device="cpu", dtype=to
     shift = torch.randn(B, D, device=dev, dtype=dtype)
     gate = torch.randn(B, D, device=dev, dtype=dtype)
     T = B * k
-    d1 = torch.randn(T, D, device=dev, dtype=dtype)
-    d2 = torch.randn(T, D, device=dev, dtype=dtype)
+    attn_update = torch.randn(T, D, device=dev, dtype=dtype)
+    mlp_out = torch.randn(T, D, device=dev, dtype=dtype)
 
     def routing():
         s = blk.router(x)
         sel = dk.select_topk(s, k)
         dk.gather_norm_modulate(x, sel.indices, shift, shift)
         dk.gather_rows(x, sel.indices)
-        dk.scatter_back_selection(x, sel, d1, d2, gate)
+        dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate)
 
     with torch.no_grad():
         ts = time_pairs({"dense": bb.run_dense, "routing": routing}, dev, rounds)
