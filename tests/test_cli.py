@@ -105,11 +105,48 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["bench", "--kappas", "1.5"], "--kappas"),
     (["bench", "--device", "cuda", "--prepack"], "--prepack is for CPU"),
     (["nonsense"], "invalid choice"),
+    (["train", "--lr", "nan"], "--lr must be a finite number"),
+    (["train", "--lam", "inf"], "--lam must be a finite number"),
+    (["train", "--save-every", "-1"], "--save-every must be >= 0"),
+    (["train", "--threads", "0"], "--threads must be >= 1"),
+    (["train", "--out", sys.executable], "exists and is not a folder"),
+    (["generate", "--model", "m", "--diffcr", "d", "--per-class", "0"], "--per-class"),
+    (["generate", "--model", "m", "--diffcr", "d", "--steps", "0"], "--steps must be >= 1"),
+    (["generate", "--model", "m", "--diffcr", "d", "--guidance", "nan"], "--guidance"),
+    (["generate", "--model", "m", "--diffcr", "d", "--classes", "a,b"], "class ids"),
+    (["generate", "--model", "m", "--diffcr", "d", "--out", sys.executable], "not a folder"),
+    (["generate", "--model", "/nonexistent/m", "--diffcr", "d"], "no such folder"),
 ])
 def test_bad_arguments_give_one_line_errors(args, needle):
     r = cli(*args)
     line = one_line_error(r)
     assert needle in line
+
+
+def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_setup / "data", data)
+    bad = next(data.glob("*/*.png"))
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    r = cli("train", "--model", tiny_setup / "dit.json", "--data", data, "--steps", "1",
+            "--out", tmp_path / "out")
+    line = one_line_error(r)
+    assert "cannot read image" in line and bad.name in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_inspect_tampered_checkpoint_is_one_line_error(demo_out, tmp_path):
+    import shutil
+
+    out, _ = demo_out
+    ck = tmp_path / "ck"
+    shutil.copytree(out / "diffcr", ck)
+    meta = json.loads((ck / "diffcr.json").read_text())
+    meta["model"] = {}
+    (ck / "diffcr.json").write_text(json.dumps(meta))
+    assert "model.model_class is missing" in one_line_error(cli("inspect", ck))
 
 
 def test_empty_data_folder_is_one_line_error(tiny_setup, tmp_path):

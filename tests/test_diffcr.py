@@ -502,6 +502,13 @@ def test_model_deep_copies_right_after_a_training_forward():
     (lambda m: m.update(frozen_bins={"a": 1}), "frozen_bins"),
     (lambda m: m.update(frozen_bins={"0": 1, "1": [0.5]}), "frozen_bins"),
     (lambda m: m.update(tensors_sha256=7), "'tensors_sha256' has the wrong type"),
+    (lambda m: m.update(model={}), r"model.model_class is missing or invalid \(None\)"),
+    (lambda m: m["model"].update(num_blocks="2"), "model.num_blocks is missing or invalid"),
+    (lambda m: m["model"].update(hidden_size=0), "model.hidden_size is missing or invalid"),
+    (lambda m: m["config"].update(routed_blocks=[0, 5]), r"routed_blocks \[5\] out of range"),
+    (lambda m: m["model"].update(num_blocks=1), "block_names do not match"),
+    (lambda m: m.update(block_names={"0": "transformer_blocks.0"}), "block_names do not match"),
+    (lambda m: m.update(block_names=["x"]), "'block_names' has the wrong type"),
     ("nested", "not valid JSON"),
 ])
 def test_load_gives_checkpoint_error_for_every_malformed_json(tmp_path, tamper, pattern):

@@ -21,7 +21,7 @@ from .convert import convert, is_converted, routed_blocks
 from .models import family_for
 from .routing import routing_state
 
-__all__ = ["save", "load", "read_checkpoint", "CheckpointError"]
+__all__ = ["save", "load", "read_checkpoint", "block_names", "CheckpointError"]
 
 TENSORS = "diffcr.safetensors"
 META = "diffcr.json"
@@ -62,7 +62,8 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
         if st.blocks[i].frozen_bins is not None:
             frozen[str(i)] = list(st.blocks[i].frozen_bins)
     meta = {"format": FORMAT, "diffcr_version": __version__, "config": st.config.to_dict(),
-            "model": _signature(model), "frozen_bins": frozen if st.frozen else None}
+            "model": _signature(model), "frozen_bins": frozen if st.frozen else None,
+            "block_names": {str(i): names[i] for i in routed_blocks(model)}}
     save_file(tensors, str(out / TENSORS), metadata={"format": "diffcr", "version": str(FORMAT)})
     # a checksum of the tensor file: corruption that keeps every value in range is detected too
     meta["tensors_sha256"] = _sha256(out / TENSORS)
@@ -76,6 +77,52 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _check_meta_contents(where: Path, meta: dict, cfg: DiffCRConfig) -> None:
+    """The model signature, routed block names and frozen bins of the JSON: present fields
+    must have the right types and agree with the config (CheckpointError otherwise)."""
+    sig = meta.get("model")
+    if sig is not None:
+        for key, kind in (("model_class", str), ("num_blocks", int), ("hidden_size", int)):
+            v = sig.get(key)
+            if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 1):
+                raise CheckpointError(f"{where}: model.{key} is missing or invalid ({v!r})")
+        try:
+            idx = cfg.routed_indices(sig["num_blocks"])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+    else:
+        idx = None
+    names = meta.get("block_names")
+    if names is not None and (
+            (idx is not None and set(names) != {str(i) for i in idx})
+            or not all(isinstance(v, str) and v for v in names.values())):
+        raise CheckpointError(f"{where}: block_names do not match the routed blocks")
+    frozen = meta.get("frozen_bins")
+    if frozen is not None:
+        R = cfg.num_regions
+        ok = (idx is None or set(frozen) == {str(i) for i in idx}) and all(
+            isinstance(v, list) and len(v) == R
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b in cfg.bins
+                    for b in v)
+            for v in frozen.values())
+        if not ok:
+            raise CheckpointError(f"{where}: frozen_bins do not match its config")
+
+
+def block_names(meta: dict, tensors: dict) -> dict:
+    """``{routed index: block name}`` of a checkpoint (:func:`read_checkpoint`): from its JSON,
+    or, for checkpoints written before names were recorded, from ``transformer_blocks.{i}``
+    tensor names."""
+    if meta.get("block_names") is not None:
+        return {int(i): n for i, n in meta["block_names"].items()}
+    out = {}
+    for key in tensors:
+        head, _, tail = key.rpartition(".ratio.kept")[0].rpartition(".")
+        if key.endswith(".ratio.kept") and tail.isdigit():
+            out[int(tail)] = f"{head}.{tail}"
+    return dict(sorted(out.items()))
 
 
 def read_checkpoint(path: Union[str, Path]):
@@ -101,7 +148,7 @@ def read_checkpoint(path: Union[str, Path]):
         raise CheckpointError(f"{path / META}: unknown checkpoint format "
                               f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
     for key, kind in (("config", dict), ("model", dict), ("frozen_bins", (dict, type(None))),
-                      ("tensors_sha256", (str, type(None)))):
+                      ("tensors_sha256", (str, type(None))), ("block_names", dict)):
         if key in meta and not isinstance(meta[key], kind):
             raise CheckpointError(f"{path / META}: {key!r} has the wrong type "
                                   f"({type(meta[key]).__name__})")
@@ -111,6 +158,7 @@ def read_checkpoint(path: Union[str, Path]):
         cfg = DiffCRConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path / META}: invalid config: {e}") from e
+    _check_meta_contents(path / META, meta, cfg)
     try:
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError, ValueError) as e:

@@ -240,20 +240,22 @@ def _train_cmd(args) -> int:
 def _inspect_cmd(args) -> int:
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
-    from ..io import CheckpointError, read_checkpoint
+    from ..io import CheckpointError, block_names, read_checkpoint
 
     try:
         meta, cfg, tensors = read_checkpoint(Path(args.checkpoint))
+        names = block_names(meta, tensors)
+        kept = {i: tensors[f"{n}.ratio.kept"].tolist() for i, n in names.items()}
     except CheckpointError as e:
         print(f"diffcr inspect: error: {e}", file=sys.stderr)
         return 2
-    del load_file
-    rows = sorted({int(k.split(".")[1]) for k in tensors if k.endswith("ratio.kept")})
+    except KeyError as e:
+        print(f"diffcr inspect: error: {args.checkpoint} has no tensor {e}", file=sys.stderr)
+        return 2
     frozen = meta.get("frozen_bins")
-    print(f"DiffCR checkpoint {args.checkpoint}: {meta['model']['model_class']}, "
-          f"{meta['model']['num_blocks']} blocks, hidden {meta['model']['hidden_size']}, "
+    sig = meta.get("model") or {}
+    print(f"DiffCR checkpoint {args.checkpoint}: {sig.get('model_class', '?')}, "
+          f"{sig.get('num_blocks', '?')} blocks, hidden {sig.get('hidden_size', '?')}, "
           f"{cfg.num_regions} regions, gate {cfg.gate}, target kept {cfg.target_kept_ratio}"
           f"{', frozen' if frozen else ''}")
     R, T = cfg.num_regions, cfg.timesteps
@@ -263,16 +265,44 @@ def _inspect_cmd(args) -> int:
     print(f"{what} per block and timestep region" + (" (frozen bins)" if frozen else ""))
     print("  ".join(f"{h:>8}" for h in head))
     vals = []
-    for i in rows:
-        row = frozen[str(i)] if frozen else [min(max(v, cfg.min_bin), cfg.max_bin) for v in
-                                             tensors[f"transformer_blocks.{i}.ratio.kept"]
-                                             .tolist()]
+    for i, row in kept.items():
+        row = frozen[str(i)] if frozen else [min(max(v, cfg.min_bin), cfg.max_bin) for v in row]
         if args.compression:
             row = [1 - v for v in row]
         vals += row
         print("  ".join([f"{i:>8}"] + [f"{v:>8.3f}" for v in row]))
     print(f"mean {what}: {sum(vals) / max(1, len(vals)):.3f}")
     return 0
+
+
+def _generate_arg_error(args) -> Optional[str]:
+    """What is wrong with the arguments of ``diffcr generate`` (None: nothing), checked before
+    any model is loaded or file written."""
+    import math
+    from pathlib import Path
+
+    if args.per_class < 1:
+        return f"--per-class must be >= 1, got {args.per_class}"
+    if args.steps < 1:
+        return f"--steps must be >= 1, got {args.steps}"
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        return f"--guidance must be a finite number >= 0, got {args.guidance}"
+    if args.classes is not None and not args.classes:
+        return "--classes is empty"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} exists and is not a folder"
+    for name in ("model", "diffcr", "vae"):
+        p = getattr(args, name)
+        if p is not None and not Path(p).exists():
+            return f"--{name} {p}: no such folder or file"
+    return None
+
+
+def _class_ids(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids, got {text!r}")
 
 
 def _generate_cmd(args) -> int:
@@ -284,6 +314,10 @@ def _generate_cmd(args) -> int:
     from ..io import CheckpointError
     from .train import TrainError, load_model, sample_images
 
+    bad = _generate_arg_error(args)
+    if bad:
+        print(f"diffcr generate: error: {bad}", file=sys.stderr)
+        return 2
     try:
         model = load_model(args.model)
         load(model, args.diffcr)
@@ -345,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_g.add_argument("--diffcr", required=True, help="DiffCR checkpoint (e.g. OUT/diffcr)")
     p_g.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
     p_g.add_argument("--out", default="diffcr-samples", help="output folder")
-    p_g.add_argument("--classes", type=lambda t: [int(v) for v in t.split(",")], default=None,
+    p_g.add_argument("--classes", type=_class_ids, default=None,
                      help="class ids, comma-separated (default: all)")
     p_g.add_argument("--per-class", type=int, default=4)
     p_g.add_argument("--steps", type=int, default=25, help="DDIM steps")

@@ -58,6 +58,13 @@ def save_image_folder(images: Tensor, labels: Tensor, root: PathLike,
 def _load_one(path: Path, size: int) -> Tensor:
     from PIL import Image
 
+    try:
+        return _decode(Image, path, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, huge
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+
+
+def _decode(Image, path: Path, size: int) -> Tensor:
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -87,7 +94,8 @@ def load_image_folder(root: PathLike, size: int = 32) -> Tuple[Tensor, Tensor, L
 
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a folder.
-        ValueError: ``root`` has no class subfolders, or they hold no images.
+        ValueError: ``root`` has no class subfolders, they hold no images, or an image cannot
+            be decoded (the message names the file).
     """
     root = Path(root)
     if not root.is_dir():

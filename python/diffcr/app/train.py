@@ -63,6 +63,10 @@ class TrainConfig:
     extra: Dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
+        for name in ("compression", "lr", "lr_router", "lr_ratio", "lam"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
         if not (0.0 <= self.compression < 1.0):
             raise TrainError(f"--compression must be in [0, 1), got {self.compression}")
         if self.regions < 1:
@@ -74,6 +78,13 @@ class TrainConfig:
         for name in ("lr", "lr_router", "lr_ratio", "lam"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.save_every < 0:
+            raise TrainError(f"--save-every must be >= 0 (0: only at the end), got "
+                             f"{self.save_every}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {self.threads}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise TrainError(f"--out {self.out} exists and is not a folder")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainError("--mixed-precision must be no, bf16 or fp16")
         if self.data is not None and not Path(self.data).is_dir():
