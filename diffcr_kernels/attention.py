@@ -160,9 +160,10 @@ def varlen_attention(
         ks = k.view(S, Tk // S, H, k.shape[-1]).transpose(1, 2)
         vs = v.view(S, Tk // S, H, v.shape[-1]).transpose(1, 2)
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
-        return o.transpose(1, 2).reshape(Tq, H, v.shape[-1])
+        return _nan_queries(q, o.transpose(1, 2).reshape(Tq, H, v.shape[-1]))
     if path == "sdpa_grouped":
-        return _grouped(q, k, v, list(seqlens_q), list(seqlens_k), softmax_scale)
+        return _nan_queries(q, _grouped(q, k, v, list(seqlens_q), list(seqlens_k),
+                                        softmax_scale))
     # sdpa_segments
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
@@ -176,7 +177,18 @@ def varlen_attention(
                       softmax_scale)[0] for i in range(S)]
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    return torch.cat(outs, 0)
+    return _nan_queries(q, torch.cat(outs, 0))
+
+
+def _nan_queries(q: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """A query holding NaN (or inf) gives a NaN output row on every path, as in the reference.
+
+    torch's CPU flash SDPA kernel returns zeros for such a row (its row maximum skips NaN);
+    the reference and the math kernel return NaN. On CPU, add ``0 * sum(q)`` per row and head
+    (NaN exactly where q is not finite): one small reduction next to the attention itself."""
+    if q.device.type != "cpu" or q.numel() == 0:
+        return o
+    return o + (q.sum(-1, keepdim=True) * 0).to(o.dtype)
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

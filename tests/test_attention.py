@@ -127,3 +127,27 @@ def test_varlen_attention_refuses_bad_inputs_on_every_path(case, pattern, backen
         kw.update(seqlens_q=[8], seqlens_k=[3, 5])
     with pytest.raises(ValueError, match=pattern):
         dk.varlen_attention(q, k, v, cq, ck, mq, mk, **kw)
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("backend,uniform", [(None, False), (None, True), ("sdpa_segments", False),
+                                             ("sdpa_grouped", False), ("reference", False)])
+def test_nan_reaches_the_same_rows_on_every_path(device, where, backend, uniform):
+    """A NaN in q, k or v makes exactly the output rows NaN that the reference makes NaN (the
+    CPU flash SDPA kernel alone would return zeros for a NaN query)."""
+    lens = [4, 4, 4] if uniform else [3, 5, 4]
+    torch.manual_seed(0)
+    q, k, v, cq, ck, mq, mk = _segments(lens, lens, device=device)
+    t = {"q": q, "k": k, "v": v}[where]
+    t[4, 1, 2] = float("nan")
+    out = dk.varlen_attention(q, k, v, cq, ck, mq, mk, uniform=uniform, backend=backend,
+                              seqlens_q=lens, seqlens_k=lens)
+    expect = ref.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), mq, mk)
+    assert torch.isnan(expect).any()
+    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(expect))
+    finite = ~torch.isnan(expect)
+    torch.testing.assert_close(out.cpu()[finite], expect[finite], rtol=1e-4, atol=1e-5)
