@@ -53,8 +53,36 @@ def pixart_call(pipe):
                 output_type="np").images
 
 
-@pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call)],
-                         ids=["DiTPipeline", "PixArtSigmaPipeline"])
+def sd3_pipe():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from tiny_models import make
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        sample_size=8, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    # prompt embeddings are passed in: no text encoders needed
+    return StableDiffusion3Pipeline(transformer=make("sd3"), vae=vae,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def sd3_call(pipe):
+    g = torch.Generator().manual_seed(1)
+    emb, pooled = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+    neg, neg_pooled = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+    return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                negative_pooled_prompt_embeds=neg_pooled, height=8, width=8,
+                num_inference_steps=2, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call),
+                                            (sd3_pipe, sd3_call)],
+                         ids=["DiTPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline"])
 def test_pipeline_identity_at_init_and_routed_run(make_pipe, call):
     pipe = make_pipe()
     with torch.no_grad():

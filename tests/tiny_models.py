@@ -7,7 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (tests of converted models)")
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402
+from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel,  # noqa: E402
+                       SD3Transformer2DModel)
 
 import diffcr  # noqa: E402
 
@@ -27,6 +28,16 @@ def tiny_dit(layers=2, seed=0, num_classes=10):
         num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes).eval()
 
 
+def tiny_sd3(layers=3, seed=0):
+    """SD3.5-style: dual attention in block 0, qk RMS-norm, the last block context_pre_only."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+        pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
+        dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+
+
 def _randomise_weights(model, scale=0.1):
     """Diffusers zero-inits some output layers; give every parameter a non-trivial value so that
     routing visibly changes the output (scale 0.1 keeps the residual stream at |x| ~ 10-50, the
@@ -39,7 +50,8 @@ def _randomise_weights(model, scale=0.1):
 
 
 def make(kind, **kw):
-    return _randomise_weights(tiny_pixart(**kw) if kind == "pixart" else tiny_dit(**kw))
+    factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3}[kind]
+    return _randomise_weights(factory(**kw))
 
 
 def set_ratios(model, values):

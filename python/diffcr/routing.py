@@ -207,9 +207,9 @@ class BlockRouting:
             if self.use_fused(block, call, inner_hooks):
                 return family.fused_forward(block, call, sel, self.gate(block, sel.scores),
                                             inplace_residual=inplace)
-            delta = family.compat_update(block, base_forward, call, sel, ks,
-                                         self.gate(block, sel.scores), self.mlp_gate)
-            return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
+            return family.compat_forward(block, base_forward, call, sel, ks,
+                                         self.gate(block, sel.scores), self.mlp_gate,
+                                         inplace_residual=inplace)
 
 
 def _inner_hooks(block: nn.Module):

@@ -80,6 +80,11 @@ class ModelFamily:
     def hidden_size(self, block: nn.Module) -> int:
         raise NotImplementedError
 
+    def hidden_states_of(self, output):
+        """The image-token part of what a block returns (the block's output itself, unless the
+        block returns a tuple)."""
+        return output
+
     def mlp_module(self, block: nn.Module) -> nn.Module:
         """The block's feed-forward, whose output the router gate multiplies (compat path)."""
         return block.ff
@@ -147,9 +152,15 @@ class ModelFamily:
         """Why the fused path can never run ``block`` (None: it can, call permitting)."""
         return "this family has no fused forward"
 
-    def compat_update(self, block, base_forward, call, sel, ks, gate, mlp_gate):
-        """The packed residual update ``[T, D]`` of the selected tokens, computed by the block's
-        own forward on gathered tokens."""
+    #: whether :meth:`fused_forward` exists (the conformance test compares it with compat)
+    has_fused: bool = False
+
+    def compat_forward(self, block, base_forward, call, sel, ks, gate, mlp_gate, *,
+                       inplace_residual=False):
+        """The routed block's output (what the diffusers block returns) computed by the
+        block's own forward on the gathered tokens of each group of equal-k segments
+        (``ks``: host kept counts ``[B][P]``), the feed-forward of each call gated per token
+        through ``mlp_gate.scaled(gate rows)``; skipped tokens pass through unchanged."""
         raise NotImplementedError
 
     def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
@@ -252,4 +263,4 @@ def warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-from . import pixart, dit  # noqa: E402,F401  (register the built-in families)
+from . import pixart, dit, sd3  # noqa: E402,F401  (register the built-in families)

@@ -302,6 +302,41 @@ def _take_token_mask(mask, samp, tok, B, N):
     return torch.gather(m, 1, tok)
 
 
+def segment_groups(sel, ks, device):
+    """The segments of a selection grouped by length, for one diffusers call per group:
+    yields ``(rows [G, k], idx [G, k], samp [G], segs)`` with ``rows`` the packed row numbers,
+    ``idx`` the flat token indices, ``samp`` each segment's sample and ``segs`` the segment
+    numbers (host list)."""
+    flat_k = [k for row in ks for k in row]
+    S = len(flat_k)
+    starts = [0]
+    for k in flat_k:
+        starts.append(starts[-1] + k)
+    groups = {}
+    for s, k in enumerate(flat_k):
+        groups.setdefault(k, []).append(s)
+    P = sel.segs_per_sample
+    for k, segs in groups.items():
+        if len(groups) == 1:
+            rows = torch.arange(sel.total, device=device).view(S, k)
+        else:
+            st = torch.tensor([starts[s] for s in segs], device=device)
+            rows = st[:, None] + torch.arange(k, device=device)[None]
+        samp = torch.tensor([s // P for s in segs], device=device)
+        yield rows, sel.indices[rows], samp, segs
+
+
+def packed_rows(pieces, T, like):
+    """``[(rows [G, k], values [G, k, D])]`` -> the packed ``[T, D]`` tensor."""
+    D = like.shape[-1]
+    if len(pieces) == 1:
+        return pieces[0][1].reshape(T, D)
+    out = like.new_empty(T, D)
+    for rows, d in pieces:
+        out = out.index_put((rows.reshape(-1),), d.reshape(-1, D))
+    return out
+
+
 class BasicBlockFamily(ModelFamily):
     """Families whose routable blocks are diffusers ``BasicTransformerBlock`` with adaLN
     (``ada_norm_single``: PixArt; ``ada_norm_zero``: DiT). Per-token side input: the
@@ -341,33 +376,17 @@ class BasicBlockFamily(ModelFamily):
                                    call.get("encoder_attention_mask"), call.get("timestep"),
                                    call.get("class_labels"), inplace_residual=inplace_residual)
 
-    def compat_update(self, block, base_forward, call, sel, ks, gate, mlp_gate):
-        """Run the diffusers block on each group of equal-length segments; return the packed
-        residual update ``[T, D]``."""
+    has_fused = True
+
+    def compat_forward(self, block, base_forward, call, sel, ks, gate, mlp_gate, *,
+                       inplace_residual=False):
         x = call["hidden_states"]
         attention_mask = call.get("attention_mask")
         args = {k: v for k, v in call.items() if k not in ("hidden_states", "attention_mask")}
         B, N, D = x.shape
-        flat_k = [k for row in ks for k in row]
-        S = len(flat_k)
-        starts = [0]
-        for k in flat_k:
-            starts.append(starts[-1] + k)
-        groups = {}
-        for s, k in enumerate(flat_k):
-            groups.setdefault(k, []).append(s)
-        xf = x.reshape(B * N, D)
-        P = sel.segs_per_sample
-        T = sel.total
         pieces = []
-        for k, segs in groups.items():
-            if len(groups) == 1:
-                rows = torch.arange(T, device=x.device).view(S, k)
-            else:
-                st = torch.tensor([starts[s] for s in segs], device=x.device)
-                rows = st[:, None] + torch.arange(k, device=x.device)[None]
-            idx = sel.indices[rows]  # [G, k]
-            samp = torch.tensor([s // P for s in segs], device=x.device)
+        xf = x.reshape(B * N, D)  # one view: its gradient is accumulated in one place
+        for rows, idx, samp, _ in segment_groups(sel, ks, x.device):
             xg = xf[idx]  # [G, k, D]
             gargs = {name: _take(v, samp, B) for name, v in args.items()}
             mask_g = None
@@ -376,9 +395,6 @@ class BasicBlockFamily(ModelFamily):
             with mlp_gate.scaled(gate[rows].unsqueeze(-1)):
                 out = base_forward(xg, mask_g, **gargs)
             pieces.append((rows, out - xg))
-        if len(pieces) == 1:
-            return pieces[0][1].reshape(T, D)
-        delta = x.new_empty(T, D)
-        for rows, d in pieces:
-            delta = delta.index_put((rows.reshape(-1),), d.reshape(-1, D))
-        return delta
+        delta = packed_rows(pieces, sel.total, x)
+        return dk.scatter_back_selection(x, sel, delta, use_scores=False,
+                                         inplace=inplace_residual)
