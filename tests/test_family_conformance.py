@@ -41,11 +41,24 @@ def _sd3_inputs(t):
                 timestep=torch.tensor(t, dtype=torch.float32))
 
 
+def _flux_inputs(t):
+    from tiny_models import flux_ids
+
+    g = torch.Generator().manual_seed(0)
+    img_ids, txt_ids = flux_ids(4, 5)
+    return dict(hidden_states=torch.randn(len(t), 16, 4, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 32, generator=g),
+                pooled_projections=torch.randn(len(t), 32, generator=g),
+                timestep=torch.tensor(t, dtype=torch.float32) / 1000,  # as the pipeline
+                img_ids=img_ids, txt_ids=txt_ids)
+
+
 # family name -> (tiny model factory, inputs for timesteps t)
 FAMILY_CASES = {
     "pixart": (lambda: make("pixart"), _pixart_inputs),
     "dit": (lambda: make("dit"), _dit_inputs),
     "sd3": (lambda: make("sd3"), _sd3_inputs),
+    "flux": (lambda: make("flux"), _flux_inputs),
 }
 
 FAMILIES = sorted(diffcr.families())
@@ -159,17 +172,18 @@ def test_routed_blocks_change_exactly_k_tokens_computed_by_the_block_itself(fami
         changed = (fam.hidden_states_of(out) != x).any(-1)  # [B, N]
         assert changed.sum(-1).tolist() == [k] * B, (i, changed.sum(-1).tolist())
         pos = changed.nonzero()[:, 1].view(B, k)
-        xg = torch.gather(x, 1, pos[..., None].expand(-1, -1, x.shape[-1]))
+        routed_block = diffcr.routed_blocks(model)[i]
         block = ref_blocks[diffcr.routing_state(model).blocks[i].name]
-        r_args = (xg,) + tuple(args[1:]) if args else ()
-        r_kwargs = dict(kwargs) if args else {**kwargs, "hidden_states": xg}
-        with torch.no_grad():
-            want = block(*r_args, **r_kwargs)
-        got_rows = torch.gather(fam.hidden_states_of(out), 1,
-                                pos[..., None].expand(-1, -1, x.shape[-1]))
-        torch.testing.assert_close(got_rows, fam.hidden_states_of(want), rtol=1e-5, atol=1e-5)
-        if isinstance(out, tuple) and out[0] is not None:  # a text stream
-            torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+        call = fam.bind(routed_block, args, kwargs)
+        for s in range(B):  # the unconverted block on [its inputs; sample s's kept tokens]
+            gcall = fam.gathered_call(block, call, torch.tensor([s]), pos[s:s + 1])
+            with torch.no_grad():
+                want = block(**gcall)
+            got = fam.hidden_states_of(out)[s, pos[s]]
+            torch.testing.assert_close(got, fam.hidden_states_of(want)[0], rtol=1e-5,
+                                       atol=1e-5)
+            if isinstance(out, tuple) and out[0] is not None:  # a text stream
+                torch.testing.assert_close(out[0][s], want[0][0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -253,7 +267,8 @@ def test_registry_refuses_a_second_family_for_a_model_class():
 def test_unknown_model_names_the_supported_classes():
     with pytest.raises(TypeError, match=r"supports PixArtTransformer2DModel \(pixart\), "
                                         r"DiTTransformer2DModel \(dit\), "
-                                        r"SD3Transformer2DModel \(sd3\); got Linear"):
+                                        r"SD3Transformer2DModel \(sd3\), "
+                                        r"FluxTransformer2DModel \(flux\); got Linear"):
         diffcr.convert(torch.nn.Linear(2, 2))
 
 

@@ -80,9 +80,35 @@ def sd3_call(pipe):
                 generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
+def flux_pipe():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from tiny_models import make
+
+    torch.manual_seed(0)
+    # one latent channel: the pipeline packs 2x2 patches into the transformer's 4 channels
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                        layers_per_block=1, latent_channels=1, norm_num_groups=8,
+                        sample_size=8, shift_factor=0.1159, scaling_factor=0.3611,
+                        use_quant_conv=False, use_post_quant_conv=False).eval()
+    return FluxPipeline(transformer=make("flux"), vae=vae,
+                        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def flux_call(pipe):
+    g = torch.Generator().manual_seed(1)
+    emb, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, height=16, width=16,
+                num_inference_steps=2, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
 @pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call),
-                                            (sd3_pipe, sd3_call)],
-                         ids=["DiTPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline"])
+                                            (sd3_pipe, sd3_call), (flux_pipe, flux_call)],
+                         ids=["DiTPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline",
+                              "FluxPipeline"])
 def test_pipeline_identity_at_init_and_routed_run(make_pipe, call):
     pipe = make_pipe()
     with torch.no_grad():

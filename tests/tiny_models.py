@@ -7,8 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (tests of converted models)")
-from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel,  # noqa: E402
-                       SD3Transformer2DModel)
+from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel,  # noqa: E402
+                       PixArtTransformer2DModel, SD3Transformer2DModel)
 
 import diffcr  # noqa: E402
 
@@ -38,6 +38,23 @@ def tiny_sd3(layers=3, seed=0):
         dual_attention_layers=(0,), qk_norm="rms_norm").eval()
 
 
+def tiny_flux(layers=2, single_layers=2, seed=0):
+    """Flux.1-style: double- and single-stream blocks, 3-axis rotary, no guidance embedding."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)).eval()
+
+
+def flux_ids(side=4, text=5):
+    """(img_ids [side*side, 3], txt_ids [text, 3]) as the Flux pipelines build them."""
+    img = torch.zeros(side * side, 3)
+    img[:, 1] = torch.arange(side * side) // side
+    img[:, 2] = torch.arange(side * side) % side
+    return img, torch.zeros(text, 3)
+
+
 def _randomise_weights(model, scale=0.1):
     """Diffusers zero-inits some output layers; give every parameter a non-trivial value so that
     routing visibly changes the output (scale 0.1 keeps the residual stream at |x| ~ 10-50, the
@@ -50,7 +67,7 @@ def _randomise_weights(model, scale=0.1):
 
 
 def make(kind, **kw):
-    factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3}[kind]
+    factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3, "flux": tiny_flux}[kind]
     return _randomise_weights(factory(**kw))
 
 

@@ -83,7 +83,7 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
     """Make ``model`` token-routed, in place; returns the same model.
 
     ``model``: a diffusers model of a registered family (:mod:`diffcr.models`,
-    ``diffcr.families()``: PixArt-α/Σ, DiT, SD3/SD3.5). Adds
+    ``diffcr.families()``: PixArt-α/Σ, DiT, SD3/SD3.5, Flux.1). Adds
     ``transformer_blocks.{i}.router.weight`` and ``transformer_blocks.{i}.ratio.kept`` per
     routed block; every existing parameter, buffer and state-dict key is unchanged. Refuses
     (``TypeError`` / ``ValueError`` naming the problem, model untouched) unsupported model

@@ -188,7 +188,8 @@ class BlockRouting:
         with family.call_context(block, call):
             if len(ks[0]) == 1 and all(k[0] == N for k in ks):
                 # every token kept: the dense block, with the router gating the MLP branch
-                with self.mlp_gate.scaled(self.gate(block, scores).unsqueeze(-1)):
+                with self.mlp_gate.scaled(family.gate_scale(block, self.gate(block, scores),
+                                                            call)):
                     return base_forward(**call)
             inner_hooks = _inner_hooks(block)
             for name, hook, stateful in inner_hooks:

@@ -85,6 +85,12 @@ class ModelFamily:
         block returns a tuple)."""
         return output
 
+    def gate_scale(self, block: nn.Module, gate_rows, call: dict):
+        """The :class:`~diffcr.routing.MlpGate` scale of one block call: the router gate of
+        each image token, ``[G, k, 1]`` (families whose gated module also sees text rows pad
+        them with ones)."""
+        return gate_rows.unsqueeze(-1)
+
     def mlp_module(self, block: nn.Module) -> nn.Module:
         """The block's feed-forward, whose output the router gate multiplies (compat path)."""
         return block.ff
@@ -139,6 +145,18 @@ class ModelFamily:
                 call[name] = default
         return call
 
+    def gathered_call(self, block: nn.Module, call: dict, samp, tok) -> dict:
+        """The arguments that run the unrouted block on the gathered tokens ``tok`` ``[G, k]``
+        of samples ``samp`` ``[G]``: hidden states gathered, per-sample arguments selected,
+        per-token side inputs (masks, rotary rows) gathered by families that have them. The
+        conformance test calls the diffusers block with it to check the routed output."""
+        x = call["hidden_states"]
+        B = x.shape[0]
+        out = {name: take_samples(v, samp, B) for name, v in call.items()
+               if name != "hidden_states"}
+        out["hidden_states"] = x[samp[:, None], tok]
+        return out
+
     @contextmanager
     def call_context(self, block: nn.Module, call: dict):
         """Around one routed block call (e.g. draw a random label drop once for all groups)."""
@@ -172,6 +190,22 @@ class ModelFamily:
         import diffusers
 
         return _outside_tested(diffusers.__version__, self.tested_diffusers, self.name)
+
+
+def take_samples(v, samp, B):
+    """Select the samples ``samp`` of a per-sample argument (tensors with a leading batch dim of
+    B, or 1: broadcast; dicts recursively); anything else passes through."""
+    import torch
+
+    if torch.is_tensor(v) and v.dim() >= 1:
+        if v.shape[0] == B:
+            return v[samp]
+        if v.shape[0] == 1:
+            return v.expand(samp.numel(), *v.shape[1:])
+        return v
+    if isinstance(v, dict):
+        return {k: take_samples(x, samp, B) for k, x in v.items()}
+    return v
 
 
 def display_name(name: str) -> str:
@@ -263,4 +297,4 @@ def warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-from . import pixart, dit, sd3  # noqa: E402,F401  (register the built-in families)
+from . import pixart, dit, sd3, flux  # noqa: E402,F401  (register the built-in families)

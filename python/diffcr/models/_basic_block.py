@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import diffcr_kernels as dk
 
 from ..routing import MlpGate
-from . import ModelFamily
+from . import ModelFamily, take_samples
 
 __all__ = ["BasicBlockFamily", "fused_unsupported_reason", "fused_block_forward"]
 
@@ -278,18 +278,7 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
 
 
 # ---------------------------------------------------------------------- compat path helpers
-def _take(v, samp, B):
-    """Select the samples ``samp`` of a per-sample argument (tensors with a leading batch dim;
-    dicts recursively); anything else passes through."""
-    if torch.is_tensor(v) and v.dim() >= 1:
-        if v.shape[0] == B:
-            return v[samp]
-        if v.shape[0] == 1:
-            return v.expand(samp.numel(), *v.shape[1:])
-        return v
-    if isinstance(v, dict):
-        return {k: _take(x, samp, B) for k, x in v.items()}
-    return v
+_take = take_samples
 
 
 def _take_token_mask(mask, samp, tok, B, N):
@@ -362,6 +351,14 @@ class BasicBlockFamily(ModelFamily):
 
     def fused_unsupported_reason(self, block):
         return fused_unsupported_reason(block)
+
+    def gathered_call(self, block, call, samp, tok):
+        out = super().gathered_call(block, call, samp, tok)
+        mask = call.get("attention_mask")
+        if mask is not None:
+            x = call["hidden_states"]
+            out["attention_mask"] = _take_token_mask(mask, samp, tok, x.shape[0], x.shape[1])
+        return out
 
     def call_fused_reason(self, block, call):
         if call.get("attention_mask") is not None:

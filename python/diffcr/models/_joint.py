@@ -1,0 +1,79 @@
+"""Shared by the joint-attention families (SD3, Flux): blocks that take the image tokens as
+``hidden_states`` and the text as ``encoder_hidden_states`` and return
+``(encoder_hidden_states, hidden_states)``.
+
+Only image tokens are routed. A routed call runs the block's own diffusers forward on
+[every text token; the kept image tokens] (the family says how its calls are split and which
+per-token inputs are gathered, :meth:`JointFamily.calls`). The text stream's update depends
+on which image tokens it attended to, so with two bins per sample (training) the text update
+is the bin-weighted sum of the two calls' updates, like the image tokens'
+(``ctx + w_a * d_a + w_b * d_b``); with one segment per sample (eval, frozen) it is the call's
+text output itself.
+"""
+import torch
+
+import diffcr_kernels as dk
+
+from . import ModelFamily
+from ._basic_block import packed_rows, segment_groups
+
+
+class JointFamily(ModelFamily):
+    """Base of the joint-attention families (compat path; no fused forward yet)."""
+
+    def check_block(self, name, block):
+        super().check_block(name, block)
+        if getattr(block, "_chunk_size", None) is not None:
+            raise ValueError(f"diffcr: {name} uses feed-forward chunking; call "
+                             "model.disable_forward_chunking() before converting")
+
+    def hidden_size(self, block):
+        return block.attn.to_q.in_features
+
+    def hidden_states_of(self, output):
+        return output[1]  # (encoder_hidden_states, hidden_states)
+
+    def fused_unsupported_reason(self, block):
+        return f"no fused forward for {type(block).__mro__[0].__name__} yet (compat runs)"
+
+    def call_fused_reason(self, block, call):
+        return self.fused_unsupported_reason(block)
+
+    def calls(self, block, call, sel, ks):
+        """Yields ``(rows [G, k], samp [G], segs, gathered call)``: one diffusers call per
+        group of equal-length segments (families with per-token side inputs that differ per
+        segment, such as rotary rows, split further)."""
+        x = call["hidden_states"]
+        N = x.shape[1]
+        for rows, idx, samp, segs in segment_groups(sel, ks, x.device):
+            yield rows, samp, segs, self.gathered_call(block, call, samp, idx - samp[:, None] * N)
+
+    def compat_forward(self, block, base_forward, call, sel, ks, gate, mlp_gate, *,
+                       inplace_residual=False):
+        x = call["hidden_states"]
+        ctx = call["encoder_hidden_states"]
+        pieces, text = [], []
+        for rows, samp, segs, gcall in self.calls(block, call, sel, ks):
+            xg = gcall["hidden_states"]
+            with mlp_gate.scaled(self.gate_scale(block, gate[rows], gcall)):
+                ctx_out, out = base_forward(**gcall)
+            pieces.append((rows, out - xg))
+            text.append((segs, samp, ctx_out))
+        delta = packed_rows(pieces, sel.total, x)
+        new_x = dk.scatter_back_selection(x, sel, delta, use_scores=False,
+                                          inplace=inplace_residual)
+        if text[0][2] is None:  # context_pre_only: the last SD3 block returns no text
+            return None, new_x
+        if sel.segs_per_sample == 1:  # one call per sample: its text output is the block's
+            new_ctx = torch.empty_like(ctx)
+            for segs, samp, ctx_out in text:
+                new_ctx = new_ctx.index_copy(0, samp, ctx_out)
+            return new_ctx, new_x
+        new_ctx = ctx
+        w = sel.seg_weight
+        for segs, samp, ctx_out in text:
+            seg = torch.tensor(segs, device=x.device)
+            upd = (ctx_out - ctx.index_select(0, samp)) * w.index_select(0, seg).to(
+                ctx.dtype)[:, None, None]
+            new_ctx = new_ctx.index_add(0, samp, upd)
+        return new_ctx, new_x
