@@ -53,12 +53,20 @@ def _flux_inputs(t):
                 img_ids=img_ids, txt_ids=txt_ids)
 
 
+def _wan_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 2, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 16, generator=g),
+                timestep=torch.tensor(t))
+
+
 # family name -> (tiny model factory, inputs for timesteps t)
 FAMILY_CASES = {
     "pixart": (lambda: make("pixart"), _pixart_inputs),
     "dit": (lambda: make("dit"), _dit_inputs),
     "sd3": (lambda: make("sd3"), _sd3_inputs),
     "flux": (lambda: make("flux"), _flux_inputs),
+    "wan": (lambda: make("wan"), _wan_inputs),
 }
 
 FAMILIES = sorted(diffcr.families())
@@ -268,7 +276,8 @@ def test_unknown_model_names_the_supported_classes():
     with pytest.raises(TypeError, match=r"supports PixArtTransformer2DModel \(pixart\), "
                                         r"DiTTransformer2DModel \(dit\), "
                                         r"SD3Transformer2DModel \(sd3\), "
-                                        r"FluxTransformer2DModel \(flux\); got Linear"):
+                                        r"FluxTransformer2DModel \(flux\), "
+                                        r"WanTransformer3DModel \(wan\); got Linear"):
         diffcr.convert(torch.nn.Linear(2, 2))
 
 
@@ -334,3 +343,41 @@ def test_gradient_checkpointing_gives_the_same_training_step(family):
     torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ family specifics
+def test_wan_per_token_timesteps_route_by_the_noisiest_token():
+    """Wan 2.2 TI2V: one timestep per token (the conditioning frame at 0) and a per-token temb
+    [B, N, 6, D] gathered with the tokens; a sample's region is that of its largest timestep."""
+    model, inputs = _case("wan")
+    diffcr.convert(model, DiffCRConfig(num_regions=4))
+    set_ratios(model, [0.3, 0.5, 0.8, 1.0])
+    diffcr.freeze(model)
+    kw = inputs((100, 900))
+    N = 32
+    t = kw["timestep"][:, None].expand(-1, N).clone()
+    t[:, :16] = 0  # first latent frame: conditioning
+    kw["timestep"] = t
+    seen = []
+    blk = diffcr.routed_blocks(model)[0]
+    blk.register_forward_hook(
+        lambda m, a, k, o: seen.append((a[2] if len(a) > 2 else k["temb"]).shape),
+        with_kwargs=True)
+    with torch.no_grad():
+        out = _run(model, kw)
+    assert torch.isfinite(out).all()
+    assert diffcr.routing_state(model).regions == [0, 3]
+    assert seen and len(seen[0]) == 4 and seen[0][1] == N  # per-token temb reached the block
+
+
+def test_wan_refuses_a_per_token_temb_of_the_wrong_length():
+    model, inputs = _case("wan")
+    diffcr.convert(model, DiffCRConfig(num_regions=1))
+    set_ratios(model, 0.5)
+    diffcr.freeze(model)
+    blk = diffcr.routed_blocks(model)[0]
+    x = torch.randn(2, 32, 24)
+    diffcr.set_timestep(model, [100, 900])
+    rope = model.rope(torch.randn(2, 4, 2, 8, 8))
+    with pytest.raises(ValueError, match="per-token temb has 31 tokens but the block input has 32"):
+        blk(x, torch.randn(2, 5, 24), torch.randn(2, 31, 6, 24), rope)

@@ -1,4 +1,5 @@
 """Converted models inside real diffusers pipelines, assembled from tiny random components."""
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,53 @@ def flux_call(pipe):
     return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, height=16, width=16,
                 num_inference_steps=2, guidance_scale=3.5,
                 generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def wan_pipe():
+    """Wan 2.2 A14B layout: two experts (high noise: transformer, low noise: transformer_2)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    from tiny_models import make
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    sched = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction",
+                                    use_flow_sigmas=True)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sched,
+                       transformer=make("wan"), transformer_2=make("wan", seed=1),
+                       boundary_ratio=0.5)
+
+
+def wan_call(pipe):
+    g = torch.Generator().manual_seed(1)
+    emb, neg = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=16, width=16,
+                num_frames=5, num_inference_steps=2, guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").frames
+
+
+def test_wan22_pipeline_converts_both_experts():
+    pipe = wan_pipe()
+    with torch.no_grad():
+        dense = wan_call(pipe)
+    assert diffcr.convert_pipeline(pipe, DiffCRConfig(gate="sigmoid2x")) == ["transformer",
+                                                                             "transformer_2"]
+    assert diffcr.routing_state(pipe.transformer) is not diffcr.routing_state(pipe.transformer_2)
+    with torch.no_grad():
+        assert np.array_equal(wan_call(pipe), dense)
+    for m in (pipe.transformer, pipe.transformer_2):
+        set_ratios(m, 0.5)
+        diffcr.freeze(m)
+    with torch.no_grad():
+        routed = wan_call(pipe)
+    assert routed.shape == dense.shape and abs(routed - dense).max() > 1e-4
+    # one expert converted by hand, the other by convert_pipeline: warned
+    pipe = wan_pipe()
+    diffcr.convert(pipe.transformer)
+    with pytest.warns(UserWarning, match=r"\['transformer'\] were already converted"):
+        assert diffcr.convert_pipeline(pipe) == ["transformer_2"]
 
 
 @pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call),

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (tests of converted models)")
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel,  # noqa: E402
-                       PixArtTransformer2DModel, SD3Transformer2DModel)
+                       PixArtTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
 
 import diffcr  # noqa: E402
 
@@ -47,6 +47,16 @@ def tiny_flux(layers=2, single_layers=2, seed=0):
         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)).eval()
 
 
+def tiny_wan(layers=2, seed=0):
+    """Wan-style video DiT: 3-D rotary (head dim 12 = 4 + 4 + 4), qk RMS-norm, 2 frames of
+    8x8 latents, patch (1, 2, 2) -> 32 tokens."""
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
 def flux_ids(side=4, text=5):
     """(img_ids [side*side, 3], txt_ids [text, 3]) as the Flux pipelines build them."""
     img = torch.zeros(side * side, 3)
@@ -67,7 +77,8 @@ def _randomise_weights(model, scale=0.1):
 
 
 def make(kind, **kw):
-    factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3, "flux": tiny_flux}[kind]
+    factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3, "flux": tiny_flux,
+               "wan": tiny_wan}[kind]
     return _randomise_weights(factory(**kw))
 
 

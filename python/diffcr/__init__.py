@@ -17,8 +17,8 @@ from diffcr_kernels import available_backends
 from ._version import __version__
 from .config import DiffCRConfig
 from .cpu import prepack_linears, unpack_linears
-from .convert import (compile_model, convert, freeze, is_converted, revert, routed_blocks,
-                      set_timestep, unfreeze)
+from .convert import (compile_model, convert, convert_pipeline, freeze, is_converted, revert,
+                      routed_blocks, set_timestep, unfreeze)
 from .models import ModelFamily, families, family_for, register_family
 from .routing import BlockRouting, RoutingState, routing_state
 from .io import CheckpointError, load, save
@@ -30,7 +30,8 @@ from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ra
 __all__ = [
     "BlockRouting", "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "ModelFamily",
     "Router", "RoutingState", "__version__", "attach_ratio_projection", "available_backends",
-    "compile_model", "convert", "families", "family_for", "format_ratio_table", "freeze",
+    "compile_model", "convert", "convert_pipeline", "families", "family_for",
+    "format_ratio_table", "freeze",
     "is_converted", "load", "mean_kept_ratio", "prepack_linears", "project_ratios", "ratio_loss",
     "ratio_parameters", "ratio_table", "register_family", "revert", "routed_blocks",
     "router_parameters", "routing_state", "save", "set_timestep", "unfreeze", "unpack_linears",

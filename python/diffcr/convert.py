@@ -23,7 +23,8 @@ from .models import ModelFamily, display_name, families, family_for, warn_once
 from .modules import DifferentiableRatio, Router
 from .routing import BlockRouting, RoutingState, base_class, routed_class, routing_state
 
-__all__ = ["convert", "revert", "freeze", "unfreeze", "is_converted", "routed_blocks",
+__all__ = ["convert", "convert_pipeline", "revert", "freeze", "unfreeze", "is_converted",
+           "routed_blocks",
            "set_timestep", "compile_model", "routing_state", "SUPPORTED_MODELS"]
 
 SUPPORTED_MODELS = tuple(c for f in families().values() for c in f.model_classes)
@@ -83,7 +84,7 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
     """Make ``model`` token-routed, in place; returns the same model.
 
     ``model``: a diffusers model of a registered family (:mod:`diffcr.models`,
-    ``diffcr.families()``: PixArt-α/Σ, DiT, SD3/SD3.5, Flux.1). Adds
+    ``diffcr.families()``: PixArt-α/Σ, DiT, SD3/SD3.5, Flux.1, Wan 2.x). Adds
     ``transformer_blocks.{i}.router.weight`` and ``transformer_blocks.{i}.ratio.kept`` per
     routed block; every existing parameter, buffer and state-dict key is unchanged. Refuses
     (``TypeError`` / ``ValueError`` naming the problem, model untouched) unsupported model
@@ -150,6 +151,38 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
     model._diffcr_state = state
     model.register_forward_pre_hook(_capture_timestep, with_kwargs=True)
     return model
+
+
+def convert_pipeline(pipe, config: DiffCRConfig = None) -> List[str]:
+    """Convert every transformer of a diffusers pipeline that a registered family handles, each
+    with its own routers and ratios; returns the component names converted.
+
+    Wan 2.2 A14B pipelines hold two experts (``transformer`` for high noise, ``transformer_2``
+    for low noise): both are converted, and each learns ratios for the regions it serves.
+    Components converted before are left as they are, with a warning when that leaves the
+    experts in different states (one routed, one dense is rarely intended)."""
+    comps = getattr(pipe, "components", None)
+    if not isinstance(comps, dict):
+        raise TypeError(f"convert_pipeline expects a diffusers pipeline, got "
+                        f"{type(pipe).__name__}")
+    names = [n for n, m in comps.items()
+             if isinstance(m, nn.Module) and n.startswith("transformer")]
+    if not names:
+        raise ValueError(f"diffcr: {type(pipe).__name__} has no transformer component")
+    for n in names:
+        family_for(comps[n])  # refuse before anything changes
+    before = [n for n in names if is_converted(comps[n])]
+    done = []
+    for n in names:
+        if n not in before:
+            convert(comps[n], config)
+            done.append(n)
+    if before and done:
+        import warnings
+
+        warnings.warn(f"diffcr: {before} were already converted and kept their own config; "
+                      f"{done} were converted now", stacklevel=2)
+    return done
 
 
 def revert(model: nn.Module) -> nn.Module:

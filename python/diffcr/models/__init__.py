@@ -297,4 +297,4 @@ def warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-from . import pixart, dit, sd3, flux  # noqa: E402,F401  (register the built-in families)
+from . import pixart, dit, sd3, flux, wan  # noqa: E402,F401  (register the built-in families)
