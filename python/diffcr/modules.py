@@ -9,7 +9,14 @@ from torch import nn
 
 import diffcr_kernels as dk
 
-__all__ = ["Router", "DifferentiableRatio", "TwoBinPlan"]
+__all__ = ["Router", "DifferentiableRatio", "TwoBinPlan", "full_tensor"]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor of a DTensor (a parameter sharded by FSDP2 outside
+    its forward), for reading values on the host."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 class Router(nn.Module):
@@ -125,7 +132,7 @@ class DifferentiableRatio(nn.Module):
     def nearest_bins(self) -> List[float]:
         """Per region, the bin nearest to kappa (ties go to the larger kept ratio)."""
         out = []
-        for kap in self.kappa().detach().double().cpu().tolist():
+        for kap in full_tensor(self.kappa().detach()).double().cpu().tolist():
             out.append(min(self.bins, key=lambda b: (abs(b - kap), -b)))
         return out
 

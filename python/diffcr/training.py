@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .convert import routed_blocks
+from .modules import full_tensor
 from .routing import routing_state
 
 __all__ = ["ratio_loss", "mean_kept_ratio", "ratio_table", "format_ratio_table",
@@ -47,18 +48,30 @@ def ratio_loss(model: nn.Module, target: Optional[float] = None,
         raise ValueError(f"target kept ratio must be in (0, 1], got {target}")
     loss = lam * (mean_kept_ratio(model) - target) ** 2
     # Every ratio parameter takes part in the graph (with zero weight where its region was not
-    # used in this batch), so DistributedDataParallel sees no unused parameters.
-    ratios = [p for p in ratio_parameters(model) if p.requires_grad]
+    # used in this batch), so DistributedDataParallel sees no unused parameters. Parameters
+    # sharded by FSDP2 (DTensors outside forward) are left out: FSDP reduces every gradient
+    # anyway, and a DTensor term cannot be added to the loss made from the unsharded values
+    # the forward used.
+    ratios = [p for p in ratio_parameters(model) if p.requires_grad and not _is_dtensor(p)]
     if ratios and torch.is_grad_enabled():
         loss = loss + 0.0 * torch.stack([p.sum() for p in ratios]).sum().to(loss.dtype)
     return loss
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def ratio_table(model: nn.Module) -> Tuple[List[int], torch.Tensor]:
     """(block indices, ``[blocks, regions]`` tensor of learned kept ratios, clamped to the bins)."""
     blocks = routed_blocks(model)
     idx = list(blocks)
-    table = torch.stack([b.ratio.kappa().detach().float().cpu() for b in blocks.values()])
+    table = torch.stack([full_tensor(b.ratio.kappa().detach()).float().cpu()
+                         for b in blocks.values()])
     return idx, table
 
 
