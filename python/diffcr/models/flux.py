@@ -53,7 +53,7 @@ class FluxFamily(JointFamily):
         out = super().gathered_call(block, call, samp, tok)
         rope = call.get("image_rotary_emb")
         if rope is not None:
-            if not bool((tok == tok[:1]).all()):
+            if tok.shape[0] > 1 and not bool((tok == tok[:1]).all()):
                 raise ValueError("diffcr: Flux rotary rows differ between the gathered samples; "
                                  "gather one sample at a time")
             L = call["encoder_hidden_states"].shape[1]
