@@ -2,9 +2,12 @@
 the routing overhead, and the two-bin training step, each against a baseline measured in the
 same run, with the ideal speedup of method §6.
 
-Sizes are real (PixArt-Sigma-XL block: D = 1152, 16 heads x 72, 120 text tokens; DiT-XL/2:
-D = 1152, no cross-attention) with random weights, built on the target device; nothing is
-downloaded.
+Sizes are real, with random weights, built on the target device; nothing is downloaded:
+PixArt-Sigma-XL block (D = 1152, 16 heads x 72, 120 text tokens), DiT-XL/2 (D = 1152, no
+cross-attention), SD3.5-Large joint block (D = 2432, 38 x 64, 333 text tokens), Flux.1
+double-stream block (D = 3072, 24 x 128, 512 text tokens) and Wan 2.1 1.3B block (D = 1536,
+12 x 128, FFN 8960, 512 text tokens). PixArt and DiT run the fused path, the others the compat
+path (the block's own diffusers forward on the gathered tokens).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from ..config import DiffCRConfig
 from ..convert import convert, freeze, routed_blocks, set_timestep
 
 __all__ = ["ideal_block_flops", "ideal_speedup", "BlockBench", "make_block_bench", "time_fn",
-           "time_pairs", "bench_blocks", "bench_overhead", "bench_training"]
+           "time_pairs", "bench_blocks", "bench_overhead", "bench_training", "KINDS"]
 
 XL = dict(num_attention_heads=16, attention_head_dim=72)
 TEXT_TOKENS = 120
@@ -81,16 +84,39 @@ class BlockBench:
     """A dense block and a converted copy of it (same weights) with their inputs."""
 
     kind: str
-    model: torch.nn.Module      # one-block model, converted
+    model: torch.nn.Module      # the model holding the benchmarked block, converted
     dense: torch.nn.Module      # the unconverted block
     inputs: Dict[str, torch.Tensor]
     N: int
     D: int
     text: int
+    #: FLOPs of the block with n routed tokens (None: method §6's PixArt/DiT formula)
+    cost: Optional[Callable[[float], float]] = None
+    #: the FLOPs the two bins of a training pass share (counted once)
+    shared_cost: Optional[float] = None
 
     @property
     def block(self):
-        return self.model.transformer_blocks[0]
+        return routed_blocks(self.model)[0]
+
+    def flops(self, n: float) -> float:
+        return self.cost(n) if self.cost is not None else ideal_block_flops(n, self.D, self.text)
+
+    def ideal(self, kappa: float, two_bin: Optional[tuple] = None) -> float:
+        """Dense cost over routed cost (two_bin: both branches, the shared part once)."""
+        if self.cost is None:
+            return ideal_speedup(kappa, self.N, self.D, self.text, two_bin)
+        dense = self.flops(self.N)
+        if two_bin is None:
+            return dense / self.flops(kappa * self.N)
+        ka, kb = two_bin
+        return dense / (self.flops(ka * self.N) + self.flops(kb * self.N) - self.shared_cost)
+
+    @staticmethod
+    def loss_of(out) -> torch.Tensor:
+        """A scalar of a block output (image and, for joint blocks, text stream)."""
+        parts = out if isinstance(out, tuple) else (out,)
+        return sum(p.float().square().mean() for p in parts if p is not None)
 
     def set_kappa(self, kappa: float) -> None:
         from ..convert import unfreeze
@@ -113,6 +139,8 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
     """A one-block PixArt-Sigma-XL or DiT-XL/2 model with N image tokens, batch B."""
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
+    if kind in JOINT_KINDS:
+        return _make_joint_bench(kind, N, B, torch.device(device), dtype, seed)
     device = torch.device(device)
     side = int(round(N ** 0.5))
     if side * side != N:
@@ -130,7 +158,7 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
                                           sample_size=2 * side, patch_size=2,
                                           num_embeds_ada_norm=1000)
         else:
-            raise ValueError(f"kind must be 'pixart' or 'dit', got {kind!r}")
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if dtype != torch.float32:
         model = model.to(dtype)
     model = model.eval().requires_grad_(False)
@@ -157,6 +185,118 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
     convert(model, DiffCRConfig(num_regions=1, param_dtype="float32"))
     set_timestep(model, [500.0] * B)
     return BlockBench(kind, model, dense, inputs, N, D, text)
+
+
+# real block sizes of the compat-path families (random weights, nothing downloaded)
+SD35_LARGE = dict(D=2432, heads=38, head_dim=64, text=333)
+FLUX1 = dict(D=3072, heads=24, head_dim=128, text=512)
+WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
+JOINT_KINDS = ("sd3", "flux", "wan")
+KINDS = ("pixart", "dit") + JOINT_KINDS
+DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
+                "dit": "DiT-XL/2 block (D=1152, 16x72)",
+                "sd3": "SD3.5-Large joint block (D=2432, 38x64, 333 text tokens; compat path)",
+                "flux": "Flux.1 double-stream block (D=3072, 24x128, 512 text tokens; compat "
+                        "path)",
+                "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens; compat "
+                       "path)"}
+
+
+def _joint_cost(D, L):
+    """MMDiT block (SD3 joint block, Flux double block): 24 D^2 per token of either stream
+    (q, k, v, out and a 4x MLP), the text stream fixed, joint attention over [text; image]."""
+    def cost(n):
+        return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
+    return cost, 24 * D * D * L
+
+
+def _wan_cost(D, L, F):
+    """Wan block: per video token self-attention projections (4 D^2), cross-attention q and
+    out (2 D^2), FFN (2 D F); the text K/V projections are fixed; self-attention over the
+    kept tokens, cross-attention of each kept token over the text."""
+    def cost(n):
+        return 2 * n * (6 * D * D + 2 * D * F) + 4 * L * D * D + 4 * n * n * D + 4 * n * L * D
+    return cost, 4 * L * D * D
+
+
+def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
+    """One real-size block of SD3.5-Large, Flux.1 (double-stream) or Wan 2.1 1.3B with N image
+    (video) tokens, batch B, and its per-call inputs (text stream, temb, rotary)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    with torch.device(device):
+        if kind == "sd3":
+            c = SD35_LARGE
+            side = int(round(N ** 0.5))
+            if side * side != N:
+                raise ValueError(f"N must be a square number of tokens, got {N}")
+            # two blocks: the last one is context_pre_only, the first is the common kind
+            model = SD3Transformer2DModel(
+                sample_size=2 * side, patch_size=2, in_channels=16, num_layers=2,
+                attention_head_dim=c["head_dim"], num_attention_heads=c["heads"],
+                joint_attention_dim=c["D"], caption_projection_dim=c["D"],
+                pooled_projection_dim=64, out_channels=16, pos_embed_max_size=2 * side)
+            D, L = c["D"], c["text"]
+            inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
+                          temb=rnd(B, D, scale=0.1))
+            cost, shared = _joint_cost(D, L)
+            blocks_attr = "transformer_blocks"
+        elif kind == "flux":
+            c = FLUX1
+            side = int(round(N ** 0.5))
+            if side * side != N:
+                raise ValueError(f"N must be a square number of tokens, got {N}")
+            model = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                attention_head_dim=c["head_dim"], num_attention_heads=c["heads"],
+                joint_attention_dim=64, pooled_projection_dim=64,
+                axes_dims_rope=(16, 56, 56))
+            D, L = c["D"], c["text"]
+            img = torch.zeros(N, 3)
+            img[:, 1] = torch.arange(N) // side
+            img[:, 2] = torch.arange(N) % side
+            rope = model.pos_embed(torch.cat([torch.zeros(L, 3), img]))
+            inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
+                          temb=rnd(B, D, scale=0.1),
+                          image_rotary_emb=tuple(r.to(dtype) for r in rope))
+            cost, shared = _joint_cost(D, L)
+            blocks_attr = "transformer_blocks"
+        elif kind == "wan":
+            c = WAN_1_3B
+            frames = 4
+            side = int(round((N / frames) ** 0.5))
+            if frames * side * side != N:
+                raise ValueError(f"N must be 4 frames of a square, got {N}")
+            model = WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=c["heads"],
+                attention_head_dim=c["head_dim"], in_channels=16, out_channels=16,
+                text_dim=64, freq_dim=256, ffn_dim=c["ffn"], num_layers=1, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+            D, L = c["D"], c["text"]
+            rope = model.rope(torch.zeros(B, 16, frames, 2 * side, 2 * side))
+            inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
+                          temb=rnd(B, 6, D, scale=0.1),
+                          rotary_emb=tuple(r.to(dtype) for r in rope))
+            cost, shared = _wan_cost(D, L, c["ffn"])
+            blocks_attr = "blocks"
+        else:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    model = model.to(dtype).eval().requires_grad_(False)
+    blk = getattr(model, blocks_attr)[0]
+    with torch.no_grad():  # diffusers zero-inits some gates; give every weight a real value
+        for p in blk.parameters():
+            if p.dim() >= 1 and p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    dense = copy.deepcopy(blk)
+    convert(model, DiffCRConfig(num_regions=1, param_dtype="float32", routed_blocks=[0]))
+    set_timestep(model, [500.0] * B)
+    return BlockBench(kind, model, dense, inputs, N, D, L, cost=cost, shared_cost=shared)
 
 
 def time_pairs(fns: Dict[str, Callable], device, rounds: int = 5, warmup: int = 1
@@ -223,6 +363,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
     dev = torch.device(device)
     packed = _resolve_prepack(prepack, dev)
     bb = make_block_bench(kind, N, B, device, dtype)
+    naive = naive and kind not in JOINT_KINDS  # the control is the PixArt/DiT block's
     if packed:
         from ..cpu import prepack_linears
 
@@ -238,7 +379,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
             if naive:
                 fns["naive"] = _naive_fn(bb, k)
             ts = time_pairs(fns, dev, rounds)
-            ideal = ideal_speedup(k / N, N, bb.D, bb.text)
+            ideal = bb.ideal(k / N)
             med = {n: statistics.median(v) for n, v in ts.items()}
             speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
             row = dict(kind=kind, N=N, B=B, kappa=kappa, k=k, dense_ms=med["dense"] * 1e3,
@@ -310,8 +451,7 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     def step(mod):
         def f():
             torch.manual_seed(0)
-            out = mod(**inputs)
-            out.float().square().mean().backward()
+            BlockBench.loss_of(mod(**inputs)).backward()
         return f
 
     ts = time_pairs({"dense": step(bb.dense), "routed": step(bb.block)}, dev, rounds)
@@ -320,7 +460,7 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
     plan = bb.block.ratio.two_bin([0], N)
     ka, kb = (v / N for v in plan.k[0])
-    ideal = ideal_speedup(kappa, N, bb.D, bb.text, two_bin=(ka, kb))
+    ideal = bb.ideal(kappa, two_bin=(ka, kb))
     return dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
                 routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
                 fraction_of_ideal=speedup / ideal)

@@ -100,10 +100,12 @@ def _bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("diffcr bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    side = int(round(args.tokens ** 0.5))
-    if side * side != args.tokens:
-        print(f"diffcr bench: --tokens must be a square number, got {args.tokens}",
-              file=sys.stderr)
+    per_frame = args.tokens / 4 if args.model == "wan" else args.tokens  # wan: 4 latent frames
+    side = int(round(per_frame ** 0.5))
+    if side * side != per_frame:
+        what = "4 times a square number (4 latent frames)" if args.model == "wan" else \
+            "a square number"
+        print(f"diffcr bench: --tokens must be {what}, got {args.tokens}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -120,7 +122,7 @@ def _bench(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    print(f"diffcr bench: {args.model} block (D=1152, 16x72), N={args.tokens}, B={args.batch}, "
+    print(f"diffcr bench: {bench.DESCRIPTIONS[args.model]}, N={args.tokens}, B={args.batch}, "
           f"{args.dtype}, {out['device']}" + (f", {args.threads} thread(s)"
                                               if args.device == "cpu" else ""))
     blocks = out["blocks"]
@@ -386,8 +388,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_g.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance")
     p_g.add_argument("--seed", type=int, default=0)
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
-    p_b.add_argument("--model", choices=("pixart", "dit"), default="pixart",
-                     help="block kind: PixArt-Sigma-XL (cross-attention) or DiT-XL/2")
+    p_b.add_argument("--model", choices=("pixart", "dit", "sd3", "flux", "wan"),
+                     default="pixart",
+                     help="block kind: PixArt-Sigma-XL, DiT-XL/2, SD3.5-Large, Flux.1 (double "
+                          "stream) or Wan 2.1 1.3B (default pixart)")
     p_b.add_argument("--tokens", type=int, default=None,
                      help="image tokens N (a square; default 1024 on CPU, 4096 on GPU)")
     p_b.add_argument("--batch", type=int, default=None, help="batch (default 1 CPU, 8 GPU)")

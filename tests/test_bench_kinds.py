@@ -1,0 +1,26 @@
+"""The block benchmarks of the compat-path families build real-size blocks (SD3.5-Large,
+Flux.1, Wan 2.1 1.3B) and measure them: checked here at a few tokens (the numbers themselves
+belong to benchmarks/results, not to tests)."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffcr.app import bench  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,N", [("sd3", 16), ("flux", 16), ("wan", 16)])
+def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
+    torch.set_num_threads(1)
+    bb = bench.make_block_bench(kind, N, 1, "cpu", torch.float32)
+    assert bb.ideal(1.0) == pytest.approx(1.0)
+    assert 1.0 < bb.ideal(0.5) < 2.0  # the text stream and text projections are not routed
+    bb.set_kappa(0.5)
+    with torch.no_grad():
+        dense, routed = bb.run_dense(), bb.run_routed()
+    img = (lambda o: o[1] if isinstance(o, tuple) else o)
+    x = bb.inputs["hidden_states"]
+    changed = (img(routed) != x).any(-1).sum().item()
+    assert changed == bench.dk.kept_count(0.5, N)
+    assert img(dense).shape == img(routed).shape
+    row = bench.bench_blocks(kind, N, 1, kappas=(0.5,), rounds=1, prepack=False)[0]
+    assert row["k"] == N // 2 and row["fraction_of_ideal"] > 0 and "naive_ms" not in row
