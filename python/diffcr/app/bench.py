@@ -204,10 +204,12 @@ DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens
 
 def _joint_cost(D, L):
     """MMDiT block (SD3 joint block, Flux double block): 24 D^2 per token of either stream
-    (q, k, v, out and a 4x MLP), the text stream fixed, joint attention over [text; image]."""
+    (q, k, v, out and a 4x MLP), the text stream fixed, joint attention over [text; image].
+    Shared by the two bins of a training pass: only the text q/k/v projections (6 D^2 L); the
+    text stream after attention depends on the kept image tokens, so each bin pays for it."""
     def cost(n):
         return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
-    return cost, 24 * D * D * L
+    return cost, 6 * D * D * L
 
 
 def _wan_cost(D, L, F):
