@@ -221,6 +221,13 @@ def _wan_cost(D, L, F):
     return cost, 4 * L * D * D
 
 
+def _square_side(N: int) -> int:
+    side = int(round(N ** 0.5))
+    if side * side != N:
+        raise ValueError(f"N must be a square number of tokens, got {N}")
+    return side
+
+
 def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
     """One real-size block of SD3.5-Large, Flux.1 (double-stream) or Wan 2.1 1.3B with N image
     (video) tokens, batch B, and its per-call inputs (text stream, temb, rotary)."""
@@ -235,9 +242,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
     with torch.device(device):
         if kind == "sd3":
             c = SD35_LARGE
-            side = int(round(N ** 0.5))
-            if side * side != N:
-                raise ValueError(f"N must be a square number of tokens, got {N}")
+            side = _square_side(N)
             # two blocks: the last one is context_pre_only, the first is the common kind
             model = SD3Transformer2DModel(
                 sample_size=2 * side, patch_size=2, in_channels=16, num_layers=2,
@@ -251,9 +256,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             blocks_attr = "transformer_blocks"
         elif kind == "flux":
             c = FLUX1
-            side = int(round(N ** 0.5))
-            if side * side != N:
-                raise ValueError(f"N must be a square number of tokens, got {N}")
+            side = _square_side(N)
             model = FluxTransformer2DModel(
                 patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                 attention_head_dim=c["head_dim"], num_attention_heads=c["heads"],

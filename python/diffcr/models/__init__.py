@@ -76,6 +76,9 @@ class ModelFamily:
             raise TypeError(f"diffcr: {name} is a {type(block).__name__}, not one of "
                             f"{[c.__name__ for c in self.block_classes()]}; it cannot be "
                             "routed")
+        if getattr(block, "_chunk_size", None) is not None:
+            raise ValueError(f"diffcr: {name} uses feed-forward chunking; call "
+                             "model.disable_forward_chunking() before converting")
 
     def hidden_size(self, block: nn.Module) -> int:
         raise NotImplementedError

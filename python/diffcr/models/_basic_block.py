@@ -342,9 +342,6 @@ class BasicBlockFamily(ModelFamily):
         if block.norm_type not in SUPPORTED_NORMS:
             raise TypeError(f"diffcr: {name} uses norm_type {block.norm_type!r}; supported: "
                             f"{SUPPORTED_NORMS}")
-        if getattr(block, "_chunk_size", None) is not None:
-            raise ValueError(f"diffcr: {name} uses feed-forward chunking; call "
-                             "model.disable_forward_chunking() before converting")
 
     def hidden_size(self, block):
         return block.attn1.to_q.in_features

@@ -21,12 +21,6 @@ from ._basic_block import packed_rows, segment_groups
 class JointFamily(ModelFamily):
     """Base of the joint-attention families (compat path; no fused forward yet)."""
 
-    def check_block(self, name, block):
-        super().check_block(name, block)
-        if getattr(block, "_chunk_size", None) is not None:
-            raise ValueError(f"diffcr: {name} uses feed-forward chunking; call "
-                             "model.disable_forward_chunking() before converting")
-
     def hidden_size(self, block):
         return block.attn.to_q.in_features
 
