@@ -20,7 +20,8 @@
 #   3. compute-sanitizer memcheck over every CUDA op with torch's caching allocator off (no
 #      racecheck: it only sees shared memory, which these kernels do not use). A refusal of the
 #      sanitizer on this machine is recorded, not counted as a failure;
-#   4. `diffcr bench` (block: dense vs routed vs naive; N = 4096 B = 8, N = 1024 B = 1);
+#   4. `diffcr bench` (block: dense vs routed vs naive; N = 4096 B = 8, N = 1024 B = 1), then
+#      the compat-path families' blocks (SD3.5-L, Flux.1, Wan 1.3B; N = 4096, B = 1);
 #   5. the benchmark suites (pytest-benchmark JSON) and their table.
 # Results go under $OUT step by step (the device tool sets OUT; default
 # benchmarks/results/<date>-<gpu>/): steps.tsv, one log per step, summary.md. On the deadline
@@ -236,6 +237,8 @@ if command -v compute-sanitizer > /dev/null 2>&1 || [ "$DRY" = 1 ]; then
 fi
 run_step bench_b8 120 "cd /tmp && $PY -m diffcr bench --rounds 10 --json > '$OUT/diffcr_bench_b8.json'"
 run_step bench_b1 60 "cd /tmp && $PY -m diffcr bench --tokens 1024 --batch 1 --rounds 20 --json > '$OUT/diffcr_bench_b1.json'"
+# the compat-path families (SD3.5-L joint, Flux.1 double, Wan 1.3B blocks), N = 4096, B = 1
+run_step bench_families 90 "cd /tmp && for m in sd3 flux wan; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done"
 SEL=""
 [ "$MODE" = quick ] && SEL="-k kernels"
 run_step suites 300 "$PY -P -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider $SEL --benchmark-json '$OUT/bench.json'"

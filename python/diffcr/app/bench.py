@@ -269,7 +269,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             rope = model.pos_embed(torch.cat([torch.zeros(L, 3), img]))
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
                           temb=rnd(B, D, scale=0.1),
-                          image_rotary_emb=tuple(r.to(dtype) for r in rope))
+                          image_rotary_emb=rope)  # as the model makes it (float32)
             cost, shared = _joint_cost(D, L)
             blocks_attr = "transformer_blocks"
         elif kind == "wan":
@@ -287,7 +287,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             rope = model.rope(torch.zeros(B, 16, frames, 2 * side, 2 * side))
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
                           temb=rnd(B, 6, D, scale=0.1),
-                          rotary_emb=tuple(r.to(dtype) for r in rope))
+                          rotary_emb=rope)
             cost, shared = _wan_cost(D, L, c["ffn"])
             blocks_attr = "blocks"
         else:
