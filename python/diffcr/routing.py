@@ -215,14 +215,24 @@ class BlockRouting:
 
 def _inner_hooks(block: nn.Module):
     """``[(module name, hook name, stateful)]`` of the diffusers hooks on the modules inside
-    ``block`` (attention-level caches, layerwise casting of the linears, ...)."""
+    ``block`` (attention-level caches, layerwise casting of the linears, ...).
+
+    Runs on every routed block call, so it walks ``_modules`` directly and builds a name only
+    for a module that carries a registry (``named_modules`` costs about 3x as much here:
+    ~30 us per PixArt-XL block)."""
     out = []
-    for name, m in block.named_modules():
-        reg = m.__dict__.get("_diffusers_hook")
-        if reg is None or not name:
-            continue
-        for hname, hook in reg.hooks.items():
-            out.append((name, hname, bool(getattr(hook, "_is_stateful", False))))
+    stack = [("", block)]
+    while stack:
+        prefix, mod = stack.pop()
+        for key, child in mod._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            reg = child.__dict__.get("_diffusers_hook")
+            if reg is not None:
+                for hname, hook in reg.hooks.items():
+                    out.append((name, hname, bool(getattr(hook, "_is_stateful", False))))
+            stack.append((name, child))
     return out
 
 
