@@ -8,7 +8,8 @@ pytest.importorskip("diffusers")
 from diffcr.app import bench  # noqa: E402
 
 
-@pytest.mark.parametrize("kind,N", [("sd3", 16), ("flux", 16), ("wan", 16)])
+@pytest.mark.parametrize("kind,N", [("sd3", 16), ("flux", 16), ("flux-single", 16),
+                                    ("wan", 16), ("qwenimage", 16)])
 def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     torch.set_num_threads(1)
     bb = bench.make_block_bench(kind, N, 1, "cpu", torch.float32)
@@ -24,3 +25,9 @@ def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     assert img(dense).shape == img(routed).shape
     row = bench.bench_blocks(kind, N, 1, kappas=(0.5,), rounds=1, prepack=False)[0]
     assert row["k"] == N // 2 and row["fraction_of_ideal"] > 0 and "naive_ms" not in row
+
+
+def test_cli_bench_choices_are_the_bench_kinds():
+    from diffcr.app import cli
+
+    assert cli.BENCH_KINDS == bench.KINDS

@@ -17,7 +17,7 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import make, set_ratios
+from tiny_models import make, qwenimage_inputs, set_ratios
 
 
 def _pixart_inputs(t):
@@ -67,6 +67,8 @@ FAMILY_CASES = {
     "sd3": (lambda: make("sd3"), _sd3_inputs),
     "flux": (lambda: make("flux"), _flux_inputs),
     "wan": (lambda: make("wan"), _wan_inputs),
+    "qwenimage": (lambda: make("qwenimage"),
+                  lambda t: qwenimage_inputs([v / 1000 for v in t])),  # as the pipeline
 }
 
 FAMILIES = sorted(diffcr.families())
@@ -156,12 +158,55 @@ def test_routed_blocks_change_exactly_k_tokens_computed_by_the_block_itself(fami
     """Frozen, kappa = 0.5: every routed block changes exactly k image tokens per sample, and
     those rows (and any text output) are what the unconverted block computes when it is
     called on the gathered tokens alone."""
+    model, inputs = _case(family)
+    _check_exactly_k_tokens_by_the_block_itself(model, inputs((100, 900)))
+
+
+def _gathered_by_hand(family, block, call, s, pos):
+    """The unconverted block's arguments for sample ``s``'s kept positions ``pos`` ``[k]``,
+    written out per family: the spec that each family's ``gathered_call`` is checked against
+    (the routed path runs through ``gathered_call``, so it cannot be its own reference)."""
+    x = call["hidden_states"]
+    B, N = x.shape[:2]
+    out = {name: v[s:s + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == B else v
+           for name, v in call.items()}
+    out["hidden_states"] = x[s:s + 1, pos]
+    if family == "flux":  # rotary table [text; image] rows, no batch dim
+        L = call["encoder_hidden_states"].shape[1]
+        rows = torch.cat([torch.arange(L), L + pos])
+        out["image_rotary_emb"] = tuple(r[rows] for r in call["image_rotary_emb"])
+    elif family == "wan":  # rotary [1, N, 1, hd] (0.36+) or [1, 1, N, hd / 2] complex (0.35)
+        rope = call["rotary_emb"]
+        pick = (lambda r: r[:, pos]) if rope[0].shape[1] == N else (lambda r: r[:, :, pos])
+        out["rotary_emb"] = tuple(map(pick, rope)) if isinstance(rope, tuple) else pick(rope)
+        if call["temb"].dim() == 4:  # Wan 2.2 TI2V: per-token [B, N, 6, D]
+            out["temb"] = call["temb"][s:s + 1, pos]
+    elif family == "qwenimage":  # image rotary [N, hd / 2] without batch dim; text unchanged
+        img, txt = call["image_rotary_emb"]
+        out["image_rotary_emb"] = (img[pos], txt)
+        if torch.is_tensor(call.get("modulate_index")):  # edit models: [B, N], temb [2B, D]
+            out["modulate_index"] = call["modulate_index"][s:s + 1, pos]
+            out["temb"] = call["temb"][[s, B + s]]
+    return out
+
+
+def _rank_without_gating(model):
+    """Router weights ~1e-7: the zero init ties every score and keeps the first k positions,
+    which would hide a wrong gather of per-token inputs (rotary rows, modulation); weights this
+    small rank the tokens while the ``sigmoid2x`` gate stays 1 to within ~1e-6."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for b in diffcr.routed_blocks(model).values():
+            b.router.weight.copy_(1e-7 * torch.randn(b.router.weight.shape, generator=g))
+
+
+def _check_exactly_k_tokens_by_the_block_itself(model, kw):
     import diffcr_kernels as dk
 
-    model, inputs = _case(family)
     ref = copy.deepcopy(model)
     fam = diffcr.family_for(model)
-    diffcr.convert(model, DiffCRConfig(gate="sigmoid2x", num_regions=1))  # fresh routers
+    diffcr.convert(model, DiffCRConfig(gate="sigmoid2x", num_regions=1))
+    _rank_without_gating(model)
     set_ratios(model, 0.5)
     diffcr.freeze(model)
     calls = []
@@ -170,7 +215,7 @@ def test_routed_blocks_change_exactly_k_tokens_computed_by_the_block_itself(fami
             lambda mod, args, kwargs, out, i=i: calls.append((i, args, kwargs, out)),
             with_kwargs=True)
     with torch.no_grad():
-        _run(model, inputs((100, 900)))
+        _run(model, kw)
     assert sorted({c[0] for c in calls}) == sorted(diffcr.routed_blocks(model))
     ref_blocks = dict(fam.blocks(ref))
     for i, args, kwargs, out in calls:
@@ -180,11 +225,12 @@ def test_routed_blocks_change_exactly_k_tokens_computed_by_the_block_itself(fami
         changed = (fam.hidden_states_of(out) != x).any(-1)  # [B, N]
         assert changed.sum(-1).tolist() == [k] * B, (i, changed.sum(-1).tolist())
         pos = changed.nonzero()[:, 1].view(B, k)
+        assert not bool((pos == torch.arange(k)).all()), "the test must not keep the first k"
         routed_block = diffcr.routed_blocks(model)[i]
         block = ref_blocks[diffcr.routing_state(model).blocks[i].name]
         call = fam.bind(routed_block, args, kwargs)
         for s in range(B):  # the unconverted block on [its inputs; sample s's kept tokens]
-            gcall = fam.gathered_call(block, call, torch.tensor([s]), pos[s:s + 1])
+            gcall = _gathered_by_hand(fam.name, block, call, s, pos[s])
             with torch.no_grad():
                 want = block(**gcall)
             got = fam.hidden_states_of(out)[s, pos[s]]
@@ -192,6 +238,63 @@ def test_routed_blocks_change_exactly_k_tokens_computed_by_the_block_itself(fami
                                        atol=1e-5)
             if isinstance(out, tuple) and out[0] is not None:  # a text stream
                 torch.testing.assert_close(out[0][s], want[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_qwenimage_edit_model_gathers_modulate_index_and_both_temb_halves():
+    """Qwen-Image edit models (``zero_cond_t``): condition-image tokens appended, a per-token
+    ``modulate_index`` and a doubled ``temb``; sample 1's text is padded (mask 0)."""
+    import inspect
+
+    from tiny_models import _randomise_weights, tiny_qwenimage
+
+    from diffusers import QwenImageTransformer2DModel
+
+    if "zero_cond_t" not in inspect.signature(QwenImageTransformer2DModel).parameters:
+        pytest.skip("this diffusers has no Qwen-Image zero_cond_t (added in 0.36)")
+    model = _randomise_weights(tiny_qwenimage(zero_cond_t=True))
+    kw = qwenimage_inputs([0.1, 0.9], images=2)
+    kw["encoder_hidden_states_mask"][1, 3:] = 0
+    ref_block = copy.deepcopy(model.transformer_blocks[1])
+    _check_exactly_k_tokens_by_the_block_itself(copy.deepcopy(model), kw)
+
+    # the gathering itself, written out by hand against the family's
+    diffcr.convert(model, DiffCRConfig(gate="sigmoid2x", num_regions=1))
+    _rank_without_gating(model)
+    set_ratios(model, 0.5)
+    diffcr.freeze(model)
+    seen = []
+    model.transformer_blocks[1].register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append((kwargs, out)), with_kwargs=True)
+    with torch.no_grad():
+        _run(model, kw)
+    (call, out), = seen
+    x, (img_rope, txt_rope) = call["hidden_states"], call["image_rotary_emb"]
+    B, N = x.shape[:2]
+    assert call["temb"].shape[0] == 2 * B and call["modulate_index"].shape == (B, N)
+    assert call["modulate_index"].unique().tolist() == [0, 1]
+    for s in range(B):
+        pos = (out[1][s] != x[s]).any(-1).nonzero()[:, 0]
+        with torch.no_grad():
+            want_ctx, want = ref_block(
+                hidden_states=x[s:s + 1, pos],
+                encoder_hidden_states=call["encoder_hidden_states"][s:s + 1],
+                encoder_hidden_states_mask=call["encoder_hidden_states_mask"][s:s + 1],
+                temb=call["temb"][[s, B + s]], image_rotary_emb=(img_rope[pos], txt_rope),
+                modulate_index=call["modulate_index"][s:s + 1, pos])
+        torch.testing.assert_close(out[1][s, pos], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0][s], want_ctx[0], rtol=1e-5, atol=1e-5)
+        assert call["modulate_index"][s, pos].unique().tolist() == [0, 1]  # both kinds kept
+
+
+def test_qwenimage_refuses_a_modulate_index_of_the_wrong_length():
+    model = make("qwenimage")
+    fam = diffcr.family_for(model)
+    block = model.transformer_blocks[0]
+    call = dict(hidden_states=torch.zeros(1, 16, 32), temb=torch.zeros(1, 32),
+                modulate_index=torch.zeros(1, 12, dtype=torch.int))
+    with pytest.raises(ValueError, match="modulate_index has 12 tokens but the block input "
+                       "has 16"):
+        fam.gathered_call(block, call, torch.tensor([0]), torch.arange(4)[None])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -277,7 +380,9 @@ def test_unknown_model_names_the_supported_classes():
                                         r"DiTTransformer2DModel \(dit\), "
                                         r"SD3Transformer2DModel \(sd3\), "
                                         r"FluxTransformer2DModel \(flux\), "
-                                        r"WanTransformer3DModel \(wan\); got Linear"):
+                                        r"WanTransformer3DModel \(wan\), "
+                                        r"QwenImageTransformer2DModel \(qwenimage\); "
+                                        r"got Linear"):
         diffcr.convert(torch.nn.Linear(2, 2))
 
 

@@ -131,6 +131,32 @@ def wan_call(pipe):
                 generator=torch.Generator().manual_seed(0), output_type="np").frames
 
 
+def qwenimage_pipe():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    from tiny_models import make
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    # prompt embeddings are passed in: no Qwen2.5-VL text encoder (its tokenizer would need a
+    # download)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                             text_encoder=None, tokenizer=None, transformer=make("qwenimage"))
+
+
+def qwenimage_call(pipe):
+    g = torch.Generator().manual_seed(1)
+    emb, neg = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    # 64 x 64 pixels -> 8 x 8 latents -> 16 packed image tokens
+    return pipe(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+                negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, height=64, width=64,
+                num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
 def test_wan22_pipeline_converts_both_experts():
     pipe = wan_pipe()
     with torch.no_grad():
@@ -154,9 +180,10 @@ def test_wan22_pipeline_converts_both_experts():
 
 
 @pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call),
-                                            (sd3_pipe, sd3_call), (flux_pipe, flux_call)],
+                                            (sd3_pipe, sd3_call), (flux_pipe, flux_call),
+                                            (qwenimage_pipe, qwenimage_call)],
                          ids=["DiTPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline",
-                              "FluxPipeline"])
+                              "FluxPipeline", "QwenImagePipeline"])
 def test_pipeline_identity_at_init_and_routed_run(make_pipe, call):
     pipe = make_pipe()
     with torch.no_grad():

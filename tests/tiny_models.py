@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (tests of converted models)")
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel,  # noqa: E402
-                       PixArtTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
+                       PixArtTransformer2DModel, QwenImageTransformer2DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel)
 
 import diffcr  # noqa: E402
 
@@ -57,6 +58,34 @@ def tiny_wan(layers=2, seed=0):
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
 
 
+def tiny_qwenimage(layers=2, seed=0, zero_cond_t=False):
+    """Qwen-Image-style double-stream model: packed 2x2 latents of 4 channels (in_channels 16),
+    2-D rotary over (frame, height, width) = 4 + 6 + 6 = head dim 16. ``zero_cond_t``: the
+    edit models' per-token modulation (needs diffusers >= 0.36)."""
+    torch.manual_seed(seed)
+    kw = dict(zero_cond_t=True) if zero_cond_t else {}
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), **kw).eval()
+
+
+def qwenimage_inputs(t, images=1, side=4, text=5, seed=0):
+    """Inputs of the tiny Qwen-Image model for timesteps ``t`` (already / 1000, as the
+    pipelines pass them); ``images`` > 1: condition images appended (edit models)."""
+    import inspect
+
+    g = torch.Generator().manual_seed(seed)
+    B = len(t)
+    kw = dict(hidden_states=torch.randn(B, images * side * side, 16, generator=g),
+              encoder_hidden_states=torch.randn(B, text, 32, generator=g),
+              encoder_hidden_states_mask=torch.ones(B, text, dtype=torch.long),
+              timestep=torch.tensor(t, dtype=torch.float32),
+              img_shapes=[[(1, side, side)] * images] * B)
+    if "txt_seq_lens" in inspect.signature(QwenImageTransformer2DModel.forward).parameters:
+        kw["txt_seq_lens"] = [text] * B  # diffusers < 0.36
+    return kw
+
+
 def flux_ids(side=4, text=5):
     """(img_ids [side*side, 3], txt_ids [text, 3]) as the Flux pipelines build them."""
     img = torch.zeros(side * side, 3)
@@ -78,7 +107,7 @@ def _randomise_weights(model, scale=0.1):
 
 def make(kind, **kw):
     factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3, "flux": tiny_flux,
-               "wan": tiny_wan}[kind]
+               "wan": tiny_wan, "qwenimage": tiny_qwenimage}[kind]
     return _randomise_weights(factory(**kw))
 
 

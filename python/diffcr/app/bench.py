@@ -97,7 +97,7 @@ class BlockBench:
 
     @property
     def block(self):
-        return routed_blocks(self.model)[0]
+        return next(iter(routed_blocks(self.model).values()))
 
     def flops(self, n: float) -> float:
         return self.cost(n) if self.cost is not None else ideal_block_flops(n, self.D, self.text)
@@ -191,13 +191,18 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
 SD35_LARGE = dict(D=2432, heads=38, head_dim=64, text=333)
 FLUX1 = dict(D=3072, heads=24, head_dim=128, text=512)
 WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
-JOINT_KINDS = ("sd3", "flux", "wan")
+QWEN_IMAGE = dict(D=3072, heads=24, head_dim=128, text=256)
+JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "qwenimage")
 KINDS = ("pixart", "dit") + JOINT_KINDS
 DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
                 "dit": "DiT-XL/2 block (D=1152, 16x72)",
                 "sd3": "SD3.5-Large joint block (D=2432, 38x64, 333 text tokens; compat path)",
                 "flux": "Flux.1 double-stream block (D=3072, 24x128, 512 text tokens; compat "
                         "path)",
+                "flux-single": "Flux.1 single-stream block (D=3072, 24x128, 512 text tokens; "
+                               "compat path)",
+                "qwenimage": "Qwen-Image double-stream block (D=3072, 24x128, 256 text tokens; "
+                             "compat path)",
                 "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens; compat "
                        "path)"}
 
@@ -210,6 +215,16 @@ def _joint_cost(D, L):
     def cost(n):
         return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
     return cost, 6 * D * D * L
+
+
+def _flux_single_cost(D, L):
+    """Flux single-stream block: per token of [text; image] q, k, v (3 D^2), the MLP input
+    projection (4 D^2) and the fused output projection (5 D^2): 24 D^2 flops, attention over
+    [text; image]. Shared by two bins: the text rows' q/k/v and MLP input projections
+    (14 D^2 L); their output projection sees the attention output, which depends on the bin."""
+    def cost(n):
+        return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
+    return cost, 14 * D * D * L
 
 
 def _wan_cost(D, L, F):
@@ -253,8 +268,8 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
                           temb=rnd(B, D, scale=0.1))
             cost, shared = _joint_cost(D, L)
-            blocks_attr = "transformer_blocks"
-        elif kind == "flux":
+            blocks_attr, routed = "transformer_blocks", 0
+        elif kind in ("flux", "flux-single"):
             c = FLUX1
             side = _square_side(N)
             model = FluxTransformer2DModel(
@@ -270,8 +285,31 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
                           temb=rnd(B, D, scale=0.1),
                           image_rotary_emb=rope)  # as the model makes it (float32)
+            if kind == "flux":
+                cost, shared = _joint_cost(D, L)
+                blocks_attr, routed = "transformer_blocks", 0
+            else:  # the routed-block numbering runs through both lists, double blocks first
+                cost, shared = _flux_single_cost(D, L)
+                blocks_attr, routed = "single_transformer_blocks", 1
+        elif kind == "qwenimage":
+            from diffusers import QwenImageTransformer2DModel
+
+            c = QWEN_IMAGE
+            side = _square_side(N)
+            model = QwenImageTransformer2DModel(
+                patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                attention_head_dim=c["head_dim"], num_attention_heads=c["heads"],
+                joint_attention_dim=64, axes_dims_rope=(16, 56, 56))
+            D, L = c["D"], c["text"]
+            try:  # diffusers >= 0.36: (shapes, device, max_txt_seq_len)
+                rope = model.pos_embed([(1, side, side)], device=device, max_txt_seq_len=L)
+            except TypeError:  # 0.35: (shapes, txt_seq_lens, device)
+                rope = model.pos_embed([(1, side, side)], [L], device=device)
+            inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
+                          encoder_hidden_states_mask=None, temb=rnd(B, D, scale=0.1),
+                          image_rotary_emb=rope)
             cost, shared = _joint_cost(D, L)
-            blocks_attr = "transformer_blocks"
+            blocks_attr, routed = "transformer_blocks", 0
         elif kind == "wan":
             c = WAN_1_3B
             frames = 4
@@ -289,7 +327,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
                           temb=rnd(B, 6, D, scale=0.1),
                           rotary_emb=rope)
             cost, shared = _wan_cost(D, L, c["ffn"])
-            blocks_attr = "blocks"
+            blocks_attr, routed = "blocks", 0
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     model = model.to(dtype).eval().requires_grad_(False)
@@ -299,8 +337,8 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             if p.dim() >= 1 and p.abs().max() == 0:
                 p.normal_(0, 0.02)
     dense = copy.deepcopy(blk)
-    convert(model, DiffCRConfig(num_regions=1, param_dtype="float32", routed_blocks=[0]))
-    set_timestep(model, [500.0] * B)
+    convert(model, DiffCRConfig(num_regions=1, param_dtype="float32", routed_blocks=[routed]))
+    set_timestep(model, [0.5 if kind in ("flux", "flux-single", "qwenimage") else 500.0] * B)
     return BlockBench(kind, model, dense, inputs, N, D, L, cost=cost, shared_cost=shared)
 
 

@@ -83,6 +83,11 @@ def _kappas(text: str) -> List[float]:
     return vals
 
 
+#: ``diffcr bench --model`` choices (``bench.KINDS``; spelled out here so that the parser does
+#: not import torch)
+BENCH_KINDS = ("pixart", "dit", "sd3", "flux", "flux-single", "wan", "qwenimage")
+
+
 def _bench(args) -> int:
     import torch
 
@@ -389,10 +394,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_g.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance")
     p_g.add_argument("--seed", type=int, default=0)
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
-    p_b.add_argument("--model", choices=("pixart", "dit", "sd3", "flux", "wan"),
-                     default="pixart",
+    p_b.add_argument("--model", choices=BENCH_KINDS, default="pixart",
                      help="block kind: PixArt-Sigma-XL, DiT-XL/2, SD3.5-Large, Flux.1 (double "
-                          "stream) or Wan 2.1 1.3B (default pixart)")
+                          "stream; flux-single: single stream), Wan 2.1 1.3B or Qwen-Image "
+                          "(default pixart)")
     p_b.add_argument("--tokens", type=int, default=None,
                      help="image tokens N (a square; default 1024 on CPU, 4096 on GPU)")
     p_b.add_argument("--batch", type=int, default=None, help="batch (default 1 CPU, 8 GPU)")

@@ -300,4 +300,4 @@ def warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-from . import pixart, dit, sd3, flux, wan  # noqa: E402,F401  (register the built-in families)
+from . import pixart, dit, sd3, flux, wan, qwenimage  # noqa: E402,F401  (register the built-in families)

@@ -33,14 +33,24 @@ class JointFamily(ModelFamily):
     def call_fused_reason(self, block, call):
         return self.fused_unsupported_reason(block)
 
+    #: one diffusers call per segment instead of per group of equal-length segments: for
+    #: families whose rotary table is shared by the batch (``[positions, ...]`` without a batch
+    #: dim), so that each call can carry the rotary rows of its own kept positions
+    per_segment_calls: bool = False
+
     def calls(self, block, call, sel, ks):
         """Yields ``(rows [G, k], samp [G], segs, gathered call)``: one diffusers call per
-        group of equal-length segments (families with per-token side inputs that differ per
-        segment, such as rotary rows, split further)."""
+        group of equal-length segments, or per segment (:attr:`per_segment_calls`)."""
         x = call["hidden_states"]
         N = x.shape[1]
         for rows, idx, samp, segs in segment_groups(sel, ks, x.device):
-            yield rows, samp, segs, self.gathered_call(block, call, samp, idx - samp[:, None] * N)
+            if not self.per_segment_calls:
+                yield rows, samp, segs, self.gathered_call(block, call, samp,
+                                                           idx - samp[:, None] * N)
+                continue
+            for j, s in enumerate(segs):
+                yield (rows[j:j + 1], samp[j:j + 1], [s],
+                       self.gathered_call(block, call, samp[j:j + 1], idx[j:j + 1] - samp[j] * N))
 
     def compat_forward(self, block, base_forward, call, sel, ks, gate, mlp_gate, *,
                        inplace_residual=False):
@@ -71,3 +81,12 @@ class JointFamily(ModelFamily):
                 ctx.dtype)[:, None, None]
             new_ctx = new_ctx.index_add(0, samp, upd)
         return new_ctx, new_x
+
+
+def shared_positions(tok, family):
+    """The kept positions ``tok[0]`` when every gathered sample keeps the same ones (a rotary
+    table shared by the batch can then be gathered once); ValueError otherwise."""
+    if tok.shape[0] > 1 and not bool((tok == tok[:1]).all()):
+        raise ValueError(f"diffcr: {family} rotary rows differ between the gathered samples; "
+                         "gather one sample at a time")
+    return tok[0]

@@ -17,8 +17,7 @@ is already the noise level. There is no fused path yet: ``path="auto"`` runs com
 import torch
 
 from . import register_family
-from ._basic_block import segment_groups
-from ._joint import JointFamily
+from ._joint import JointFamily, shared_positions
 
 
 @register_family
@@ -26,6 +25,7 @@ class FluxFamily(JointFamily):
     name = "flux"
     model_classes = ("FluxTransformer2DModel",)
     block_lists = ("transformer_blocks", "single_transformer_blocks")
+    per_segment_calls = True  # the rotary table [text; image] has no batch dim
 
     def block_classes(self):
         from diffusers.models.transformers.transformer_flux import (FluxSingleTransformerBlock,
@@ -53,19 +53,8 @@ class FluxFamily(JointFamily):
         out = super().gathered_call(block, call, samp, tok)
         rope = call.get("image_rotary_emb")
         if rope is not None:
-            if tok.shape[0] > 1 and not bool((tok == tok[:1]).all()):
-                raise ValueError("diffcr: Flux rotary rows differ between the gathered samples; "
-                                 "gather one sample at a time")
             L = call["encoder_hidden_states"].shape[1]
-            rows = torch.cat([torch.arange(L, device=tok.device), L + tok[0]])
+            rows = torch.cat([torch.arange(L, device=tok.device),
+                              L + shared_positions(tok, "Flux")])
             out["image_rotary_emb"] = tuple(r.index_select(0, rows) for r in rope)
         return out
-
-    def calls(self, block, call, sel, ks):
-        x = call["hidden_states"]
-        N = x.shape[1]
-        for rows, idx, samp, segs in segment_groups(sel, ks, x.device):
-            for j, s in enumerate(segs):  # one call per segment: its own rotary rows
-                yield (rows[j:j + 1], samp[j:j + 1], [s],
-                       self.gathered_call(block, call, samp[j:j + 1],
-                                          idx[j:j + 1] - samp[j] * N))
