@@ -238,7 +238,7 @@ fi
 run_step bench_b8 120 "cd /tmp && $PY -m diffcr bench --rounds 10 --json > '$OUT/diffcr_bench_b8.json'"
 run_step bench_b1 60 "cd /tmp && $PY -m diffcr bench --tokens 1024 --batch 1 --rounds 20 --json > '$OUT/diffcr_bench_b1.json'"
 # the compat-path families (SD3.5-L joint, Flux.1 double, Wan 1.3B blocks), N = 4096, B = 1
-run_step bench_families 90 "cd /tmp && for m in sd3 flux wan; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done"
+run_step bench_families 150 "cd /tmp && for m in sd3 flux flux-single wan qwenimage hunyuanvideo; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done"
 SEL=""
 [ "$MODE" = quick ] && SEL="-k kernels"
 run_step suites 300 "$PY -P -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider $SEL --benchmark-json '$OUT/bench.json'"

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+import diffcr  # noqa: E402
 from diffcr.app import bench  # noqa: E402
 
 
 @pytest.mark.parametrize("kind,N", [("sd3", 16), ("flux", 16), ("flux-single", 16),
-                                    ("wan", 16), ("qwenimage", 16)])
+                                    ("wan", 16), ("qwenimage", 16), ("hunyuanvideo", 16)])
 def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     torch.set_num_threads(1)
     bb = bench.make_block_bench(kind, N, 1, "cpu", torch.float32)
@@ -18,7 +19,7 @@ def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     bb.set_kappa(0.5)
     with torch.no_grad():
         dense, routed = bb.run_dense(), bb.run_routed()
-    img = (lambda o: o[1] if isinstance(o, tuple) else o)
+    img = diffcr.family_for(bb.model).hidden_states_of
     x = bb.inputs["hidden_states"]
     changed = (img(routed) != x).any(-1).sum().item()
     assert changed == bench.dk.kept_count(0.5, N)
@@ -31,3 +32,9 @@ def test_cli_bench_choices_are_the_bench_kinds():
     from diffcr.app import cli
 
     assert cli.BENCH_KINDS == bench.KINDS
+
+
+def test_cli_video_kinds_are_the_bench_video_kinds():
+    from diffcr.app import cli
+
+    assert cli.BENCH_VIDEO_KINDS == bench.VIDEO_KINDS

@@ -17,7 +17,7 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import make, qwenimage_inputs, set_ratios
+from tiny_models import hunyuanvideo_inputs, make, qwenimage_inputs, set_ratios
 
 
 def _pixart_inputs(t):
@@ -69,6 +69,7 @@ FAMILY_CASES = {
     "wan": (lambda: make("wan"), _wan_inputs),
     "qwenimage": (lambda: make("qwenimage"),
                   lambda t: qwenimage_inputs([v / 1000 for v in t])),  # as the pipeline
+    "hunyuanvideo": (lambda: make("hunyuanvideo"), hunyuanvideo_inputs),
 }
 
 FAMILIES = sorted(diffcr.families())
@@ -187,6 +188,12 @@ def _gathered_by_hand(family, block, call, s, pos):
         if torch.is_tensor(call.get("modulate_index")):  # edit models: [B, N], temb [2B, D]
             out["modulate_index"] = call["modulate_index"][s:s + 1, pos]
             out["temb"] = call["temb"][[s, B + s]]
+    elif family == "hunyuanvideo":  # [video; text]: rotary rows of the video tokens only,
+        L = call["encoder_hidden_states"].shape[1]  # mask columns [kept video; every text]
+        rope = "image_rotary_emb" if hasattr(block, "proj_mlp") else "freqs_cis"
+        out[rope] = tuple(r[pos] for r in call[rope])
+        out["attention_mask"] = call["attention_mask"][s:s + 1][..., torch.cat(
+            [pos, torch.arange(N, N + L)])]
     return out
 
 
@@ -236,8 +243,9 @@ def _check_exactly_k_tokens_by_the_block_itself(model, kw):
             got = fam.hidden_states_of(out)[s, pos[s]]
             torch.testing.assert_close(got, fam.hidden_states_of(want)[0], rtol=1e-5,
                                        atol=1e-5)
-            if isinstance(out, tuple) and out[0] is not None:  # a text stream
-                torch.testing.assert_close(out[0][s], want[0][0], rtol=1e-5, atol=1e-5)
+            if fam.text_of(out) is not None:  # a text stream
+                torch.testing.assert_close(fam.text_of(out)[s], fam.text_of(want)[0],
+                                           rtol=1e-5, atol=1e-5)
 
 
 def test_qwenimage_edit_model_gathers_modulate_index_and_both_temb_halves():
@@ -381,7 +389,8 @@ def test_unknown_model_names_the_supported_classes():
                                         r"SD3Transformer2DModel \(sd3\), "
                                         r"FluxTransformer2DModel \(flux\), "
                                         r"WanTransformer3DModel \(wan\), "
-                                        r"QwenImageTransformer2DModel \(qwenimage\); "
+                                        r"QwenImageTransformer2DModel \(qwenimage\), "
+                                        r"HunyuanVideoTransformer3DModel \(hunyuanvideo\); "
                                         r"got Linear"):
         diffcr.convert(torch.nn.Linear(2, 2))
 

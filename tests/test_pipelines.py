@@ -157,6 +157,35 @@ def qwenimage_call(pipe):
                 output_type="np").images
 
 
+def hunyuanvideo_pipe():
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler,
+                           HunyuanVideoPipeline)
+
+    from tiny_models import make
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+        layers_per_block=1, norm_num_groups=4, scaling_factor=0.476986,
+        spatial_compression_ratio=4, temporal_compression_ratio=4).eval()
+    # prompt embeddings are passed in: no Llama / CLIP text encoders
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                tokenizer_2=None, transformer=make("hunyuanvideo"), vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def hunyuanvideo_call(pipe):
+    g = torch.Generator().manual_seed(1)
+    emb, pooled = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+    # 5 frames of 32 x 32 pixels -> 2 latent frames of 8 x 8 -> 32 video tokens
+    return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled,
+                prompt_attention_mask=torch.ones(1, 5, dtype=torch.long), height=32, width=32,
+                num_frames=5, num_inference_steps=2, guidance_scale=6.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").frames
+
+
 def test_wan22_pipeline_converts_both_experts():
     pipe = wan_pipe()
     with torch.no_grad():
@@ -181,9 +210,10 @@ def test_wan22_pipeline_converts_both_experts():
 
 @pytest.mark.parametrize("make_pipe,call", [(dit_pipe, dit_call), (pixart_pipe, pixart_call),
                                             (sd3_pipe, sd3_call), (flux_pipe, flux_call),
-                                            (qwenimage_pipe, qwenimage_call)],
+                                            (qwenimage_pipe, qwenimage_call),
+                                            (hunyuanvideo_pipe, hunyuanvideo_call)],
                          ids=["DiTPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline",
-                              "FluxPipeline", "QwenImagePipeline"])
+                              "FluxPipeline", "QwenImagePipeline", "HunyuanVideoPipeline"])
 def test_pipeline_identity_at_init_and_routed_run(make_pipe, call):
     pipe = make_pipe()
     with torch.no_grad():

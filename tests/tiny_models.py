@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (tests of converted models)")
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel,  # noqa: E402
-                       PixArtTransformer2DModel, QwenImageTransformer2DModel,
+                       HunyuanVideoTransformer3DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
                        SD3Transformer2DModel, WanTransformer3DModel)
 
 import diffcr  # noqa: E402
@@ -86,6 +86,31 @@ def qwenimage_inputs(t, images=1, side=4, text=5, seed=0):
     return kw
 
 
+def tiny_hunyuanvideo(layers=2, single_layers=2, seed=0):
+    """HunyuanVideo-style: double- and single-stream blocks, 3-D rotary (head dim 12 =
+    4 + 4 + 4), guidance embedding, 2 frames of 8x8 latents, patch (1, 2, 2) -> 32 tokens."""
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+        num_layers=layers, num_single_layers=single_layers, num_refiner_layers=1, patch_size=2,
+        patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(4, 4, 4)).eval()
+
+
+def hunyuanvideo_inputs(t, text=5, seed=0):
+    """Inputs of the tiny HunyuanVideo model for timesteps ``t``; the last sample's text is
+    padded (mask 0 after 3 tokens) when there are several."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(t)
+    mask = torch.ones(B, text)
+    if B > 1:
+        mask[-1, 3:] = 0
+    return dict(hidden_states=torch.randn(B, 4, 2, 8, 8, generator=g),
+                timestep=torch.tensor(t), encoder_hidden_states=torch.randn(B, text, 16, generator=g),
+                encoder_attention_mask=mask, pooled_projections=torch.randn(B, 8, generator=g),
+                guidance=torch.full((B,), 3.5))
+
+
 def flux_ids(side=4, text=5):
     """(img_ids [side*side, 3], txt_ids [text, 3]) as the Flux pipelines build them."""
     img = torch.zeros(side * side, 3)
@@ -107,7 +132,8 @@ def _randomise_weights(model, scale=0.1):
 
 def make(kind, **kw):
     factory = {"pixart": tiny_pixart, "dit": tiny_dit, "sd3": tiny_sd3, "flux": tiny_flux,
-               "wan": tiny_wan, "qwenimage": tiny_qwenimage}[kind]
+               "wan": tiny_wan, "qwenimage": tiny_qwenimage,
+               "hunyuanvideo": tiny_hunyuanvideo}[kind]
     return _randomise_weights(factory(**kw))
 
 

@@ -301,9 +301,11 @@ def routed_class(base: type) -> type:
     params = tuple((p.name, p.default) for p in sig
                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
     npos = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in sig)
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in sig)
     name = f"Routed{base.__name__}"
     cls = type(name, (base,), {
         "forward": forward, "_diffcr_params": params, "_diffcr_npos": npos,
+        "_diffcr_varargs": varargs,
         "__module__": __name__,
         "__qualname__": name,
         "__doc__": f"A diffusers ``{base.__name__}`` whose forward processes only its "

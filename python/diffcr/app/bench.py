@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -192,7 +192,10 @@ SD35_LARGE = dict(D=2432, heads=38, head_dim=64, text=333)
 FLUX1 = dict(D=3072, heads=24, head_dim=128, text=512)
 WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
 QWEN_IMAGE = dict(D=3072, heads=24, head_dim=128, text=256)
-JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "qwenimage")
+HUNYUAN_VIDEO = dict(D=3072, heads=24, head_dim=128, text=256)
+JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "qwenimage", "hunyuanvideo")
+#: kinds whose N is 4 latent frames of a square (the rest: a square)
+VIDEO_KINDS = ("wan", "hunyuanvideo")
 KINDS = ("pixart", "dit") + JOINT_KINDS
 DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
                 "dit": "DiT-XL/2 block (D=1152, 16x72)",
@@ -203,6 +206,8 @@ DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens
                                "compat path)",
                 "qwenimage": "Qwen-Image double-stream block (D=3072, 24x128, 256 text tokens; "
                              "compat path)",
+                "hunyuanvideo": "HunyuanVideo double-stream block (D=3072, 24x128, 256 text "
+                                "tokens; compat path)",
                 "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens; compat "
                        "path)"}
 
@@ -310,6 +315,24 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
                           image_rotary_emb=rope)
             cost, shared = _joint_cost(D, L)
             blocks_attr, routed = "transformer_blocks", 0
+        elif kind == "hunyuanvideo":
+            from diffusers import HunyuanVideoTransformer3DModel
+
+            c = HUNYUAN_VIDEO
+            frames = 4
+            side = int(round((N / frames) ** 0.5))
+            if frames * side * side != N:
+                raise ValueError(f"N must be 4 frames of a square, got {N}")
+            model = HunyuanVideoTransformer3DModel(
+                in_channels=16, out_channels=16, num_attention_heads=c["heads"],
+                attention_head_dim=c["head_dim"], num_layers=1, num_single_layers=0,
+                num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=64)
+            D, L = c["D"], c["text"]
+            rope = model.rope(torch.zeros(1, 16, frames, 2 * side, 2 * side))
+            inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
+                          temb=rnd(B, D, scale=0.1), attention_mask=None, freqs_cis=rope)
+            cost, shared = _joint_cost(D, L)
+            blocks_attr, routed = "transformer_blocks", 0
         elif kind == "wan":
             c = WAN_1_3B
             frames = 4
@@ -330,7 +353,9 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             blocks_attr, routed = "blocks", 0
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    model = model.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model = model.eval().requires_grad_(False)
     blk = getattr(model, blocks_attr)[0]
     with torch.no_grad():  # diffusers zero-inits some gates; give every weight a real value
         for p in blk.parameters():

@@ -85,7 +85,10 @@ def _kappas(text: str) -> List[float]:
 
 #: ``diffcr bench --model`` choices (``bench.KINDS``; spelled out here so that the parser does
 #: not import torch)
-BENCH_KINDS = ("pixart", "dit", "sd3", "flux", "flux-single", "wan", "qwenimage")
+BENCH_KINDS = ("pixart", "dit", "sd3", "flux", "flux-single", "wan", "qwenimage",
+               "hunyuanvideo")
+#: the kinds whose N is 4 latent frames of a square (``bench.VIDEO_KINDS``)
+BENCH_VIDEO_KINDS = ("wan", "hunyuanvideo")
 
 
 def _bench(args) -> int:
@@ -105,11 +108,11 @@ def _bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("diffcr bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    per_frame = args.tokens / 4 if args.model == "wan" else args.tokens  # wan: 4 latent frames
+    video = args.model in BENCH_VIDEO_KINDS
+    per_frame = args.tokens / 4 if video else args.tokens
     side = int(round(per_frame ** 0.5))
     if side * side != per_frame:
-        what = "4 times a square number (4 latent frames)" if args.model == "wan" else \
-            "a square number"
+        what = "4 times a square number (4 latent frames)" if video else "a square number"
         print(f"diffcr bench: --tokens must be {what}, got {args.tokens}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
@@ -396,8 +399,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
     p_b.add_argument("--model", choices=BENCH_KINDS, default="pixart",
                      help="block kind: PixArt-Sigma-XL, DiT-XL/2, SD3.5-Large, Flux.1 (double "
-                          "stream; flux-single: single stream), Wan 2.1 1.3B or Qwen-Image "
-                          "(default pixart)")
+                          "stream; flux-single: single stream), Wan 2.1 1.3B, Qwen-Image or "
+                          "HunyuanVideo (default pixart)")
     p_b.add_argument("--tokens", type=int, default=None,
                      help="image tokens N (a square; default 1024 on CPU, 4096 on GPU)")
     p_b.add_argument("--batch", type=int, default=None, help="batch (default 1 CPU, 8 GPU)")

@@ -88,6 +88,10 @@ class ModelFamily:
         block returns a tuple)."""
         return output
 
+    def text_of(self, output):
+        """The text-stream part of what a block returns (None: the block has no text output)."""
+        return None
+
     def gate_scale(self, block: nn.Module, gate_rows, call: dict):
         """The :class:`~diffcr.routing.MlpGate` scale of one block call: the router gate of
         each image token, ``[G, k, 1]`` (families whose gated module also sees text rows pad
@@ -130,9 +134,12 @@ class ModelFamily:
         (from the parameter list its routed class read once from the diffusers forward:
         no ``inspect`` per call, so ``torch.compile`` traces it)."""
         params = type(block)._diffcr_params
-        if len(args) > type(block)._diffcr_npos:
-            raise TypeError(f"{type(block).__name__}.forward takes "
-                            f"{type(block)._diffcr_npos} positional arguments, got {len(args)}")
+        npos = type(block)._diffcr_npos
+        if len(args) > npos:
+            if not (type(block)._diffcr_varargs and self.ignores_extra_args):
+                raise TypeError(f"{type(block).__name__}.forward takes {npos} positional "
+                                f"arguments, got {len(args)}")
+            args = args[:npos]
         call = {}
         for (name, _), value in zip(params, args):
             call[name] = value
@@ -172,6 +179,11 @@ class ModelFamily:
     def fused_unsupported_reason(self, block: nn.Module) -> Optional[str]:
         """Why the fused path can never run ``block`` (None: it can, call permitting)."""
         return "this family has no fused forward"
+
+    #: the family's block forwards take ``*args`` and ignore them (HunyuanVideo's: the model
+    #: passes every block the token-replace inputs): :meth:`bind` drops extra positional
+    #: arguments instead of refusing them
+    ignores_extra_args: bool = False
 
     #: whether :meth:`fused_forward` exists (the conformance test compares it with compat)
     has_fused: bool = False
@@ -300,4 +312,4 @@ def warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-from . import pixart, dit, sd3, flux, wan, qwenimage  # noqa: E402,F401  (register the built-in families)
+from . import pixart, dit, sd3, flux, wan, qwenimage, hunyuanvideo  # noqa: E402,F401  (register the built-in families)

@@ -1,6 +1,7 @@
-"""Shared by the joint-attention families (SD3, Flux): blocks that take the image tokens as
-``hidden_states`` and the text as ``encoder_hidden_states`` and return
-``(encoder_hidden_states, hidden_states)``.
+"""Shared by the joint-attention families (SD3, Flux, Qwen-Image, HunyuanVideo): blocks that
+take the image tokens as ``hidden_states`` and the text as ``encoder_hidden_states`` and return
+both streams (``(encoder_hidden_states, hidden_states)``, or the other way round:
+:attr:`JointFamily.image_first`).
 
 Only image tokens are routed. A routed call runs the block's own diffusers forward on
 [every text token; the kept image tokens] (the family says how its calls are split and which
@@ -24,8 +25,22 @@ class JointFamily(ModelFamily):
     def hidden_size(self, block):
         return block.attn.to_q.in_features
 
+    #: the blocks return ``(hidden_states, encoder_hidden_states)`` (HunyuanVideo) instead of
+    #: ``(encoder_hidden_states, hidden_states)`` (SD3, Flux, Qwen-Image)
+    image_first: bool = False
+
     def hidden_states_of(self, output):
-        return output[1]  # (encoder_hidden_states, hidden_states)
+        return output[0] if self.image_first else output[1]
+
+    def text_of(self, output):
+        return self._streams(output)[0]
+
+    def _streams(self, output):
+        """``(text, image)`` of a block's output."""
+        return (output[1], output[0]) if self.image_first else (output[0], output[1])
+
+    def _output(self, ctx, x):
+        return (x, ctx) if self.image_first else (ctx, x)
 
     def fused_unsupported_reason(self, block):
         return f"no fused forward for {type(block).__mro__[0].__name__} yet (compat runs)"
@@ -60,19 +75,19 @@ class JointFamily(ModelFamily):
         for rows, samp, segs, gcall in self.calls(block, call, sel, ks):
             xg = gcall["hidden_states"]
             with mlp_gate.scaled(self.gate_scale(block, gate[rows], gcall)):
-                ctx_out, out = base_forward(**gcall)
+                ctx_out, out = self._streams(base_forward(**gcall))
             pieces.append((rows, out - xg))
             text.append((segs, samp, ctx_out))
         delta = packed_rows(pieces, sel.total, x)
         new_x = dk.scatter_back_selection(x, sel, delta, use_scores=False,
                                           inplace=inplace_residual)
         if text[0][2] is None:  # context_pre_only: the last SD3 block returns no text
-            return None, new_x
+            return self._output(None, new_x)
         if sel.segs_per_sample == 1:  # one call per sample: its text output is the block's
             new_ctx = torch.empty_like(ctx)
             for segs, samp, ctx_out in text:
                 new_ctx = new_ctx.index_copy(0, samp, ctx_out)
-            return new_ctx, new_x
+            return self._output(new_ctx, new_x)
         new_ctx = ctx
         w = sel.seg_weight
         for segs, samp, ctx_out in text:
@@ -80,7 +95,7 @@ class JointFamily(ModelFamily):
             upd = (ctx_out - ctx.index_select(0, samp)) * w.index_select(0, seg).to(
                 ctx.dtype)[:, None, None]
             new_ctx = new_ctx.index_add(0, samp, upd)
-        return new_ctx, new_x
+        return self._output(new_ctx, new_x)
 
 
 def shared_positions(tok, family):
