@@ -38,3 +38,15 @@ def test_cli_video_kinds_are_the_bench_video_kinds():
     from diffcr.app import cli
 
     assert cli.BENCH_VIDEO_KINDS == bench.VIDEO_KINDS
+
+
+def test_lora_training_bench_puts_the_same_adapter_on_both_blocks():
+    torch.set_num_threads(1)
+    bb = bench.make_block_bench("pixart", 16, 1, "cpu", torch.float32)
+    bench._lora_pair(bb, 4)
+    lora = {n: p for n, p in bb.block.named_parameters() if ".lora_" in n}
+    assert lora and all(p.abs().sum() > 0 for p in lora.values())
+    assert {n for n, p in bb.dense.named_parameters() if p.requires_grad} == set(lora)
+    bb.set_kappa(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.run_routed(), bb.run_dense(), rtol=0, atol=0)

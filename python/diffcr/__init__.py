@@ -22,13 +22,15 @@ from .convert import (compile_model, convert, convert_pipeline, freeze, is_conve
 from .models import ModelFamily, families, family_for, register_family
 from .routing import BlockRouting, RoutingState, routing_state
 from .io import CheckpointError, load, save
+from .lora import LoraError, add_lora, load_lora, lora_parameters, save_lora
 from .modules import DifferentiableRatio, Router
 from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ratio,
                        project_ratios, ratio_loss, ratio_parameters, ratio_table,
                        router_parameters)
 
 __all__ = [
-    "BlockRouting", "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "ModelFamily",
+    "BlockRouting", "CheckpointError", "DiffCRConfig", "DifferentiableRatio", "LoraError",
+    "ModelFamily", "add_lora", "load_lora", "lora_parameters", "save_lora",
     "Router", "RoutingState", "__version__", "attach_ratio_projection", "available_backends",
     "compile_model", "convert", "convert_pipeline", "families", "family_for",
     "format_ratio_table", "freeze",

@@ -498,9 +498,11 @@ def bench_overhead(kind="pixart", N=1024, B=1, kappa=0.5, device="cpu", dtype=to
 
 
 def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=torch.float32,
-                   rounds=3) -> dict:
+                   rounds=3, lora_rank: int = 0) -> dict:
     """One training step of a block (forward + backward): dense vs DiffCR two-bin (both
-    branches in one packed pass), with the ideal for the two branches together."""
+    branches in one packed pass), with the ideal for the two branches together.
+    ``lora_rank`` > 0: the paper's recipe, peft LoRA of that rank on the block's attention and
+    feed-forward layers of both (base weights frozen; LoRA, router and ratio trained)."""
     bb = make_block_bench(kind, N, B, device, dtype)
     dev = torch.device(device)
     from ..convert import unfreeze
@@ -511,8 +513,11 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
             b.ratio.kept.fill_(kappa)
     bb.model.train()
     bb.dense.train()
-    for p in list(bb.block.parameters()) + list(bb.dense.parameters()):
-        p.requires_grad_(True)
+    if lora_rank:
+        _lora_pair(bb, lora_rank)
+    else:
+        for p in list(bb.block.parameters()) + list(bb.dense.parameters()):
+            p.requires_grad_(True)
     x = bb.inputs["hidden_states"].clone().requires_grad_()
     inputs = dict(bb.inputs, hidden_states=x)
 
@@ -531,4 +536,31 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     ideal = bb.ideal(kappa, two_bin=(ka, kb))
     return dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
                 routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
-                fraction_of_ideal=speedup / ideal)
+                fraction_of_ideal=speedup / ideal, lora_rank=lora_rank)
+
+
+def _lora_pair(bb: BlockBench, rank: int) -> None:
+    """The same peft LoRA (B initialised at random so both blocks compute with it) on the
+    routed block's model (:func:`diffcr.add_lora`) and on the dense block."""
+    import re
+
+    import peft
+
+    from ..lora import add_lora, lora_target_names
+
+    names = lora_target_names(bb.model)
+    prefix = next(n for n, b in bb.model.named_modules() if b is bb.block) + "."
+    own = [n[len(prefix):] for n in names if n.startswith(prefix)]
+    add_lora(bb.model, rank)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=float(rank), target_modules="(" + "|".join(
+        re.escape(n) for n in own) + ")")
+    peft.inject_adapter_in_model(cfg, bb.dense)
+    g = torch.Generator().manual_seed(0)
+    dense_params = dict(bb.dense.named_parameters())
+    with torch.no_grad():
+        for n, p in bb.block.named_parameters():
+            if ".lora_" in n:
+                p.copy_(0.01 * torch.randn(p.shape, generator=g).to(p))
+                dense_params[n].copy_(p)
+    for n, p in bb.dense.named_parameters():
+        p.requires_grad_(".lora_" in n)

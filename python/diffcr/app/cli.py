@@ -108,6 +108,13 @@ def _bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("diffcr bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.lora_rank < 0:
+        print(f"diffcr bench: --lora-rank must be >= 0, got {args.lora_rank}", file=sys.stderr)
+        return 2
+    if args.lora_rank and args.no_training:
+        print("diffcr bench: --lora-rank applies to the training step (drop --no-training)",
+              file=sys.stderr)
+        return 2
     video = args.model in BENCH_VIDEO_KINDS
     per_frame = args.tokens / 4 if video else args.tokens
     side = int(round(per_frame ** 0.5))
@@ -126,7 +133,8 @@ def _bench(args) -> int:
     if not args.no_overhead:
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
     if not args.no_training:
-        out["training"] = bench.bench_training(rounds=max(3, args.rounds - 1), **common)
+        out["training"] = bench.bench_training(rounds=max(3, args.rounds - 1),
+                                               lora_rank=args.lora_rank, **common)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
@@ -160,6 +168,8 @@ def _bench(args) -> int:
     if "training" in out:
         t = out["training"]
         how = "one diffusers call per bin" if args.model in bench.JOINT_KINDS else "in one pass"
+        if t["lora_rank"]:
+            how += f", LoRA rank {t['lora_rank']} on frozen base weights"
         print(f"training step (fwd+bwd, two bins {t['bins'][0]:.2f}/{t['bins'][1]:.2f} {how}): "
               f"dense {t['dense_ms']:.1f} ms, DiffCR {t['routed_ms']:.1f} ms, "
               f"{100 * t['fraction_of_ideal']:.1f} % of the ideal for both branches")
@@ -186,9 +196,13 @@ def _add_train(sub):
                        "(procedural shapes, small DiT trained dense, then DiffCR-LT, DiffCR-L, "
                        "MoD and random selection compared). With them: DiffCR fine-tuning of "
                        "a diffusers DiTTransformer2DModel on an image folder (one subfolder per "
-                       "class); run under torchrun for several processes.")
-    p.add_argument("--model", help="diffusers DiT model folder, or its config JSON (random init)")
-    p.add_argument("--data", help="image folder, one subfolder per class")
+                       "class), or captioned fine-tuning of a PixArt pipeline folder (text "
+                       "embeddings and latents cached, optional peft LoRA); run under torchrun "
+                       "for several processes.")
+    p.add_argument("--model", help="diffusers DiT model folder, or its config JSON (random "
+                   "init); or a diffusers pipeline folder (PixArt) for captioned fine-tuning")
+    p.add_argument("--data", help="image folder, one subfolder per class; or with captions: "
+                   "metadata.jsonl lines {\"file_name\": ..., \"text\": ...}")
     p.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
     p.add_argument("--out", default="diffcr-out", help="output folder (default diffcr-out)")
     p.add_argument("--compression", type=float, default=0.5,
@@ -208,6 +222,14 @@ def _add_train(sub):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="captioned fine-tuning: peft LoRA of this rank on the base weights "
+                        "(the paper: 32; default 0 trains them in full)")
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="captioned fine-tuning: share of empty captions (default 0.1)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="captioned fine-tuning: tokens per caption (default 300 above 512 px, "
+                        "else 120)")
     p.add_argument("--quick", action="store_true",
                    help="demo only: tiny settings (seconds), for smoke tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -224,7 +246,9 @@ def _train_cmd(args) -> int:
                       lr_ratio=args.lr_ratio, steps=args.steps, batch=args.batch,
                       mixed_precision=args.mixed_precision, grad_ckpt=args.grad_ckpt,
                       resume=args.resume, seed=args.seed, save_every=args.save_every,
-                      threads=args.threads, quick=args.quick, progress=not args.no_progress)
+                      threads=args.threads, quick=args.quick, progress=not args.no_progress,
+                      lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
+                      max_length=args.max_length)
     try:
         cfg.validate()
         if args.threads:
@@ -302,7 +326,16 @@ def _generate_arg_error(args) -> Optional[str]:
         return "--classes is empty"
     if Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} exists and is not a folder"
-    for name in ("model", "diffcr", "vae"):
+    from .text_train import is_pipeline_folder
+
+    pipeline = is_pipeline_folder(args.model)
+    if pipeline and not args.prompt:
+        return "--model is a pipeline folder: give one or more --prompt"
+    if not pipeline and (args.prompt or args.lora or args.transformer):
+        return "--prompt/--lora/--transformer need --model to be a pipeline folder"
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        return "--prompt is empty"
+    for name in ("model", "diffcr", "vae", "lora", "transformer"):
         p = getattr(args, name)
         if p is not None and not Path(p).exists():
             return f"--{name} {p}: no such folder or file"
@@ -329,6 +362,19 @@ def _generate_cmd(args) -> int:
     if bad:
         print(f"diffcr generate: error: {bad}", file=sys.stderr)
         return 2
+    if args.prompt:
+        from .text_train import generate_from_pipeline
+
+        try:
+            paths = generate_from_pipeline(
+                args.model, args.diffcr, args.prompt, args.out, lora=args.lora,
+                transformer=args.transformer, per_prompt=args.per_class, steps=args.steps,
+                guidance=args.guidance, seed=args.seed)
+        except TrainError as e:
+            print(f"diffcr generate: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(paths)} images to {args.out}")
+        return 0
     try:
         model = load_model(args.model)
         load(model, args.diffcr)
@@ -385,17 +431,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_i = sub.add_parser("inspect", help="print the ratio table of a DiffCR checkpoint")
     p_i.add_argument("checkpoint", help="folder written by diffcr.save / diffcr train")
     p_i.add_argument("--compression", action="store_true", help="print 1 - kept ratio")
-    p_g = sub.add_parser("generate", help="images from a DiT + DiffCR checkpoint")
-    p_g.add_argument("--model", required=True, help="diffusers DiT folder (e.g. OUT/model)")
+    p_g = sub.add_parser("generate", help="images from a DiT + DiffCR checkpoint, or from a "
+                         "PixArt pipeline + DiffCR checkpoint (+ LoRA) and prompts")
+    p_g.add_argument("--model", required=True, help="diffusers DiT folder (e.g. OUT/model), or "
+                     "a PixArt pipeline folder (with --prompt)")
     p_g.add_argument("--diffcr", required=True, help="DiffCR checkpoint (e.g. OUT/diffcr)")
     p_g.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
     p_g.add_argument("--out", default="diffcr-samples", help="output folder")
     p_g.add_argument("--classes", type=_class_ids, default=None,
                      help="class ids, comma-separated (default: all)")
-    p_g.add_argument("--per-class", type=int, default=4)
+    p_g.add_argument("--per-class", type=int, default=4,
+                     help="images per class (per prompt for pipeline models)")
     p_g.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p_g.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance")
     p_g.add_argument("--seed", type=int, default=0)
+    p_g.add_argument("--prompt", action="append", default=None,
+                     help="pipeline models: a prompt (repeat for several)")
+    p_g.add_argument("--lora", help="pipeline models: LoRA adapter folder (e.g. OUT/lora)")
+    p_g.add_argument("--transformer", help="pipeline models: transformer folder replacing the "
+                     "pipeline's (e.g. OUT/model of a full fine-tune)")
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
     p_b.add_argument("--model", choices=BENCH_KINDS, default="pixart",
                      help="block kind: PixArt-Sigma-XL, DiT-XL/2, SD3.5-Large, Flux.1 (double "
@@ -404,6 +458,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_b.add_argument("--tokens", type=int, default=None,
                      help="image tokens N (a square; default 1024 on CPU, 4096 on GPU)")
     p_b.add_argument("--batch", type=int, default=None, help="batch (default 1 CPU, 8 GPU)")
+    p_b.add_argument("--lora-rank", type=int, default=0,
+                     help="training step with peft LoRA of this rank on both blocks (base "
+                          "weights frozen, as the paper fine-tunes; default 0: full weights)")
     p_b.add_argument("--kappas", type=_kappas, default=[1.0, 0.8, 0.5, 0.3],
                      help="kept ratios, comma-separated (default 1.0,0.8,0.5,0.3)")
     p_b.add_argument("--device", choices=("cpu", "cuda"), default=None)

@@ -24,7 +24,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import DEFAULT_BINS, DiffCRConfig
 
@@ -60,6 +59,12 @@ class TrainConfig:
     threads: Optional[int] = None
     quick: bool = False
     progress: bool = True
+    #: captioned fine-tuning: LoRA rank on the base weights (0: train them in full)
+    lora_rank: int = 0
+    #: captioned fine-tuning: share of captions replaced by the empty one (for guidance)
+    caption_dropout: float = 0.1
+    #: captioned fine-tuning: tokens per caption (None: 300 above 512 px, else 120, as PixArt)
+    max_length: Optional[int] = None
     extra: Dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -81,6 +86,15 @@ class TrainConfig:
         if self.save_every < 0:
             raise TrainError(f"--save-every must be >= 0 (0: only at the end), got "
                              f"{self.save_every}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
+                or self.lora_rank < 0:
+            raise TrainError(f"--lora-rank must be an integer >= 0 (0: no LoRA), got "
+                             f"{self.lora_rank!r}")
+        if not (isinstance(self.caption_dropout, (int, float)) and
+                0.0 <= self.caption_dropout <= 1.0):
+            raise TrainError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise TrainError(f"--max-length must be >= 1, got {self.max_length}")
         if self.threads is not None and self.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {self.threads}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -500,7 +514,7 @@ def format_summary(metrics: dict) -> str:
 
 # ------------------------------------------------------------------------------ real use
 def load_model(path: str):
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+    from diffusers import DiTTransformer2DModel
 
     p = Path(path)
     cfg_file = p if p.is_file() else p / "config.json"
@@ -513,9 +527,9 @@ def load_model(path: str):
         raise TrainError(f"--model {cfg_file}: not valid JSON ({e})") from e
     cls = conf.get("_class_name")
     if cls == "PixArtTransformer2DModel":
-        raise TrainError("--model is a PixArt model: training it from an image folder needs "
-                         "captions and a text encoder, which `diffcr train` does not handle yet; "
-                         "use the Python API (diffcr.convert + your text pipeline)")
+        raise TrainError("--model is a PixArt transformer: pass the whole pipeline folder "
+                         "(model_index.json, transformer/, text_encoder/, tokenizer/, vae/) "
+                         "and a --data folder with captions (metadata.jsonl)")
     if cls not in (None, "DiTTransformer2DModel"):
         raise TrainError(f"--model {path}: {cls} is not supported by `diffcr train` "
                          "(class-conditional DiTTransformer2DModel only)")
@@ -581,6 +595,16 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.model is None or cfg.data is None:
         raise TrainError("real training needs both --model and --data (run `diffcr train` "
                          "without them for the embedded demo)")
+    from .text_train import has_captions, is_pipeline_folder, run_text_train
+
+    if is_pipeline_folder(cfg.model):
+        return run_text_train(cfg)
+    if has_captions(cfg.data):
+        raise TrainError(f"--data {cfg.data} has captions (metadata.jsonl): --model must be a "
+                         "diffusers pipeline folder (model_index.json, transformer/, "
+                         "text_encoder/, tokenizer/, vae/)")
+    if cfg.lora_rank:
+        raise TrainError("--lora-rank is for captioned fine-tuning of a pipeline folder")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp = None

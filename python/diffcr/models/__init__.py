@@ -185,6 +185,11 @@ class ModelFamily:
     #: arguments instead of refusing them
     ignores_extra_args: bool = False
 
+    #: module names (suffixes, as peft's ``target_modules``) of the routed blocks' linear layers
+    #: that :func:`diffcr.add_lora` adapts by default: attention and feed-forward of both streams
+    lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                     "ff.net.2")
+
     #: whether :meth:`fused_forward` exists (the conformance test compares it with compat)
     has_fused: bool = False
 

@@ -26,6 +26,11 @@ class FluxFamily(JointFamily):
     model_classes = ("FluxTransformer2DModel",)
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     per_segment_calls = True  # the rotary table [text; image] has no batch dim
+    #: LoRA targets: attention of both streams, both feed-forwards, the single block's MLP
+    #: input (its fused output projection shares the model's ``proj_out`` name: not adapted)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2", "proj_mlp")
 
     def block_classes(self):
         from diffusers.models.transformers.transformer_flux import (FluxSingleTransformerBlock,

@@ -35,6 +35,10 @@ class HunyuanVideoFamily(JointFamily):
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     per_segment_calls = True  # the rotary table has no batch dim
     image_first = True
+    #: LoRA targets: as Flux (the single block's ``proj_out`` shares the model's name)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2", "proj_mlp")
     # the model passes token_replace_emb and first_frame_num_tokens to every block; the plain
     # blocks take them as *args and ignore them
     ignores_extra_args = True

@@ -27,6 +27,9 @@ class QwenImageFamily(JointFamily):
     model_classes = ("QwenImageTransformer2DModel",)
     block_lists = ("transformer_blocks",)
     per_segment_calls = True  # the image rotary table has no batch dim
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                    "txt_mlp.net.2")
 
     def block_classes(self):
         from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock

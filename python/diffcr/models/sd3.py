@@ -21,6 +21,10 @@ class SD3Family(JointFamily):
     name = "sd3"
     model_classes = ("SD3Transformer2DModel",)
     block_lists = ("transformer_blocks",)
+    #: LoRA targets: attention of both streams, both feed-forwards
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2")
 
     def block_classes(self):
         from diffusers.models.attention import JointTransformerBlock

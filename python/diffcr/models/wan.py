@@ -35,6 +35,9 @@ class WanFamily(ModelFamily):
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
     block_lists = ("blocks",)
+    #: LoRA targets: self- and cross-attention (I2V's image K/V too) and the FFN
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj",
+                    "ffn.net.0.proj", "ffn.net.2")
 
     def block_classes(self):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock

@@ -1,0 +1,422 @@
+"""Text-conditioned DiffCR fine-tuning (``diffcr train --model PIPELINE --data CAPTIONED``).
+
+- **Data**: an image folder with captions in the diffusers / ``datasets`` ImageFolder
+  convention: ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative to the
+  folder) and ``text``. Images of any size are converted to RGB, resized so the shorter side is
+  the model's pixel size (bicubic) and center-cropped to a square.
+- **Model**: a diffusers pipeline folder (``model_index.json``, ``transformer/``,
+  ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ
+  (T5 text encoder, DDPM epsilon or v loss from the pipeline's scheduler config).
+- **Caches**: the captions are encoded once with the pipeline's own text encoder and written
+  to ``OUT/cache/text-<hash>.safetensors`` (embeddings, attention masks, and the empty caption
+  for caption dropout); the images are encoded once with the VAE into
+  ``OUT/cache/latents-<hash>.safetensors``. The text encoder and VAE leave memory before
+  training starts. A rerun with the same data and encoders reuses the caches (the hash covers
+  the captions, the file list and sizes, the encoder configs and the resolution).
+- **LoRA** (``--lora-rank``, the paper's recipe: rank 32): peft LoRA on the routed blocks'
+  attention and feed-forward layers, base weights frozen, routers and ratios fully trained;
+  the adapter is saved in peft's format in ``OUT/lora`` beside the DiffCR checkpoints.
+  Without it the base weights are trained in full and saved in ``OUT/model``.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .train import TrainConfig, TrainError, _param_groups, _Progress
+
+__all__ = ["read_captions", "is_pipeline_folder", "run_text_train", "TEXT_FAMILIES"]
+
+#: pipeline model classes ``diffcr train`` fine-tunes with captions (the rest: Python API)
+TEXT_FAMILIES = ("PixArtTransformer2DModel",)
+
+
+def is_pipeline_folder(path) -> bool:
+    return path is not None and (Path(path) / "model_index.json").is_file()
+
+
+def has_captions(path) -> bool:
+    return path is not None and (Path(path) / "metadata.jsonl").is_file()
+
+
+def read_captions(root) -> List[Tuple[Path, str]]:
+    """``[(image path, caption)]`` from ``root/metadata.jsonl``; :class:`TrainError` naming the
+    file and line for anything malformed, missing or duplicated."""
+    root = Path(root)
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():
+        raise TrainError(f"--data {root}: no metadata.jsonl (captioned data: one JSON object per "
+                         'line, {"file_name": "a.png", "text": "a caption"})')
+    out, seen = [], set()
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise TrainError(f"{meta}:{n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise TrainError(f"{meta}:{n}: expected a JSON object, got {type(row).__name__}")
+        name, text = row.get("file_name"), row.get("text")
+        if not isinstance(name, str) or not name:
+            raise TrainError(f"{meta}:{n}: no \"file_name\" string")
+        if not isinstance(text, str):
+            raise TrainError(f"{meta}:{n}: no \"text\" string for {name}")
+        path = (root / name)
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise TrainError(f"{meta}:{n}: file_name {name!r} must be relative to the folder")
+        if not path.is_file():
+            raise TrainError(f"{meta}:{n}: caption for a missing file {name!r}")
+        if name in seen:
+            raise TrainError(f"{meta}:{n}: {name!r} is listed twice")
+        seen.add(name)
+        out.append((path, text))
+    if not out:
+        raise TrainError(f"{meta}: no captions")
+    return out
+
+
+def _check_images(paths) -> None:
+    """Every image opens (before any cache is written): TrainError naming the first that
+    does not."""
+    from PIL import Image
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise TrainError(f"cannot read image {str(p)!r}: {e}") from e
+
+
+def _quiet_loaders() -> None:
+    """No loading bars from transformers / diffusers (``--no-progress``)."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _load_pipeline_parts(folder: Path):
+    """Transformer class name and configs of a pipeline folder; TrainError if it is not one
+    ``diffcr train`` can fine-tune with captions."""
+    index = json.loads((folder / "model_index.json").read_text())
+    tconf_file = folder / "transformer" / "config.json"
+    if not tconf_file.is_file():
+        raise TrainError(f"--model {folder}: no transformer/config.json")
+    tconf = json.loads(tconf_file.read_text())
+    cls = tconf.get("_class_name")
+    if cls not in TEXT_FAMILIES:
+        raise TrainError(f"--model {folder}: captioned fine-tuning of {cls} is not in "
+                         f"`diffcr train` yet (supported: {', '.join(TEXT_FAMILIES)}); use the "
+                         "Python API (diffcr.convert, diffcr.add_lora, your training loop)")
+    for part in ("text_encoder", "tokenizer", "vae"):
+        if not (folder / part).is_dir():
+            raise TrainError(f"--model {folder}: no {part}/ folder")
+    econf_file = folder / "text_encoder" / "config.json"
+    econf = json.loads(econf_file.read_text()) if econf_file.is_file() else {}
+    width = econf.get("d_model", econf.get("hidden_size"))
+    if width is not None and width != tconf.get("caption_channels"):
+        raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not match "
+                         f"the transformer's caption_channels ({tconf.get('caption_channels')})")
+    vconf_file = folder / "vae" / "config.json"
+    vconf = json.loads(vconf_file.read_text()) if vconf_file.is_file() else {}
+    if vconf.get("latent_channels", tconf.get("in_channels")) != tconf.get("in_channels"):
+        raise TrainError(f"--model {folder}: the VAE makes {vconf['latent_channels']} latent "
+                         f"channels but the transformer takes {tconf.get('in_channels')}")
+    return index, tconf
+
+
+def _hash(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _encode_text(folder: Path, captions: List[str], max_length: int, dev, caption_channels: int,
+                 progress: bool):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    enc = T5EncoderModel.from_pretrained(str(folder / "text_encoder")).to(dev).eval()
+    if enc.config.d_model != caption_channels:
+        raise TrainError(f"--model {folder}: the text encoder's width ({enc.config.d_model}) "
+                         f"does not match the transformer's caption_channels "
+                         f"({caption_channels})")
+    texts = list(captions) + [""]  # the last: the empty caption for caption dropout
+    embs, masks = [], []
+    bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
+    for i in range(0, len(texts), 16):
+        t = tok(texts[i:i + 16], padding="max_length", max_length=max_length, truncation=True,
+                add_special_tokens=True, return_tensors="pt")
+        ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
+        embs.append(enc(ids, attention_mask=mask)[0].float().cpu())
+        masks.append(mask.cpu())
+        bar.update()
+    bar.close()
+    del enc
+    gc.collect()
+    emb, mask = torch.cat(embs), torch.cat(masks)
+    return emb[:-1], mask[:-1], emb[-1:], mask[-1:]
+
+
+@torch.no_grad()
+def _encode_images(folder: Path, paths, pixels: int, dev, progress: bool):
+    from diffusers import AutoencoderKL
+
+    from .image_folder import _load_one
+
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).to(dev).eval()
+    out = []
+    bar = _Progress((len(paths) + 7) // 8, "encoding images", progress)
+    for i in range(0, len(paths), 8):
+        try:
+            x = torch.stack([_load_one(p, pixels) for p in paths[i:i + 8]]).to(dev)
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+        out.append((vae.encode(x).latent_dist.sample() * vae.config.scaling_factor).cpu())
+        bar.update()
+    bar.close()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    del vae
+    gc.collect()
+    return torch.cat(out), factor
+
+
+def _cached(path: Path, make):
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        return load_file(str(path))
+    tensors = {k: v.contiguous() for k, v in make().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return tensors
+
+
+def _vae_factor(folder: Path) -> int:
+    conf = json.loads((folder / "vae" / "config.json").read_text())
+    return 2 ** (len(conf.get("block_out_channels", [0])) - 1)
+
+
+def run_text_train(cfg: TrainConfig, return_model: bool = False):
+    """Captioned DiffCR fine-tuning of a diffusers pipeline's transformer (see the module
+    docstring). Returns the metrics (also written to ``OUT/metrics.json``), and the trained
+    (unfrozen) model with ``return_model``."""
+    import diffcr
+    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+
+    folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
+    index, tconf = _load_pipeline_parts(folder)
+    if cfg.resume:
+        raise TrainError("--resume is not supported for captioned fine-tuning yet")
+    if cfg.vae:
+        raise TrainError("--vae: a pipeline folder brings its own vae/")
+    pairs = read_captions(data)
+    _check_images([p for p, _ in pairs])
+    if not cfg.progress:
+        _quiet_loaders()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    factor = _vae_factor(folder)
+    pixels = tconf.get("sample_size", 128) * factor
+    max_length = cfg.max_length or (300 if pixels > 512 else 120)
+    files = [(str(p.relative_to(data)), p.stat().st_size) for p, _ in pairs]
+    enc_conf = json.loads((folder / "text_encoder" / "config.json").read_text())
+    vae_conf = json.loads((folder / "vae" / "config.json").read_text())
+    cache = out / "cache"
+    # rank 0 builds the caches, the others wait and read them
+    if rank == 0:
+        text = _cached(cache / f"text-{_hash([t for _, t in pairs], enc_conf, max_length)}"
+                       ".safetensors",
+                       lambda: dict(zip(("emb", "mask", "null_emb", "null_mask"), _encode_text(
+                           folder, [t for _, t in pairs], max_length, dev,
+                           tconf.get("caption_channels"), cfg.progress))))
+        lat = _cached(cache / f"latents-{_hash(files, vae_conf, pixels)}.safetensors",
+                      lambda: {"latents": _encode_images(folder, [p for p, _ in pairs], pixels,
+                                                         dev, cfg.progress)[0]})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank != 0:
+        from safetensors.torch import load_file
+
+        text = load_file(str(cache / f"text-{_hash([t for _, t in pairs], enc_conf, max_length)}"
+                             ".safetensors"))
+        lat = load_file(str(cache / f"latents-{_hash(files, vae_conf, pixels)}.safetensors"))
+    latents, emb, mask = lat["latents"], text["emb"], text["mask"]
+    null_emb, null_mask = text["null_emb"], text["null_mask"]
+
+    torch.manual_seed(cfg.seed)
+    tdir = folder / "transformer"
+    model = (PixArtTransformer2DModel.from_pretrained(str(tdir))
+             if any(tdir.glob("*.safetensors")) or any(tdir.glob("*.bin"))
+             else PixArtTransformer2DModel.from_config(tconf)).to(dev)
+    if latents.shape[1] != model.config.in_channels or latents.shape[-1] != \
+            model.config.sample_size:
+        raise TrainError(f"--model {folder}: the VAE gives latents {tuple(latents.shape[1:])} "
+                         f"but the transformer takes {model.config.in_channels} channels at "
+                         f"{model.config.sample_size}^2")
+    if cfg.grad_ckpt:
+        model.enable_gradient_checkpointing()
+    conv = cfg.diffcr_config()
+    diffcr.convert(model, conv)
+    lora_rank = cfg.lora_rank
+    if lora_rank:
+        try:
+            diffcr.add_lora(model, rank=lora_rank)
+        except diffcr.LoraError as e:
+            raise TrainError(str(e)) from e
+    sched_dir = folder / "scheduler"
+    sched = DDPMScheduler.from_pretrained(str(sched_dir)) if sched_dir.is_dir() \
+        else DDPMScheduler()
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
+                                      else None)
+        shard = slice(rank, None, world)
+        latents, emb, mask = latents[shard], emb[shard], mask[shard]
+    opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=0.0)
+    diffcr.attach_ratio_projection(opt, model)
+    steps = cfg.steps or 1000
+    drop = float(cfg.caption_dropout)
+    g = torch.Generator().manual_seed(cfg.seed + rank)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
+    extra = {}
+    if model.config.use_additional_conditions:
+        extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    bar = _Progress(steps, "DiffCR fine-tuning" + (f" (LoRA r={lora_rank})" if lora_rank
+                                                   else ""), cfg.progress)
+    net.train()
+    last = {}
+    T = sched.config.num_train_timesteps
+    for _ in range(steps):
+        idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=g)
+        x0 = latents[idx].to(dev)
+        e, m = emb[idx].clone(), mask[idx].clone()
+        dropped = torch.rand(cfg.batch, generator=g) < drop
+        e[dropped], m[dropped] = null_emb, null_mask
+        t = torch.randint(0, T, (cfg.batch,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        xt = sched.add_noise(x0, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" \
+            else sched.get_velocity(x0, noise, t)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            pred = net(xt, encoder_hidden_states=e.to(dev), encoder_attention_mask=m.to(dev),
+                       timestep=t, **extra).sample[:, :x0.shape[1]]
+            loss = F.mse_loss(pred.float(), target.float())
+            total = loss + diffcr.ratio_loss(model)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+        last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item()}
+        bar.update(**last)
+    bar.close()
+    metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
+               "images": len(pairs), "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
+               "target_kept_ratio": conv.target_kept_ratio,
+               "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                           if p.requires_grad)}
+    if world > 1:
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().flatten().cpu().double() for p in
+                          diffcr.router_parameters(model) + diffcr.ratio_parameters(model)
+                          + diffcr.lora_parameters(model)])
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        metrics["ddp_params_identical_across_ranks"] = all(torch.equal(gathered[0], x)
+                                                           for x in gathered[1:])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        diffcr.save(model, out / "diffcr")
+        if lora_rank:
+            diffcr.save_lora(model, out / "lora")
+        else:
+            base = copy.deepcopy(model)
+            diffcr.revert(base)
+            base.save_pretrained(out / "model")
+        frozen = copy.deepcopy(model)
+        diffcr.freeze(frozen)
+        diffcr.save(frozen, out / "diffcr-frozen")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return (metrics, model) if return_model else metrics
+
+
+def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=None,
+                           transformer=None, per_prompt: int = 1, steps: int = 25,
+                           guidance: float = 4.5, seed: int = 0, max_length=None,
+                           progress: bool = True) -> List[Path]:
+    """Images for ``prompts`` from a pipeline folder with its transformer (or ``transformer``,
+    e.g. ``OUT/model`` of a full fine-tune) converted by the DiffCR checkpoint ``diffcr_ckpt``
+    and, when given, the LoRA adapter ``lora`` (``OUT/lora``). Writes
+    ``out/prompt<i>-<j>.png`` and returns the paths."""
+    import diffcr
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline,
+                           PixArtTransformer2DModel)
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    folder = Path(folder)
+    _load_pipeline_parts(folder)
+    tdir = Path(transformer) if transformer else folder / "transformer"
+    model = PixArtTransformer2DModel.from_pretrained(str(tdir))
+    try:
+        diffcr.load(model, diffcr_ckpt)
+        if lora:
+            diffcr.load_lora(model, lora)
+    except (diffcr.CheckpointError, diffcr.LoraError) as e:
+        raise TrainError(str(e)) from e
+    if not diffcr.routing_state(model).frozen:
+        diffcr.freeze(model)
+    model.eval()
+    sched = DPMSolverMultistepScheduler.from_pretrained(str(folder / "scheduler"))
+    pipe = PixArtSigmaPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(folder / "tokenizer")),
+        text_encoder=T5EncoderModel.from_pretrained(str(folder / "text_encoder")).eval(),
+        vae=AutoencoderKL.from_pretrained(str(folder / "vae")).eval(), transformer=model,
+        scheduler=sched)
+    pipe.set_progress_bar_config(disable=not progress)
+    pixels = model.config.sample_size * _vae_factor(folder)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            images = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance, height=pixels, width=pixels,
+                          use_resolution_binning=False, clean_caption=False,
+                          max_sequence_length=max_length or (300 if pixels > 512 else 120),
+                          generator=torch.Generator().manual_seed(seed + i)).images
+            for j, im in enumerate(images):
+                paths.append(out / f"prompt{i}-{j}.png")
+                im.save(paths[-1])
+    return paths

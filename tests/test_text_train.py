@@ -1,0 +1,198 @@
+"""Captioned fine-tuning: a tiny random PixArt pipeline folder (T5 text encoder, word-level
+tokenizer, VAE) and a captioned image folder, written to disk; ``diffcr train`` with LoRA, the
+caches, save -> load -> generate, DDP under torchrun, and bad input (one line, exit 2, nothing
+written)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import diffcr  # noqa: E402
+from diffcr.app import cli  # noqa: E402
+from diffcr.app.text_train import read_captions, run_text_train  # noqa: E402
+from diffcr.app.train import TrainConfig, TrainError  # noqa: E402
+
+from text_pipeline import write_captioned_images, write_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioned")
+    return write_pipeline(root / "pipe"), write_captioned_images(root / "data")
+
+
+def _cfg(pipe, data, out, **kw):
+    kw = dict(dict(steps=3, batch=2, lora_rank=4, progress=False, seed=0), **kw)
+    return TrainConfig(out=str(out), model=str(pipe), data=str(data), **kw).validate()
+
+
+def _forward(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        return model(x, encoder_hidden_states=emb, timestep=torch.tensor([100, 900])).sample
+
+
+def test_lora_fine_tuning_saves_what_load_and_generate_take(folders, tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.set_num_threads(1)
+    pipe, data = folders
+    out = tmp_path / "out"
+    metrics, model = run_text_train(_cfg(pipe, data, out), return_model=True)
+    assert metrics["lora_rank"] == 4 and metrics["images"] == 6
+    for name in ("diffcr", "diffcr-frozen", "lora", "metrics.json"):
+        assert (out / name).exists(), name
+    assert not (out / "model").exists()  # LoRA: the base weights stay the pipeline's
+    caches = sorted(p.name.split("-")[0] for p in (out / "cache").iterdir())
+    assert caches == ["latents", "text"]
+    # trained: LoRA B (zero-initialised) and the routers moved; the base weights did not
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
+    assert any(p.abs().sum() > 0 for p in diffcr.router_parameters(model))
+    base = PixArtTransformer2DModel.from_pretrained(str(pipe / "transformer"))
+    trained = {n.replace(".base_layer", ""): p for n, p in model.named_parameters()}
+    for n, p in base.named_parameters():
+        assert torch.equal(trained[n], p), n
+    # a fresh model from the pipeline + the DiffCR checkpoint + the LoRA adapter is the same
+    diffcr.load(base, out / "diffcr")
+    diffcr.load_lora(base, out / "lora")
+    model.eval()
+    base.eval()
+    torch.testing.assert_close(_forward(base), _forward(model), rtol=0, atol=0)
+    # and diffcr generate draws with it
+    rc = cli.main(["generate", "--model", str(pipe), "--diffcr", str(out / "diffcr-frozen"),
+                   "--lora", str(out / "lora"), "--prompt", "a red circle", "--prompt",
+                   "a blue square", "--per-class", "1", "--steps", "2",
+                   "--out", str(tmp_path / "gen")])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["prompt0-0.png",
+                                                                    "prompt1-0.png"]
+
+
+def test_full_fine_tuning_saves_the_base_model(folders, tmp_path):
+    torch.set_num_threads(1)
+    pipe, data = folders
+    metrics, model = run_text_train(_cfg(pipe, data, tmp_path, lora_rank=0, steps=2),
+                                    return_model=True)
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "lora").exists()
+    assert metrics["trainable_parameters"] > 10 * metrics["images"]
+
+
+def test_caches_are_reused(folders, tmp_path, monkeypatch):
+    from diffcr.app import text_train
+
+    torch.set_num_threads(1)
+    pipe, data = folders
+    run_text_train(_cfg(pipe, data, tmp_path, steps=1))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+
+    def boom(*a, **k):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(text_train, "_encode_text", boom)
+    monkeypatch.setattr(text_train, "_encode_images", boom)
+    run_text_train(_cfg(pipe, data, tmp_path, steps=1))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
+
+
+def test_read_captions(tmp_path):
+    data = write_captioned_images(tmp_path, n=2)
+    pairs = read_captions(data)
+    assert [(p.name, t) for p, t in pairs] == [("img0.png", "a red circle"),
+                                               ("img1.png", "a green square")]
+
+
+def _bad_meta(tmp_path, text):
+    data = write_captioned_images(tmp_path / "data", n=2)
+    (data / "metadata.jsonl").write_text(text)
+    return data
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no-metadata", "no metadata.jsonl"),
+    ("not-json", "metadata.jsonl:2: not valid JSON"),
+    ("no-text", 'metadata.jsonl:1: no "text" string for img0.png'),
+    ("missing-file", "metadata.jsonl:2: caption for a missing file 'gone.png'"),
+    ("outside", "metadata.jsonl:1: file_name '../img0.png' must be relative"),
+    ("twice", "metadata.jsonl:2: 'img0.png' is listed twice"),
+    ("text-width", "the text encoder's width (16) does not match the transformer's "
+                   "caption_channels (32)"),
+    ("corrupt-image", "cannot read image"),
+    ("lora-on-dit", "--lora-rank is for captioned fine-tuning of a pipeline folder"),
+    ("dit-with-captions", "has captions (metadata.jsonl): --model must be a diffusers "
+                          "pipeline folder"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys, case,
+                                                      message):
+    pipe, data = folders
+    model = pipe
+    good = '{"file_name": "img0.png", "text": "a"}\n'
+    if case == "no-metadata":
+        data = write_captioned_images(tmp_path / "data", n=2)
+        (data / "metadata.jsonl").unlink()
+    elif case == "not-json":
+        data = _bad_meta(tmp_path, good + "{oops\n")
+    elif case == "no-text":
+        data = _bad_meta(tmp_path, '{"file_name": "img0.png"}\n')
+    elif case == "missing-file":
+        data = _bad_meta(tmp_path, good + '{"file_name": "gone.png", "text": "b"}\n')
+    elif case == "outside":
+        data = _bad_meta(tmp_path, '{"file_name": "../img0.png", "text": "b"}\n')
+    elif case == "twice":
+        data = _bad_meta(tmp_path, good + good)
+    elif case == "text-width":
+        model = write_pipeline(tmp_path / "pipe16", text_width=16)
+    elif case == "corrupt-image":
+        data = write_captioned_images(tmp_path / "data", n=2)
+        (data / "img1.png").write_bytes(b"not a png")
+    elif case in ("lora-on-dit", "dit-with-captions"):
+        from tiny_models import tiny_dit
+
+        model = tmp_path / "dit"
+        tiny_dit().save_pretrained(model)
+        if case == "lora-on-dit":
+            from diffcr.app.image_folder import save_image_folder
+
+            data = tmp_path / "classes"
+            save_image_folder(torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([0, 1]), data)
+    out = tmp_path / "out"
+    capsys.readouterr()  # what building the folders printed
+    rc = cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out),
+                   "--steps", "1", "--batch", "2", "--lora-rank", "4", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_lora_without_target_modules_is_refused():
+    from tiny_models import make
+
+    model = make("pixart")
+    with pytest.raises(diffcr.LoraError, match=r"no linear layer named like \['nope'\]"):
+        diffcr.add_lora(model, rank=4, targets=["nope"])
+    assert not diffcr.lora_parameters(model)
+    with pytest.raises(diffcr.LoraError, match="rank must be a positive integer"):
+        diffcr.add_lora(model, rank=0)
+
+
+def test_ddp_two_processes_end_with_identical_routers_ratios_and_lora(folders, tmp_path):
+    pipe, data = folders
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "diffcr", "train", "--model", str(pipe), "--data",
+           str(data), "--out", str(out), "--steps", "2", "--batch", "2", "--lora-rank", "4",
+           "--threads", "1", "--no-progress"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ddp_params_identical_across_ranks"] is True

@@ -1,0 +1,70 @@
+"""A tiny random PixArt pipeline folder (transformer, T5 text encoder, word-level tokenizer,
+VAE, DDPM scheduler) and a captioned image folder, written to disk with no downloads: what
+``diffcr train --model PIPELINE --data CAPTIONED`` reads."""
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "the", "left", "right"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def write_pipeline(root, caption_channels=32, text_width=32):
+    """The pipeline folder; ``text_width`` != ``caption_channels`` makes a mismatched one."""
+    from diffusers import DDPMScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    from test_pipelines import tiny_vae
+    from tiny_models import _randomise_weights, tiny_pixart
+
+    root = Path(root)
+    torch.manual_seed(0)
+    model = _randomise_weights(tiny_pixart())
+    if caption_channels != 32:
+        raise ValueError("the tiny PixArt has caption_channels 32")
+    model.save_pretrained(root / "transformer")
+    T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=text_width, d_ff=64,
+                            num_layers=1, num_heads=2, d_kv=16)).save_pretrained(
+        root / "text_encoder")
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    tiny_vae().save_pretrained(root / "vae")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.35.0",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return root
+
+
+def write_captioned_images(root, n=6, sizes=((8, 8), (12, 10))):
+    """``n`` small images of alternating sizes (the loader resizes and center-crops) and their
+    metadata.jsonl."""
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        px = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(root / f"img{i}.png")
+        lines.append(json.dumps({"file_name": f"img{i}.png",
+                                 "text": f"a {WORDS[1 + i % 3]} {WORDS[4 + i % 2]}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
