@@ -184,15 +184,62 @@ def test_lora_without_target_modules_is_refused():
         diffcr.add_lora(model, rank=0)
 
 
-def test_ddp_two_processes_end_with_identical_routers_ratios_and_lora(folders, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_ddp_two_processes_end_with_identical_routers_ratios_and_lora(folders, tmp_path,
+                                                                      launcher):
+    """Two CPU processes (gloo) under torchrun, and under ``accelerate launch --multi_gpu``
+    (accelerate's --cpu launches one process; --multi_gpu runs torchrun, and the processes
+    find no GPU and use gloo), with gradient accumulation."""
+    pytest.importorskip("accelerate")
     pipe, data = folders
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", "-m", "diffcr", "train", "--model", str(pipe), "--data",
-           str(data), "--out", str(out), "--steps", "2", "--batch", "2", "--lora-rank", "4",
-           "--threads", "1", "--no-progress"]
+    port = {"torchrun": "29517", "accelerate": "29519"}[launcher]
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", port] if launcher == "torchrun" else
+              [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", port])
+    cmd = launch + ["-m", "diffcr", "train", "--model", str(pipe), "--data", str(data),
+                    "--out", str(out), "--steps", "2", "--batch", "2", "--lora-rank", "4",
+                    "--grad-accum", "2", "--threads", "1", "--no-progress"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ddp_params_identical_across_ranks"] is True
+    assert metrics["grad_accum"] == 2
+
+
+def _trained_state(out):
+    from safetensors.torch import load_file
+
+    return {**load_file(str(out / "diffcr" / "diffcr.safetensors")),
+            **load_file(str(out / "lora" / "adapter_model.safetensors"))}
+
+
+def test_resume_continues_bitwise_from_the_same_step(folders, tmp_path):
+    torch.set_num_threads(1)
+    pipe, data = folders
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    run_text_train(_cfg(pipe, data, straight, steps=4))
+    run_text_train(_cfg(pipe, data, halves, steps=4, save_every=2))
+    assert (halves / "step-2" / "accelerate").is_dir()
+    resumed = tmp_path / "resumed"
+    metrics = run_text_train(_cfg(pipe, data, resumed, steps=4,
+                                  resume=str(halves / "step-2")))
+    assert metrics["steps"] == 4
+    a, b = _trained_state(straight), _trained_state(resumed)
+    assert sorted(a) == sorted(b) and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and the half-way state is not the end state (the resumed run did train)
+    c = _trained_state(halves / "step-2")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_from_a_folder_that_is_not_a_captioned_state(folders, tmp_path, capsys):
+    pipe, data = folders
+    rc = cli.main(["train", "--model", str(pipe), "--data", str(data), "--out",
+                   str(tmp_path / "out"), "--resume", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "not a captioned-training state folder" in err[-1]

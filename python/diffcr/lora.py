@@ -33,7 +33,7 @@ def _peft():
     try:
         import peft
     except ImportError as e:  # pragma: no cover - peft is a dependency of the lora extra
-        raise LoraError("LoRA needs peft: pip install 'diffcr[lora]' (or pip install peft)") \
+        raise LoraError("LoRA needs peft: pip install 'diffcr[train]' (or pip install peft)") \
             from e
     return peft
 

@@ -227,6 +227,8 @@ def _add_train(sub):
                         "(the paper: 32; default 0 trains them in full)")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="captioned fine-tuning: share of empty captions (default 0.1)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="captioned fine-tuning: micro-batches per optimizer step (default 1)")
     p.add_argument("--max-length", type=int, default=None,
                    help="captioned fine-tuning: tokens per caption (default 300 above 512 px, "
                         "else 120)")
@@ -248,7 +250,7 @@ def _train_cmd(args) -> int:
                       resume=args.resume, seed=args.seed, save_every=args.save_every,
                       threads=args.threads, quick=args.quick, progress=not args.no_progress,
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
-                      max_length=args.max_length)
+                      max_length=args.max_length, grad_accum=args.grad_accum)
     try:
         cfg.validate()
         if args.threads:

@@ -178,6 +178,8 @@ def _encode_images(folder: Path, paths, pixels: int, dev, progress: bool):
     from .image_folder import _load_one
 
     vae = AutoencoderKL.from_pretrained(str(folder / "vae")).to(dev).eval()
+    # one draw from each latent distribution, seeded: the cache is the same whoever makes it
+    gen = torch.Generator(dev).manual_seed(0)
     out = []
     bar = _Progress((len(paths) + 7) // 8, "encoding images", progress)
     for i in range(0, len(paths), 8):
@@ -185,7 +187,8 @@ def _encode_images(folder: Path, paths, pixels: int, dev, progress: bool):
             x = torch.stack([_load_one(p, pixels) for p in paths[i:i + 8]]).to(dev)
         except ValueError as e:
             raise TrainError(str(e)) from e
-        out.append((vae.encode(x).latent_dist.sample() * vae.config.scaling_factor).cpu())
+        out.append((vae.encode(x).latent_dist.sample(generator=gen)
+                    * vae.config.scaling_factor).cpu())
         bar.update()
     bar.close()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -195,9 +198,10 @@ def _encode_images(folder: Path, paths, pixels: int, dev, progress: bool):
 
 
 def _cached(path: Path, make):
+    """The tensors in ``path``, made by ``make()`` and written there first if it is missing."""
     from safetensors.torch import load_file, save_file
 
-    if path.is_file():
+    if path.is_file() or make is None:
         return load_file(str(path))
     tensors = {k: v.contiguous() for k, v in make().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +209,47 @@ def _cached(path: Path, make):
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
     return tensors
+
+
+class _LoopState:
+    """What accelerate's checkpoint does not hold: the step and the data generator (so a
+    resumed run draws the same batches, timesteps and noise as an uninterrupted one)."""
+
+    def __init__(self, seed: int):
+        self.step = 0
+        self.world = 1
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"step": self.step, "world": self.world, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state):
+        self.step, self.world = int(state["step"]), int(state["world"])
+        self.gen.set_state(state["gen"])
+
+
+def _save_outputs(acc, model, out: Path, lora_rank: int, state: bool) -> None:
+    """DiffCR checkpoints (training and frozen form), the LoRA adapter or the base model; with
+    ``state`` also accelerate's state (weights, optimizer, RNGs, loop) for ``--resume``."""
+    import diffcr
+
+    if state:
+        acc.save_state(str(out / "accelerate"))
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        diffcr.save(model, out / "diffcr")
+        if lora_rank:
+            diffcr.save_lora(model, out / "lora")
+        else:
+            base = copy.deepcopy(model)
+            diffcr.revert(base)
+            base.save_pretrained(out / "model")
+        frozen = copy.deepcopy(model)
+        diffcr.freeze(frozen)
+        diffcr.save(frozen, out / "diffcr-frozen")
+        if state:
+            (out / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train"}))
+    acc.wait_for_everyone()
 
 
 def _vae_factor(folder: Path) -> int:
@@ -221,22 +266,29 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
 
     folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
     index, tconf = _load_pipeline_parts(folder)
-    if cfg.resume:
-        raise TrainError("--resume is not supported for captioned fine-tuning yet")
     if cfg.vae:
         raise TrainError("--vae: a pipeline folder brings its own vae/")
+    resume = Path(cfg.resume) if cfg.resume else None
+    if resume is not None and not (resume / "loop_state.json").is_file():
+        raise TrainError(f"--resume {resume}: not a captioned-training state folder (written "
+                         "as OUT/step-N by --save-every)")
     pairs = read_captions(data)
     _check_images([p for p, _ in pairs])
+    try:
+        from accelerate import Accelerator
+    except ImportError as e:
+        raise TrainError("captioned fine-tuning needs accelerate: pip install "
+                         "'diffcr[train]'") from e
     if not cfg.progress:
         _quiet_loaders()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-        if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    # DDP under `accelerate launch` or `torchrun` (accelerate reads either's environment)
+    try:
+        acc = Accelerator(mixed_precision=cfg.mixed_precision,
+                          gradient_accumulation_steps=cfg.grad_accum,
+                          cpu=not torch.cuda.is_available())
+    except (ValueError, RuntimeError) as e:  # e.g. fp16 without a GPU
+        raise TrainError(f"accelerate: {e}") from e
+    dev, rank, world = acc.device, acc.process_index, acc.num_processes
     factor = _vae_factor(folder)
     pixels = tconf.get("sample_size", 128) * factor
     max_length = cfg.max_length or (300 if pixels > 512 else 120)
@@ -244,26 +296,18 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     enc_conf = json.loads((folder / "text_encoder" / "config.json").read_text())
     vae_conf = json.loads((folder / "vae" / "config.json").read_text())
     cache = out / "cache"
-    # rank 0 builds the caches, the others wait and read them
-    if rank == 0:
-        text = _cached(cache / f"text-{_hash([t for _, t in pairs], enc_conf, max_length)}"
-                       ".safetensors",
-                       lambda: dict(zip(("emb", "mask", "null_emb", "null_mask"), _encode_text(
-                           folder, [t for _, t in pairs], max_length, dev,
-                           tconf.get("caption_channels"), cfg.progress))))
-        lat = _cached(cache / f"latents-{_hash(files, vae_conf, pixels)}.safetensors",
-                      lambda: {"latents": _encode_images(folder, [p for p, _ in pairs], pixels,
-                                                         dev, cfg.progress)[0]})
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    if rank != 0:
-        from safetensors.torch import load_file
-
-        text = load_file(str(cache / f"text-{_hash([t for _, t in pairs], enc_conf, max_length)}"
-                             ".safetensors"))
-        lat = load_file(str(cache / f"latents-{_hash(files, vae_conf, pixels)}.safetensors"))
+    text_file = cache / f"text-{_hash([t for _, t in pairs], enc_conf, max_length)}.safetensors"
+    lat_file = cache / f"latents-{_hash(files, vae_conf, pixels)}.safetensors"
+    if acc.is_main_process:  # the main process builds the caches, the others then read them
+        _cached(text_file, lambda: dict(zip(("emb", "mask", "null_emb", "null_mask"),
+                                            _encode_text(folder, [t for _, t in pairs],
+                                                         max_length, dev,
+                                                         tconf.get("caption_channels"),
+                                                         cfg.progress))))
+        _cached(lat_file, lambda: {"latents": _encode_images(
+            folder, [p for p, _ in pairs], pixels, dev, cfg.progress)[0]})
+    acc.wait_for_everyone()
+    text, lat = _cached(text_file, None), _cached(lat_file, None)
     latents, emb, mask = lat["latents"], text["emb"], text["mask"]
     null_emb, null_mask = text["null_emb"], text["null_mask"]
 
@@ -290,85 +334,75 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     sched_dir = folder / "scheduler"
     sched = DDPMScheduler.from_pretrained(str(sched_dir)) if sched_dir.is_dir() \
         else DDPMScheduler()
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
-                                      else None)
+    if world > 1:  # each process trains on its slice of the data
         shard = slice(rank, None, world)
         latents, emb, mask = latents[shard], emb[shard], mask[shard]
     opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=0.0)
     diffcr.attach_ratio_projection(opt, model)
+    net, opt = acc.prepare(model, opt)
+    loop = _LoopState(cfg.seed + rank)
+    acc.register_for_checkpointing(loop)
+    if resume is not None:
+        acc.load_state(str(resume / "accelerate"))
+        if loop.world != world:
+            raise TrainError(f"--resume {resume}: saved by {loop.world} processes, resumed by "
+                             f"{world}")
     steps = cfg.steps or 1000
     drop = float(cfg.caption_dropout)
-    g = torch.Generator().manual_seed(cfg.seed + rank)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
+    g = loop.gen
     extra = {}
     if model.config.use_additional_conditions:
         extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
-    bar = _Progress(steps, "DiffCR fine-tuning" + (f" (LoRA r={lora_rank})" if lora_rank
-                                                   else ""), cfg.progress)
+    bar = _Progress(steps - loop.step, "DiffCR fine-tuning" + (
+        f" (LoRA r={lora_rank})" if lora_rank else ""), cfg.progress and acc.is_main_process)
     net.train()
     last = {}
     T = sched.config.num_train_timesteps
-    for _ in range(steps):
-        idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=g)
-        x0 = latents[idx].to(dev)
-        e, m = emb[idx].clone(), mask[idx].clone()
-        dropped = torch.rand(cfg.batch, generator=g) < drop
-        e[dropped], m[dropped] = null_emb, null_mask
-        t = torch.randint(0, T, (cfg.batch,), generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        xt = sched.add_noise(x0, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" \
-            else sched.get_velocity(x0, noise, t)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            pred = net(xt, encoder_hidden_states=e.to(dev), encoder_attention_mask=m.to(dev),
-                       timestep=t, **extra).sample[:, :x0.shape[1]]
-            loss = F.mse_loss(pred.float(), target.float())
-            total = loss + diffcr.ratio_loss(model)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
+    loop.world = world
+    while loop.step < steps:
+        for _ in range(cfg.grad_accum):  # one optimizer step
+            idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=g)
+            x0 = latents[idx].to(dev)
+            e, m = emb[idx].clone(), mask[idx].clone()
+            dropped = torch.rand(cfg.batch, generator=g) < drop
+            e[dropped], m[dropped] = null_emb, null_mask
+            t = torch.randint(0, T, (cfg.batch,), generator=g).to(dev)
+            noise = torch.randn(x0.shape, generator=g).to(dev)
+            xt = sched.add_noise(x0, noise, t)
+            target = noise if sched.config.prediction_type == "epsilon" \
+                else sched.get_velocity(x0, noise, t)
+            with acc.accumulate(net), acc.autocast():
+                pred = net(xt, encoder_hidden_states=e.to(dev),
+                           encoder_attention_mask=m.to(dev), timestep=t,
+                           **extra).sample[:, :x0.shape[1]]
+                loss = F.mse_loss(pred.float(), target.float())
+                acc.backward(loss + diffcr.ratio_loss(model))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        loop.step += 1
         last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item()}
         bar.update(**last)
+        if cfg.save_every and loop.step % cfg.save_every == 0 and loop.step < steps:
+            _save_outputs(acc, model, out / f"step-{loop.step}", lora_rank, state=True)
     bar.close()
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
-               "images": len(pairs), "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
+               "grad_accum": cfg.grad_accum, "images": len(pairs),
+               "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
                "target_kept_ratio": conv.target_kept_ratio,
                "trainable_parameters": sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)}
     if world > 1:
-        import torch.distributed as dist
-
-        flat = torch.cat([p.detach().flatten().cpu().double() for p in
+        flat = torch.cat([p.detach().flatten().double() for p in
                           diffcr.router_parameters(model) + diffcr.ratio_parameters(model)
                           + diffcr.lora_parameters(model)])
-        gathered = [torch.zeros_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
+        gathered = acc.gather(flat[None]).cpu()
         metrics["ddp_params_identical_across_ranks"] = all(torch.equal(gathered[0], x)
                                                            for x in gathered[1:])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        diffcr.save(model, out / "diffcr")
-        if lora_rank:
-            diffcr.save_lora(model, out / "lora")
-        else:
-            base = copy.deepcopy(model)
-            diffcr.revert(base)
-            base.save_pretrained(out / "model")
-        frozen = copy.deepcopy(model)
-        diffcr.freeze(frozen)
-        diffcr.save(frozen, out / "diffcr-frozen")
+    _save_outputs(acc, model, out, lora_rank, state=False)
+    if acc.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    acc.wait_for_everyone()
+    acc.end_training()
     return (metrics, model) if return_model else metrics
 
 
