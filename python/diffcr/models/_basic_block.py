@@ -131,13 +131,16 @@ def _self_attention(attn, h, sel):
     return attn.to_out[1](attn.to_out[0](o))
 
 
-def _cross_attention(attn, h, sel, text, text_bias):
+def _cross_attention(attn, h, sel, text, text_bias, qk_norm=False):
     """Queries: the packed rows; keys/values: the text of each segment's sample, with
-    diffusers' additive text mask (bias [B, 1, L] or None)."""
+    diffusers' additive text mask (bias [B, 1, L] or None). ``qk_norm``: the attention's
+    ``norm_q`` / ``norm_k`` follow the projections (Wan)."""
     T = h.shape[0]
     H = attn.heads
     q = attn.to_q(h)
     kt, vt = attn.to_k(text), attn.to_v(text)  # [B, L, D] once per sample
+    if qk_norm:
+        q, kt = attn.norm_q(q), attn.norm_k(kt)
     Dh = kt.shape[-1] // H
     L = kt.shape[1]
     lens = list(sel.seqlens)

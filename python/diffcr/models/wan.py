@@ -11,15 +11,19 @@ Timesteps: the pipelines pass the scheduler's ``t`` in [0, 1000) (``T = 1000``, 
 ``t / T``). Wan 2.2 TI2V passes one timestep per token (``[B, N]``, the conditioning frame at
 0); a sample's noise level is its largest. Wan 2.2 A14B pipelines hold two transformers
 (``transformer``: high noise, ``transformer_2``: low noise): convert both, each gets its own
-routers and ratios (:func:`diffcr.convert_pipeline`). No fused path yet: ``path="auto"`` runs
-compat.
+routers and ratios (:func:`diffcr.convert_pipeline`).
+
+Paths: the fused forward (:func:`_fused_wan_block`, both training bins in one packed pass) for
+T2V blocks with ``(cos, sin)`` rotary tables and a per-sample ``temb``; the compat path for
+I2V blocks (image K/V in the cross-attention), fused QKV projections, other attention
+processors and Wan 2.2 TI2V's per-token ``temb`` (``path="auto"`` picks per block and call).
 """
 import torch
 
 import diffcr_kernels as dk
 
 from . import ModelFamily, register_family
-from ._basic_block import packed_rows, segment_groups
+from ._basic_block import _cross_attention, packed_rows, segment_groups
 
 
 def _gather_rows(t, tok, N):
@@ -56,11 +60,34 @@ class WanFamily(ModelFamily):
             return t.amax(dim=1)
         return t
 
+    has_fused = True
+
     def fused_unsupported_reason(self, block):
-        return "no fused forward for WanTransformerBlock yet (compat runs)"
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name)
+            if type(attn.processor) is not WanAttnProcessor:
+                return f"{name} processor {type(attn.processor).__name__}"
+            if getattr(attn, "fused_projections", False):
+                return f"{name} has fused projections (call unfuse_qkv_projections())"
+        if block.attn2.add_k_proj is not None:
+            return "image-to-video cross-attention (image K/V)"
+        return None
 
     def call_fused_reason(self, block, call):
-        return self.fused_unsupported_reason(block)
+        temb = call.get("temb")
+        if torch.is_tensor(temb) and temb.dim() == 4:
+            return "a per-token temb (Wan 2.2 TI2V)"
+        rope = call.get("rotary_emb")
+        if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+            return "rotary embeddings not given as (cos, sin)"
+        return None
+
+    def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        return _fused_wan_block(block, call["hidden_states"], sel, gate_scores,
+                                call["encoder_hidden_states"], call["temb"], call["rotary_emb"],
+                                inplace_residual=inplace_residual)
 
     def _check_temb(self, call):
         temb, x = call.get("temb"), call["hidden_states"]
@@ -99,3 +126,60 @@ class WanFamily(ModelFamily):
         delta = packed_rows(pieces, sel.total, x)
         return dk.scatter_back_selection(x, sel, delta, use_scores=False,
                                          inplace=inplace_residual)
+
+
+def _rotate(t, cos, sin):
+    """Wan's rotary embedding of ``t`` ``[T, H, Dh]`` with per-row ``cos``/``sin`` ``[T, 1, Dh]``
+    (as diffusers' ``WanAttnProcessor``: interleaved pairs)."""
+    x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(t)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(t)
+
+
+def _fused_wan_block(block, x, sel, gate_scores, text, temb, rope, *, inplace_residual=False):
+    """One routed ``WanTransformerBlock`` over a packed selection (docs/method.md §7, as the
+    PixArt block): gather + LayerNorm + modulate of the kept rows, one GEMM per projection for
+    every segment (both training bins included), qk RMS-norm, the rotary rows of the kept
+    positions, self-attention over each segment, cross-attention of each segment over its
+    sample's text, the FFN, and the gated scatter-back. Returns the new ``[B, N, D]``."""
+    B, N, D = x.shape
+    T = sel.total
+    mods = block.scale_shift_table + temb.float()  # [B, 6, D], float32 as diffusers
+    shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(1)
+    dt = x.dtype
+    norm1 = block.norm1
+    h = dk.gather_norm_modulate(x, sel, shift.to(dt), scale.to(dt), norm1.weight, norm1.bias,
+                                norm1.eps)
+    rows = sel.row_sample()
+    # 1. self-attention over each segment, with the rotary rows of the kept positions
+    attn = block.attn1
+    H = attn.heads
+    q, k, v = attn.norm_q(attn.to_q(h)), attn.norm_k(attn.to_k(h)), attn.to_v(h)
+    Dh = q.shape[-1] // H
+    q, k, v = q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh)
+    pos = sel.indices % N
+    cos, sin = (r.reshape(r.shape[1], -1)[pos].unsqueeze(1) for r in rope)  # [T, 1, Dh]
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    o = dk.varlen_attention(q, k, v, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen,
+                            sel.max_seqlen, uniform=sel.uniform, seqlens_q=sel.seqlens,
+                            seqlens_k=sel.seqlens)
+    a = attn.to_out[1](attn.to_out[0](o.reshape(T, H * Dh).type_as(q)))
+    xp = dk.gather_rows(x, sel.indices)
+    attn_update = (a * gate.index_select(0, rows)).type_as(x)  # [T, D]
+    hid = (xp.float() + a * gate.index_select(0, rows)).type_as(x)
+    # 2. cross-attention of each segment over its sample's text
+    n2 = block.norm2(hid.float()).type_as(hid)
+    c = _cross_attention(block.attn2, n2, sel, text, None, qk_norm=True)
+    attn_update = attn_update + c
+    hid = hid + c
+    # 3. feed-forward on the modulated rows
+    n3 = (block.norm3(hid.float()) * (1 + c_scale.index_select(0, rows))
+          + c_shift.index_select(0, rows)).type_as(hid)
+    mlp_out = block.ffn(n3)
+    return dk.scatter_back_selection(x, sel, attn_update, mlp_out, c_gate.to(dt),
+                                     scores=gate_scores,
+                                     inplace=not torch.is_grad_enabled() and inplace_residual)
+
