@@ -68,3 +68,45 @@ def write_captioned_images(root, n=6, sizes=((8, 8), (12, 10))):
                                  "text": f"a {WORDS[1 + i % 3]} {WORDS[4 + i % 2]}"}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def write_flux_pipeline(root, t5_width=32):
+    """A tiny random Flux.1 pipeline folder: CLIP (pooled, 32) and T5 (32) text encoders with
+    word-level tokenizers, a one-latent-channel VAE (packed 2x2 -> the transformer's 4),
+    a flow-matching scheduler. ``t5_width`` != 32 makes a mismatched one."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from tiny_models import make
+
+    root = Path(root)
+    torch.manual_seed(0)
+    make("flux").save_pretrained(root / "transformer")
+    V = len(WORDS) + 3
+    CLIPTextModel(CLIPTextConfig(vocab_size=V, hidden_size=32, intermediate_size=37,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=77, projection_dim=32,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=0)).save_pretrained(
+        root / "text_encoder")
+    tok = tiny_tokenizer()
+    tok.model_max_length = 77
+    tok.save_pretrained(root / "tokenizer")
+    T5EncoderModel(T5Config(vocab_size=V, d_model=t5_width, d_ff=64, num_layers=1, num_heads=2,
+                            d_kv=16)).save_pretrained(root / "text_encoder_2")
+    tiny_tokenizer().save_pretrained(root / "tokenizer_2")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                  layers_per_block=1, latent_channels=1, norm_num_groups=8, sample_size=8,
+                  shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+                  use_post_quant_conv=False).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "_diffusers_version": "0.35.0",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    return root

@@ -227,6 +227,9 @@ def _add_train(sub):
                         "(the paper: 32; default 0 trains them in full)")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="captioned fine-tuning: share of empty captions (default 0.1)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="captioned fine-tuning: image size in pixels (default: the model's; "
+                        "Flux 1024)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="captioned fine-tuning: micro-batches per optimizer step (default 1)")
     p.add_argument("--max-length", type=int, default=None,
@@ -250,7 +253,8 @@ def _train_cmd(args) -> int:
                       resume=args.resume, seed=args.seed, save_every=args.save_every,
                       threads=args.threads, quick=args.quick, progress=not args.no_progress,
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
-                      max_length=args.max_length, grad_accum=args.grad_accum)
+                      max_length=args.max_length, grad_accum=args.grad_accum,
+                      resolution=args.resolution)
     try:
         cfg.validate()
         if args.threads:
@@ -333,8 +337,8 @@ def _generate_arg_error(args) -> Optional[str]:
     pipeline = is_pipeline_folder(args.model)
     if pipeline and not args.prompt:
         return "--model is a pipeline folder: give one or more --prompt"
-    if not pipeline and (args.prompt or args.lora or args.transformer):
-        return "--prompt/--lora/--transformer need --model to be a pipeline folder"
+    if not pipeline and (args.prompt or args.lora or args.transformer or args.resolution):
+        return "--prompt/--lora/--transformer/--resolution need --model to be a pipeline folder"
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         return "--prompt is empty"
     for name in ("model", "diffcr", "vae", "lora", "transformer"):
@@ -371,7 +375,7 @@ def _generate_cmd(args) -> int:
             paths = generate_from_pipeline(
                 args.model, args.diffcr, args.prompt, args.out, lora=args.lora,
                 transformer=args.transformer, per_prompt=args.per_class, steps=args.steps,
-                guidance=args.guidance, seed=args.seed)
+                guidance=args.guidance, seed=args.seed, resolution=args.resolution)
         except TrainError as e:
             print(f"diffcr generate: error: {e}", file=sys.stderr)
             return 2
@@ -452,6 +456,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_g.add_argument("--lora", help="pipeline models: LoRA adapter folder (e.g. OUT/lora)")
     p_g.add_argument("--transformer", help="pipeline models: transformer folder replacing the "
                      "pipeline's (e.g. OUT/model of a full fine-tune)")
+    p_g.add_argument("--resolution", type=int, default=None,
+                     help="pipeline models: image size in pixels (default: the model's)")
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
     p_b.add_argument("--model", choices=BENCH_KINDS, default="pixart",
                      help="block kind: PixArt-Sigma-XL, DiT-XL/2, SD3.5-Large, Flux.1 (double "

@@ -4,12 +4,13 @@
   convention: ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative to the
   folder) and ``text``. Images of any size are converted to RGB, resized so the shorter side is
   the model's pixel size (bicubic) and center-cropped to a square.
-- **Model**: a diffusers pipeline folder (``model_index.json``, ``transformer/``,
-  ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ
-  (T5 text encoder, DDPM epsilon or v loss from the pipeline's scheduler config).
-- **Caches**: the captions are encoded once with the pipeline's own text encoder and written
-  to ``OUT/cache/text-<hash>.safetensors`` (embeddings, attention masks, and the empty caption
-  for caption dropout); the images are encoded once with the VAE into
+- **Model**: a diffusers pipeline folder (``model_index.json``, ``transformer/``, its text
+  encoders and tokenizers, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ and Flux.1;
+  what differs per pipeline (encoding, latents, loss, sampling arguments) is its recipe in
+  :mod:`.recipes`.
+- **Caches**: the captions are encoded once with the pipeline's own text encoders and written
+  to ``OUT/cache/text-<hash>.safetensors`` (the recipe's tensors, and under ``null.`` those of
+  the empty caption for caption dropout); the images are encoded once with the VAE into
   ``OUT/cache/latents-<hash>.safetensors``. The text encoder and VAE leave memory before
   training starts. A rerun with the same data and encoders reuses the caches (the hash covers
   the captions, the file list and sizes, the encoder configs and the resolution).
@@ -29,14 +30,10 @@ from pathlib import Path
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .train import TrainConfig, TrainError, _param_groups, _Progress
 
-__all__ = ["read_captions", "is_pipeline_folder", "run_text_train", "TEXT_FAMILIES"]
-
-#: pipeline model classes ``diffcr train`` fine-tunes with captions (the rest: Python API)
-TEXT_FAMILIES = ("PixArtTransformer2DModel",)
+__all__ = ["read_captions", "is_pipeline_folder", "run_text_train", "generate_from_pipeline"]
 
 
 def is_pipeline_folder(path) -> bool:
@@ -107,33 +104,18 @@ def _quiet_loaders() -> None:
 
 
 def _load_pipeline_parts(folder: Path):
-    """Transformer class name and configs of a pipeline folder; TrainError if it is not one
-    ``diffcr train`` can fine-tune with captions."""
+    """``(model_index, transformer config, recipe)`` of a pipeline folder; TrainError if it is
+    not one ``diffcr train`` can fine-tune with captions (missing parts, mismatched encoders)."""
+    from .recipes import recipe_for
+
     index = json.loads((folder / "model_index.json").read_text())
     tconf_file = folder / "transformer" / "config.json"
     if not tconf_file.is_file():
         raise TrainError(f"--model {folder}: no transformer/config.json")
     tconf = json.loads(tconf_file.read_text())
-    cls = tconf.get("_class_name")
-    if cls not in TEXT_FAMILIES:
-        raise TrainError(f"--model {folder}: captioned fine-tuning of {cls} is not in "
-                         f"`diffcr train` yet (supported: {', '.join(TEXT_FAMILIES)}); use the "
-                         "Python API (diffcr.convert, diffcr.add_lora, your training loop)")
-    for part in ("text_encoder", "tokenizer", "vae"):
-        if not (folder / part).is_dir():
-            raise TrainError(f"--model {folder}: no {part}/ folder")
-    econf_file = folder / "text_encoder" / "config.json"
-    econf = json.loads(econf_file.read_text()) if econf_file.is_file() else {}
-    width = econf.get("d_model", econf.get("hidden_size"))
-    if width is not None and width != tconf.get("caption_channels"):
-        raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not match "
-                         f"the transformer's caption_channels ({tconf.get('caption_channels')})")
-    vconf_file = folder / "vae" / "config.json"
-    vconf = json.loads(vconf_file.read_text()) if vconf_file.is_file() else {}
-    if vconf.get("latent_channels", tconf.get("in_channels")) != tconf.get("in_channels"):
-        raise TrainError(f"--model {folder}: the VAE makes {vconf['latent_channels']} latent "
-                         f"channels but the transformer takes {tconf.get('in_channels')}")
-    return index, tconf
+    recipe = recipe_for(tconf.get("_class_name"), folder)
+    recipe.check(folder, tconf)
+    return index, tconf, recipe
 
 
 def _hash(*parts) -> str:
@@ -143,41 +125,21 @@ def _hash(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def _encode_text(folder: Path, captions: List[str], max_length: int, dev, caption_channels: int,
+def _encode_text(recipe, folder: Path, captions: List[str], max_length: int, dev,
                  progress: bool):
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    enc = T5EncoderModel.from_pretrained(str(folder / "text_encoder")).to(dev).eval()
-    if enc.config.d_model != caption_channels:
-        raise TrainError(f"--model {folder}: the text encoder's width ({enc.config.d_model}) "
-                         f"does not match the transformer's caption_channels "
-                         f"({caption_channels})")
-    texts = list(captions) + [""]  # the last: the empty caption for caption dropout
-    embs, masks = [], []
-    bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
-    for i in range(0, len(texts), 16):
-        t = tok(texts[i:i + 16], padding="max_length", max_length=max_length, truncation=True,
-                add_special_tokens=True, return_tensors="pt")
-        ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
-        embs.append(enc(ids, attention_mask=mask)[0].float().cpu())
-        masks.append(mask.cpu())
-        bar.update()
-    bar.close()
-    del enc
-    gc.collect()
-    emb, mask = torch.cat(embs), torch.cat(masks)
-    return emb[:-1], mask[:-1], emb[-1:], mask[-1:]
+    """The recipe's conditioning of every caption, and under ``null.<name>`` of the empty
+    caption (caption dropout)."""
+    out = recipe.encode(folder, list(captions) + [""], dev, max_length, progress)
+    text = {k: v[:-1] for k, v in out.items()}
+    text.update({f"null.{k}": v[-1:] for k, v in out.items()})
+    return text
 
 
 @torch.no_grad()
-def _encode_images(folder: Path, paths, pixels: int, dev, progress: bool):
-    from diffusers import AutoencoderKL
-
+def _encode_images(recipe, folder: Path, paths, pixels: int, dev, progress: bool):
     from .image_folder import _load_one
 
-    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).to(dev).eval()
+    vae = recipe.vae(folder).to(dev).eval()
     # one draw from each latent distribution, seeded: the cache is the same whoever makes it
     gen = torch.Generator(dev).manual_seed(0)
     out = []
@@ -187,14 +149,16 @@ def _encode_images(folder: Path, paths, pixels: int, dev, progress: bool):
             x = torch.stack([_load_one(p, pixels) for p in paths[i:i + 8]]).to(dev)
         except ValueError as e:
             raise TrainError(str(e)) from e
-        out.append((vae.encode(x).latent_dist.sample(generator=gen)
-                    * vae.config.scaling_factor).cpu())
+        out.append(recipe.latents(vae, x, gen).float().cpu())
         bar.update()
     bar.close()
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     del vae
     gc.collect()
-    return torch.cat(out), factor
+    return torch.cat(out)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _cached(path: Path, make):
@@ -252,20 +216,15 @@ def _save_outputs(acc, model, out: Path, lora_rank: int, state: bool) -> None:
     acc.wait_for_everyone()
 
 
-def _vae_factor(folder: Path) -> int:
-    conf = json.loads((folder / "vae" / "config.json").read_text())
-    return 2 ** (len(conf.get("block_out_channels", [0])) - 1)
-
-
 def run_text_train(cfg: TrainConfig, return_model: bool = False):
     """Captioned DiffCR fine-tuning of a diffusers pipeline's transformer (see the module
     docstring). Returns the metrics (also written to ``OUT/metrics.json``), and the trained
     (unfrozen) model with ``return_model``."""
     import diffcr
-    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+    import diffusers
 
     folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
-    index, tconf = _load_pipeline_parts(folder)
+    index, tconf, recipe = _load_pipeline_parts(folder)
     if cfg.vae:
         raise TrainError("--vae: a pipeline folder brings its own vae/")
     resume = Path(cfg.resume) if cfg.resume else None
@@ -289,38 +248,31 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     except (ValueError, RuntimeError) as e:  # e.g. fp16 without a GPU
         raise TrainError(f"accelerate: {e}") from e
     dev, rank, world = acc.device, acc.process_index, acc.num_processes
-    factor = _vae_factor(folder)
-    pixels = tconf.get("sample_size", 128) * factor
-    max_length = cfg.max_length or (300 if pixels > 512 else 120)
+    pixels = recipe.pixels(folder, tconf, cfg.resolution)
+    max_length = recipe.max_length(pixels, cfg.max_length)
     files = [(str(p.relative_to(data)), p.stat().st_size) for p, _ in pairs]
-    enc_conf = json.loads((folder / "text_encoder" / "config.json").read_text())
-    vae_conf = json.loads((folder / "vae" / "config.json").read_text())
+    enc_conf = {part: _json(folder / part / "config.json") for part in recipe.parts}
     cache = out / "cache"
-    text_file = cache / f"text-{_hash([t for _, t in pairs], enc_conf, max_length)}.safetensors"
-    lat_file = cache / f"latents-{_hash(files, vae_conf, pixels)}.safetensors"
+    text_key = _hash(recipe.model_class, [t for _, t in pairs], enc_conf, max_length)
+    text_file = cache / f"text-{text_key}.safetensors"
+    lat_file = cache / f"latents-{_hash(files, enc_conf.get('vae'), pixels)}.safetensors"
     if acc.is_main_process:  # the main process builds the caches, the others then read them
-        _cached(text_file, lambda: dict(zip(("emb", "mask", "null_emb", "null_mask"),
-                                            _encode_text(folder, [t for _, t in pairs],
-                                                         max_length, dev,
-                                                         tconf.get("caption_channels"),
-                                                         cfg.progress))))
+        _cached(text_file, lambda: _encode_text(recipe, folder, [t for _, t in pairs],
+                                                max_length, dev, cfg.progress))
         _cached(lat_file, lambda: {"latents": _encode_images(
-            folder, [p for p, _ in pairs], pixels, dev, cfg.progress)[0]})
+            recipe, folder, [p for p, _ in pairs], pixels, dev, cfg.progress)})
     acc.wait_for_everyone()
     text, lat = _cached(text_file, None), _cached(lat_file, None)
-    latents, emb, mask = lat["latents"], text["emb"], text["mask"]
-    null_emb, null_mask = text["null_emb"], text["null_mask"]
+    latents = lat["latents"]
+    cond = {k: v for k, v in text.items() if not k.startswith("null.")}
+    null = {k: text[f"null.{k}"] for k in cond}
 
     torch.manual_seed(cfg.seed)
     tdir = folder / "transformer"
-    model = (PixArtTransformer2DModel.from_pretrained(str(tdir))
+    klass = getattr(diffusers, recipe.model_class)
+    model = (klass.from_pretrained(str(tdir))
              if any(tdir.glob("*.safetensors")) or any(tdir.glob("*.bin"))
-             else PixArtTransformer2DModel.from_config(tconf)).to(dev)
-    if latents.shape[1] != model.config.in_channels or latents.shape[-1] != \
-            model.config.sample_size:
-        raise TrainError(f"--model {folder}: the VAE gives latents {tuple(latents.shape[1:])} "
-                         f"but the transformer takes {model.config.in_channels} channels at "
-                         f"{model.config.sample_size}^2")
+             else klass.from_config(tconf)).to(dev)
     if cfg.grad_ckpt:
         model.enable_gradient_checkpointing()
     conv = cfg.diffcr_config()
@@ -331,12 +283,11 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
             diffcr.add_lora(model, rank=lora_rank)
         except diffcr.LoraError as e:
             raise TrainError(str(e)) from e
-    sched_dir = folder / "scheduler"
-    sched = DDPMScheduler.from_pretrained(str(sched_dir)) if sched_dir.is_dir() \
-        else DDPMScheduler()
+    sched = recipe.scheduler(folder)
     if world > 1:  # each process trains on its slice of the data
         shard = slice(rank, None, world)
-        latents, emb, mask = latents[shard], emb[shard], mask[shard]
+        latents = latents[shard]
+        cond = {k: v[shard] for k, v in cond.items()}
     opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=0.0)
     diffcr.attach_ratio_projection(opt, model)
     net, opt = acc.prepare(model, opt)
@@ -350,32 +301,22 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     steps = cfg.steps or 1000
     drop = float(cfg.caption_dropout)
     g = loop.gen
-    extra = {}
-    if model.config.use_additional_conditions:
-        extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     bar = _Progress(steps - loop.step, "DiffCR fine-tuning" + (
         f" (LoRA r={lora_rank})" if lora_rank else ""), cfg.progress and acc.is_main_process)
     net.train()
     last = {}
-    T = sched.config.num_train_timesteps
     loop.world = world
     while loop.step < steps:
         for _ in range(cfg.grad_accum):  # one optimizer step
             idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=g)
             x0 = latents[idx].to(dev)
-            e, m = emb[idx].clone(), mask[idx].clone()
             dropped = torch.rand(cfg.batch, generator=g) < drop
-            e[dropped], m[dropped] = null_emb, null_mask
-            t = torch.randint(0, T, (cfg.batch,), generator=g).to(dev)
-            noise = torch.randn(x0.shape, generator=g).to(dev)
-            xt = sched.add_noise(x0, noise, t)
-            target = noise if sched.config.prediction_type == "epsilon" \
-                else sched.get_velocity(x0, noise, t)
+            c = {}
+            for k, v in cond.items():
+                c[k] = v[idx].clone()
+                c[k][dropped] = null[k].to(v.dtype)
             with acc.accumulate(net), acc.autocast():
-                pred = net(xt, encoder_hidden_states=e.to(dev),
-                           encoder_attention_mask=m.to(dev), timestep=t,
-                           **extra).sample[:, :x0.shape[1]]
-                loss = F.mse_loss(pred.float(), target.float())
+                loss = recipe.loss(net, model, sched, x0, c, g, dev)
                 acc.backward(loss + diffcr.ratio_loss(model))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -409,20 +350,18 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
 def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=None,
                            transformer=None, per_prompt: int = 1, steps: int = 25,
                            guidance: float = 4.5, seed: int = 0, max_length=None,
-                           progress: bool = True) -> List[Path]:
+                           resolution=None, progress: bool = True) -> List[Path]:
     """Images for ``prompts`` from a pipeline folder with its transformer (or ``transformer``,
     e.g. ``OUT/model`` of a full fine-tune) converted by the DiffCR checkpoint ``diffcr_ckpt``
     and, when given, the LoRA adapter ``lora`` (``OUT/lora``). Writes
     ``out/prompt<i>-<j>.png`` and returns the paths."""
     import diffcr
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline,
-                           PixArtTransformer2DModel)
-    from transformers import AutoTokenizer, T5EncoderModel
+    import diffusers
 
     folder = Path(folder)
-    _load_pipeline_parts(folder)
+    _, tconf, recipe = _load_pipeline_parts(folder)
     tdir = Path(transformer) if transformer else folder / "transformer"
-    model = PixArtTransformer2DModel.from_pretrained(str(tdir))
+    model = getattr(diffusers, recipe.model_class).from_pretrained(str(tdir))
     try:
         diffcr.load(model, diffcr_ckpt)
         if lora:
@@ -432,23 +371,17 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
     if not diffcr.routing_state(model).frozen:
         diffcr.freeze(model)
     model.eval()
-    sched = DPMSolverMultistepScheduler.from_pretrained(str(folder / "scheduler"))
-    pipe = PixArtSigmaPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(str(folder / "tokenizer")),
-        text_encoder=T5EncoderModel.from_pretrained(str(folder / "text_encoder")).eval(),
-        vae=AutoencoderKL.from_pretrained(str(folder / "vae")).eval(), transformer=model,
-        scheduler=sched)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), transformer=model)
     pipe.set_progress_bar_config(disable=not progress)
-    pixels = model.config.sample_size * _vae_factor(folder)
+    pixels = recipe.pixels(folder, tconf, resolution)
+    kwargs = recipe.pipeline_kwargs(pixels, max_length)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             images = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, height=pixels, width=pixels,
-                          use_resolution_binning=False, clean_caption=False,
-                          max_sequence_length=max_length or (300 if pixels > 512 else 120),
+                          guidance_scale=guidance, **kwargs,
                           generator=torch.Generator().manual_seed(seed + i)).images
             for j, im in enumerate(images):
                 paths.append(out / f"prompt{i}-{j}.png")

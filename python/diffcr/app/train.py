@@ -63,6 +63,8 @@ class TrainConfig:
     lora_rank: int = 0
     #: captioned fine-tuning: share of captions replaced by the empty one (for guidance)
     caption_dropout: float = 0.1
+    #: captioned fine-tuning: training resolution in pixels (None: the model's)
+    resolution: Optional[int] = None
     #: captioned fine-tuning: micro-batches per optimizer step (accelerate)
     grad_accum: int = 1
     #: captioned fine-tuning: tokens per caption (None: 300 above 512 px, else 120, as PixArt)
@@ -95,6 +97,8 @@ class TrainConfig:
         if not (isinstance(self.caption_dropout, (int, float)) and
                 0.0 <= self.caption_dropout <= 1.0):
             raise TrainError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout!r}")
+        if self.resolution is not None and (self.resolution < 16 or self.resolution % 16):
+            raise TrainError(f"--resolution must be a multiple of 16, got {self.resolution}")
         if self.grad_accum < 1:
             raise TrainError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.max_length is not None and self.max_length < 1:

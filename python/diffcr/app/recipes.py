@@ -1,0 +1,246 @@
+"""Per-family recipes of captioned fine-tuning (``diffcr train --model PIPELINE``): how a
+pipeline folder's text encoders turn captions into the transformer's conditioning, how images
+become latents, the training loss, and how the pipeline draws from prompts. One class per
+pipeline family, registered by the transformer class it trains (as the model families are).
+
+- :class:`PixArtRecipe`: T5 embeddings + mask, DDPM epsilon (or v) loss.
+- :class:`FluxRecipe`: CLIP pooled + T5 embeddings (the pipeline's own ``encode_prompt``),
+  flow matching (``x_t = (1 - s) x0 + s e``, target ``e - x0``, ``s`` uniform then shifted as
+  the pipeline's scheduler shifts), packed 2x2 latents with their position ids, guidance 3.5
+  for guidance-distilled models.
+"""
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from .train import TrainError, _Progress
+
+__all__ = ["Recipe", "recipe_for", "RECIPES"]
+
+RECIPES: Dict[str, "Recipe"] = {}
+
+
+def _register(cls):
+    RECIPES[cls.model_class] = cls()
+    return cls
+
+
+def recipe_for(model_class: str, folder) -> "Recipe":
+    if model_class not in RECIPES:
+        raise TrainError(f"--model {folder}: captioned fine-tuning of {model_class} is not in "
+                         f"`diffcr train` yet (supported: {', '.join(RECIPES)}); use the Python "
+                         "API (diffcr.convert, diffcr.add_lora, your training loop)")
+    return RECIPES[model_class]
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Recipe:
+    model_class = ""
+    #: pipeline sub-folders that must exist
+    parts = ("text_encoder", "tokenizer", "vae", "scheduler")
+    #: default training resolution in pixels when the transformer config does not fix it
+    default_pixels = 1024
+
+    def check(self, folder: Path, tconf: dict) -> None:
+        for part in self.parts:
+            if not (folder / part).is_dir():
+                raise TrainError(f"--model {folder}: no {part}/ folder")
+
+    def pixels(self, folder: Path, tconf: dict, requested) -> int:
+        return int(requested or self.default_pixels)
+
+    def max_length(self, pixels: int, requested) -> int:
+        return int(requested or 512)
+
+    def encode(self, folder: Path, texts: List[str], dev, max_length: int,
+               progress: bool) -> Dict[str, torch.Tensor]:
+        """``{name: [M, ...]}`` per caption of ``texts``, float32 on the CPU."""
+        raise NotImplementedError
+
+    def vae(self, folder: Path):
+        import diffusers
+
+        index = _json(folder / "model_index.json")
+        cls = (index.get("vae") or ["diffusers", "AutoencoderKL"])[1]
+        return getattr(diffusers, cls).from_pretrained(str(folder / "vae"))
+
+    @torch.no_grad()
+    def latents(self, vae, x, gen) -> torch.Tensor:
+        lat = vae.encode(x).latent_dist.sample(generator=gen)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (lat - shift) * vae.config.scaling_factor
+
+    def scheduler(self, folder: Path):
+        raise NotImplementedError
+
+    def loss(self, net, model, sched, x0, cond: Dict[str, torch.Tensor], g, dev):
+        raise NotImplementedError
+
+    def pipeline_kwargs(self, pixels: int, max_length) -> dict:
+        return dict(height=pixels, width=pixels)
+
+
+@_register
+class PixArtRecipe(Recipe):
+    model_class = "PixArtTransformer2DModel"
+    parts = ("text_encoder", "tokenizer", "vae")
+
+    def check(self, folder, tconf):
+        super().check(folder, tconf)
+        econf = _json(folder / "text_encoder" / "config.json")
+        width = econf.get("d_model", econf.get("hidden_size"))
+        if width is not None and width != tconf.get("caption_channels"):
+            raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
+                             f"match the transformer's caption_channels "
+                             f"({tconf.get('caption_channels')})")
+        vconf = _json(folder / "vae" / "config.json")
+        if vconf.get("latent_channels", tconf.get("in_channels")) != tconf.get("in_channels"):
+            raise TrainError(f"--model {folder}: the VAE makes {vconf['latent_channels']} "
+                             f"latent channels but the transformer takes "
+                             f"{tconf.get('in_channels')}")
+
+    def pixels(self, folder, tconf, requested):
+        factor = 2 ** (len(_json(folder / "vae" / "config.json").get(
+            "block_out_channels", [0])) - 1)
+        native = tconf.get("sample_size", 128) * factor
+        if requested and requested != native:
+            raise TrainError(f"--resolution {requested}: this PixArt transformer trains at "
+                             f"{native} px")
+        return native
+
+    def max_length(self, pixels, requested):
+        return int(requested or (300 if pixels > 512 else 120))
+
+    @torch.no_grad()
+    def encode(self, folder, texts, dev, max_length, progress):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        enc = T5EncoderModel.from_pretrained(str(folder / "text_encoder")).to(dev).eval()
+        embs, masks = [], []
+        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
+        for i in range(0, len(texts), 16):
+            t = tok(texts[i:i + 16], padding="max_length", max_length=max_length,
+                    truncation=True, add_special_tokens=True, return_tensors="pt")
+            ids, mask = t.input_ids.to(dev), t.attention_mask.to(dev)
+            embs.append(enc(ids, attention_mask=mask)[0].float().cpu())
+            masks.append(mask.cpu())
+            bar.update()
+        bar.close()
+        del enc
+        gc.collect()
+        return {"emb": torch.cat(embs), "mask": torch.cat(masks)}
+
+    def scheduler(self, folder):
+        from diffusers import DDPMScheduler
+
+        d = folder / "scheduler"
+        return DDPMScheduler.from_pretrained(str(d)) if d.is_dir() else DDPMScheduler()
+
+    def loss(self, net, model, sched, x0, cond, g, dev):
+        B = x0.shape[0]
+        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        xt = sched.add_noise(x0, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" \
+            else sched.get_velocity(x0, noise, t)
+        extra = {}
+        if model.config.use_additional_conditions:
+            extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        pred = net(xt, encoder_hidden_states=cond["emb"].to(dev),
+                   encoder_attention_mask=cond["mask"].to(dev), timestep=t,
+                   **extra).sample[:, :x0.shape[1]]
+        return F.mse_loss(pred.float(), target.float())
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, use_resolution_binning=False,
+                    clean_caption=False, max_sequence_length=self.max_length(pixels, max_length))
+
+
+@_register
+class FluxRecipe(Recipe):
+    model_class = "FluxTransformer2DModel"
+    parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler")
+    guidance = 3.5
+
+    def check(self, folder, tconf):
+        super().check(folder, tconf)
+        t5 = _json(folder / "text_encoder_2" / "config.json")
+        clip = _json(folder / "text_encoder" / "config.json")
+        width = t5.get("d_model")
+        if width is not None and width != tconf.get("joint_attention_dim"):
+            raise TrainError(f"--model {folder}: the T5 text encoder's width ({width}) does not "
+                             f"match the transformer's joint_attention_dim "
+                             f"({tconf.get('joint_attention_dim')})")
+        pooled = clip.get("projection_dim") if clip.get("architectures", [""])[0].endswith(
+            "WithProjection") else clip.get("hidden_size")
+        if pooled is not None and pooled != tconf.get("pooled_projection_dim"):
+            raise TrainError(f"--model {folder}: the CLIP text encoder's pooled width ({pooled}) "
+                             f"does not match the transformer's pooled_projection_dim "
+                             f"({tconf.get('pooled_projection_dim')})")
+        vconf = _json(folder / "vae" / "config.json")
+        if 4 * vconf.get("latent_channels", 16) != tconf.get("in_channels", 64):
+            raise TrainError(f"--model {folder}: the VAE makes {vconf.get('latent_channels')} "
+                             f"latent channels; packed 2x2 that is not the transformer's "
+                             f"{tconf.get('in_channels')}")
+
+    def _pipe(self, folder):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline.from_pretrained(str(folder), transformer=None, vae=None)
+
+    @torch.no_grad()
+    def encode(self, folder, texts, dev, max_length, progress):
+        pipe = self._pipe(folder).to(dev)
+        embs, pooled = [], []
+        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
+        for i in range(0, len(texts), 16):
+            e, p, _ = pipe.encode_prompt(prompt=texts[i:i + 16], prompt_2=None, device=dev,
+                                         max_sequence_length=max_length)
+            embs.append(e.float().cpu())
+            pooled.append(p.float().cpu())
+            bar.update()
+        bar.close()
+        del pipe
+        gc.collect()
+        return {"emb": torch.cat(embs), "pooled": torch.cat(pooled)}
+
+    def scheduler(self, folder):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+
+    def loss(self, net, model, sched, x0, cond, g, dev):
+        from diffusers import FluxPipeline
+
+        B, C, H, W = x0.shape
+        u = torch.rand(B, generator=g)
+        shift = float(getattr(sched.config, "shift", 1.0) or 1.0)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        s = sigma.view(B, 1, 1, 1).to(x0.dtype)
+        xt = (1 - s) * x0 + s * noise
+        packed = FluxPipeline._pack_latents(xt, B, C, H, W)
+        img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, dev, x0.dtype)
+        emb = cond["emb"].to(dev)
+        txt_ids = torch.zeros(emb.shape[1], 3, device=dev, dtype=x0.dtype)
+        guidance = (torch.full((B,), self.guidance, device=dev)
+                    if model.config.guidance_embeds else None)
+        pred = net(hidden_states=packed, timestep=sigma, guidance=guidance,
+                   pooled_projections=cond["pooled"].to(dev), encoder_hidden_states=emb,
+                   txt_ids=txt_ids, img_ids=img_ids).sample
+        pred = pred.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+            B, C, H, W)
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 512))
