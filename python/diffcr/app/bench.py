@@ -5,9 +5,11 @@ same run, with the ideal speedup of method §6.
 Sizes are real, with random weights, built on the target device; nothing is downloaded:
 PixArt-Sigma-XL block (D = 1152, 16 heads x 72, 120 text tokens), DiT-XL/2 (D = 1152, no
 cross-attention), SD3.5-Large joint block (D = 2432, 38 x 64, 333 text tokens), Flux.1
-double-stream block (D = 3072, 24 x 128, 512 text tokens) and Wan 2.1 1.3B block (D = 1536,
-12 x 128, FFN 8960, 512 text tokens). PixArt and DiT run the fused path, the others the compat
-path (the block's own diffusers forward on the gathered tokens).
+double-stream and single-stream blocks (D = 3072, 24 x 128, 512 text tokens), Wan 2.1 1.3B
+block (D = 1536, 12 x 128, FFN 8960, 512 text tokens), Qwen-Image and HunyuanVideo
+double-stream blocks (D = 3072, 24 x 128, 256 text tokens). Each row records the path the
+routed block took (``path``: PixArt, DiT and Wan run fused, the others compat: the block's
+own diffusers forward on the gathered tokens).
 """
 from __future__ import annotations
 
@@ -99,6 +101,15 @@ class BlockBench:
     def block(self):
         return next(iter(routed_blocks(self.model).values()))
 
+    def path(self) -> str:
+        """``"fused"`` or ``"compat"``: the path the routed block takes for these inputs."""
+        from ..routing import _inner_hooks, routing_state
+
+        block = self.block
+        br = next(iter(routing_state(self.model).blocks.values()))
+        call = br.state.family.bind(block, (), self.inputs)
+        return "fused" if br.use_fused(block, call, _inner_hooks(block)) else "compat"
+
     def flops(self, n: float) -> float:
         return self.cost(n) if self.cost is not None else ideal_block_flops(n, self.D, self.text)
 
@@ -187,7 +198,7 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
     return BlockBench(kind, model, dense, inputs, N, D, text)
 
 
-# real block sizes of the compat-path families (random weights, nothing downloaded)
+# real block sizes of the families after PixArt and DiT (random weights, nothing downloaded)
 SD35_LARGE = dict(D=2432, heads=38, head_dim=64, text=333)
 FLUX1 = dict(D=3072, heads=24, head_dim=128, text=512)
 WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
@@ -199,17 +210,13 @@ VIDEO_KINDS = ("wan", "hunyuanvideo")
 KINDS = ("pixart", "dit") + JOINT_KINDS
 DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
                 "dit": "DiT-XL/2 block (D=1152, 16x72)",
-                "sd3": "SD3.5-Large joint block (D=2432, 38x64, 333 text tokens; compat path)",
-                "flux": "Flux.1 double-stream block (D=3072, 24x128, 512 text tokens; compat "
-                        "path)",
-                "flux-single": "Flux.1 single-stream block (D=3072, 24x128, 512 text tokens; "
-                               "compat path)",
-                "qwenimage": "Qwen-Image double-stream block (D=3072, 24x128, 256 text tokens; "
-                             "compat path)",
+                "sd3": "SD3.5-Large joint block (D=2432, 38x64, 333 text tokens)",
+                "flux": "Flux.1 double-stream block (D=3072, 24x128, 512 text tokens)",
+                "flux-single": "Flux.1 single-stream block (D=3072, 24x128, 512 text tokens)",
+                "qwenimage": "Qwen-Image double-stream block (D=3072, 24x128, 256 text tokens)",
                 "hunyuanvideo": "HunyuanVideo double-stream block (D=3072, 24x128, 256 text "
-                                "tokens; compat path)",
-                "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens; compat "
-                       "path)"}
+                                "tokens)",
+                "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens)"}
 
 
 def _joint_cost(D, L):
@@ -454,7 +461,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
                        routed_ms=med["routed"] * 1e3, speedup=speedup,
                        ideal_speedup=ideal, fraction_of_ideal=speedup / ideal,
                        peak_mem_MB=_peak_mem(bb.run_routed, dev), dense_peak_mem_MB=m_dense,
-                       prepacked=packed, rounds=rounds)
+                       prepacked=packed, rounds=rounds, path=bb.path())
             if naive:
                 row["naive_ms"] = med["naive"] * 1e3
                 row["naive_fraction_of_ideal"] = statistics.median(
@@ -536,7 +543,7 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     ideal = bb.ideal(kappa, two_bin=(ka, kb))
     return dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
                 routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
-                fraction_of_ideal=speedup / ideal, lora_rank=lora_rank)
+                fraction_of_ideal=speedup / ideal, lora_rank=lora_rank, path=bb.path())
 
 
 def _lora_pair(bb: BlockBench, rank: int) -> None:

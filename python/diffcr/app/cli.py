@@ -138,9 +138,9 @@ def _bench(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    print(f"diffcr bench: {bench.DESCRIPTIONS[args.model]}, N={args.tokens}, B={args.batch}, "
-          f"{args.dtype}, {out['device']}" + (f", {args.threads} thread(s)"
-                                              if args.device == "cpu" else ""))
+    print(f"diffcr bench: {bench.DESCRIPTIONS[args.model]}, {out['blocks'][0]['path']} path, "
+          f"N={args.tokens}, B={args.batch}, {args.dtype}, {out['device']}"
+          + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
     blocks = out["blocks"]
     if blocks and blocks[0]["prepacked"]:
         print("linear layers: MKL-prepacked weights in the dense, routed and naive blocks alike "
@@ -167,7 +167,7 @@ def _bench(args) -> int:
               f"{o['routing_ms']:.2f} ms = {100 * o['overhead_fraction']:.2f} % of the dense block")
     if "training" in out:
         t = out["training"]
-        how = "one diffusers call per bin" if args.model in bench.JOINT_KINDS else "in one pass"
+        how = "fused, in one pass" if t["path"] == "fused" else "compat, one diffusers call per bin"
         if t["lora_rank"]:
             how += f", LoRA rank {t['lora_rank']} on frozen base weights"
         print(f"training step (fwd+bwd, two bins {t['bins'][0]:.2f}/{t['bins'][1]:.2f} {how}): "
