@@ -511,3 +511,22 @@ def test_wan_refuses_a_per_token_temb_of_the_wrong_length():
     rope = model.rope(torch.randn(2, 4, 2, 8, 8))
     with pytest.raises(ValueError, match="per-token temb has 31 tokens but the block input has 32"):
         blk(x, torch.randn(2, 5, 24), torch.randn(2, 31, 6, 24), rope)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_lora_layer_gets_a_gradient(family):
+    """diffcr.add_lora on the family's default targets: every adapter takes part in the loss
+    (a layer whose output a block never uses would get no gradient, which DDP refuses)."""
+    pytest.importorskip("peft")
+    model, inputs = _case(family)
+    diffcr.convert(model, DiffCRConfig(num_regions=2))
+    diffcr.add_lora(model, rank=2)
+    set_ratios(model, [0.5, 0.8])
+    model.train()
+    (_run(model, inputs((100, 900))).square().mean() + diffcr.ratio_loss(model)).backward()
+    lora_b = {n: p for n, p in model.named_parameters() if ".lora_B." in n}
+    assert lora_b
+    dead = [n for n, p in lora_b.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead[:3]
+    assert all(p.grad is None for n, p in model.named_parameters()
+               if ".lora_" not in n and not n.endswith(("router.weight", "ratio.kept")))

@@ -20,7 +20,7 @@ from diffcr.app.text_train import read_captions, run_text_train  # noqa: E402
 from diffcr.app.train import TrainConfig  # noqa: E402
 
 from text_pipeline import (write_captioned_images, write_flux_pipeline,  # noqa: E402
-                           write_pipeline)
+                           write_pipeline, write_sd3_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -78,45 +78,47 @@ def test_lora_fine_tuning_saves_what_load_and_generate_take(folders, tmp_path):
                                                                     "prompt1-0.png"]
 
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    return write_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe")
+# family -> (pipeline folder writer, extra train settings); the transformer class is read back
+JOINT_PIPELINES = {"flux": (write_flux_pipeline, dict(resolution=16, max_length=16)),
+                   "sd3": (write_sd3_pipeline, dict(max_length=16))}
 
 
-def test_flux_lora_fine_tuning_flow_matching_save_load_generate(flux_folder, folders, tmp_path):
-    """Flux.1: the pipeline's own encode_prompt (CLIP pooled + T5), packed latents, flow
-    matching; what it saves reloads into a fresh transformer and draws with FluxPipeline."""
-    from diffusers import FluxTransformer2DModel
+@pytest.mark.parametrize("family", sorted(JOINT_PIPELINES))
+def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_path):
+    """Flux.1 and SD3: the pipeline's own encode_prompt (CLIP pooled + T5), flow matching; what
+    it saves reloads into a fresh transformer and draws with the family's pipeline."""
+    import diffusers
+    from safetensors.torch import load_file
 
     from test_family_conformance import FAMILY_CASES
 
     torch.set_num_threads(1)
+    write, extra = JOINT_PIPELINES[family]
+    pipe = write(tmp_path / "pipe")
     _, data = folders
     out = tmp_path / "out"
-    metrics, model = run_text_train(_cfg(flux_folder, data, out, resolution=16, max_length=16),
-                                    return_model=True)
+    metrics, model = run_text_train(_cfg(pipe, data, out, **extra), return_model=True)
     assert metrics["lora_rank"] == 4 and (out / "lora").is_dir()
-    cached = {p.name.split("-")[0] for p in (out / "cache").iterdir()}
-    assert cached == {"text", "latents"}
-    from safetensors.torch import load_file
-
     text = load_file(str(next((out / "cache").glob("text-*"))))
-    assert text["emb"].shape == (6, 16, 32) and text["pooled"].shape == (6, 32)
-    assert text["null.emb"].shape == (1, 16, 32)
+    cfg = model.config
+    assert text["emb"].shape[0] == 6 and text["emb"].shape[-1] == cfg.joint_attention_dim
+    assert text["pooled"].shape == (6, cfg.pooled_projection_dim)
+    assert text["null.emb"].shape[0] == 1
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
-    fresh = FluxTransformer2DModel.from_pretrained(str(flux_folder / "transformer"))
+    fresh = getattr(diffusers, type(model).__name__).from_pretrained(str(pipe / "transformer"))
     diffcr.load(fresh, out / "diffcr")
     diffcr.load_lora(fresh, out / "lora")
-    kw = FAMILY_CASES["flux"][1]((100, 900))
+    kw = FAMILY_CASES[family][1]((100, 900))
     model.eval()
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**kw).sample, model(**kw).sample, rtol=0, atol=0)
-    rc = cli.main(["generate", "--model", str(flux_folder), "--diffcr",
-                   str(out / "diffcr-frozen"), "--lora", str(out / "lora"), "--prompt",
-                   "a red circle", "--per-class", "1", "--steps", "2", "--resolution", "16",
-                   "--out", str(tmp_path / "gen")])
-    assert rc == 0 and (tmp_path / "gen" / "prompt0-0.png").is_file()
+    args = ["generate", "--model", str(pipe), "--diffcr", str(out / "diffcr-frozen"), "--lora",
+            str(out / "lora"), "--prompt", "a red circle", "--per-class", "1", "--steps", "2",
+            "--out", str(tmp_path / "gen")]
+    if "resolution" in extra:
+        args += ["--resolution", str(extra["resolution"])]
+    assert cli.main(args) == 0 and (tmp_path / "gen" / "prompt0-0.png").is_file()
 
 
 def test_full_fine_tuning_saves_the_base_model(folders, tmp_path):
@@ -170,7 +172,7 @@ def _bad_meta(tmp_path, text):
     ("corrupt-image", "cannot read image"),
     ("flux-t5-width", "the T5 text encoder's width (16) does not match the transformer's "
                       "joint_attention_dim (32)"),
-    ("unsupported-family", "captioned fine-tuning of SD3Transformer2DModel is not in "
+    ("unsupported-family", "captioned fine-tuning of WanTransformer3DModel is not in "
                            "`diffcr train` yet"),
     ("lora-on-dit", "--lora-rank is for captioned fine-tuning of a pipeline folder"),
     ("dit-with-captions", "has captions (metadata.jsonl): --model must be a diffusers "
@@ -201,12 +203,12 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
     elif case == "unsupported-family":
         import shutil
 
-        from tiny_models import tiny_sd3
+        from tiny_models import tiny_wan
 
-        model = tmp_path / "sd3pipe"
+        model = tmp_path / "wanpipe"
         shutil.copytree(pipe, model)
         shutil.rmtree(model / "transformer")
-        tiny_sd3().save_pretrained(model / "transformer")
+        tiny_wan().save_pretrained(model / "transformer")
     elif case == "corrupt-image":
         data = write_captioned_images(tmp_path / "data", n=2)
         (data / "img1.png").write_bytes(b"not a png")

@@ -110,3 +110,48 @@ def write_flux_pipeline(root, t5_width=32):
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
     return root
+
+
+def write_sd3_pipeline(root):
+    """A tiny random SD3.5-style pipeline folder: two CLIPs with projection (hidden 8, pooled
+    4 + 4 = the transformer's 8), T5 (16 = joint_attention_dim), word-level tokenizers, a
+    4-channel VAE, a flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from tiny_models import make
+
+    root = Path(root)
+    torch.manual_seed(0)
+    make("sd3").save_pretrained(root / "transformer")
+    V = len(WORDS) + 3
+    for i, name in enumerate(("text_encoder", "text_encoder_2")):
+        torch.manual_seed(i)
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=4,
+            bos_token_id=0, eos_token_id=1, pad_token_id=0)).save_pretrained(root / name)
+        tok = tiny_tokenizer()
+        tok.model_max_length = 77
+        tok.save_pretrained(root / name.replace("text_encoder", "tokenizer"))
+    T5EncoderModel(T5Config(vocab_size=V, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                            d_kv=8)).save_pretrained(root / "text_encoder_3")
+    tiny_tokenizer().save_pretrained(root / "tokenizer_3")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                  layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
+                  shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                  use_post_quant_conv=False).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.35.0",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer_3": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    return root

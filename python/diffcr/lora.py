@@ -44,16 +44,19 @@ def lora_target_names(model: nn.Module, targets: Optional[Sequence[str]] = None)
     from .models import family_for
 
     fam = family_for(model)
-    targets = tuple(targets if targets is not None else fam.lora_targets)
     names = []
-    for block_name, block in fam.blocks(model):
+    blocks = fam.blocks(model)
+    for i, (block_name, block) in enumerate(blocks):
+        wanted = tuple(targets if targets is not None
+                       else fam.lora_targets_of(block, last=i == len(blocks) - 1))
         for name, mod in block.named_modules():
             if not name or not isinstance(mod, nn.Linear):
                 continue
-            if any(name == t or name.endswith("." + t) for t in targets):
+            if any(name == t or name.endswith("." + t) for t in wanted):
                 names.append(f"{block_name}.{name}")
     if not names:
-        raise LoraError(f"{type(model).__name__} has no linear layer named like {list(targets)} "
+        shown = list(targets if targets is not None else fam.lora_targets)
+        raise LoraError(f"{type(model).__name__} has no linear layer named like {shown} "
                         f"in its {fam.name} blocks: nothing to put LoRA on")
     return names
 

@@ -8,6 +8,8 @@ pipeline family, registered by the transformer class it trains (as the model fam
   flow matching (``x_t = (1 - s) x0 + s e``, target ``e - x0``, ``s`` uniform then shifted as
   the pipeline's scheduler shifts), packed 2x2 latents with their position ids, guidance 3.5
   for guidance-distilled models.
+- :class:`SD3Recipe`: two CLIPs + T5 through the pipeline's ``encode_prompt`` (sequence and
+  pooled embeddings), flow matching on the latents, timesteps ``sigma * 1000``.
 """
 from __future__ import annotations
 
@@ -223,9 +225,7 @@ class FluxRecipe(Recipe):
         from diffusers import FluxPipeline
 
         B, C, H, W = x0.shape
-        u = torch.rand(B, generator=g)
-        shift = float(getattr(sched.config, "shift", 1.0) or 1.0)
-        sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)
+        sigma = _flow_sigma(sched, B, g).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         s = sigma.view(B, 1, 1, 1).to(x0.dtype)
         xt = (1 - s) * x0 + s * noise
@@ -244,3 +244,87 @@ class FluxRecipe(Recipe):
 
     def pipeline_kwargs(self, pixels, max_length):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 512))
+
+
+def _flow_sigma(sched, B, g):
+    """``B`` flow-matching noise levels: uniform, then shifted as the scheduler shifts."""
+    u = torch.rand(B, generator=g)
+    shift = float(getattr(sched.config, "shift", 1.0) or 1.0)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+@_register
+class SD3Recipe(Recipe):
+    """SD3 / SD3.5: the pipeline's own ``encode_prompt`` (two CLIPs with projection + T5:
+    sequence embeddings and the pooled CLIP vectors), flow matching on the unpacked latents,
+    timesteps ``sigma * 1000`` as the pipeline passes them."""
+    model_class = "SD3Transformer2DModel"
+    parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+             "tokenizer_3", "vae", "scheduler")
+
+    def check(self, folder, tconf):
+        super().check(folder, tconf)
+        t5 = _json(folder / "text_encoder_3" / "config.json").get("d_model")
+        if t5 is not None and t5 != tconf.get("joint_attention_dim"):
+            raise TrainError(f"--model {folder}: the T5 text encoder's width ({t5}) does not "
+                             f"match the transformer's joint_attention_dim "
+                             f"({tconf.get('joint_attention_dim')})")
+        pooled = sum(_json(folder / p / "config.json").get("projection_dim", 0)
+                     for p in ("text_encoder", "text_encoder_2"))
+        if pooled and pooled != tconf.get("pooled_projection_dim"):
+            raise TrainError(f"--model {folder}: the CLIP text encoders' pooled widths add up to "
+                             f"{pooled}, not the transformer's pooled_projection_dim "
+                             f"({tconf.get('pooled_projection_dim')})")
+        vconf = _json(folder / "vae" / "config.json")
+        if vconf.get("latent_channels", 16) != tconf.get("in_channels", 16):
+            raise TrainError(f"--model {folder}: the VAE makes {vconf.get('latent_channels')} "
+                             f"latent channels but the transformer takes "
+                             f"{tconf.get('in_channels')}")
+
+    def pixels(self, folder, tconf, requested):
+        factor = 2 ** (len(_json(folder / "vae" / "config.json").get(
+            "block_out_channels", [0])) - 1)
+        return int(requested or tconf.get("sample_size", 128) * factor)
+
+    def max_length(self, pixels, requested):
+        return int(requested or 256)
+
+    @torch.no_grad()
+    def encode(self, folder, texts, dev, max_length, progress):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), transformer=None,
+                                                        vae=None).to(dev)
+        embs, pooled = [], []
+        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
+        for i in range(0, len(texts), 16):
+            e, _, p, _ = pipe.encode_prompt(prompt=texts[i:i + 16], prompt_2=None,
+                                            prompt_3=None, device=dev,
+                                            do_classifier_free_guidance=False,
+                                            max_sequence_length=max_length)
+            embs.append(e.float().cpu())
+            pooled.append(p.float().cpu())
+            bar.update()
+        bar.close()
+        del pipe
+        gc.collect()
+        return {"emb": torch.cat(embs), "pooled": torch.cat(pooled)}
+
+    def scheduler(self, folder):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+
+    def loss(self, net, model, sched, x0, cond, g, dev):
+        B = x0.shape[0]
+        sigma = _flow_sigma(sched, B, g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        s = sigma.view(B, 1, 1, 1).to(x0.dtype)
+        xt = (1 - s) * x0 + s * noise
+        pred = net(hidden_states=xt, timestep=sigma * 1000,
+                   encoder_hidden_states=cond["emb"].to(dev),
+                   pooled_projections=cond["pooled"].to(dev)).sample
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 256))

@@ -190,6 +190,12 @@ class ModelFamily:
     lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
                                      "ff.net.2")
 
+    def lora_targets_of(self, block: nn.Module, last: bool = False) -> Tuple[str, ...]:
+        """The :attr:`lora_targets` of one block (``last``: the model's last routable block). A
+        family drops the layers whose output the model never uses there (the last block's
+        text stream): they would get no gradient, which DDP refuses."""
+        return self.lora_targets
+
     #: whether :meth:`fused_forward` exists (the conformance test compares it with compat)
     has_fused: bool = False
 

@@ -36,6 +36,12 @@ class QwenImageFamily(JointFamily):
 
         return (QwenImageTransformerBlock,)
 
+    def lora_targets_of(self, block, last=False):
+        if last:  # the model reads only the image stream after the last block
+            dead = ("add_q_proj", "to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+            return tuple(t for t in self.lora_targets if t not in dead)
+        return self.lora_targets
+
     def mlp_module(self, block):
         return block.img_mlp
 

@@ -30,3 +30,9 @@ class SD3Family(JointFamily):
         from diffusers.models.attention import JointTransformerBlock
 
         return (JointTransformerBlock,)
+
+    def lora_targets_of(self, block, last=False):
+        if getattr(block, "context_pre_only", False):
+            # the last block returns no text: its text query projection feeds nothing
+            return tuple(t for t in self.lora_targets if t != "add_q_proj")
+        return self.lora_targets
