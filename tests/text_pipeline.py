@@ -74,7 +74,6 @@ def write_flux_pipeline(root, t5_width=32):
     """A tiny random Flux.1 pipeline folder: CLIP (pooled, 32) and T5 (32) text encoders with
     word-level tokenizers, a one-latent-channel VAE (packed 2x2 -> the transformer's 4),
     a flow-matching scheduler. ``t5_width`` != 32 makes a mismatched one."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from tiny_models import make
@@ -94,29 +93,39 @@ def write_flux_pipeline(root, t5_width=32):
     T5EncoderModel(T5Config(vocab_size=V, d_model=t5_width, d_ff=64, num_layers=1, num_heads=2,
                             d_kv=16)).save_pretrained(root / "text_encoder_2")
     tiny_tokenizer().save_pretrained(root / "tokenizer_2")
+    _write_flow_parts(root, "FluxPipeline", "FluxTransformer2DModel", latent_channels=1,
+                      shift_factor=0.1159, scaling_factor=0.3611,
+                      encoders={"text_encoder": "CLIPTextModel",
+                                "text_encoder_2": "T5EncoderModel"})
+    return root
+
+
+def _write_flow_parts(root, pipeline, transformer, latent_channels, shift_factor,
+                      scaling_factor, encoders):
+    """The VAE, flow-matching scheduler and model_index.json of a tiny flow-matching pipeline
+    (``encoders``: folder -> transformers class; each has a word-level tokenizer)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                  layers_per_block=1, latent_channels=1, norm_num_groups=8, sample_size=8,
-                  shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
-                  use_post_quant_conv=False).save_pretrained(root / "vae")
+                  layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
+                  sample_size=8, shift_factor=shift_factor, scaling_factor=scaling_factor,
+                  use_quant_conv=False, use_post_quant_conv=False).save_pretrained(root / "vae")
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "_diffusers_version": "0.35.0",
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
-    return root
+    index = {"_class_name": pipeline, "_diffusers_version": "0.35.0",
+             "transformer": ["diffusers", transformer], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    for folder, cls in encoders.items():
+        index[folder] = ["transformers", cls]
+        index[folder.replace("text_encoder", "tokenizer")] = ["transformers",
+                                                              "PreTrainedTokenizerFast"]
+    (root / "model_index.json").write_text(json.dumps(index))
 
 
 def write_sd3_pipeline(root):
     """A tiny random SD3.5-style pipeline folder: two CLIPs with projection (hidden 8, pooled
     4 + 4 = the transformer's 8), T5 (16 = joint_attention_dim), word-level tokenizers, a
     4-channel VAE, a flow-matching scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from tiny_models import make
@@ -137,21 +146,9 @@ def write_sd3_pipeline(root):
     T5EncoderModel(T5Config(vocab_size=V, d_model=16, d_ff=32, num_layers=1, num_heads=2,
                             d_kv=8)).save_pretrained(root / "text_encoder_3")
     tiny_tokenizer().save_pretrained(root / "tokenizer_3")
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                  layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
-                  shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
-                  use_post_quant_conv=False).save_pretrained(root / "vae")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.35.0",
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
-        "text_encoder_3": ["transformers", "T5EncoderModel"],
-        "tokenizer_3": ["transformers", "PreTrainedTokenizerFast"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    _write_flow_parts(root, "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                      latent_channels=4, shift_factor=0.0609, scaling_factor=1.5305,
+                      encoders={"text_encoder": "CLIPTextModelWithProjection",
+                                "text_encoder_2": "CLIPTextModelWithProjection",
+                                "text_encoder_3": "T5EncoderModel"})
     return root

@@ -168,10 +168,57 @@ class PixArtRecipe(Recipe):
                     clean_caption=False, max_sequence_length=self.max_length(pixels, max_length))
 
 
+class FlowRecipe(Recipe):
+    """Flow-matching pipelines whose own ``encode_prompt`` gives sequence embeddings and a
+    pooled vector (SD3, Flux): the shared encoding loop, scheduler and noising."""
+    #: the diffusers pipeline class that encodes the prompts
+    pipeline_class = ""
+
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        """``(embeddings [n, L, D], pooled [n, P])`` of ``texts``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, folder, texts, dev, max_length, progress):
+        import diffusers
+
+        pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
+            str(folder), transformer=None, vae=None).to(dev)
+        embs, pooled = [], []
+        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
+        for i in range(0, len(texts), 16):
+            e, p = self._encode_batch(pipe, texts[i:i + 16], dev, max_length)
+            embs.append(e.float().cpu())
+            pooled.append(p.float().cpu())
+            bar.update()
+        bar.close()
+        del pipe
+        gc.collect()
+        return {"emb": torch.cat(embs), "pooled": torch.cat(pooled)}
+
+    def scheduler(self, folder):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+
+    @staticmethod
+    def noisy(sched, x0, g, dev):
+        """``(sigma [B], noise, x_t)``: ``sigma`` uniform, then shifted as the scheduler
+        shifts; ``x_t = (1 - sigma) x0 + sigma noise`` (the target is ``noise - x0``)."""
+        B = x0.shape[0]
+        u = torch.rand(B, generator=g)
+        shift = float(getattr(sched.config, "shift", 1.0) or 1.0)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        s = sigma.view(B, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return sigma, noise, (1 - s) * x0 + s * noise
+
+
 @_register
-class FluxRecipe(Recipe):
+class FluxRecipe(FlowRecipe):
     model_class = "FluxTransformer2DModel"
     parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler")
+    pipeline_class = "FluxPipeline"
     guidance = 3.5
 
     def check(self, folder, tconf):
@@ -195,40 +242,16 @@ class FluxRecipe(Recipe):
                              f"latent channels; packed 2x2 that is not the transformer's "
                              f"{tconf.get('in_channels')}")
 
-    def _pipe(self, folder):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline.from_pretrained(str(folder), transformer=None, vae=None)
-
-    @torch.no_grad()
-    def encode(self, folder, texts, dev, max_length, progress):
-        pipe = self._pipe(folder).to(dev)
-        embs, pooled = [], []
-        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
-        for i in range(0, len(texts), 16):
-            e, p, _ = pipe.encode_prompt(prompt=texts[i:i + 16], prompt_2=None, device=dev,
-                                         max_sequence_length=max_length)
-            embs.append(e.float().cpu())
-            pooled.append(p.float().cpu())
-            bar.update()
-        bar.close()
-        del pipe
-        gc.collect()
-        return {"emb": torch.cat(embs), "pooled": torch.cat(pooled)}
-
-    def scheduler(self, folder):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        e, p, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=dev,
+                                     max_sequence_length=max_length)
+        return e, p
 
     def loss(self, net, model, sched, x0, cond, g, dev):
         from diffusers import FluxPipeline
 
         B, C, H, W = x0.shape
-        sigma = _flow_sigma(sched, B, g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        s = sigma.view(B, 1, 1, 1).to(x0.dtype)
-        xt = (1 - s) * x0 + s * noise
+        sigma, noise, xt = self.noisy(sched, x0, g, dev)
         packed = FluxPipeline._pack_latents(xt, B, C, H, W)
         img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, dev, x0.dtype)
         emb = cond["emb"].to(dev)
@@ -246,19 +269,13 @@ class FluxRecipe(Recipe):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 512))
 
 
-def _flow_sigma(sched, B, g):
-    """``B`` flow-matching noise levels: uniform, then shifted as the scheduler shifts."""
-    u = torch.rand(B, generator=g)
-    shift = float(getattr(sched.config, "shift", 1.0) or 1.0)
-    return shift * u / (1 + (shift - 1) * u)
-
-
 @_register
-class SD3Recipe(Recipe):
+class SD3Recipe(FlowRecipe):
     """SD3 / SD3.5: the pipeline's own ``encode_prompt`` (two CLIPs with projection + T5:
     sequence embeddings and the pooled CLIP vectors), flow matching on the unpacked latents,
     timesteps ``sigma * 1000`` as the pipeline passes them."""
     model_class = "SD3Transformer2DModel"
+    pipeline_class = "StableDiffusion3Pipeline"
     parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
              "tokenizer_3", "vae", "scheduler")
 
@@ -289,38 +306,14 @@ class SD3Recipe(Recipe):
     def max_length(self, pixels, requested):
         return int(requested or 256)
 
-    @torch.no_grad()
-    def encode(self, folder, texts, dev, max_length, progress):
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), transformer=None,
-                                                        vae=None).to(dev)
-        embs, pooled = [], []
-        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
-        for i in range(0, len(texts), 16):
-            e, _, p, _ = pipe.encode_prompt(prompt=texts[i:i + 16], prompt_2=None,
-                                            prompt_3=None, device=dev,
-                                            do_classifier_free_guidance=False,
-                                            max_sequence_length=max_length)
-            embs.append(e.float().cpu())
-            pooled.append(p.float().cpu())
-            bar.update()
-        bar.close()
-        del pipe
-        gc.collect()
-        return {"emb": torch.cat(embs), "pooled": torch.cat(pooled)}
-
-    def scheduler(self, folder):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        e, _, p, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=dev,
+                                        do_classifier_free_guidance=False,
+                                        max_sequence_length=max_length)
+        return e, p
 
     def loss(self, net, model, sched, x0, cond, g, dev):
-        B = x0.shape[0]
-        sigma = _flow_sigma(sched, B, g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        s = sigma.view(B, 1, 1, 1).to(x0.dtype)
-        xt = (1 - s) * x0 + s * noise
+        sigma, noise, xt = self.noisy(sched, x0, g, dev)
         pred = net(hidden_states=xt, timestep=sigma * 1000,
                    encoder_hidden_states=cond["emb"].to(dev),
                    pooled_projections=cond["pooled"].to(dev)).sample
