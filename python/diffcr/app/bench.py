@@ -248,6 +248,14 @@ def _wan_cost(D, L, F):
     return cost, 4 * L * D * D
 
 
+def _video_side(N: int) -> int:
+    """The latent side of N tokens as 4 latent frames of a square."""
+    side = int(round((N / 4) ** 0.5))
+    if 4 * side * side != N:
+        raise ValueError(f"N must be 4 frames of a square, got {N}")
+    return side
+
+
 def _square_side(N: int) -> int:
     side = int(round(N ** 0.5))
     if side * side != N:
@@ -326,10 +334,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             from diffusers import HunyuanVideoTransformer3DModel
 
             c = HUNYUAN_VIDEO
-            frames = 4
-            side = int(round((N / frames) ** 0.5))
-            if frames * side * side != N:
-                raise ValueError(f"N must be 4 frames of a square, got {N}")
+            frames, side = 4, _video_side(N)
             model = HunyuanVideoTransformer3DModel(
                 in_channels=16, out_channels=16, num_attention_heads=c["heads"],
                 attention_head_dim=c["head_dim"], num_layers=1, num_single_layers=0,
@@ -342,10 +347,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             blocks_attr, routed = "transformer_blocks", 0
         elif kind == "wan":
             c = WAN_1_3B
-            frames = 4
-            side = int(round((N / frames) ** 0.5))
-            if frames * side * side != N:
-                raise ValueError(f"N must be 4 frames of a square, got {N}")
+            frames, side = 4, _video_side(N)
             model = WanTransformer3DModel(
                 patch_size=(1, 2, 2), num_attention_heads=c["heads"],
                 attention_head_dim=c["head_dim"], in_channels=16, out_channels=16,

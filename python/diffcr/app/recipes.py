@@ -45,6 +45,20 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _check_vae_channels(folder: Path, tconf: dict) -> None:
+    vconf = _json(folder / "vae" / "config.json")
+    want = tconf.get("in_channels")
+    if vconf.get("latent_channels", want) != want:
+        raise TrainError(f"--model {folder}: the VAE makes {vconf['latent_channels']} latent "
+                         f"channels but the transformer takes {want}")
+
+
+def _native_pixels(folder: Path, tconf: dict) -> int:
+    """The transformer's ``sample_size`` (latent side) times the VAE's downsampling."""
+    blocks = _json(folder / "vae" / "config.json").get("block_out_channels", [0])
+    return tconf.get("sample_size", 128) * 2 ** (len(blocks) - 1)
+
+
 class Recipe:
     model_class = ""
     #: pipeline sub-folders that must exist
@@ -104,16 +118,10 @@ class PixArtRecipe(Recipe):
             raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
                              f"match the transformer's caption_channels "
                              f"({tconf.get('caption_channels')})")
-        vconf = _json(folder / "vae" / "config.json")
-        if vconf.get("latent_channels", tconf.get("in_channels")) != tconf.get("in_channels"):
-            raise TrainError(f"--model {folder}: the VAE makes {vconf['latent_channels']} "
-                             f"latent channels but the transformer takes "
-                             f"{tconf.get('in_channels')}")
+        _check_vae_channels(folder, tconf)
 
     def pixels(self, folder, tconf, requested):
-        factor = 2 ** (len(_json(folder / "vae" / "config.json").get(
-            "block_out_channels", [0])) - 1)
-        native = tconf.get("sample_size", 128) * factor
+        native = _native_pixels(folder, tconf)
         if requested and requested != native:
             raise TrainError(f"--resolution {requested}: this PixArt transformer trains at "
                              f"{native} px")
@@ -292,16 +300,10 @@ class SD3Recipe(FlowRecipe):
             raise TrainError(f"--model {folder}: the CLIP text encoders' pooled widths add up to "
                              f"{pooled}, not the transformer's pooled_projection_dim "
                              f"({tconf.get('pooled_projection_dim')})")
-        vconf = _json(folder / "vae" / "config.json")
-        if vconf.get("latent_channels", 16) != tconf.get("in_channels", 16):
-            raise TrainError(f"--model {folder}: the VAE makes {vconf.get('latent_channels')} "
-                             f"latent channels but the transformer takes "
-                             f"{tconf.get('in_channels')}")
+        _check_vae_channels(folder, tconf)
 
     def pixels(self, folder, tconf, requested):
-        factor = 2 ** (len(_json(folder / "vae" / "config.json").get(
-            "block_out_channels", [0])) - 1)
-        return int(requested or tconf.get("sample_size", 128) * factor)
+        return int(requested or _native_pixels(folder, tconf))
 
     def max_length(self, pixels, requested):
         return int(requested or 256)
