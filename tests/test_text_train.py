@@ -20,7 +20,7 @@ from diffcr.app.text_train import read_captions, run_text_train  # noqa: E402
 from diffcr.app.train import TrainConfig  # noqa: E402
 
 from text_pipeline import (write_captioned_images, write_flux_pipeline,  # noqa: E402
-                           write_pipeline, write_sd3_pipeline)
+                           write_pipeline, write_sd3_pipeline, write_wan_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +79,23 @@ def test_lora_fine_tuning_saves_what_load_and_generate_take(folders, tmp_path):
 
 
 # family -> (pipeline folder writer, extra train settings); the transformer class is read back
-JOINT_PIPELINES = {"flux": (write_flux_pipeline, dict(resolution=16, max_length=16)),
-                   "sd3": (write_sd3_pipeline, dict(max_length=16))}
+FLOW_PIPELINES = {"flux": (write_flux_pipeline, dict(resolution=16, max_length=16)),
+                  "sd3": (write_sd3_pipeline, dict(max_length=16)),
+                  "wan": (write_wan_pipeline, dict(resolution=64, max_length=16))}
 
 
-@pytest.mark.parametrize("family", sorted(JOINT_PIPELINES))
+@pytest.mark.parametrize("family", sorted(FLOW_PIPELINES))
 def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_path):
-    """Flux.1 and SD3: the pipeline's own encode_prompt (CLIP pooled + T5), flow matching; what
-    it saves reloads into a fresh transformer and draws with the family's pipeline."""
+    """Flux.1, SD3 and Wan (images as one-frame videos): the pipeline's own encode_prompt,
+    flow matching; what it saves reloads into a fresh transformer and draws with the family's
+    pipeline."""
     import diffusers
     from safetensors.torch import load_file
 
     from test_family_conformance import FAMILY_CASES
 
     torch.set_num_threads(1)
-    write, extra = JOINT_PIPELINES[family]
+    write, extra = FLOW_PIPELINES[family]
     pipe = write(tmp_path / "pipe")
     _, data = folders
     out = tmp_path / "out"
@@ -101,8 +103,10 @@ def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_
     assert metrics["lora_rank"] == 4 and (out / "lora").is_dir()
     text = load_file(str(next((out / "cache").glob("text-*"))))
     cfg = model.config
-    assert text["emb"].shape[0] == 6 and text["emb"].shape[-1] == cfg.joint_attention_dim
-    assert text["pooled"].shape == (6, cfg.pooled_projection_dim)
+    width = cfg.text_dim if family == "wan" else cfg.joint_attention_dim
+    assert text["emb"].shape[0] == 6 and text["emb"].shape[-1] == width
+    if family != "wan":
+        assert text["pooled"].shape == (6, cfg.pooled_projection_dim)
     assert text["null.emb"].shape[0] == 1
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
     fresh = getattr(diffusers, type(model).__name__).from_pretrained(str(pipe / "transformer"))
@@ -172,8 +176,9 @@ def _bad_meta(tmp_path, text):
     ("corrupt-image", "cannot read image"),
     ("flux-t5-width", "the T5 text encoder's width (16) does not match the transformer's "
                       "joint_attention_dim (32)"),
-    ("unsupported-family", "captioned fine-tuning of WanTransformer3DModel is not in "
+    ("unsupported-family", "captioned fine-tuning of QwenImageTransformer2DModel is not in "
                            "`diffcr train` yet"),
+    ("wan-two-experts", "a two-expert Wan 2.2 pipeline (transformer_2)"),
     ("lora-on-dit", "--lora-rank is for captioned fine-tuning of a pipeline folder"),
     ("dit-with-captions", "has captions (metadata.jsonl): --model must be a diffusers "
                           "pipeline folder"),
@@ -203,12 +208,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
     elif case == "unsupported-family":
         import shutil
 
-        from tiny_models import tiny_wan
+        from tiny_models import tiny_qwenimage
 
-        model = tmp_path / "wanpipe"
+        model = tmp_path / "qwenpipe"
         shutil.copytree(pipe, model)
         shutil.rmtree(model / "transformer")
-        tiny_wan().save_pretrained(model / "transformer")
+        tiny_qwenimage().save_pretrained(model / "transformer")
+    elif case == "wan-two-experts":
+        model = write_wan_pipeline(tmp_path / "wan22")
+        index = json.loads((model / "model_index.json").read_text())
+        index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+        (model / "model_index.json").write_text(json.dumps(index))
     elif case == "corrupt-image":
         data = write_captioned_images(tmp_path / "data", n=2)
         (data / "img1.png").write_bytes(b"not a png")

@@ -152,3 +152,33 @@ def write_sd3_pipeline(root):
                                 "text_encoder_2": "CLIPTextModelWithProjection",
                                 "text_encoder_3": "T5EncoderModel"})
     return root
+
+
+def write_wan_pipeline(root):
+    """A tiny random Wan 2.1-style pipeline folder: UMT5 (16 = the transformer's text_dim) with
+    a word-level tokenizer, a 4-channel Wan VAE (8x downsampling), UniPC with a flow shift."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from tiny_models import make
+
+    root = Path(root)
+    torch.manual_seed(0)
+    make("wan").save_pretrained(root / "transformer")
+    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=16, d_ff=32, num_layers=1,
+                                num_heads=2, d_kv=8)).save_pretrained(root / "text_encoder")
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True], latents_mean=[0.1] * 4,
+                     latents_std=[2.0] * 4).save_pretrained(root / "vae")
+    UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction",
+                            use_flow_sigmas=True).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": "0.35.0",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    return root

@@ -10,6 +10,9 @@ pipeline family, registered by the transformer class it trains (as the model fam
   for guidance-distilled models.
 - :class:`SD3Recipe`: two CLIPs + T5 through the pipeline's ``encode_prompt`` (sequence and
   pooled embeddings), flow matching on the latents, timesteps ``sigma * 1000``.
+- :class:`WanRecipe`: UMT5 through the pipeline's ``encode_prompt``, images as one-frame
+  videos, the Wan VAE's normalised latents, flow matching with the scheduler's
+  ``flow_shift``.
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ class Recipe:
     parts = ("text_encoder", "tokenizer", "vae", "scheduler")
     #: default training resolution in pixels when the transformer config does not fix it
     default_pixels = 1024
+    #: the pipeline call's argument for images per prompt
+    per_prompt_arg = "num_images_per_prompt"
 
     def check(self, folder: Path, tconf: dict) -> None:
         for part in self.parts:
@@ -103,6 +108,10 @@ class Recipe:
 
     def pipeline_kwargs(self, pixels: int, max_length) -> dict:
         return dict(height=pixels, width=pixels)
+
+    def images_of(self, output) -> list:
+        """The PIL images of a pipeline call's output."""
+        return output.images
 
 
 @_register
@@ -183,7 +192,7 @@ class FlowRecipe(Recipe):
     pipeline_class = ""
 
     def _encode_batch(self, pipe, texts, dev, max_length):
-        """``(embeddings [n, L, D], pooled [n, P])`` of ``texts``."""
+        """``(embeddings [n, L, D], pooled [n, P] or None)`` of ``texts``."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -197,25 +206,33 @@ class FlowRecipe(Recipe):
         for i in range(0, len(texts), 16):
             e, p = self._encode_batch(pipe, texts[i:i + 16], dev, max_length)
             embs.append(e.float().cpu())
-            pooled.append(p.float().cpu())
+            if p is not None:
+                pooled.append(p.float().cpu())
             bar.update()
         bar.close()
         del pipe
         gc.collect()
-        return {"emb": torch.cat(embs), "pooled": torch.cat(pooled)}
+        out = {"emb": torch.cat(embs)}
+        if pooled:
+            out["pooled"] = torch.cat(pooled)
+        return out
 
     def scheduler(self, folder):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        import diffusers
 
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+        index = _json(folder / "model_index.json")
+        cls = (index.get("scheduler") or ["diffusers", "FlowMatchEulerDiscreteScheduler"])[1]
+        return getattr(diffusers, cls).from_pretrained(str(folder / "scheduler"))
 
     @staticmethod
     def noisy(sched, x0, g, dev):
         """``(sigma [B], noise, x_t)``: ``sigma`` uniform, then shifted as the scheduler
-        shifts; ``x_t = (1 - sigma) x0 + sigma noise`` (the target is ``noise - x0``)."""
+        shifts (``shift``, or ``flow_shift`` for UniPC); ``x_t = (1 - sigma) x0 + sigma noise``
+        (the target is ``noise - x0``)."""
         B = x0.shape[0]
         u = torch.rand(B, generator=g)
-        shift = float(getattr(sched.config, "shift", 1.0) or 1.0)
+        shift = float(getattr(sched.config, "shift", None)
+                      or getattr(sched.config, "flow_shift", None) or 1.0)
         sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         s = sigma.view(B, *([1] * (x0.dim() - 1))).to(x0.dtype)
@@ -323,3 +340,62 @@ class SD3Recipe(FlowRecipe):
 
     def pipeline_kwargs(self, pixels, max_length):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 256))
+
+
+@_register
+class WanRecipe(FlowRecipe):
+    """Wan 2.1 / 2.2 (one transformer) text-to-video, fine-tuned on images as one-frame videos:
+    UMT5 embeddings through the pipeline's ``encode_prompt``, the Wan VAE's latents normalised
+    by its ``latents_mean`` / ``latents_std``, flow matching with the scheduler's
+    ``flow_shift``, timesteps ``sigma * 1000``."""
+    model_class = "WanTransformer3DModel"
+    pipeline_class = "WanPipeline"
+    parts = ("text_encoder", "tokenizer", "vae", "scheduler")
+    default_pixels = 480
+    per_prompt_arg = "num_videos_per_prompt"
+
+    def check(self, folder, tconf):
+        super().check(folder, tconf)
+        index = _json(folder / "model_index.json")
+        if (index.get("transformer_2") or [None, None])[1] is not None:
+            raise TrainError(f"--model {folder}: a two-expert Wan 2.2 pipeline (transformer_2): "
+                             "captioned fine-tuning of both experts is not in `diffcr train` "
+                             "yet (diffcr.convert_pipeline + your loop)")
+        width = _json(folder / "text_encoder" / "config.json").get("d_model")
+        if width is not None and width != tconf.get("text_dim"):
+            raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
+                             f"match the transformer's text_dim ({tconf.get('text_dim')})")
+        z = _json(folder / "vae" / "config.json").get("z_dim")
+        if z is not None and z != tconf.get("in_channels"):
+            raise TrainError(f"--model {folder}: the VAE makes {z} latent channels but the "
+                             f"transformer takes {tconf.get('in_channels')}")
+
+    def max_length(self, pixels, requested):
+        return int(requested or 512)
+
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        e, _ = pipe.encode_prompt(prompt=texts, do_classifier_free_guidance=False,
+                                  max_sequence_length=max_length, device=dev)
+        return e, None
+
+    @torch.no_grad()
+    def latents(self, vae, x, gen):
+        lat = vae.encode(x.unsqueeze(2)).latent_dist.sample(generator=gen)  # one frame
+        z = lat.shape[1]
+        mean = torch.tensor(vae.config.latents_mean, device=lat.device).view(1, z, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=lat.device).view(1, z, 1, 1, 1)
+        return (lat - mean) / std
+
+    def loss(self, net, model, sched, x0, cond, g, dev):
+        sigma, noise, xt = self.noisy(sched, x0, g, dev)
+        pred = net(hidden_states=xt, timestep=sigma * 1000,
+                   encoder_hidden_states=cond["emb"].to(dev)).sample
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, num_frames=1, output_type="pil",
+                    max_sequence_length=int(max_length or 512))
+
+    def images_of(self, output):
+        return [video[0] for video in output.frames]
+

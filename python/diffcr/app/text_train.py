@@ -380,9 +380,10 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
     paths = []
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
-            images = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, **kwargs,
-                          generator=torch.Generator().manual_seed(seed + i)).images
+            images = recipe.images_of(pipe(
+                prompt, **{recipe.per_prompt_arg: per_prompt}, num_inference_steps=steps,
+                guidance_scale=guidance, **kwargs,
+                generator=torch.Generator().manual_seed(seed + i)))
             for j, im in enumerate(images):
                 paths.append(out / f"prompt{i}-{j}.png")
                 im.save(paths[-1])
