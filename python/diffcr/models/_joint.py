@@ -20,7 +20,8 @@ from ._basic_block import packed_rows, segment_groups
 
 
 class JointFamily(ModelFamily):
-    """Base of the joint-attention families (compat path; no fused forward yet)."""
+    """Base of the joint-attention families: the compat path (a family may add a fused forward:
+    SD3)."""
 
     def hidden_size(self, block):
         return block.attn.to_q.in_features
