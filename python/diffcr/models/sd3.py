@@ -16,8 +16,6 @@ Paths: the fused forward (:func:`_fused_sd3_block`) runs joint attention over
 in one packed pass, SD3.5's ``attn2`` over the segment rows; blocks with other attention
 processors or norms, and calls with ``joint_attention_kwargs``, run compat.
 """
-import itertools
-
 import torch
 
 import diffcr_kernels as dk
@@ -105,36 +103,37 @@ def _fused_sd3_block(block, x, sel, gate_scores, ctx, temb, *, inplace_residual=
     q = _heads(attn, attn.to_q(h), attn.norm_q, H)  # [T, H, Dh]
     k = _heads(attn, attn.to_k(h), attn.norm_k, H)
     v = _heads(attn, attn.to_v(h), None, H)
-    tq = _heads(attn, attn.add_q_proj(nctx), attn.norm_added_q, H).flatten(0, 1)  # [B*L, H, Dh]
-    tk = _heads(attn, attn.add_k_proj(nctx), attn.norm_added_k, H).flatten(0, 1)
-    tv = _heads(attn, attn.add_v_proj(nctx), None, H).flatten(0, 1)
-    # the joint layout: segment s = [its rows; its sample's L text rows]
-    P = sel.segs_per_sample
-    lens = list(sel.seqlens)
+    tq = _heads(attn, attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
+    tk = _heads(attn, attn.add_k_proj(nctx), attn.norm_added_k, H)
+    tv = _heads(attn, attn.add_v_proj(nctx), None, H)
+    # the joint layout: segment s = [its rows; its sample's L text rows], built on the device
+    # (no host loop over rows): packed row t of segment s sits at t + s * L, the text of
+    # segment s at cu[s + 1] + s * L + [0, L)
+    lens = sel.seqlens
     S = len(lens)
-    img_pos, txt_pos, joint_idx, jlens = [], [], [], []
-    row = at = 0
-    for s, n in enumerate(lens):
-        b = s // P
-        joint_idx.extend(range(row, row + n))
-        joint_idx.extend(range(T + b * L, T + (b + 1) * L))
-        img_pos.extend(range(at, at + n))
-        txt_pos.extend(range(at + n, at + n + L))
-        jlens.append(n + L)
-        row += n
-        at += n + L
     dev = x.device
-    jidx = dk.reference.host_index(joint_idx, dev)
-    cu = torch.tensor([0] + list(itertools.accumulate(jlens)), dtype=torch.int32, device=dev)
-    qj = torch.cat([q, tq]).index_select(0, jidx)
-    kj = torch.cat([k, tk]).index_select(0, jidx)
-    vj = torch.cat([v, tv]).index_select(0, jidx)
-    uniform = len(set(jlens)) == 1
-    o = dk.varlen_attention(qj, kj, vj, cu, cu, max(jlens), max(jlens), uniform=uniform,
-                            seqlens_q=tuple(jlens), seqlens_k=tuple(jlens))
-    o = o.reshape(o.shape[0], -1).to(q.dtype)
+    seg_of_row = torch.repeat_interleave(torch.arange(S, device=dev),
+                                         dk.reference.host_index(lens, dev), output_size=T)
+    img_pos = torch.arange(T, device=dev) + seg_of_row * L
+    seg_l = torch.arange(S, device=dev) * L
+    txt_pos = ((sel.cu_seqlens[1:].long() + seg_l)[:, None]
+               + torch.arange(L, device=dev)[None]).reshape(-1)
+    seg = sel.seg_sample
+    J = T + S * L
+
+    def joint(img, txt):  # [T, H, Dh], [B, L, H, Dh] -> [J, H, Dh]
+        out = img.new_empty(J, *img.shape[1:])
+        out = out.index_copy(0, img_pos, img)
+        return out.index_copy(0, txt_pos, txt.index_select(0, seg).flatten(0, 1))
+
+    jlens = tuple(n + L for n in lens)
+    cu = (sel.cu_seqlens + torch.cat([seg_l.new_zeros(1), seg_l + L]).to(torch.int32))
+    o = dk.varlen_attention(joint(q, tq), joint(k, tk), joint(v, tv), cu, cu, max(jlens),
+                            max(jlens), uniform=len(set(jlens)) == 1, seqlens_q=jlens,
+                            seqlens_k=jlens)
+    o = o.reshape(J, -1).to(q.dtype)
     rows = sel.row_sample()
-    a = attn.to_out[1](attn.to_out[0](o.index_select(0, dk.reference.host_index(img_pos, dev))))
+    a = attn.to_out[1](attn.to_out[0](o.index_select(0, img_pos)))
     attn_update = a * gate_msa.index_select(0, rows)
     if dual:  # SD3.5: self-attention of each segment's rows alone
         h2 = dk.gather_norm_modulate(x, sel, mods[6], mods[7], ln.weight, ln.bias, ln.eps)
@@ -157,14 +156,12 @@ def _fused_sd3_block(block, x, sel, gate_scores, ctx, temb, *, inplace_residual=
     if block.context_pre_only:
         return None, new_x
     # the text stream of each segment (it attended to that segment's rows)
-    seg = sel.seg_sample
-    c_att = attn.to_add_out(o.index_select(0, dk.reference.host_index(txt_pos, dev))
-                            .view(S, L, -1))
+    c_att = attn.to_add_out(o.index_select(0, txt_pos).view(S, L, -1))
     c_in = ctx.index_select(0, seg) + c_gate_msa.index_select(0, seg).unsqueeze(1) * c_att
     nc = block.norm2_context(c_in) * (1 + c_scale_mlp.index_select(0, seg).unsqueeze(1)) + \
         c_shift_mlp.index_select(0, seg).unsqueeze(1)
     c_out = c_in + c_gate_mlp.index_select(0, seg).unsqueeze(1) * block.ff_context(nc)
-    if P == 1:
+    if sel.segs_per_sample == 1:
         return c_out, new_x  # segments are sample-major: segment b is sample b
     upd = (c_out - ctx.index_select(0, seg)) * sel.seg_weight.to(ctx.dtype)[:, None, None]
     return ctx.index_add(0, seg, upd), new_x
