@@ -40,8 +40,10 @@ def main():
         opt.step()
     _, table = diffcr.ratio_table(m)
     routers = [b.router.weight.full_tensor().tolist() for b in diffcr.routed_blocks(m).values()]
-    print("RESULT " + json.dumps({"rank": dist.get_rank(), "ratios": table.tolist(),
-                                  "routers": routers}), flush=True)
+    # one file per rank: two processes printing to one pipe can land on one line
+    out = os.path.join(os.environ["DIFFCR_RESULT_DIR"], f"rank{dist.get_rank()}.json")
+    with open(out, "w") as f:
+        json.dump({"rank": dist.get_rank(), "ratios": table.tolist(), "routers": routers}, f)
     dist.destroy_process_group()
 
 

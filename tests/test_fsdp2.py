@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,11 +34,12 @@ def test_fsdp2_training_with_ratio_loss_keeps_ranks_identical():
         pytest.skip("this torch has no FSDP2 fully_shard")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       cwd=tempfile.gettempdir(), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-4000:]
-    results = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    with tempfile.TemporaryDirectory() as out:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           cwd=tempfile.gettempdir(),
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "DIFFCR_RESULT_DIR": out})
+        assert r.returncode == 0, r.stderr[-4000:]
+        results = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
     assert sorted(res["rank"] for res in results) == [0, 1]
     a, b = results
     assert a["ratios"] == b["ratios"] and a["routers"] == b["routers"]
