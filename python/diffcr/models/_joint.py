@@ -106,3 +106,159 @@ def shared_positions(tok, family):
         raise ValueError(f"diffcr: {family} rotary rows differ between the gathered samples; "
                          "gather one sample at a time")
     return tok[0]
+
+
+# ------------------------------------------------------------------ fused double-stream path
+class JointLayout:
+    """The packed joint layout of a selection ``sel`` with ``L`` text tokens per sample: for
+    every segment s, ``[its kept rows; its sample's L text rows]``, segments one after another
+    (``J = T + S * L`` rows), built on the device with no host loop over rows. Packed row t of
+    segment s sits at ``t + s * L``; the text of segment s at ``cu[s + 1] + s * L + [0, L)``.
+
+    Attributes: ``img_pos`` int64 ``[T]``, ``txt_pos`` int64 ``[S * L]`` (row positions in the
+    layout), ``cu`` int32 ``[S + 1]`` (cumulative joint segment lengths), ``seqlens`` (host
+    tuple), ``seg`` (sample of every segment, ``sel.seg_sample``), ``S``, ``L``, ``J``."""
+
+    def __init__(self, sel, L: int):
+        lens = sel.seqlens
+        S = len(lens)
+        T = sel.total
+        dev = sel.indices.device
+        seg_of_row = torch.repeat_interleave(torch.arange(S, device=dev),
+                                             dk.reference.host_index(lens, dev), output_size=T)
+        self.img_pos = torch.arange(T, device=dev) + seg_of_row * L
+        seg_l = torch.arange(S, device=dev) * L
+        self.txt_pos = ((sel.cu_seqlens[1:].long() + seg_l)[:, None]
+                        + torch.arange(L, device=dev)[None]).reshape(-1)
+        self.seg = sel.seg_sample
+        self.S, self.L, self.J = S, L, T + S * L
+        self.seqlens = tuple(n + L for n in lens)
+        self.cu = sel.cu_seqlens + torch.cat([seg_l.new_zeros(1), seg_l + L]).to(torch.int32)
+
+    def pack(self, img, txt, per_segment: bool = False):
+        """``img`` ``[T, ...]`` and the text rows -> ``[J, ...]``. ``txt``: ``[B, L, ...]`` per
+        sample (each segment takes its sample's), ``[S, L, ...]`` per segment
+        (``per_segment=True``) or ``[L, ...]`` shared by every sample."""
+        if not per_segment:
+            txt = (txt.unsqueeze(0).expand(self.S, *txt.shape) if txt.dim() == img.dim()
+                   else txt.index_select(0, self.seg))
+        out = img.new_empty(self.J, *img.shape[1:])
+        out = out.index_copy(0, self.img_pos, img)
+        return out.index_copy(0, self.txt_pos, txt.reshape(-1, *img.shape[1:]).to(img.dtype))
+
+    def attention(self, q, k, v):
+        """Varlen attention over every joint segment: ``[J, H, Dh]`` each -> ``[J, H, Dh]``."""
+        m = max(self.seqlens)
+        return dk.varlen_attention(q, k, v, self.cu, self.cu, m, m,
+                                   uniform=len(set(self.seqlens)) == 1,
+                                   seqlens_q=self.seqlens, seqlens_k=self.seqlens)
+
+    def image(self, o):
+        """The image rows ``[T, ...]`` of a joint tensor ``o`` ``[J, ...]``."""
+        return o.index_select(0, self.img_pos)
+
+    def text(self, o):
+        """The text rows ``[S, L, ...]`` of a joint tensor ``o`` ``[J, ...]``."""
+        return o.index_select(0, self.txt_pos).view(self.S, self.L, *o.shape[1:])
+
+
+def heads(t, norm, n_heads):
+    """``t`` ``[..., H * Dh]`` -> ``[..., H, Dh]``, with the attention's per-head norm."""
+    t = t.unflatten(-1, (n_heads, -1))
+    return norm(t) if norm is not None else t
+
+
+def rotate_interleaved(t, cos, sin):
+    """diffusers' ``apply_rotary_emb`` with real ``(cos, sin)`` and interleaved pairs (Flux):
+    ``t`` ``[R, H, Dh]``, ``cos``/``sin`` ``[R, Dh]`` per row; computed in float32."""
+    x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return (t.float() * cos.unsqueeze(1) + rot.float() * sin.unsqueeze(1)).to(t.dtype)
+
+
+def text_stream_out(ctx, c_out, lay, sel):
+    """The text output of a routed joint block from each segment's ``c_out`` ``[S, L, D]``:
+    the segment's own with one segment per sample, else the bin-weighted sum of the segments'
+    updates (as the compat path)."""
+    if sel.segs_per_sample == 1:
+        return c_out  # segments are sample-major: segment b is sample b
+    upd = (c_out - ctx.index_select(0, lay.seg)) * sel.seg_weight.to(ctx.dtype)[:, None, None]
+    return ctx.index_add(0, lay.seg, upd)
+
+
+def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, *,
+                              inplace_residual=False):
+    """One routed MMDiT double-stream block (SD3 / SD3.5 ``JointTransformerBlock``, Flux
+    ``FluxTransformerBlock``) over a packed selection (docs/method.md §7).
+
+    The image rows of every segment are gathered, normalised and modulated in one pass and
+    projected with one GEMM per projection; the text stream is normalised and projected once
+    per sample. Joint attention runs over ``[segment rows; its sample's text]`` for every
+    segment in one varlen call (both training bins included) (:class:`JointLayout`), with the
+    rotary rows of exactly those positions when ``rope`` = ``(cos, sin)`` ``[L + N, Dh]`` is
+    given (Flux: table ``[text; image]``). SD3.5's ``attn2`` runs over the segment rows alone.
+    The image update is scattered back with the router-gated MLP and the bin weights; the text
+    update follows :func:`text_stream_out`. Returns ``(encoder_hidden_states or None,
+    hidden_states)`` as the block does."""
+    B, N, D = x.shape
+    T = sel.total
+    dual = getattr(block, "use_dual_attention", False)
+    pre_only = getattr(block, "context_pre_only", False)
+    mods = block.norm1.linear(block.norm1.silu(temb)).chunk(9 if dual else 6, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    ln = block.norm1.norm
+    h = dk.gather_norm_modulate(x, sel, shift_msa, scale_msa, ln.weight, ln.bias, ln.eps)
+    if pre_only:
+        nctx = block.norm1_context(ctx, temb)
+    else:
+        nctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
+            ctx, emb=temb)
+    attn = block.attn
+    H, L = attn.heads, ctx.shape[1]
+    q = heads(attn.to_q(h), attn.norm_q, H)  # [T, H, Dh]
+    k = heads(attn.to_k(h), attn.norm_k, H)
+    v = heads(attn.to_v(h), None, H)
+    tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
+    tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
+    tv = heads(attn.add_v_proj(nctx), None, H)
+    lay = JointLayout(sel, L)
+    jq, jk = lay.pack(q, tq), lay.pack(k, tk)
+    if rope is not None:
+        pos = sel.indices % N
+        cos, sin = (lay.pack(r.index_select(0, L + pos), r[:L]) for r in rope)  # [J, Dh]
+        jq, jk = rotate_interleaved(jq, cos, sin), rotate_interleaved(jk, cos, sin)
+    o = lay.attention(jq, jk, lay.pack(v, tv))
+    o = o.reshape(lay.J, -1).to(q.dtype)
+    rows = sel.row_sample()
+    a = attn.to_out[1](attn.to_out[0](lay.image(o)))
+    attn_update = a * gate_msa.index_select(0, rows)
+    if dual:  # SD3.5: self-attention of each segment's rows alone
+        h2 = dk.gather_norm_modulate(x, sel, mods[6], mods[7], ln.weight, ln.bias, ln.eps)
+        a2n = block.attn2
+        q2 = heads(a2n.to_q(h2), a2n.norm_q, H)
+        k2 = heads(a2n.to_k(h2), a2n.norm_k, H)
+        v2 = heads(a2n.to_v(h2), None, H)
+        o2 = dk.varlen_attention(q2, k2, v2, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen,
+                                 sel.max_seqlen, uniform=sel.uniform, seqlens_q=sel.seqlens,
+                                 seqlens_k=sel.seqlens)
+        a2 = a2n.to_out[1](a2n.to_out[0](o2.reshape(T, -1).to(q2.dtype)))
+        attn_update = attn_update + a2 * mods[8].index_select(0, rows)
+    hid = dk.gather_rows(x, sel.indices) + attn_update
+    n2 = block.norm2(hid) * (1 + scale_mlp.index_select(0, rows)) + \
+        shift_mlp.index_select(0, rows)
+    mlp_out = block.ff(n2)
+    new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate_mlp,
+                                      scores=gate_scores,
+                                      inplace=not torch.is_grad_enabled() and inplace_residual)
+    if pre_only:
+        return None, new_x
+    # the text stream of each segment (it attended to that segment's rows)
+    seg = lay.seg
+    c_att = attn.to_add_out(lay.text(o))
+    c_in = ctx.index_select(0, seg) + c_gate_msa.index_select(0, seg).unsqueeze(1) * c_att
+    nc = block.norm2_context(c_in) * (1 + c_scale_mlp.index_select(0, seg).unsqueeze(1)) + \
+        c_shift_mlp.index_select(0, seg).unsqueeze(1)
+    c_out = c_in + c_gate_mlp.index_select(0, seg).unsqueeze(1) * block.ff_context(nc)
+    if c_out.dtype == torch.float16:
+        c_out = c_out.clip(-65504, 65504)
+    return text_stream_out(ctx, c_out, lay, sel), new_x

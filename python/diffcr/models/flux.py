@@ -12,12 +12,25 @@ double block's ``ff``; in the single block the image rows of the MLP activation
 (``act_mlp``) that enters the fused output projection.
 
 Timesteps: the Flux pipelines pass ``t / 1000`` in [0, 1] (the model multiplies by 1000), which
-is already the noise level. There is no fused path yet: ``path="auto"`` runs compat.
+is already the noise level.
+
+Paths: fused forwards for both block kinds over the packed joint layout
+``[segment rows; its sample's text]`` (:class:`._joint.JointLayout`), every segment in one
+varlen call, with the rotary rows of exactly those positions: the double block through
+:func:`._joint.fused_double_stream_block`, the single block through
+:func:`_fused_flux_single_block` (its fused output projection is split into the attention and
+MLP columns so that the router gates the image MLP part alone). Blocks with other attention
+processors, fused QKV projections or a ``proj_out`` that is not a plain ``nn.Linear`` (e.g. a
+LoRA layer), and calls with ``joint_attention_kwargs`` (IP-Adapter), run compat.
 """
 import torch
+from torch import nn
+
+import diffcr_kernels as dk
 
 from . import register_family
-from ._joint import JointFamily, shared_positions
+from ._joint import (JointFamily, JointLayout, fused_double_stream_block, heads,
+                     rotate_interleaved, shared_positions, text_stream_out)
 
 
 @register_family
@@ -63,3 +76,78 @@ class FluxFamily(JointFamily):
                               L + shared_positions(tok, "Flux")])
             out["image_rotary_emb"] = tuple(r.index_select(0, rows) for r in rope)
         return out
+
+    has_fused = True
+
+    def fused_unsupported_reason(self, block):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        attn = block.attn
+        if type(attn.processor) is not FluxAttnProcessor:
+            return f"attn processor {type(attn.processor).__name__}"
+        if getattr(attn, "fused_projections", False):
+            return "fused QKV projections (fuse_projections)"
+        if self._single(block) and type(block.proj_out) is not nn.Linear:
+            return f"proj_out is a {type(block.proj_out).__name__}, not nn.Linear"
+        return None
+
+    def call_fused_reason(self, block, call):
+        if call.get("joint_attention_kwargs"):
+            return f"joint_attention_kwargs {sorted(call['joint_attention_kwargs'])}"
+        rope = call.get("image_rotary_emb")
+        if rope is None or not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+            return "rotary embeddings not given as (cos, sin)"
+        return self.fused_unsupported_reason(block)
+
+    def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        fn = _fused_flux_single_block if self._single(block) else fused_double_stream_block
+        return fn(block, call["hidden_states"], sel, gate_scores, call["encoder_hidden_states"],
+                  call["temb"], tuple(call["image_rotary_emb"]),
+                  inplace_residual=inplace_residual)
+
+
+def _fused_flux_single_block(block, x, sel, gate_scores, ctx, temb, rope, *,
+                             inplace_residual=False):
+    """One routed ``FluxSingleTransformerBlock`` over a packed selection.
+
+    The kept image rows are gathered, normalised and modulated in one pass; the text rows are
+    normalised once per sample. Attention (qk RMS-norm, the rotary rows of exactly the kept
+    positions and of the text) runs over ``[segment rows; its sample's text]`` for every
+    segment in one varlen call. The output projection ``proj_out`` over ``[attention; MLP]``
+    is split by columns: the attention part (with the bias) is the image rows' attention
+    update, the MLP part their router-gated MLP output, both scaled by the block's gate in the
+    scatter-back. The text rows take the whole projection (ungated by the router), per
+    segment, combined as :func:`._joint.text_stream_out`. Returns ``(text, image)``."""
+    B, N, D = x.shape
+    L = ctx.shape[1]
+    norm = block.norm
+    shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    ln = norm.norm
+    h = dk.gather_norm_modulate(x, sel, shift, scale, ln.weight, ln.bias, ln.eps)  # [T, D]
+    nctx = ln(ctx) * (1 + scale[:, None]) + shift[:, None]  # [B, L, D]
+    attn = block.attn
+    H = attn.heads
+    lay = JointLayout(sel, L)
+    pos = sel.indices % N
+    cos, sin = (lay.pack(r.index_select(0, L + pos), r[:L]) for r in rope)  # [J, Dh]
+    q = rotate_interleaved(lay.pack(heads(attn.to_q(h), attn.norm_q, H),
+                                    heads(attn.to_q(nctx), attn.norm_q, H)), cos, sin)
+    k = rotate_interleaved(lay.pack(heads(attn.to_k(h), attn.norm_k, H),
+                                    heads(attn.to_k(nctx), attn.norm_k, H)), cos, sin)
+    v = lay.pack(heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H))
+    o = lay.attention(q, k, v).reshape(lay.J, -1).to(q.dtype)  # [J, D]
+    W, bias = block.proj_out.weight, block.proj_out.bias
+    Wa, Wm = W[:, :D], W[:, D:]
+    rows = sel.row_sample()
+    g_rows = gate.index_select(0, rows)
+    attn_update = torch.nn.functional.linear(lay.image(o), Wa, bias) * g_rows  # [T, D]
+    mlp_out = torch.nn.functional.linear(block.act_mlp(block.proj_mlp(h)), Wm)  # [T, D]
+    new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, scores=gate_scores,
+                                      inplace=not torch.is_grad_enabled() and inplace_residual)
+    seg = lay.seg
+    mlp_txt = block.act_mlp(block.proj_mlp(nctx)).index_select(0, seg)  # [S, L, Dm]
+    c_upd = block.proj_out(torch.cat([lay.text(o), mlp_txt], dim=-1))
+    c_out = ctx.index_select(0, seg) + gate.index_select(0, seg).unsqueeze(1) * c_upd
+    if c_out.dtype == torch.float16:
+        c_out = c_out.clip(-65504, 65504)
+    return text_stream_out(ctx, c_out, lay, sel), new_x
