@@ -188,7 +188,8 @@ packages = find_packages(where="python") + find_packages(include=["diffcr_kernel
 setup(
     packages=packages,
     package_dir={"diffcr": "python/diffcr", "diffcr_kernels": "diffcr_kernels"},
-    package_data={"diffcr_kernels": ["_build_info.json"]},
+    package_data={"diffcr_kernels": ["_build_info.json"],
+                  "diffcr": ["app/demo/dense_dit/*.json", "app/demo/dense_dit/*.safetensors"]},
     ext_modules=[] if _flag("DIFFCR_SKIP_EXT") else [CMakeExtension("diffcr_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

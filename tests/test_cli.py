@@ -53,19 +53,58 @@ def demo_out(tmp_path_factory):
 
 def test_train_demo_quick_writes_every_output(demo_out):
     out, r = demo_out
-    for f in ("ratios.png", "router.png", "samples.png"):
+    for f in ("ratios.png", "router.png", "samples.png", "tradeoff.png"):
         data = (out / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["variants"]) == {"dense", "DiffCR-LT", "DiffCR-L", "MoD", "random"}
-    for name, row in m["variants"].items():
-        for k in ("heldout_denoising_loss", "classifier_fid", "class_accuracy",
-                  "mean_kept_ratio"):
+    from diffcr.app.demo.peers import cache_available
+
+    trained = {"dense", "DiffCR-LT", "DiffCR-L", "MoD", "random"}
+    expected = set(trained)
+    if cache_available("fbc"):
+        expected |= {"FBC 0.05", "DiffCR-LT + FBC 0.1"}
+    if cache_available("taylorseer"):
+        expected |= {"TaylorSeer /2"}
+    assert set(m["methods"]) == expected
+    for name, row in m["methods"].items():
+        keys = ["classifier_fid", "class_accuracy", "mean_kept_ratio", "speedup_vs_dense"]
+        if name in trained:
+            keys.append("heldout_denoising_loss")
+        else:
+            assert row["heldout_denoising_loss"] is None
+        for k in keys:
             assert isinstance(row[k], float) and row[k] == row[k], (name, k)
-    assert m["variants"]["MoD"]["mean_kept_ratio"] == pytest.approx(0.5)
+        assert len(row["class_accuracy_per_seed"]) == 2 and len(row["sampling_s"]) == 2
+    assert m["methods"]["dense"]["speedup_vs_dense"] == 1.0
+    assert m["methods"]["MoD"]["mean_kept_ratio"] == pytest.approx(0.5)
     assert (out / "diffcr" / "diffcr.safetensors").exists()
     assert (out / "model" / "config.json").exists()
+    sched = json.loads((out / "model" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
     assert "DiffCR-LT" in r.stdout and "target kept ratio" in r.stdout
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].startswith("| method |") and len(table) >= 2 + len(expected)
+    assert sum(line.startswith("| DiffCR-LT |") for line in table) == 1
+    # the dense model came from the shipped checkpoint when the package has one
+    from diffcr.app.train import shipped_dense_path
+
+    shipped = (shipped_dense_path() / "config.json").is_file()
+    assert m["dense_model"].startswith("shipped" if shipped else "trained here")
+
+
+def test_pretrain_only_writes_a_loadable_dense_model(tmp_path):
+    r = cli("train", "--quick", "--pretrain-only", "--steps", "3", "--out", tmp_path,
+            "--no-progress", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from diffusers import DiTTransformer2DModel
+
+    m = DiTTransformer2DModel.from_pretrained(str(tmp_path / "dense"))
+    info = json.loads((tmp_path / "dense" / "training.json").read_text())
+    assert info["steps"] == 3 and info["recipe"]["prediction_type"] == "v_prediction"
+    from diffcr.app.train import DEMO_PATCH, DEMO_SIZE
+
+    assert m.config.patch_size == DEMO_PATCH and m.config.sample_size == DEMO_SIZE
+    assert "trained 3 steps" in r.stdout
 
 
 def test_inspect_and_generate_from_demo_checkpoint(demo_out, tmp_path):
@@ -109,6 +148,7 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["train", "--lam", "inf"], "--lam must be a finite number"),
     (["train", "--save-every", "-1"], "--save-every must be >= 0"),
     (["train", "--threads", "0"], "--threads must be >= 1"),
+    (["train", "--pretrain-only", "--model", sys.executable], "takes no --model/--data"),
     (["train", "--out", sys.executable], "exists and is not a folder"),
     (["generate", "--model", "m", "--diffcr", "d", "--per-class", "0"], "--per-class"),
     (["generate", "--model", "m", "--diffcr", "d", "--steps", "0"], "--steps must be >= 1"),

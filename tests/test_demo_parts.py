@@ -76,6 +76,49 @@ def test_masks_inside_image_nonempty_and_sized():
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_make_shapes_spread_moves_shapes_towards_the_centre():
+    """spread=0 centres every shape; spread=1 is the default; the other draws do not change."""
+    def centres(m):
+        ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        w = m.float()
+        return torch.stack([(w * ys).sum((1, 2)), (w * xs).sum((1, 2))], 1) / w.sum((1, 2))[:, None]
+
+    x1, y1, m1 = make_shapes(200, size=32, seed=4, return_masks=True)
+    xd, yd, md = make_shapes(200, size=32, seed=4, return_masks=True, spread=1.0)
+    assert torch.equal(x1, xd) and torch.equal(m1, md)
+    x0, y0, m0 = make_shapes(200, size=32, seed=4, return_masks=True, spread=0.0)
+    assert torch.equal(y0, y1)
+    assert torch.equal(m0.flatten(1).sum(1) > 0, torch.ones(200, dtype=torch.bool))
+    off0 = (centres(m0) - 15.5).abs().amax(1)
+    off1 = (centres(m1) - 15.5).abs().amax(1)
+    assert off0.max() < 1.5          # centred (up to the shapes' own asymmetry)
+    assert off1.mean() > 3 * off0.mean()
+    off3 = (centres(make_shapes(200, size=32, seed=4, return_masks=True, spread=0.3)[2])
+            - 15.5).abs().amax(1)
+    assert off0.mean() < off3.mean() < off1.mean()
+
+
+def test_make_shapes_mono_and_scale():
+    """mono: the shape is near-white or near-black and contrasts with the background; scale
+    grows the shapes; the labels and the other draws stay."""
+    x, y, m = make_shapes(200, size=16, seed=6, return_masks=True)
+    xm, ym, mm = make_shapes(200, size=16, seed=6, return_masks=True, mono=True)
+    assert torch.equal(y, ym) and torch.equal(m, mm)
+    # fully covered shape pixels are grey +-0.9 in every channel (edges are anti-aliased)
+    grey = ((xm.abs() - 0.9).abs() < 1e-5).all(1) & (xm[:, 0] == xm[:, 1]) & mm
+    assert grey.flatten(1).any(1).float().mean() > 0.95
+    assert not ((x.abs() - 0.9).abs() < 1e-5).all(1).flatten(1).any(1).float().mean() > 0.5
+    fg = (xm * mm[:, None]).sum((2, 3)) / mm.sum((1, 2))[:, None]
+    bg = (xm * ~mm[:, None]).sum((2, 3)) / (~mm).sum((1, 2))[:, None]
+    assert ((fg - bg).abs().mean(1) > 0.3).float().mean() > 0.95
+    _, _, big = make_shapes(200, size=16, seed=6, return_masks=True, scale=1.6)
+    assert big.flatten(1).sum(1).float().mean() > 2 * m.flatten(1).sum(1).float().mean()
+    border = big[:, 0, :] | big[:, -1, :] | big[:, :, 0] | big[:, :, -1]
+    assert not border.any()
+    with pytest.raises(ValueError, match="scale must be in"):
+        make_shapes(4, size=16, scale=2.5)
+
+
 def test_make_shapes_speed_smoke():
     # timing is printed, never asserted (machines vary); the budget is ~2 s for 10k images
     t = time.perf_counter()

@@ -123,3 +123,18 @@ def test_the_library_never_imports_the_application():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=tempfile.gettempdir(), timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_installed_package_ships_the_dense_demo_model():
+    """The demo's dense DiT travels with the package (package_data), small, and loads."""
+    code = ("import json; from diffcr.app.train import shipped_dense_path, load_shipped_dense; "
+            "p = shipped_dense_path(); m = load_shipped_dense(); "
+            "print(json.dumps({'size': sum(f.stat().st_size for f in p.iterdir()), "
+            "'loaded': m is not None, 'steps': json.loads((p / 'training.json').read_text())"
+            "['steps']}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tempfile.gettempdir(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert d["loaded"] and d["steps"] >= 1000
+    assert d["size"] <= 10 * 2 ** 20

@@ -214,7 +214,9 @@ def _add_train(sub):
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the base weights")
     p.add_argument("--lr-router", type=float, default=1e-3, help="learning rate of the routers")
     p.add_argument("--lr-ratio", type=float, default=1e-2, help="learning rate of the ratios")
-    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (demo: fine-tuning steps of each variant, default 200; "
+                        "with --pretrain-only: dense pre-training steps)")
     p.add_argument("--batch", type=int, default=32, help="batch size per process")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
@@ -237,6 +239,12 @@ def _add_train(sub):
                         "else 120)")
     p.add_argument("--quick", action="store_true",
                    help="demo only: tiny settings (seconds), for smoke tests")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="demo only: train the dense DiT here instead of starting from the "
+                        "shipped checkpoint (about 26 min more on 2 CPU cores)")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="demo only: train the dense DiT (--steps of them, default the shipped "
+                        "checkpoint's) and write it to OUT/dense; nothing else")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -254,7 +262,8 @@ def _train_cmd(args) -> int:
                       threads=args.threads, quick=args.quick, progress=not args.no_progress,
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
                       max_length=args.max_length, grad_accum=args.grad_accum,
-                      resolution=args.resolution)
+                      resolution=args.resolution, from_scratch=args.from_scratch,
+                      pretrain_only=args.pretrain_only)
     try:
         cfg.validate()
         if args.threads:
@@ -263,9 +272,13 @@ def _train_cmd(args) -> int:
             if args.resume or args.vae:
                 raise TrainError("--resume/--vae apply to real training (--model and --data)")
             metrics = run_demo(cfg)
+            if metrics.get("pretrain_only"):
+                print(f"dense DiT trained {metrics['steps']} steps in "
+                      f"{metrics['seconds']:.0f} s: {metrics['out']}")
+                return 0
             print(format_summary(metrics))
             print(f"outputs in {args.out}: diffcr/ (checkpoint), model/, ratios.png, "
-                  "router.png, samples.png, metrics.json")
+                  "router.png, samples.png, tradeoff.png, metrics.json, comparison.md")
         else:
             metrics = run_train(cfg)
             if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -355,6 +368,21 @@ def _class_ids(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated class ids, got {text!r}")
 
 
+def _prediction_type(model_path) -> str:
+    """The prediction type of the ``scheduler_config.json`` saved next to a model (the demo
+    writes one), else ``"epsilon"`` (diffusers' DiT)."""
+    import json
+    from pathlib import Path
+
+    f = Path(model_path) / "scheduler_config.json"
+    if f.is_file():
+        try:
+            return json.loads(f.read_text()).get("prediction_type", "epsilon")
+        except ValueError:
+            pass
+    return "epsilon"
+
+
 def _generate_cmd(args) -> int:
     from pathlib import Path
 
@@ -416,7 +444,8 @@ def _generate_cmd(args) -> int:
     else:
         imgs = sample_images(model, labels, ncls, model.config.in_channels,
                              model.config.sample_size, steps=args.steps,
-                             guidance=args.guidance, seed=args.seed)
+                             guidance=args.guidance, seed=args.seed,
+                             prediction_type=_prediction_type(args.model))
     from PIL import Image
 
     arr = ((imgs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

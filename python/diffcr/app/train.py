@@ -69,6 +69,20 @@ class TrainConfig:
     grad_accum: int = 1
     #: captioned fine-tuning: tokens per caption (None: 300 above 512 px, else 120, as PixArt)
     max_length: Optional[int] = None
+    #: class-conditional training: what the model predicts, "epsilon" or "v_prediction"
+    prediction_type: str = "epsilon"
+    #: decay of an exponential moving average of the trained weights (0: none); the EMA copy
+    #: is what the demo samples from and saves
+    ema_decay: float = 0.0
+    #: learning-rate schedule: linear warm-up over this many steps, then cosine decay to 0
+    #: (0: constant learning rate)
+    warmup: int = 0
+    #: clip the gradient norm to this (0: no clipping)
+    grad_clip: float = 0.0
+    #: demo: train the dense model here instead of loading the shipped checkpoint
+    from_scratch: bool = False
+    #: demo: only train the dense model (``--steps`` of them) and write it to OUT/dense
+    pretrain_only: bool = False
     extra: Dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -107,6 +121,16 @@ class TrainConfig:
             raise TrainError(f"--threads must be >= 1, got {self.threads}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise TrainError(f"--out {self.out} exists and is not a folder")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise TrainError(f"prediction type must be epsilon or v_prediction, got "
+                             f"{self.prediction_type!r}")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise TrainError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup < 0:
+            raise TrainError(f"warm-up steps must be >= 0, got {self.warmup}")
+        if self.pretrain_only and (self.model is not None or self.data is not None):
+            raise TrainError("--pretrain-only trains the demo's dense model: it takes no "
+                             "--model/--data")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainError("--mixed-precision must be no, bf16 or fp16")
         if self.data is not None and not Path(self.data).is_dir():
@@ -129,15 +153,19 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------ basics
-def _scheduler():
+def _scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type=prediction_type)
 
 
 def diffusion_loss(model, sched, x0, labels, gen: Optional[torch.Generator] = None,
                    t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None):
-    """Epsilon-prediction MSE at uniformly drawn timesteps (or the given ``t``/``noise``)."""
+    """MSE of the model's prediction at uniformly drawn timesteps (or the given ``t``/``noise``).
+
+    The target follows ``sched.config.prediction_type``: the noise (``"epsilon"``) or the
+    velocity ``sqrt(a) noise - sqrt(1 - a) x0`` (``"v_prediction"``)."""
     B = x0.shape[0]
     if t is None:
         t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen,
@@ -146,14 +174,24 @@ def diffusion_loss(model, sched, x0, labels, gen: Optional[torch.Generator] = No
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     xt = sched.add_noise(x0, noise, t)
     pred = model(xt, timestep=t, class_labels=labels).sample[:, : x0.shape[1]]
-    return F.mse_loss(pred.float(), noise.float())
+    target = noise if sched.config.prediction_type == "epsilon" else \
+        sched.get_velocity(x0, noise, t)
+    return F.mse_loss(pred.float(), target.float())
 
 
 @torch.no_grad()
 def sample_images(model, labels, num_classes: int, channels: int, size: int, steps: int = 25,
-                  guidance: float = 2.0, seed: int = 0, batch: int = 128) -> torch.Tensor:
-    """DDIM sampling with classifier-free guidance (null class = ``num_classes``)."""
+                  guidance: float = 2.0, seed: int = 0, batch: int = 128,
+                  prediction_type: str = "epsilon") -> torch.Tensor:
+    """DDIM sampling with classifier-free guidance (null class = ``num_classes``).
+
+    ``labels`` int64 ``[n]``; returns float32 ``[n, channels, size, size]`` in [-1, 1]. Each
+    batch of ``batch`` samples is one sampling loop (conditional and unconditional halves in
+    one forward): diffusers caches attached to ``model`` are reset and their cache context
+    opened at its start (:func:`~diffcr.app.demo.peers.start_cache_run`)."""
     from diffusers import DDIMScheduler
+
+    from .demo.peers import start_cache_run
 
     dev = next(model.parameters()).device
     out = []
@@ -161,8 +199,9 @@ def sample_images(model, labels, num_classes: int, channels: int, size: int, ste
         lab = labels[i:i + batch].to(dev)
         n = lab.numel()
         sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              clip_sample=True)
+                              clip_sample=True, prediction_type=prediction_type)
         sched.set_timesteps(steps)
+        start_cache_run(model)
         g = torch.Generator().manual_seed(seed + i)
         x = torch.randn(n, channels, size, size, generator=g).to(dev)
         null = torch.full_like(lab, num_classes)
@@ -220,13 +259,38 @@ def _param_groups(model, cfg: TrainConfig, train_base: bool = True):
     return groups
 
 
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate multiplier at ``step``: 1 without warm-up; else linear warm-up over
+    ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if warmup <= 0:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """``ema = d ema + (1 - d) model`` over the parameters, with the usual warm-up
+    ``d = min(decay, (1 + step) / (10 + step))`` so early steps are not dominated by the
+    initialisation; buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach().to(pe.dtype), 1.0 - d)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
 def _train(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_loss: bool,
            train_base: bool = True, gen_seed: int = 0, ddp=None, opt=None, start_step: int = 0,
-           on_step=None):
-    """The training loop shared by the demo and real use. Returns (optimizer, last losses)."""
+           on_step=None, ema: Optional[torch.nn.Module] = None):
+    """The training loop shared by the demo and real use. Returns (optimizer, last losses).
+
+    ``ema``: a copy of the model (same parameter order) updated after every step with
+    ``cfg.ema_decay`` (:func:`ema_update`)."""
     import diffcr
 
-    sched = _scheduler()
+    sched = _scheduler(cfg.prediction_type)
     module = ddp.module if ddp is not None else model
     net = ddp if ddp is not None else model
     if opt is None:
@@ -241,7 +305,11 @@ def _train(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_l
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
     bar = _Progress(steps - start_step, desc, cfg.progress)
     last = {}
+    base_lr = [g["lr"] for g in opt.param_groups]
     for step in range(start_step, steps):
+        f = lr_factor(step, steps, cfg.warmup)
+        for grp, lr in zip(opt.param_groups, base_lr):
+            grp["lr"] = lr * f
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
         x0 = x_all[idx].to(dev)
         y = y_all[idx].to(dev)
@@ -254,8 +322,14 @@ def _train(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_l
                 total = loss + rl
         opt.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                           cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            ema_update(ema, module, cfg.ema_decay, step)
         last = {"loss": loss.item()}
         if (ratio_loss and diffcr.is_converted(module)
                 and not diffcr.routing_state(module).frozen):
@@ -264,13 +338,16 @@ def _train(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_l
         if on_step is not None:
             on_step(step + 1, opt)
     bar.close()
+    for grp, lr in zip(opt.param_groups, base_lr):
+        grp["lr"] = lr
     return opt, last
 
 
 @torch.no_grad()
-def heldout_loss(model, x0, labels, seed: int = 123, batch: int = 256) -> float:
+def heldout_loss(model, x0, labels, seed: int = 123, batch: int = 256,
+                 prediction_type: str = "epsilon") -> float:
     """Denoising loss on a fixed held-out set of (image, timestep, noise) triplets."""
-    sched = _scheduler()
+    sched = _scheduler(prediction_type)
     model.eval()
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
@@ -300,8 +377,37 @@ def _demo_model(size: int, num_classes: int, channels: int = 3):
 
     return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32,
                                  in_channels=channels, out_channels=channels, num_layers=6,
-                                 sample_size=size, patch_size=4,
+                                 sample_size=size, patch_size=DEMO_PATCH,
                                  num_embeds_ada_norm=num_classes)
+
+
+@torch.no_grad()
+def init_dit_weights_(model) -> None:
+    """The DiT paper's initialisation, in place, for a ``DiTTransformer2DModel`` trained from
+    scratch. diffusers builds the model with PyTorch's default initialisation (it is meant for
+    loading checkpoints), which leaves out what makes DiT train: adaLN-Zero (every block's
+    modulation and the final layer start at zero, so each block starts as the identity),
+    xavier-uniform linears, label and timestep embeddings at std 0.02."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = model.pos_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.pos_embed.proj.bias)
+    for b in model.transformer_blocks:
+        emb = b.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(b.norm1.linear.weight)
+        nn.init.zeros_(b.norm1.linear.bias)
+    for lin in (model.proj_out_1, model.proj_out_2):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
 
 
 def _router_maps(model, images, labels, blocks: List[int], timesteps: List[int]):
@@ -350,24 +456,117 @@ def _object_focus(model, images, labels, masks, timestep: int = 300) -> float:
     return hit
 
 
+#: Why the first demo's dense DiT drew noise (samples classified at chance even after 9,000
+#: steps), and what the demo does instead (measurements in the README):
+#:
+#: * eps-prediction: under the cosine schedule the x0 estimate at high noise is the eps error
+#:   amplified by sqrt((1 - a) / a) (x 6.4 at t = 900), so the first sampling steps drew noise.
+#:   The demo predicts v, which is the blurred mean there.
+#: * diffusers builds ``DiTTransformer2DModel`` with PyTorch's default initialisation: no
+#:   adaLN-Zero, class embeddings at std 1. :func:`init_dit_weights_` applies the DiT paper's.
+#: * samples came from the raw weights at a constant 1e-3: the demo samples an EMA and uses
+#:   warm-up + cosine decay and gradient clipping.
+#: * not the sampler: one checkpoint gave the same class accuracy (0.22-0.25) at 20 or 50
+#:   DDIM steps and guidance 1, 2 or 4.
+#: * the data: denoising real images worked (x0 estimates from noised shapes had the right
+#:   shape and hue), but from pure noise every 4x4-pixel token chose its own hue and place:
+#:   fragments of several colours in several places, with attention near uniform (entropy 4.14
+#:   of 4.16 nats). Shapes near the centre (``spread`` 0.3), drawn near-white or near-black
+#:   instead of in a random hue, on 16x16 images with 2x2 patches (the same 64 tokens) give
+#:   one coherent shape within 500 steps.
+DEMO_RECIPE = dict(prediction_type="v_prediction", grad_clip=1.0)
+DEMO_PRETRAIN = dict(lr=1e-3, warmup=100, ema_decay=0.999)
+DEMO_FINETUNE = dict(lr=2e-4, warmup=0, ema_decay=0.99)
+#: the demo's data (:func:`~diffcr.app.demo.data.make_shapes` arguments, see above)
+DEMO_DATA = dict(spread=0.3, mono=True, scale=1.6)
+#: image side and patch size of the demo DiT
+DEMO_SIZE, DEMO_PATCH = 16, 2
+#: steps of dense pre-training behind the shipped checkpoint (and ``--from-scratch``)
+DEMO_PRETRAIN_STEPS = 8000
+#: DDIM steps and guidance scale of every demo sampling loop
+DEMO_SAMPLING = dict(steps=20, guidance=2.0)
+#: the diffusers caches of the comparison (FirstBlockCache thresholds, TaylorSeer intervals)
+DEMO_CACHES = (("fbc", 0.05), ("fbc", 0.1), ("fbc", 0.2),
+               ("taylorseer", 2), ("taylorseer", 3), ("taylorseer", 4))
+#: DiffCR-LT stacked with these caches
+DEMO_STACKS = (("fbc", 0.1), ("taylorseer", 3))
+
+
+def shipped_dense_path() -> Path:
+    """Folder of the dense demo DiT shipped with diffcr (diffusers format + ``training.json``,
+    which says how it was trained)."""
+    return Path(__file__).parent / "demo" / "dense_dit"
+
+
+def pretrain_dense(cfg: TrainConfig, x_tr, y_tr, steps: int):
+    """Train the demo's dense DiT from scratch with the demo recipe; returns the EMA copy
+    (trainable, train mode)."""
+    from .demo.data import NUM_CLASSES
+
+    torch.manual_seed(cfg.seed)
+    dense = _demo_model(x_tr.shape[-1], NUM_CLASSES)
+    init_dit_weights_(dense)
+    ema = copy.deepcopy(dense).requires_grad_(False)
+    _train(dense, x_tr, y_tr, steps, dataclass_replace(cfg, **DEMO_RECIPE, **DEMO_PRETRAIN),
+           "dense pre-training", ratio_loss=False, gen_seed=cfg.seed, ema=ema)
+    return ema.requires_grad_(True).train()
+
+
+def load_shipped_dense():
+    """The shipped dense demo DiT (trainable), or None when the package has none."""
+    from diffusers import DiTTransformer2DModel
+
+    p = shipped_dense_path()
+    if not (p / "config.json").is_file():
+        return None
+    return DiTTransformer2DModel.from_pretrained(str(p)).float().train()
+
+
+def _demo_sampler(quick: bool):
+    from .demo.data import NUM_CLASSES
+
+    steps = 4 if quick else DEMO_SAMPLING["steps"]
+
+    def sampler(model, labels, seed: int):
+        return sample_images(model, labels, NUM_CLASSES, 3, DEMO_SIZE, steps=steps,
+                             guidance=DEMO_SAMPLING["guidance"], seed=seed,
+                             prediction_type=DEMO_RECIPE["prediction_type"])
+    return sampler
+
+
 def run_demo(cfg: TrainConfig) -> dict:
-    """The embedded end-to-end demo; writes the outputs to ``cfg.out`` and returns metrics."""
+    """The embedded end-to-end demo; writes the outputs to ``cfg.out`` and returns metrics.
+
+    1. data (procedural shapes) and the evaluation classifier;
+    2. the dense DiT: the shipped checkpoint, or trained here with ``cfg.from_scratch``
+       (``cfg.pretrain_only`` stops after it and writes it to ``OUT/dense``);
+    3. dense, DiffCR-LT, DiffCR-L, uniform MoD and random selection fine-tuned from it for the
+       same number of steps with the same recipe;
+    4. one comparison on the same seeds and sampler: those five, the diffusers caches on the
+       dense model (:data:`DEMO_CACHES`) and DiffCR-LT stacked with a cache
+       (:data:`DEMO_STACKS`), each with the measured speedup of its sampling loop, class
+       accuracy and classifier-FID per seed (:func:`~diffcr.app.demo.compare.compare_methods`);
+    5. ``metrics.json``, ``ratios.png``, ``router.png``, ``samples.png``, ``tradeoff.png``.
+    """
     import diffcr
-    from .demo import (class_accuracy, classifier_fid, make_shapes, train_classifier,
-                       plot_ratio_heatmap, plot_router_maps, plot_samples)
+    from .demo import (class_accuracy, make_shapes, train_classifier, plot_ratio_heatmap,
+                       plot_router_maps, plot_samples)
+    from .demo.compare import Method, compare_methods
     from .demo.data import CLASS_NAMES, NUM_CLASSES
+    from .demo.peers import CacheSetting, cache_available
+    from .demo.plots import plot_tradeoff
 
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     quick = cfg.quick
-    size = 32
+    size = DEMO_SIZE
     n_train = 2000 if quick else 8000
-    dense_steps = 30 if quick else (cfg.steps or 1400)
-    ft_steps = 10 if quick else max(50, (cfg.steps or 1400) // 4)
-    n_gen = 24 if quick else 240
-    sample_steps = 4 if quick else 20
+    ft_steps = 8 if quick else (cfg.steps or 200)
+    per_class = 2 if quick else 25
+    seeds = (cfg.seed + 99, cfg.seed + 199)
+    pred = DEMO_RECIPE["prediction_type"]
     timings = {}
 
     def log(msg):
@@ -375,9 +574,38 @@ def run_demo(cfg: TrainConfig) -> dict:
             print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
 
     # 1. data and the evaluation classifier
-    x_tr, y_tr = make_shapes(n_train, size=size, seed=cfg.seed)
+    x_tr, y_tr = make_shapes(n_train, size=size, seed=cfg.seed, **DEMO_DATA)
     x_te, y_te, m_te = make_shapes(512 if not quick else 96, size=size, seed=cfg.seed + 1,
-                                   return_masks=True)
+                                   return_masks=True, **DEMO_DATA)
+
+    # 2. the dense model
+    t0 = time.time()
+    dense = None if (cfg.from_scratch or cfg.pretrain_only) else load_shipped_dense()
+    if dense is None:
+        steps = cfg.steps if cfg.pretrain_only and cfg.steps else \
+            (30 if quick else DEMO_PRETRAIN_STEPS)
+        log(f"training the dense DiT from scratch: {steps} steps (the shipped checkpoint: "
+            f"{DEMO_PRETRAIN_STEPS} steps, 26 min on 2 CPU cores)")
+        dense = pretrain_dense(cfg, x_tr, y_tr, steps)
+        dense_source = f"trained here, {steps} steps"
+        if cfg.pretrain_only:
+            dense.save_pretrained(out / "dense")
+            (out / "dense" / "training.json").write_text(json.dumps({
+                "steps": steps, "seconds": round(time.time() - t0, 1),
+                "threads": torch.get_num_threads(), "train_images": n_train, "seed": cfg.seed,
+                "recipe": {**DEMO_RECIPE, **DEMO_PRETRAIN, "batch": cfg.batch},
+                "data": {**DEMO_DATA, "size": DEMO_SIZE, "patch": DEMO_PATCH,
+                         "init": "DiT (adaLN-Zero)"},
+                "command": f"diffcr train --pretrain-only --steps {steps} --threads "
+                           f"{torch.get_num_threads()}"}, indent=2))
+            log(f"dense DiT written to {out / 'dense'}")
+            return {"pretrain_only": True, "steps": steps, "out": str(out / "dense"),
+                    "seconds": time.time() - t0}
+    else:
+        dense_source = f"shipped checkpoint ({shipped_dense_path().name})"
+    timings["dense_s"] = time.time() - t0
+    log(f"dense DiT: {dense_source}, {sum(p.numel() for p in dense.parameters()) / 1e6:.2f} M "
+        f"params, {(size // DEMO_PATCH) ** 2} tokens")
     t0 = time.time()
     clf = train_classifier(x_tr, y_tr, NUM_CLASSES, steps=40 if quick else 300, seed=cfg.seed)
     timings["classifier_s"] = time.time() - t0
@@ -385,19 +613,10 @@ def run_demo(cfg: TrainConfig) -> dict:
     log(f"data: {n_train} shapes ({NUM_CLASSES} classes); evaluation classifier held-out "
         f"accuracy {clf_acc:.3f}")
 
-    # 2. dense pre-training
-    dense = _demo_model(size, NUM_CLASSES)
-    t0 = time.time()
-    _train(dense, x_tr, y_tr, dense_steps, dataclass_replace(cfg, lr=1e-3),
-           "dense pre-training", ratio_loss=False, gen_seed=cfg.seed)
-    timings["dense_pretrain_s"] = time.time() - t0
-    log(f"dense DiT ({sum(p.numel() for p in dense.parameters()) / 1e6:.2f} M params, "
-        f"{(size // 4) ** 2} tokens) trained {dense_steps} steps")
-
     # 3. variants at the same target compression, fine-tuned from the dense model
     kept = 1.0 - cfg.compression
     variants = {}
-    ft_cfg = dataclass_replace(cfg, lr=3e-4)
+    ft_cfg = dataclass_replace(cfg, **DEMO_RECIPE, **DEMO_FINETUNE)
 
     def finetune(name, conv_cfg, fixed: Optional[float], ratio: bool):
         m = copy.deepcopy(dense)
@@ -408,13 +627,14 @@ def run_demo(cfg: TrainConfig) -> dict:
                     for b in diffcr.routed_blocks(m).values():
                         b.ratio.kept.fill_(fixed)
                 diffcr.freeze(m)
+        ema = copy.deepcopy(m).requires_grad_(False)
         t0 = time.time()
         _train(m, x_tr, y_tr, ft_steps, ft_cfg, f"fine-tune {name}", ratio_loss=ratio,
-               gen_seed=cfg.seed + 11)
+               gen_seed=cfg.seed + 11, ema=ema)
         timings[f"finetune_{name}_s"] = time.time() - t0
-        if conv_cfg is not None and not diffcr.routing_state(m).frozen:
-            diffcr.freeze(m)
-        variants[name] = m
+        if conv_cfg is not None and not diffcr.routing_state(ema).frozen:
+            diffcr.freeze(ema)
+        variants[name] = ema.eval()
         log(f"fine-tuned {name} ({ft_steps} steps)")
 
     finetune("dense", None, None, False)
@@ -424,46 +644,56 @@ def run_demo(cfg: TrainConfig) -> dict:
     finetune("MoD", cfg.diffcr_config(regions=1), mod_bin, False)
     finetune("random", cfg.diffcr_config(regions=1, selection="random"), mod_bin, False)
 
-    # 4. evaluation
-    metrics = {"target_compression": cfg.compression, "classifier_heldout_accuracy": clf_acc,
-               "variants": {}}
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(max(1, n_gen // NUM_CLASSES))
-    samples = {}
-    x_speed = x_te[:64]
-    y_speed = y_te[:64]
-    t_dense = _speed(variants["dense"], x_speed, y_speed)
+    # 4. one comparison: trained variants, caches on dense, DiffCR-LT + cache
+    methods = {}
     for name, m in variants.items():
-        row = {"heldout_denoising_loss": heldout_loss(m, x_te, y_te)}
+        kr = 1.0
         if diffcr.is_converted(m):
-            idx, table = diffcr.ratio_table(m)
-            frozen = torch.tensor([r.frozen_bins for r in
-                                   diffcr.routing_state(m).blocks.values()])
-            row["mean_kept_ratio"] = float(frozen.mean())
-            row["mean_compression"] = 1 - float(frozen.mean())
-            row["learned_kept_ratio_table"] = frozen.tolist()
-            t = _speed(m, x_speed, y_speed)
-            row["forward_ms_batch64"] = t * 1e3
-            row["speedup_vs_dense"] = t_dense / t
-        else:
-            row["mean_kept_ratio"] = 1.0
-            row["mean_compression"] = 0.0
-            row["forward_ms_batch64"] = t_dense * 1e3
-        imgs = sample_images(m, labels, NUM_CLASSES, 3, size, steps=sample_steps,
-                             seed=cfg.seed + 99)
-        samples[name] = imgs
-        row["classifier_fid"] = classifier_fid(clf, x_te, imgs)
-        row["class_accuracy"] = class_accuracy(clf, imgs, labels)
-        metrics["variants"][name] = row
-        log(f"evaluated {name}: loss {row['heldout_denoising_loss']:.4f}, "
-            f"FID {row['classifier_fid']:.2f}, acc {row['class_accuracy']:.3f}")
-    lt = variants["DiffCR-LT"]
+            kr = float(torch.tensor([r.frozen_bins for r in
+                                     diffcr.routing_state(m).blocks.values()]).mean())
+        methods[name] = Method(m, "dense" if name == "dense" else "diffcr", kr,
+                               heldout_loss(m, x_te, y_te, prediction_type=pred))
+    caches = DEMO_CACHES[::3] if quick else DEMO_CACHES
+    skipped = []
+    for kind, value in caches:
+        if not cache_available(kind):
+            skipped.append(kind)
+            continue
+        s = CacheSetting(kind, value)
+        methods[s.label] = Method(s.apply(copy.deepcopy(variants["dense"])), "cache")
+    for kind, value in DEMO_STACKS[:1] if quick else DEMO_STACKS:
+        if not cache_available(kind):
+            skipped.append(kind)
+            continue
+        s = CacheSetting(kind, value)
+        methods[f"DiffCR-LT + {s.label}"] = Method(
+            s.apply(copy.deepcopy(variants["DiffCR-LT"])), "diffcr+cache",
+            methods["DiffCR-LT"].kept_ratio)
+    if skipped:
+        log(f"not in this diffusers, left out of the comparison: {sorted(set(skipped))}")
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    t0 = time.time()
+    bar = _Progress(len(methods) * len(seeds), "sampling every method", cfg.progress)
+    rows = compare_methods(methods, _demo_sampler(quick), clf, x_te, labels, seeds,
+                           progress=lambda name, seed, dt: bar.update(method=name))
+    bar.close()
+    timings["comparison_s"] = time.time() - t0
+    samples = {name: r.pop("samples") for name, r in rows.items()}
+    for name, r in rows.items():
+        m = methods[name].model
+        if name in variants and diffcr.is_converted(m):
+            r["learned_kept_ratio_table"] = [r_.frozen_bins for r_ in
+                                             diffcr.routing_state(m).blocks.values()]
+        r["mean_compression"] = 1 - r["mean_kept_ratio"]
+    metrics = {"target_compression": cfg.compression, "classifier_heldout_accuracy": clf_acc,
+               "dense_model": dense_source, "methods": rows}
     metrics["achieved_vs_target"] = {
-        "target_kept_ratio": kept, "DiffCR-LT_kept_ratio":
-            metrics["variants"]["DiffCR-LT"]["mean_kept_ratio"],
-        "DiffCR-L_kept_ratio": metrics["variants"]["DiffCR-L"]["mean_kept_ratio"]}
+        "target_kept_ratio": kept, "DiffCR-LT_kept_ratio": rows["DiffCR-LT"]["mean_kept_ratio"],
+        "DiffCR-L_kept_ratio": rows["DiffCR-L"]["mean_kept_ratio"]}
+    lt = variants["DiffCR-LT"]
     metrics["router_object_focus"] = {
         "DiffCR-LT": _object_focus(lt, x_te[:64], y_te[:64], m_te[:64]),
-        "object_token_share": float(F.avg_pool2d(m_te[:64].float().unsqueeze(1), 4)
+        "object_token_share": float(F.avg_pool2d(m_te[:64].float().unsqueeze(1), DEMO_PATCH)
                                     .gt(0.25).float().mean())}
 
     # 5. outputs
@@ -471,7 +701,8 @@ def run_demo(cfg: TrainConfig) -> dict:
     base = copy.deepcopy(lt)
     diffcr.revert(base)
     base.save_pretrained(out / "model")
-    idx, table = diffcr.ratio_table(lt)
+    _save_sampling_config(out / "model", pred)
+    idx, _ = diffcr.ratio_table(lt)
     frozen = torch.tensor([r.frozen_bins for r in diffcr.routing_state(lt).blocks.values()])
     plot_ratio_heatmap(frozen, idx, out / "ratios.png", 1000,
                        title="DiffCR-LT learned compression per block and timestep region")
@@ -479,19 +710,33 @@ def run_demo(cfg: TrainConfig) -> dict:
     maps = _router_maps(lt, x_te[:4], y_te[:4], blocks, [100, 500, 900])
     plot_router_maps(x_te[:4], maps, out / "router.png", [f"block {b}" for b in blocks],
                      ["t=100", "t=500", "t=900"])
-    cols = torch.arange(NUM_CLASSES).repeat_interleave(2)
     pick = torch.cat([torch.nonzero(labels == c).flatten()[:2] for c in range(NUM_CLASSES)])
-    plot_samples({k: samples[k][pick] for k in ("dense", "DiffCR-LT", "MoD", "random")},
-                 out / "samples.png", class_names=CLASS_NAMES, labels=cols)
+    shown = ["dense", "DiffCR-LT", "MoD", "random"] + [
+        n for n in ("FBC 0.1", "TaylorSeer /3", "DiffCR-LT + FBC 0.1") if n in samples]
+    plot_samples({k: samples[k][pick] for k in shown}, out / "samples.png",
+                 class_names=CLASS_NAMES, labels=labels[pick])
+    plot_tradeoff(rows, out / "tradeoff.png")
     timings["total_s"] = time.time() - t_start
     metrics["timings_s"] = timings
-    metrics["settings"] = {"dense_steps": dense_steps, "finetune_steps": ft_steps,
-                           "train_images": n_train, "image_size": size, "tokens": (size // 4) ** 2,
-                           "generated_per_variant": int(labels.numel()),
-                           "sampling_steps": sample_steps, "threads": torch.get_num_threads(),
-                           "quick": quick}
+    metrics["settings"] = {"finetune_steps": ft_steps, "train_images": n_train,
+                           "image_size": size, "tokens": (size // DEMO_PATCH) ** 2,
+                           "samples_per_seed": int(labels.numel()), "seeds": list(seeds),
+                           "sampling_steps": 4 if quick else DEMO_SAMPLING["steps"],
+                           "guidance": DEMO_SAMPLING["guidance"], "sampler": "DDIM",
+                           "recipe": {**DEMO_RECIPE, "finetune": DEMO_FINETUNE},
+                           "threads": torch.get_num_threads(), "quick": quick}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "comparison.md").write_text(format_markdown(metrics) + "\n")
     return metrics
+
+
+def _save_sampling_config(folder: Path, prediction_type: str) -> None:
+    """Write the DDIM scheduler the model samples with next to it (``scheduler_config.json``),
+    so that ``diffcr generate`` uses the right prediction type."""
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                  clip_sample=True, prediction_type=prediction_type).save_config(str(folder))
 
 
 def dataclass_replace(cfg: TrainConfig, **kw) -> TrainConfig:
@@ -501,14 +746,19 @@ def dataclass_replace(cfg: TrainConfig, **kw) -> TrainConfig:
 
 
 def format_summary(metrics: dict) -> str:
-    """The table printed at the end of ``diffcr train``."""
-    lines = [f"{'variant':<11} {'kept':>6} {'compr.':>7} {'heldout loss':>13} {'cls-FID':>8} "
-             f"{'class acc':>9} {'speedup':>8}"]
-    for name, r in metrics["variants"].items():
-        sp = r.get("speedup_vs_dense")
-        lines.append(f"{name:<11} {r['mean_kept_ratio']:>6.3f} {100 * r['mean_compression']:>6.1f}% "
-                     f"{r['heldout_denoising_loss']:>13.4f} {r['classifier_fid']:>8.2f} "
-                     f"{r['class_accuracy']:>9.3f} {('%.2fx' % sp) if sp else '-':>8}")
+    """The table printed at the end of ``diffcr train`` (one row per method of the comparison;
+    ``+-`` is half the range over the sampling seeds)."""
+    from .demo.compare import spread
+
+    lines = [f"{'method':<26} {'kept':>5} {'heldout loss':>12} {'class acc':>13} "
+             f"{'cls-FID':>13} {'speedup':>8}"]
+    for name, r in metrics["methods"].items():
+        hl = r.get("heldout_denoising_loss")
+        acc = f"{r['class_accuracy']:.3f}+-{spread(r['class_accuracy_per_seed']):.3f}"
+        fid = f"{r['classifier_fid']:.1f}+-{spread(r['classifier_fid_per_seed']):.1f}"
+        lines.append(f"{name:<26} {r['mean_kept_ratio']:>5.3f} "
+                     f"{('%.4f' % hl) if hl is not None else '-':>12} {acc:>13} {fid:>13} "
+                     f"{r['speedup_vs_dense']:>7.2f}x")
     a = metrics["achieved_vs_target"]
     lines.append(f"target kept ratio {a['target_kept_ratio']:.3f}; achieved DiffCR-LT "
                  f"{a['DiffCR-LT_kept_ratio']:.3f}, DiffCR-L {a['DiffCR-L_kept_ratio']:.3f}")
@@ -517,6 +767,31 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"router focus: {100 * f['DiffCR-LT']:.1f} % of the top tokens of block 0 "
                      f"lie on the object (object share of the image: "
                      f"{100 * f['object_token_share']:.1f} %)")
+    return "\n".join(lines)
+
+
+def format_markdown(metrics: dict) -> str:
+    """The comparison as a Markdown table (written to ``comparison.md`` by the demo): one row
+    per method, quality as mean +- half the range over the sampling seeds."""
+    from .demo.compare import spread
+
+    st = metrics.get("settings", {})
+    lines = ["| method | kept ratio | held-out loss | class accuracy | classifier-FID | "
+             "sampling loop | speedup vs dense |", "|---|---|---|---|---|---|---|"]
+    for name, r in metrics["methods"].items():
+        hl = r.get("heldout_denoising_loss")
+        lines.append(
+            f"| {name} | {r['mean_kept_ratio']:.3f} | "
+            f"{('%.4f' % hl) if hl is not None else '-'} | "
+            f"{r['class_accuracy']:.3f} ± {spread(r['class_accuracy_per_seed']):.3f} | "
+            f"{r['classifier_fid']:.1f} ± {spread(r['classifier_fid_per_seed']):.1f} | "
+            f"{r['sampling_s_total']:.1f} s | {r['speedup_vs_dense']:.2f}× |")
+    if st:
+        lines.append("")
+        lines.append(f"{st.get('samples_per_seed')} samples per seed, seeds {st.get('seeds')}, "
+                     f"{st.get('sampling_steps')} {st.get('sampler')} steps, guidance "
+                     f"{st.get('guidance')}; sampling loop = total wall-clock time of both "
+                     f"seeds on {st.get('threads')} thread(s).")
     return "\n".join(lines)
 
 

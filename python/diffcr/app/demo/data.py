@@ -65,7 +65,8 @@ def _inside(cls: int, u: Tensor, v: Tensor, ring_inner: Tensor, cross_w: Tensor)
 
 
 def make_shapes(n: int, size: int = 32, seed: int = 0, num_classes: int = NUM_CLASSES,
-                return_masks: bool = False):
+                return_masks: bool = False, spread: float = 1.0, mono: bool = False,
+                scale: float = 1.0):
     """Procedural class-conditional images: one coloured shape per image on a textured background.
 
     Each image has a muted background (random mix of a two-colour gradient, stripes at a random
@@ -74,6 +75,8 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, num_classes: int = NUM_CL
     with a random size of 20-45 % of the image side, a small random rotation and aspect jitter,
     fully inside the image with a margin (1 px from 20 px up, 5 % of the side below), with a
     luminance that contrasts with the background. Edges are anti-aliased (2x2 supersampling).
+    The demo of ``diffcr train`` uses ``size=16, spread=0.3, mono=True, scale=1.6``: shapes near
+    the centre, near-white or near-black, 32-72 % of the side.
 
     Args:
         n: number of images.
@@ -81,6 +84,13 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, num_classes: int = NUM_CL
         seed: seed of the private ``torch.Generator``; the global RNG is not touched.
         num_classes: use the first ``num_classes`` shapes (1..6).
         return_masks: also return the shape masks.
+        spread: how far from the centre a shape may sit, as a fraction of the room it has
+            (1: anywhere fully inside the image; 0: always centred). The other draws do not
+            depend on it.
+        scale: multiply the shapes' size range by this (at most 2: they must fit).
+        mono: draw the shape near-white or near-black (the side of its drawn luminance), not
+            in a saturated hue; the background still contrasts with it. The other draws do
+            not depend on it.
 
     Returns:
         ``(images, labels)``: float32 ``[n, 3, size, size]`` in [-1, 1] and int64 ``[n]``
@@ -97,10 +107,12 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, num_classes: int = NUM_CL
 
     # ---- per-image parameters (all drawn up front so they do not depend on the chunking)
     S = float(size)
-    radius = _u(g, n, lo=0.10, hi=0.225) * S                   # half extent, pixels
+    if not 0 < scale <= 2:
+        raise ValueError(f"scale must be in (0, 2], got {scale}")
+    radius = _u(g, n, lo=0.10, hi=0.225) * S * float(scale)    # half extent, pixels
     margin = radius + min(1.0, 0.05 * S)                        # 1 px off the border
-    cx = margin + _u(g, n) * (S - 2 * margin)
-    cy = margin + _u(g, n) * (S - 2 * margin)
+    cx = S / 2 + (_u(g, n) - 0.5) * (S - 2 * margin) * float(spread)
+    cy = S / 2 + (_u(g, n) - 0.5) * (S - 2 * margin) * float(spread)
     rot = _u(g, n, lo=-_MAX_ROT, hi=_MAX_ROT)
     aspect = _u(g, n, 2, lo=0.85, hi=1.0)                       # shrink-only keeps it inside
     ring_inner = _u(g, n, lo=0.45, hi=0.60)
@@ -108,6 +120,9 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, num_classes: int = NUM_CL
     shape_rgb = _hsv_to_rgb(_u(g, n), _u(g, n, lo=0.75, hi=1.0), _u(g, n, lo=0.75, hi=1.0))
     shape_rgb = shape_rgb * 2 - 1                               # [-1, 1]
     lum = shape_rgb @ torch.tensor([0.299, 0.587, 0.114])
+    if mono:
+        shape_rgb = torch.where(lum > 0, 0.9, -0.9)[:, None].expand(n, 3).clone()
+        lum = shape_rgb[:, 0]
     # background grey level: on the far side of the shape's luminance, 0.45-0.9 away
     delta = _u(g, n, lo=0.45, hi=0.9)
     base = torch.where(lum > 0, lum - delta, lum + delta).clamp(-0.8, 0.8)

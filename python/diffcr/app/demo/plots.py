@@ -233,3 +233,48 @@ def plot_samples(rows: Mapping[str, Tensor], path: PathLike,
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     fig.subplots_adjust(wspace=0.04, hspace=0.04)
     return _save(fig, path, dpi)
+
+
+# ------------------------------------------------------------------ quality vs speed
+_KIND_STYLE = {"dense": ("k", "*", "dense"), "diffcr": ("tab:blue", "o", "token routing"),
+               "cache": ("tab:orange", "s", "diffusers cache"),
+               "diffcr+cache": ("tab:green", "D", "DiffCR-LT + cache")}
+
+
+def plot_tradeoff(rows: Mapping[str, Mapping], path: PathLike, dpi: int = 120) -> Path:
+    """Quality against measured speedup, one marker per method and setting.
+
+    Args:
+        rows: name -> a row of :func:`~diffcr.app.demo.compare.compare_methods` (needs
+            ``speedup_vs_dense``, ``class_accuracy``, ``classifier_fid``, ``kind``; the
+            ``..._per_seed`` lists, when present, draw the spread over seeds as error bars).
+        path: PNG file to write.
+
+    Two panels side by side: class accuracy of the samples (higher is better) and
+    classifier-FID (lower is better), both against the speedup of the sampling loop over dense.
+    Returns ``path``.
+    """
+    if not rows:
+        raise ValueError("rows is empty: nothing to plot")
+    fig = _new_figure(11.0, 4.2)
+    axes = fig.subplots(1, 2)
+    seen = set()
+    for name, r in rows.items():
+        color, marker, legend = _KIND_STYLE.get(r.get("kind", "diffcr"), _KIND_STYLE["diffcr"])
+        for ax, key in zip(axes, ("class_accuracy", "classifier_fid")):
+            vals = r.get(f"{key}_per_seed") or [r[key]]
+            err = (max(vals) - min(vals)) / 2 if len(vals) > 1 else 0.0
+            ax.errorbar([r["speedup_vs_dense"]], [r[key]], yerr=[err], fmt=marker, color=color,
+                        markersize=9 if marker == "*" else 6, capsize=2,
+                        label=None if legend in seen else legend)
+            ax.annotate(name, (r["speedup_vs_dense"], r[key]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7)
+        seen.add(legend)
+    axes[0].set_ylabel("class accuracy of samples (higher is better)")
+    axes[1].set_ylabel("classifier-FID (lower is better)")
+    for ax in axes:
+        ax.set_xlabel("measured speedup of the sampling loop vs dense")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
