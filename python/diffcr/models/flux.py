@@ -20,7 +20,7 @@ varlen call, with the rotary rows of exactly those positions: the double block t
 :func:`._joint.fused_double_stream_block`, the single block through
 :func:`_fused_flux_single_block` (its fused output projection is split into the attention and
 MLP columns so that the router gates the image MLP part alone). Blocks with other attention
-processors, fused QKV projections or a ``proj_out`` that is not a plain ``nn.Linear`` (e.g. a
+processors, fused QKV projections or a ``proj_out`` that is not an ``nn.Linear`` (e.g. a peft
 LoRA layer), and calls with ``joint_attention_kwargs`` (IP-Adapter), run compat.
 """
 import torch
@@ -87,8 +87,10 @@ class FluxFamily(JointFamily):
             return f"attn processor {type(attn.processor).__name__}"
         if getattr(attn, "fused_projections", False):
             return "fused QKV projections (fuse_projections)"
-        if self._single(block) and type(block.proj_out) is not nn.Linear:
-            return f"proj_out is a {type(block.proj_out).__name__}, not nn.Linear"
+        if self._single(block) and not isinstance(block.proj_out, nn.Linear):
+            # the fused path slices its weight by columns; nn.Linear subclasses (diffcr's
+            # prepacked PackedLinear) keep the weight, a peft LoRA layer does not
+            return f"proj_out is a {type(block.proj_out).__name__}, not an nn.Linear"
         return None
 
     def call_fused_reason(self, block, call):
