@@ -115,11 +115,11 @@ def test_kappa_one_equals_the_original(family, mode):
         assert torch.equal(_run(model, kw), _run(ref, kw))
 
 
-def _paths(family, ratios, train):
+def _paths(family, ratios, train, **config):
     out = {}
     for path in ("fused", "compat"):
         model, inputs = _case(family)
-        diffcr.convert(model, DiffCRConfig(num_regions=4, path=path))
+        diffcr.convert(model, DiffCRConfig(**{"num_regions": 4, **config}, path=path))
         g = torch.Generator().manual_seed(11)
         with torch.no_grad():
             for b in diffcr.routed_blocks(model).values():
@@ -152,6 +152,28 @@ def test_fused_equals_compat_in_training_with_gradients(family):
     for key in gf:
         assert gf[key].abs().sum() > 0, key
         torch.testing.assert_close(gf[key], gc[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_fused_equals_compat_when_a_block_keeps_one_token(family, train):
+    """k = 1, the smallest segment: bins (0.01, 1) give k = 1 in eval, and in training each
+    sample runs its k = 1 bin next to its k = N bin in the same packed pass."""
+    out = _paths(family, [0.01, 0.3, 0.6, 0.9] if train else 0.01, train,
+                 bins=(0.01, 1.0))
+    (yf, gf), (yc, gc) = out["fused"], out["compat"]
+    torch.testing.assert_close(yf, yc, rtol=1e-5, atol=1e-5)
+    for key in gf:
+        torch.testing.assert_close(gf[key], gc[key], rtol=1e-4, atol=1e-6, msg=key)
+    if not train:
+        model, inputs = _case(family)
+        diffcr.convert(model, DiffCRConfig(bins=(0.01, 1.0), num_regions=4))
+        set_ratios(model, 0.01)
+        model.eval()
+        with torch.no_grad():
+            _run(model, inputs((100, 900)))
+        for b in diffcr.routing_state(model).blocks.values():
+            assert b.last_kappa is not None and torch.all(b.last_kappa == 0.01)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

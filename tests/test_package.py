@@ -12,11 +12,15 @@ import diffcr_kernels as dk
 from diffcr_kernels import _ext
 
 
-def _run(args, env=None):
+def _python(argv, env=None, timeout=120):
     # run outside the repository so that the installed package is imported, not the source tree
-    return subprocess.run([sys.executable, "-m", "diffcr", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=120,
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout,
                           cwd=tempfile.gettempdir())
+
+
+def _run(args, env=None):
+    return _python(["-m", "diffcr", *args], env)
 
 
 def test_version_command():
@@ -75,9 +79,7 @@ out = dk.scatter_back_selection(x, sel, y)
 assert out.shape == x.shape and torch.isfinite(out).all()
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "DIFFCR_DISABLE_EXT": "1"}, timeout=120,
-                       cwd=tempfile.gettempdir())
+    r = _python(["-c", code], env={"DIFFCR_DISABLE_EXT": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
@@ -120,8 +122,7 @@ def test_the_library_never_imports_the_application():
         "bad = sorted(k for k in sys.modules if k.startswith('diffcr.app'))\n"
         "assert not bad, bad\n"
         "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=tempfile.gettempdir(), timeout=300)
+    r = _python(["-c", code], timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
@@ -132,8 +133,7 @@ def test_installed_package_ships_the_dense_demo_model():
             "print(json.dumps({'size': sum(f.stat().st_size for f in p.iterdir()), "
             "'loaded': m is not None, 'steps': json.loads((p / 'training.json').read_text())"
             "['steps']}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=tempfile.gettempdir(), timeout=120)
+    r = _python(["-c", code])
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)
     assert d["loaded"] and d["steps"] >= 1000
