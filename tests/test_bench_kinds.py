@@ -50,3 +50,10 @@ def test_lora_training_bench_puts_the_same_adapter_on_both_blocks():
     bb.set_kappa(1.0)
     with torch.no_grad():
         torch.testing.assert_close(bb.run_routed(), bb.run_dense(), rtol=0, atol=0)
+
+
+def test_video_token_counts_are_four_square_frames_or_whole_480p_frames():
+    assert bench._video_shape(16) == (4, 2, 2)
+    assert bench._video_shape(32760) == (21, 30, 52)  # Wan 480p, 81 frames
+    with pytest.raises(ValueError, match="480p"):
+        bench._video_shape(17)

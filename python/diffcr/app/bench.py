@@ -248,12 +248,22 @@ def _wan_cost(D, L, F):
     return cost, 4 * L * D * D
 
 
-def _video_side(N: int) -> int:
-    """The latent side of N tokens as 4 latent frames of a square."""
+#: tokens per latent frame of a 480 x 832 video with 16-pixel tokens (VAE 8x, patch 2):
+#: Wan 2.1 480p, 81 frames = 21 latent frames = 32,760 tokens
+WAN_480P_FRAME = (30, 52)
+
+
+def _video_shape(N: int):
+    """``(frames, height, width)`` in tokens of N video tokens: 4 latent frames of a square,
+    or else whole 480p frames (:data:`WAN_480P_FRAME`)."""
     side = int(round((N / 4) ** 0.5))
-    if 4 * side * side != N:
-        raise ValueError(f"N must be 4 frames of a square, got {N}")
-    return side
+    if 4 * side * side == N:
+        return 4, side, side
+    h, w = WAN_480P_FRAME
+    if N % (h * w) == 0:
+        return N // (h * w), h, w
+    raise ValueError(f"video N must be 4 frames of a square or a multiple of {h * w} "
+                     f"(480p frames), got {N}")
 
 
 def _square_side(N: int) -> int:
@@ -334,27 +344,27 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             from diffusers import HunyuanVideoTransformer3DModel
 
             c = HUNYUAN_VIDEO
-            frames, side = 4, _video_side(N)
+            frames, th, tw = _video_shape(N)
             model = HunyuanVideoTransformer3DModel(
                 in_channels=16, out_channels=16, num_attention_heads=c["heads"],
                 attention_head_dim=c["head_dim"], num_layers=1, num_single_layers=0,
                 num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=64)
             D, L = c["D"], c["text"]
-            rope = model.rope(torch.zeros(1, 16, frames, 2 * side, 2 * side))
+            rope = model.rope(torch.zeros(1, 16, frames, 2 * th, 2 * tw))
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
                           temb=rnd(B, D, scale=0.1), attention_mask=None, freqs_cis=rope)
             cost, shared = _joint_cost(D, L)
             blocks_attr, routed = "transformer_blocks", 0
         elif kind == "wan":
             c = WAN_1_3B
-            frames, side = 4, _video_side(N)
+            frames, th, tw = _video_shape(N)
             model = WanTransformer3DModel(
                 patch_size=(1, 2, 2), num_attention_heads=c["heads"],
                 attention_head_dim=c["head_dim"], in_channels=16, out_channels=16,
                 text_dim=64, freq_dim=256, ffn_dim=c["ffn"], num_layers=1, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
             D, L = c["D"], c["text"]
-            rope = model.rope(torch.zeros(B, 16, frames, 2 * side, 2 * side))
+            rope = model.rope(torch.zeros(B, 16, frames, 2 * th, 2 * tw))
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
                           temb=rnd(B, 6, D, scale=0.1),
                           rotary_emb=rope)

@@ -87,7 +87,8 @@ def _kappas(text: str) -> List[float]:
 #: not import torch)
 BENCH_KINDS = ("pixart", "dit", "sd3", "flux", "flux-single", "wan", "qwenimage",
                "hunyuanvideo")
-#: the kinds whose N is 4 latent frames of a square (``bench.VIDEO_KINDS``)
+#: the kinds whose N is video tokens: 4 latent frames of a square or whole 480p frames
+#: (``bench.VIDEO_KINDS``)
 BENCH_VIDEO_KINDS = ("wan", "hunyuanvideo")
 
 
@@ -116,11 +117,16 @@ def _bench(args) -> int:
               file=sys.stderr)
         return 2
     video = args.model in BENCH_VIDEO_KINDS
-    per_frame = args.tokens / 4 if video else args.tokens
-    side = int(round(per_frame ** 0.5))
-    if side * side != per_frame:
-        what = "4 times a square number (4 latent frames)" if video else "a square number"
-        print(f"diffcr bench: --tokens must be {what}, got {args.tokens}", file=sys.stderr)
+    side = int(round(args.tokens ** 0.5))
+    if video:
+        try:
+            bench._video_shape(args.tokens)
+        except ValueError as e:
+            print(f"diffcr bench: --tokens: {e}", file=sys.stderr)
+            return 2
+    elif side * side != args.tokens:
+        print(f"diffcr bench: --tokens must be a square number, got {args.tokens}",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -493,7 +499,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           "stream; flux-single: single stream), Wan 2.1 1.3B, Qwen-Image or "
                           "HunyuanVideo (default pixart)")
     p_b.add_argument("--tokens", type=int, default=None,
-                     help="image tokens N (a square; default 1024 on CPU, 4096 on GPU)")
+                     help="image tokens N (a square; video kinds: 4 frames of a square or a "
+                          "multiple of 1560, 480p frames; default 1024 on CPU, 4096 on GPU)")
     p_b.add_argument("--batch", type=int, default=None, help="batch (default 1 CPU, 8 GPU)")
     p_b.add_argument("--lora-rank", type=int, default=0,
                      help="training step with peft LoRA of this rank on both blocks (base "
