@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -59,12 +58,19 @@ def test_train_demo_quick_writes_every_output(demo_out):
     m = json.loads((out / "metrics.json").read_text())
     from diffcr.app.demo.peers import cache_available
 
-    trained = {"dense", "DiffCR-LT", "DiffCR-L", "MoD", "random"}
+    from diffcr.app.train import DEMO_MILD_NAME
+
+    trained = {"dense", "DiffCR-LT", DEMO_MILD_NAME, "DiffCR-L", "MoD", "random"}
     expected = set(trained)
-    if cache_available("fbc"):
-        expected |= {"FBC 0.05", "DiffCR-LT + FBC 0.1"}
-    if cache_available("taylorseer"):
-        expected |= {"TaylorSeer /2"}
+    from diffcr.app.demo.peers import CacheSetting
+    from diffcr.app.train import DEMO_CACHES, DEMO_STACKS
+
+    for kind, value in DEMO_CACHES[::3]:  # the quick demo's caches
+        if cache_available(kind):
+            expected.add(CacheSetting(kind, value).label)
+    kind, value = DEMO_STACKS[0]
+    if cache_available(kind):
+        expected.add(f"DiffCR-LT + {CacheSetting(kind, value).label}")
     assert set(m["methods"]) == expected
     for name, row in m["methods"].items():
         keys = ["classifier_fid", "class_accuracy", "mean_kept_ratio", "speedup_vs_dense"]
@@ -100,11 +106,23 @@ def test_pretrain_only_writes_a_loadable_dense_model(tmp_path):
 
     m = DiTTransformer2DModel.from_pretrained(str(tmp_path / "dense"))
     info = json.loads((tmp_path / "dense" / "training.json").read_text())
-    assert info["steps"] == 3 and info["recipe"]["prediction_type"] == "v_prediction"
-    from diffcr.app.train import DEMO_PATCH, DEMO_SIZE
+    assert info["steps"] == 3 and len(info["stages"]) == 1
+    assert info["stages"][0]["recipe"]["prediction_type"] == "v_prediction"
+    from diffcr.app.train import DEMO_CONTINUE, DEMO_PATCH, DEMO_SIZE
 
     assert m.config.patch_size == DEMO_PATCH and m.config.sample_size == DEMO_SIZE
     assert "trained 3 steps" in r.stdout
+    # a second stage continues from that folder and records both stages
+    r = cli("train", "--quick", "--pretrain-only", "--steps", "2", "--continue-from",
+            tmp_path / "dense", "--out", tmp_path / "more", "--no-progress", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "more" / "dense" / "training.json").read_text())
+    assert info["steps"] == 5 and [st["steps"] for st in info["stages"]] == [3, 2]
+    assert info["stages"][1]["recipe"]["lr"] == DEMO_CONTINUE["lr"]
+    assert "--continue-from dense" in info["stages"][1]["command"]
+    m2 = DiTTransformer2DModel.from_pretrained(str(tmp_path / "more" / "dense"))
+    moved = [not torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())]
+    assert any(moved)
 
 
 def test_inspect_and_generate_from_demo_checkpoint(demo_out, tmp_path):
@@ -143,6 +161,8 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["inspect", "/nonexistent/ckpt"], "not a DiffCR checkpoint"),
     (["bench", "--kappas", "1.5"], "--kappas"),
     (["bench", "--device", "cuda", "--prepack"], "--prepack is for CPU"),
+    (["bench", "--model", "wan", "--tokens", "17"], "multiple of 1560"),
+    (["bench", "--model", "flux", "--tokens", "17"], "must be a square number"),
     (["nonsense"], "invalid choice"),
     (["train", "--lr", "nan"], "--lr must be a finite number"),
     (["train", "--lam", "inf"], "--lam must be a finite number"),
@@ -150,6 +170,8 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["train", "--threads", "0"], "--threads must be >= 1"),
     (["train", "--pretrain-only", "--model", sys.executable], "takes no --model/--data"),
     (["train", "--out", sys.executable], "exists and is not a folder"),
+    (["train", "--continue-from", "."], "--continue-from goes with --pretrain-only"),
+    (["train", "--pretrain-only", "--continue-from", "/nonexistent/d"], "not a dense DiT"),
     (["generate", "--model", "m", "--diffcr", "d", "--per-class", "0"], "--per-class"),
     (["generate", "--model", "m", "--diffcr", "d", "--steps", "0"], "--steps must be >= 1"),
     (["generate", "--model", "m", "--diffcr", "d", "--guidance", "nan"], "--guidance"),

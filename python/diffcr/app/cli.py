@@ -221,7 +221,7 @@ def _add_train(sub):
     p.add_argument("--lr-router", type=float, default=1e-3, help="learning rate of the routers")
     p.add_argument("--lr-ratio", type=float, default=1e-2, help="learning rate of the ratios")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (demo: fine-tuning steps of each variant, default 200; "
+                   help="training steps (demo: fine-tuning steps of each variant, default 170; "
                         "with --pretrain-only: dense pre-training steps)")
     p.add_argument("--batch", type=int, default=32, help="batch size per process")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
@@ -246,11 +246,16 @@ def _add_train(sub):
     p.add_argument("--quick", action="store_true",
                    help="demo only: tiny settings (seconds), for smoke tests")
     p.add_argument("--from-scratch", action="store_true",
-                   help="demo only: train the dense DiT here instead of starting from the "
-                        "shipped checkpoint (about 26 min more on 2 CPU cores)")
+                   help="demo only: train the dense DiT here (both stages of the shipped "
+                        "checkpoint) instead of starting from it (about 50 min more on 2 CPU "
+                        "cores)")
     p.add_argument("--pretrain-only", action="store_true",
                    help="demo only: train the dense DiT (--steps of them, default the shipped "
                         "checkpoint's) and write it to OUT/dense; nothing else")
+    p.add_argument("--continue-from", metavar="FOLDER",
+                   help="demo, with --pretrain-only: continue training this dense DiT folder "
+                        "(one that --pretrain-only wrote) with the second-stage recipe instead "
+                        "of starting from scratch (--steps default 6000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -269,7 +274,7 @@ def _train_cmd(args) -> int:
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
                       max_length=args.max_length, grad_accum=args.grad_accum,
                       resolution=args.resolution, from_scratch=args.from_scratch,
-                      pretrain_only=args.pretrain_only)
+                      pretrain_only=args.pretrain_only, continue_from=args.continue_from)
     try:
         cfg.validate()
         if args.threads:

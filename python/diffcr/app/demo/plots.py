@@ -9,6 +9,7 @@ Every function creates the parent folder of ``path``, writes a PNG and returns `
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
@@ -258,18 +259,44 @@ def plot_tradeoff(rows: Mapping[str, Mapping], path: PathLike, dpi: int = 120) -
         raise ValueError("rows is empty: nothing to plot")
     fig = _new_figure(11.0, 4.2)
     axes = fig.subplots(1, 2)
+    keys = ("class_accuracy", "classifier_fid")
+    # FID spans two orders of magnitude between the caches and random selection: log axis
+    log_y = {"class_accuracy": False,
+             "classifier_fid": all(r["classifier_fid"] > 0 for r in rows.values())}
+
+    def coords(r, key):
+        y = r[key]
+        return r["speedup_vs_dense"], (math.log10(y) if log_y[key] else y)
+
+    span = {}
+    for key in keys:
+        xs, ys = zip(*(coords(r, key) for r in rows.values()))
+        span[key] = (max(max(xs) - min(xs), 1e-9), max(max(ys) - min(ys), 1e-9))
+    # label offsets tried in turn, so that labels of nearby markers do not overlap
+    offsets = (((4, 3), "left"), ((4, -9), "left"), ((-4, 3), "right"), ((-4, -9), "right"))
+    placed = {key: [] for key in keys}
     seen = set()
     for name, r in rows.items():
         color, marker, legend = _KIND_STYLE.get(r.get("kind", "diffcr"), _KIND_STYLE["diffcr"])
-        for ax, key in zip(axes, ("class_accuracy", "classifier_fid")):
+        for ax, key in zip(axes, keys):
             vals = r.get(f"{key}_per_seed") or [r[key]]
             err = (max(vals) - min(vals)) / 2 if len(vals) > 1 else 0.0
             ax.errorbar([r["speedup_vs_dense"]], [r[key]], yerr=[err], fmt=marker, color=color,
                         markersize=9 if marker == "*" else 6, capsize=2,
                         label=None if legend in seen else legend)
+            x, y = coords(r, key)
+            sx, sy = span[key]
+            near = [(px, py, o) for px, py, o in placed[key]
+                    if abs(px - x) / sx < 0.12 and abs(py - y) / sy < 0.06]
+            used = {o for _, _, o in near}
+            choice = next((i for i in range(len(offsets)) if i not in used), 0)
+            placed[key].append((x, y, choice))
+            xy, ha = offsets[choice]
             ax.annotate(name, (r["speedup_vs_dense"], r[key]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=7)
+                        xytext=xy, fontsize=7, ha=ha)
         seen.add(legend)
+    if log_y["classifier_fid"]:
+        axes[1].set_yscale("log")
     axes[0].set_ylabel("class accuracy of samples (higher is better)")
     axes[1].set_ylabel("classifier-FID (lower is better)")
     for ax in axes:
