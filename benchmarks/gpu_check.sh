@@ -21,7 +21,8 @@
 #      racecheck: it only sees shared memory, which these kernels do not use). A refusal of the
 #      sanitizer on this machine is recorded, not counted as a failure;
 #   4. `diffcr bench` (block: dense vs routed vs naive; N = 4096 B = 8, N = 1024 B = 1), then
-#      the compat-path families' blocks (SD3.5-L, Flux.1, Wan 1.3B; N = 4096, B = 1);
+#      the modern families' blocks (SD3.5-L, Flux.1 double and single, Wan 1.3B and 14B,
+#      Qwen-Image, HunyuanVideo; N = 4096, B = 1) and Wan 1.3B at 480p, 81 frames (32,760);
 #   5. the benchmark suites (pytest-benchmark JSON) and their table.
 # Results go under $OUT step by step (the device tool sets OUT; default
 # benchmarks/results/<date>-<gpu>/): steps.tsv, one log per step, summary.md. On the deadline
@@ -237,9 +238,9 @@ if command -v compute-sanitizer > /dev/null 2>&1 || [ "$DRY" = 1 ]; then
 fi
 run_step bench_b8 120 "cd /tmp && $PY -m diffcr bench --rounds 10 --json > '$OUT/diffcr_bench_b8.json'"
 run_step bench_b1 60 "cd /tmp && $PY -m diffcr bench --tokens 1024 --batch 1 --rounds 20 --json > '$OUT/diffcr_bench_b1.json'"
-# the modern families (SD3.5-L joint, Flux.1 double and single, Wan 1.3B, Qwen-Image and
+# the modern families (SD3.5-L joint, Flux.1 double and single, Wan 1.3B and 14B, Qwen-Image and
 # HunyuanVideo blocks), N = 4096, B = 1; then Wan at 480p, 81 frames (32,760 tokens)
-run_step bench_families 200 "cd /tmp && for m in sd3 flux flux-single wan qwenimage hunyuanvideo; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done; $PY -m diffcr bench --model wan --tokens 32760 --batch 1 --rounds 3 --no-training --no-naive --json > '$OUT'/diffcr_bench_wan_480p_81f.json"
+run_step bench_families 200 "cd /tmp && for m in sd3 flux flux-single wan wan-14b qwenimage hunyuanvideo; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done; $PY -m diffcr bench --model wan --tokens 32760 --batch 1 --rounds 3 --no-training --no-naive --json > '$OUT'/diffcr_bench_wan_480p_81f.json"
 SEL=""
 [ "$MODE" = quick ] && SEL="-k kernels"
 run_step suites 300 "$PY -P -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider $SEL --benchmark-json '$OUT/bench.json'"

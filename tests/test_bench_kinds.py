@@ -1,5 +1,5 @@
 """The block benchmarks of the compat-path families build real-size blocks (SD3.5-Large,
-Flux.1, Wan 2.1 1.3B) and measure them: checked here at a few tokens (the numbers themselves
+Flux.1, Wan 2.1 1.3B and 14B, Qwen-Image, HunyuanVideo) and measure them: checked here at a few tokens (the numbers themselves
 belong to benchmarks/results, not to tests)."""
 import pytest
 import torch
@@ -10,7 +10,8 @@ from diffcr.app import bench  # noqa: E402
 
 
 @pytest.mark.parametrize("kind,N", [("sd3", 16), ("flux", 16), ("flux-single", 16),
-                                    ("wan", 16), ("qwenimage", 16), ("hunyuanvideo", 16)])
+                                    ("wan", 16), ("wan-14b", 16), ("qwenimage", 16),
+                                    ("hunyuanvideo", 16)])
 def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     torch.set_num_threads(1)
     bb = bench.make_block_bench(kind, N, 1, "cpu", torch.float32)

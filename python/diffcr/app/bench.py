@@ -202,11 +202,12 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
 SD35_LARGE = dict(D=2432, heads=38, head_dim=64, text=333)
 FLUX1 = dict(D=3072, heads=24, head_dim=128, text=512)
 WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
+WAN_14B = dict(D=5120, heads=40, head_dim=128, text=512, ffn=13824)
 QWEN_IMAGE = dict(D=3072, heads=24, head_dim=128, text=256)
 HUNYUAN_VIDEO = dict(D=3072, heads=24, head_dim=128, text=256)
-JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "qwenimage", "hunyuanvideo")
-#: kinds whose N is 4 latent frames of a square (the rest: a square)
-VIDEO_KINDS = ("wan", "hunyuanvideo")
+JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "wan-14b", "qwenimage", "hunyuanvideo")
+#: kinds whose N is video tokens (:func:`_video_shape`; the rest: a square)
+VIDEO_KINDS = ("wan", "wan-14b", "hunyuanvideo")
 KINDS = ("pixart", "dit") + JOINT_KINDS
 DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
                 "dit": "DiT-XL/2 block (D=1152, 16x72)",
@@ -216,7 +217,8 @@ DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens
                 "qwenimage": "Qwen-Image double-stream block (D=3072, 24x128, 256 text tokens)",
                 "hunyuanvideo": "HunyuanVideo double-stream block (D=3072, 24x128, 256 text "
                                 "tokens)",
-                "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens)"}
+                "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens)",
+                "wan-14b": "Wan 2.1 14B block (D=5120, 40x128, FFN 13824, 512 text tokens)"}
 
 
 def _joint_cost(D, L):
@@ -355,8 +357,8 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
                           temb=rnd(B, D, scale=0.1), attention_mask=None, freqs_cis=rope)
             cost, shared = _joint_cost(D, L)
             blocks_attr, routed = "transformer_blocks", 0
-        elif kind == "wan":
-            c = WAN_1_3B
+        elif kind in ("wan", "wan-14b"):
+            c = WAN_1_3B if kind == "wan" else WAN_14B
             frames, th, tw = _video_shape(N)
             model = WanTransformer3DModel(
                 patch_size=(1, 2, 2), num_attention_heads=c["heads"],

@@ -85,11 +85,11 @@ def _kappas(text: str) -> List[float]:
 
 #: ``diffcr bench --model`` choices (``bench.KINDS``; spelled out here so that the parser does
 #: not import torch)
-BENCH_KINDS = ("pixart", "dit", "sd3", "flux", "flux-single", "wan", "qwenimage",
+BENCH_KINDS = ("pixart", "dit", "sd3", "flux", "flux-single", "wan", "wan-14b", "qwenimage",
                "hunyuanvideo")
 #: the kinds whose N is video tokens: 4 latent frames of a square or whole 480p frames
 #: (``bench.VIDEO_KINDS``)
-BENCH_VIDEO_KINDS = ("wan", "hunyuanvideo")
+BENCH_VIDEO_KINDS = ("wan", "wan-14b", "hunyuanvideo")
 
 
 def _bench(args) -> int:
