@@ -597,8 +597,9 @@ def run_demo(cfg: TrainConfig) -> dict:
     3. DiffCR-LT (at the target and at :data:`DEMO_MILD_KEPT`), DiffCR-L, uniform MoD and
        random selection fine-tuned from it for the same number of steps with the same recipe
        (the dense model itself is compared as it is);
-    4. one comparison on the same seeds and sampler: those five, the diffusers caches on the
-       dense model (:data:`DEMO_CACHES`) and DiffCR-LT stacked with a cache
+    4. one comparison on the same seeds and sampler: the dense model and the five fine-tuned
+       variants, the diffusers caches on the dense model (:data:`DEMO_CACHES`) and DiffCR-LT
+       stacked with a cache
        (:data:`DEMO_STACKS`), each with the measured speedup of its sampling loop, class
        accuracy and classifier-FID per seed (:func:`~diffcr.app.demo.compare.compare_methods`);
     5. ``metrics.json``, ``ratios.png``, ``router.png``, ``samples.png``, ``tradeoff.png``.
@@ -716,7 +717,7 @@ def run_demo(cfg: TrainConfig) -> dict:
         log(f"fine-tuned {name} ({ft_steps} steps)")
 
     finetune("DiffCR-LT", cfg.diffcr_config(), None, True)
-    # the same at a mild target: the speed range of the caches, for an equal-speed comparison
+    # the same at a mild target: quality near dense, the equal-quality point against the caches
     finetune(DEMO_MILD_NAME, cfg.diffcr_config(kept=DEMO_MILD_KEPT), None, True)
     finetune("DiffCR-L", cfg.diffcr_config(regions=1), None, True)
     mod_bin = min(DiffCRConfig().bins, key=lambda b: abs(b - kept))
