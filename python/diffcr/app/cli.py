@@ -240,6 +240,10 @@ def _add_train(sub):
                         "Flux 1024)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="captioned fine-tuning: micro-batches per optimizer step (default 1)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="captioned fine-tuning: shard every transformer block (routers, ratios "
+                        "and LoRA included) and the model with FSDP2 across the processes "
+                        "instead of DDP; launch with torchrun or accelerate launch --multi_gpu")
     p.add_argument("--max-length", type=int, default=None,
                    help="captioned fine-tuning: tokens per caption (default 300 above 512 px, "
                         "else 120)")
@@ -273,6 +277,7 @@ def _train_cmd(args) -> int:
                       threads=args.threads, quick=args.quick, progress=not args.no_progress,
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
                       max_length=args.max_length, grad_accum=args.grad_accum,
+                      fsdp=args.fsdp,
                       resolution=args.resolution, from_scratch=args.from_scratch,
                       pretrain_only=args.pretrain_only, continue_from=args.continue_from)
     try:
@@ -280,8 +285,9 @@ def _train_cmd(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.model is None and args.data is None:
-            if args.resume or args.vae:
-                raise TrainError("--resume/--vae apply to real training (--model and --data)")
+            if args.resume or args.vae or args.fsdp:
+                raise TrainError("--resume/--vae/--fsdp apply to real training (--model and "
+                                 "--data)")
             metrics = run_demo(cfg)
             if metrics.get("pretrain_only"):
                 print(f"dense DiT trained {metrics['steps']} steps in "

@@ -18,6 +18,10 @@
   attention and feed-forward layers, base weights frozen, routers and ratios fully trained;
   the adapter is saved in peft's format in ``OUT/lora`` beside the DiffCR checkpoints.
   Without it the base weights are trained in full and saved in ``OUT/model``.
+- **Processes**: DDP under ``torchrun`` or ``accelerate launch --multi_gpu`` (accelerate wraps
+  the model); with ``--fsdp`` FSDP2 instead (:func:`_fully_shard`: every transformer block and
+  the model; accelerate then only runs the loop), its resumable state written per process with
+  ``torch.distributed.checkpoint`` and the user-facing checkpoints from the whole weights.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -192,28 +196,91 @@ class _LoopState:
         self.gen.set_state(state["gen"])
 
 
+def _write_outputs(model, out: Path, lora_rank: int, state: Optional[str]) -> None:
+    """The main process's part of a save: the DiffCR checkpoints (training and frozen form),
+    the LoRA adapter or the base model; with ``state`` (``"accelerate"`` or ``"fsdp"``: how
+    the resumable state was written) the marker of a resumable folder."""
+    import diffcr
+
+    out.mkdir(parents=True, exist_ok=True)
+    diffcr.save(model, out / "diffcr")
+    if lora_rank:
+        diffcr.save_lora(model, out / "lora")
+    else:
+        base = copy.deepcopy(model)
+        diffcr.revert(base)
+        base.save_pretrained(out / "model")
+    frozen = copy.deepcopy(model)
+    diffcr.freeze(frozen)
+    diffcr.save(frozen, out / "diffcr-frozen")
+    if state:
+        (out / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train",
+                                                         "state": state}))
+
+
 def _save_outputs(acc, model, out: Path, lora_rank: int, state: bool) -> None:
     """DiffCR checkpoints (training and frozen form), the LoRA adapter or the base model; with
     ``state`` also accelerate's state (weights, optimizer, RNGs, loop) for ``--resume``."""
-    import diffcr
-
     if state:
         acc.save_state(str(out / "accelerate"))
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        diffcr.save(model, out / "diffcr")
-        if lora_rank:
-            diffcr.save_lora(model, out / "lora")
-        else:
-            base = copy.deepcopy(model)
-            diffcr.revert(base)
-            base.save_pretrained(out / "model")
-        frozen = copy.deepcopy(model)
-        diffcr.freeze(frozen)
-        diffcr.save(frozen, out / "diffcr-frozen")
-        if state:
-            (out / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train"}))
+        _write_outputs(model, out, lora_rank, "accelerate" if state else None)
     acc.wait_for_everyone()
+
+
+def _fully_shard(model) -> None:
+    """FSDP2 on a converted model: every transformer block one shard group (its router, ratio
+    parameters and LoRA layers with it), the rest of the model the root's."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:
+        raise TrainError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= "
+                         f"2.6); this torch is {torch.__version__}") from e
+    from diffcr.models import family_for
+
+    for _, block in family_for(model).blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _save_fsdp(acc, model, opt, loop, build, out: Path, lora_rank: int, state: bool) -> None:
+    """:func:`_save_outputs` for a model sharded by :func:`_fully_shard`. The resumable state
+    (``state``) goes through ``torch.distributed.checkpoint``: every process writes its shards
+    of the weights and of the optimizer to ``OUT/fsdp/``, and its data generator beside them.
+    The checkpoints a user loads are written from the whole weights, gathered onto the main
+    process's CPU and loaded into an unsharded copy of the model (``build()``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+
+    if state:
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "fsdp"))
+        torch.save(loop.state_dict(), out / "fsdp" / f"loop-rank{acc.process_index}.pt")
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if acc.is_main_process:
+        plain = build()
+        plain.load_state_dict(whole)
+        _write_outputs(plain, out, lora_rank, "fsdp" if state else None)
+    acc.wait_for_everyone()
+
+
+def _load_fsdp(acc, model, opt, loop, folder: Path) -> None:
+    """The state :func:`_save_fsdp` wrote, into the sharded model, its optimizer and ``loop``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mine = folder / "fsdp" / f"loop-rank{acc.process_index}.pt"
+    if not mine.is_file():
+        raise TrainError(f"--resume {folder}: no state of process {acc.process_index} "
+                         f"({mine.name}); resume with as many processes as saved it")
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(folder / "fsdp"))
+    set_state_dict(model, opt, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    loop.load_state_dict(torch.load(mine, weights_only=True))
 
 
 def run_text_train(cfg: TrainConfig, return_model: bool = False):
@@ -228,9 +295,21 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     if cfg.vae:
         raise TrainError("--vae: a pipeline folder brings its own vae/")
     resume = Path(cfg.resume) if cfg.resume else None
-    if resume is not None and not (resume / "loop_state.json").is_file():
-        raise TrainError(f"--resume {resume}: not a captioned-training state folder (written "
-                         "as OUT/step-N by --save-every)")
+    if resume is not None:
+        marker = resume / "loop_state.json"
+        if not marker.is_file():
+            raise TrainError(f"--resume {resume}: not a captioned-training state folder "
+                             "(written as OUT/step-N by --save-every)")
+        saved = _json(marker).get("state", "accelerate")
+        if (saved == "fsdp") != cfg.fsdp:
+            raise TrainError(f"--resume {resume}: saved " + (
+                "with --fsdp: resume with --fsdp" if saved == "fsdp" else
+                "without --fsdp: resume without it"))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise TrainError("accelerate's FSDP plugin (--use_fsdp, or an FSDP accelerate config) "
+                         "does not shard diffcr train's model: launch with --multi_gpu and "
+                         "pass --fsdp to diffcr train, which applies FSDP2 to every "
+                         "transformer block itself")
     pairs = read_captions(data)
     _check_images([p for p, _ in pairs])
     try:
@@ -248,6 +327,10 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     except (ValueError, RuntimeError) as e:  # e.g. fp16 without a GPU
         raise TrainError(f"accelerate: {e}") from e
     dev, rank, world = acc.device, acc.process_index, acc.num_processes
+    if cfg.fsdp and world < 2:
+        raise TrainError("--fsdp shards the model across processes: launch with torchrun "
+                         "--nproc_per_node N or accelerate launch --multi_gpu --num_processes "
+                         "N (N >= 2)")
     pixels = recipe.pixels(folder, tconf, cfg.resolution)
     max_length = recipe.max_length(pixels, cfg.max_length)
     files = [(str(p.relative_to(data)), p.stat().st_size) for p, _ in pairs]
@@ -270,19 +353,27 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     torch.manual_seed(cfg.seed)
     tdir = folder / "transformer"
     klass = getattr(diffusers, recipe.model_class)
-    model = (klass.from_pretrained(str(tdir))
-             if any(tdir.glob("*.safetensors")) or any(tdir.glob("*.bin"))
-             else klass.from_config(tconf)).to(dev)
+    conv = cfg.diffcr_config()
+    lora_rank = cfg.lora_rank
+
+    def build(weights: bool):
+        """The converted model (with its LoRA adapter), the pipeline's weights or (for an
+        unsharded copy that a state dict will fill) random ones."""
+        saved = weights and (any(tdir.glob("*.safetensors")) or any(tdir.glob("*.bin")))
+        m = klass.from_pretrained(str(tdir)) if saved else klass.from_config(tconf)
+        diffcr.convert(m, conv)
+        if lora_rank:
+            try:
+                diffcr.add_lora(m, rank=lora_rank)
+            except diffcr.LoraError as e:
+                raise TrainError(str(e)) from e
+        return m
+
+    model = build(True).to(dev)
     if cfg.grad_ckpt:
         model.enable_gradient_checkpointing()
-    conv = cfg.diffcr_config()
-    diffcr.convert(model, conv)
-    lora_rank = cfg.lora_rank
-    if lora_rank:
-        try:
-            diffcr.add_lora(model, rank=lora_rank)
-        except diffcr.LoraError as e:
-            raise TrainError(str(e)) from e
+    if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters
+        _fully_shard(model)
     sched = recipe.scheduler(folder)
     if world > 1:  # each process trains on its slice of the data
         shard = slice(rank, None, world)
@@ -290,11 +381,28 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
         cond = {k: v[shard] for k, v in cond.items()}
     opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=0.0)
     diffcr.attach_ratio_projection(opt, model)
-    net, opt = acc.prepare(model, opt)
+    raw_opt = opt
     loop = _LoopState(cfg.seed + rank)
-    acc.register_for_checkpointing(loop)
+    if cfg.fsdp:  # sharded already: accelerate must not wrap it in DDP
+        net, opt = model, acc.prepare(opt)
+    else:
+        net, opt = acc.prepare(model, opt)
+        acc.register_for_checkpointing(loop)
+
+    def save(where: Path, state: bool) -> None:
+        if cfg.fsdp:
+            def unsharded():
+                with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they are
+                    return build(False)
+            _save_fsdp(acc, model, raw_opt, loop, unsharded, where, lora_rank, state)
+        else:
+            _save_outputs(acc, model, where, lora_rank, state)
+
     if resume is not None:
-        acc.load_state(str(resume / "accelerate"))
+        if cfg.fsdp:
+            _load_fsdp(acc, model, raw_opt, loop, resume)
+        else:
+            acc.load_state(str(resume / "accelerate"))
         if loop.world != world:
             raise TrainError(f"--resume {resume}: saved by {loop.world} processes, resumed by "
                              f"{world}")
@@ -324,22 +432,23 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
         last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item()}
         bar.update(**last)
         if cfg.save_every and loop.step % cfg.save_every == 0 and loop.step < steps:
-            _save_outputs(acc, model, out / f"step-{loop.step}", lora_rank, state=True)
+            save(out / f"step-{loop.step}", state=True)
     bar.close()
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
+               "parallel": "fsdp" if cfg.fsdp else "ddp" if world > 1 else "none",
                "grad_accum": cfg.grad_accum, "images": len(pairs),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
                "target_kept_ratio": conv.target_kept_ratio,
                "trainable_parameters": sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)}
-    if world > 1:
+    if world > 1 and not cfg.fsdp:  # (sharded, each parameter has one copy)
         flat = torch.cat([p.detach().flatten().double() for p in
                           diffcr.router_parameters(model) + diffcr.ratio_parameters(model)
                           + diffcr.lora_parameters(model)])
         gathered = acc.gather(flat[None]).cpu()
         metrics["ddp_params_identical_across_ranks"] = all(torch.equal(gathered[0], x)
                                                            for x in gathered[1:])
-    _save_outputs(acc, model, out, lora_rank, state=False)
+    save(out, state=False)
     if acc.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     acc.wait_for_everyone()

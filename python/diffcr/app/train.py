@@ -67,6 +67,9 @@ class TrainConfig:
     resolution: Optional[int] = None
     #: captioned fine-tuning: micro-batches per optimizer step (accelerate)
     grad_accum: int = 1
+    #: captioned fine-tuning: shard every transformer block and the model with FSDP2
+    #: (``torch.distributed.fsdp.fully_shard``) across the processes instead of DDP
+    fsdp: bool = False
     #: captioned fine-tuning: tokens per caption (None: 300 above 512 px, else 120, as PixArt)
     max_length: Optional[int] = None
     #: class-conditional training: what the model predicts, "epsilon" or "v_prediction"
@@ -143,6 +146,9 @@ class TrainConfig:
                                  "folder (no config.json)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainError("--mixed-precision must be no, bf16 or fp16")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise TrainError("--fsdp with --mixed-precision fp16: the gradient scaler does not "
+                             "take sharded gradients; use bf16")
         if self.data is not None and not Path(self.data).is_dir():
             raise TrainError(f"--data {self.data}: no such folder")
         if self.model is not None and not Path(self.model).exists():
@@ -968,6 +974,9 @@ def run_train(cfg: TrainConfig) -> dict:
                          "text_encoder/, tokenizer/, vae/)")
     if cfg.lora_rank:
         raise TrainError("--lora-rank is for captioned fine-tuning of a pipeline folder")
+    if cfg.fsdp:
+        raise TrainError("--fsdp is for captioned fine-tuning of a pipeline folder (the "
+                         "class-conditional DiTs this path trains fit one device: use DDP)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp = None
