@@ -126,6 +126,75 @@ def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_
     assert cli.main(args) == 0 and (tmp_path / "gen" / "prompt0-0.png").is_file()
 
 
+def test_wan22_experts_train_one_run_each_on_their_noise_levels(folders, tmp_path,
+                                                               monkeypatch, capsys):
+    """A two-expert Wan 2.2 pipeline: ``--expert high`` trains ``transformer`` on noise levels
+    from ``boundary_ratio`` up, ``--expert low`` trains ``transformer_2`` below it; the timestep
+    regions outside an expert's levels keep their initial ratios; ``generate`` takes both
+    experts' checkpoints."""
+    import diffusers
+
+    from diffcr.app import recipes
+    from test_family_conformance import FAMILY_CASES
+
+    torch.set_num_threads(1)
+    pipe = write_wan_pipeline(tmp_path / "wan22", two_experts=True)
+    _, data = folders
+    drawn = []
+    noisy = recipes.FlowRecipe.noisy
+
+    def spy(sched, x0, g, dev, levels=(0.0, 1.0)):
+        sigma, noise, xt = noisy(sched, x0, g, dev, levels)
+        drawn.append(sigma)
+        return sigma, noise, xt
+
+    monkeypatch.setattr(recipes.FlowRecipe, "noisy", staticmethod(spy))
+    kw = FAMILY_CASES["wan"][1]((100, 900))
+    for expert, part, other, served in (("high", "transformer", "transformer_2", [3]),
+                                        ("low", "transformer_2", "transformer", [0, 1, 2, 3])):
+        drawn.clear()
+        out = tmp_path / expert
+        metrics, model = run_text_train(_cfg(pipe, data, out, expert=expert, resolution=64,
+                                             max_length=16, steps=4), return_model=True)
+        sigma = torch.cat(drawn)
+        assert len(sigma) == 8
+        assert bool((sigma >= 0.875).all() if expert == "high" else (sigma < 0.875).all())
+        assert metrics["expert"] == expert and metrics["regions_trained"] == served
+        init = diffcr.convert(diffusers.WanTransformer3DModel.from_pretrained(str(pipe / part)),
+                              _cfg(pipe, data, out).diffcr_config())
+        _, before = diffcr.ratio_table(init)
+        _, after = diffcr.ratio_table(model)
+        unserved = [r for r in range(4) if r not in served]
+        assert torch.equal(after[:, unserved], before[:, unserved])
+        assert not torch.equal(after[:, served], before[:, served])
+        # what was saved is this expert's: it reloads into its own transformer, not the other
+        model.eval()
+        with torch.no_grad():
+            want = model(**kw).sample
+            for name, same in ((part, True), (other, False)):
+                fresh = diffusers.WanTransformer3DModel.from_pretrained(str(pipe / name))
+                diffcr.load(fresh, out / "diffcr")
+                diffcr.load_lora(fresh, out / "lora")
+                assert torch.equal(fresh.eval()(**kw).sample, want) is same, name
+    high, low = tmp_path / "high", tmp_path / "low"
+    args = ["generate", "--model", str(pipe), "--diffcr", str(high / "diffcr-frozen"),
+            "--lora", str(high / "lora"), "--diffcr-2", str(low / "diffcr-frozen"),
+            "--lora-2", str(low / "lora"), "--prompt", "a red circle", "--per-class", "1",
+            "--steps", "2", "--resolution", "64", "--out", str(tmp_path / "gen")]
+    assert cli.main(args) == 0 and (tmp_path / "gen" / "prompt0-0.png").is_file()
+    # the low expert's adapter without its checkpoint; a second expert where there is none
+    capsys.readouterr()
+    for model, bad, message in ((pipe, ["--lora-2", str(low / "lora")],
+                                 "--lora-2/--transformer-2 go with --diffcr-2"),
+                                (folders[0], ["--diffcr-2", str(low / "diffcr-frozen")],
+                                 "--diffcr-2: --model")):
+        rc = cli.main(["generate", "--model", str(model), "--diffcr", str(high / "diffcr-frozen"),
+                       "--prompt", "a", "--out", str(tmp_path / "bad")] + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_full_fine_tuning_saves_the_base_model(folders, tmp_path):
     torch.set_num_threads(1)
     pipe, data = folders
@@ -179,7 +248,11 @@ def _bad_meta(tmp_path, text):
                       "joint_attention_dim (32)"),
     ("unsupported-family", "captioned fine-tuning of QwenImageTransformer2DModel is not in "
                            "`diffcr train` yet"),
-    ("wan-two-experts", "a two-expert Wan 2.2 pipeline (transformer_2)"),
+    ("wan-two-experts", "a two-expert pipeline (transformer_2, boundary 0.875): pass --expert "
+                        "high (transformer, noise levels >= 0.875) or --expert low"),
+    ("wan-no-boundary", "a two-expert pipeline (transformer_2) needs a boundary_ratio in "
+                        "(0, 1) in model_index.json, got None"),
+    ("expert-one-transformer", "--expert high: --model"),
     ("lora-on-dit", "--lora-rank is for captioned fine-tuning of a pipeline folder"),
     ("dit-with-captions", "has captions (metadata.jsonl): --model must be a diffusers "
                           "pipeline folder"),
@@ -221,11 +294,12 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
         shutil.copytree(pipe, model)
         shutil.rmtree(model / "transformer")
         tiny_qwenimage().save_pretrained(model / "transformer")
-    elif case == "wan-two-experts":
-        model = write_wan_pipeline(tmp_path / "wan22")
-        index = json.loads((model / "model_index.json").read_text())
-        index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
-        (model / "model_index.json").write_text(json.dumps(index))
+    elif case in ("wan-two-experts", "wan-no-boundary"):
+        model = write_wan_pipeline(tmp_path / "wan22", two_experts=True)
+        if case == "wan-no-boundary":
+            index = json.loads((model / "model_index.json").read_text())
+            del index["boundary_ratio"]
+            (model / "model_index.json").write_text(json.dumps(index))
     elif case == "corrupt-image":
         data = write_captioned_images(tmp_path / "data", n=2)
         (data / "img1.png").write_bytes(b"not a png")
@@ -243,7 +317,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
     capsys.readouterr()  # what building the folders printed
     extra = {"fsdp-one-process": ["--fsdp"], "fsdp-accelerate-plugin": ["--fsdp"],
              "fsdp-fp16": ["--fsdp", "--mixed-precision", "fp16"],
-             "fsdp-on-dit": ["--fsdp"]}.get(case, ["--lora-rank", "4"])
+             "fsdp-on-dit": ["--fsdp"],
+             "expert-one-transformer": ["--expert", "high"]}.get(case, ["--lora-rank", "4"])
     if case == "fsdp-accelerate-plugin":  # what `accelerate launch --use_fsdp` sets
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     rc = cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out),

@@ -154,9 +154,11 @@ def write_sd3_pipeline(root):
     return root
 
 
-def write_wan_pipeline(root):
+def write_wan_pipeline(root, two_experts: bool = False):
     """A tiny random Wan 2.1-style pipeline folder: UMT5 (16 = the transformer's text_dim) with
-    a word-level tokenizer, a 4-channel Wan VAE (8x downsampling), UniPC with a flow shift."""
+    a word-level tokenizer, a 4-channel Wan VAE (8x downsampling), UniPC with a flow shift.
+    ``two_experts``: Wan 2.2 A14B-style, a second transformer (other random weights) in
+    ``transformer_2`` and ``boundary_ratio`` 0.875 (the A14B T2V value)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -165,6 +167,12 @@ def write_wan_pipeline(root):
     root = Path(root)
     torch.manual_seed(0)
     make("wan").save_pretrained(root / "transformer")
+    if two_experts:  # make() draws the same weights twice: move the second expert's
+        second, g = make("wan"), torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in second.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        second.save_pretrained(root / "transformer_2")
     UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=16, d_ff=32, num_layers=1,
                                 num_heads=2, d_kv=8)).save_pretrained(root / "text_encoder")
     tiny_tokenizer().save_pretrained(root / "tokenizer")
@@ -176,9 +184,11 @@ def write_wan_pipeline(root):
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "WanPipeline", "_diffusers_version": "0.35.0",
         "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": [None, None],
+        "transformer_2": (["diffusers", "WanTransformer3DModel"] if two_experts
+                          else [None, None]),
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "vae": ["diffusers", "AutoencoderKLWan"],
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        **({"boundary_ratio": 0.875} if two_experts else {})}))
     return root

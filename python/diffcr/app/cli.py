@@ -202,11 +202,13 @@ def _add_train(sub):
                        "(procedural shapes, small DiT trained dense, then DiffCR-LT, DiffCR-L, "
                        "MoD and random selection compared). With them: DiffCR fine-tuning of "
                        "a diffusers DiTTransformer2DModel on an image folder (one subfolder per "
-                       "class), or captioned fine-tuning of a PixArt pipeline folder (text "
-                       "embeddings and latents cached, optional peft LoRA); run under torchrun "
-                       "for several processes.")
+                       "class), or captioned fine-tuning of a PixArt, SD3, Flux.1 or Wan pipeline "
+                       "folder (text embeddings and latents cached, optional peft LoRA); run "
+                       "under torchrun or accelerate launch for several processes (DDP, or "
+                       "FSDP2 with --fsdp).")
     p.add_argument("--model", help="diffusers DiT model folder, or its config JSON (random "
-                   "init); or a diffusers pipeline folder (PixArt) for captioned fine-tuning")
+                   "init); or a diffusers pipeline folder (PixArt, SD3, Flux.1, Wan) for captioned "
+                   "fine-tuning")
     p.add_argument("--data", help="image folder, one subfolder per class; or with captions: "
                    "metadata.jsonl lines {\"file_name\": ..., \"text\": ...}")
     p.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
@@ -244,6 +246,10 @@ def _add_train(sub):
                    help="captioned fine-tuning: shard every transformer block (routers, ratios "
                         "and LoRA included) and the model with FSDP2 across the processes "
                         "instead of DDP; launch with torchrun or accelerate launch --multi_gpu")
+    p.add_argument("--expert", choices=("high", "low"), default=None,
+                   help="captioned fine-tuning of a two-expert Wan 2.2 pipeline: train "
+                        "transformer (high: noise levels from its boundary_ratio up) or "
+                        "transformer_2 (low), one run each")
     p.add_argument("--max-length", type=int, default=None,
                    help="captioned fine-tuning: tokens per caption (default 300 above 512 px, "
                         "else 120)")
@@ -277,7 +283,7 @@ def _train_cmd(args) -> int:
                       threads=args.threads, quick=args.quick, progress=not args.no_progress,
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
                       max_length=args.max_length, grad_accum=args.grad_accum,
-                      fsdp=args.fsdp,
+                      fsdp=args.fsdp, expert=args.expert,
                       resolution=args.resolution, from_scratch=args.from_scratch,
                       pretrain_only=args.pretrain_only, continue_from=args.continue_from)
     try:
@@ -285,9 +291,9 @@ def _train_cmd(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.model is None and args.data is None:
-            if args.resume or args.vae or args.fsdp:
-                raise TrainError("--resume/--vae/--fsdp apply to real training (--model and "
-                                 "--data)")
+            if args.resume or args.vae or args.fsdp or args.expert:
+                raise TrainError("--resume/--vae/--fsdp/--expert apply to real training "
+                                 "(--model and --data)")
             metrics = run_demo(cfg)
             if metrics.get("pretrain_only"):
                 print(f"dense DiT trained {metrics['steps']} steps in "
@@ -367,14 +373,20 @@ def _generate_arg_error(args) -> Optional[str]:
     pipeline = is_pipeline_folder(args.model)
     if pipeline and not args.prompt:
         return "--model is a pipeline folder: give one or more --prompt"
-    if not pipeline and (args.prompt or args.lora or args.transformer or args.resolution):
-        return "--prompt/--lora/--transformer/--resolution need --model to be a pipeline folder"
+    second = args.diffcr_2 or args.lora_2 or args.transformer_2
+    if not pipeline and (args.prompt or args.lora or args.transformer or args.resolution
+                         or second):
+        return ("--prompt/--lora/--transformer/--resolution/--*-2 need --model to be a "
+                "pipeline folder")
+    if second and not args.diffcr_2:
+        return "--lora-2/--transformer-2 go with --diffcr-2 (the low-noise expert's checkpoint)"
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         return "--prompt is empty"
-    for name in ("model", "diffcr", "vae", "lora", "transformer"):
+    for name in ("model", "diffcr", "vae", "lora", "transformer", "diffcr_2", "lora_2",
+                 "transformer_2"):
         p = getattr(args, name)
         if p is not None and not Path(p).exists():
-            return f"--{name} {p}: no such folder or file"
+            return f"--{name.replace('_', '-')} {p}: no such folder or file"
     return None
 
 
@@ -419,7 +431,8 @@ def _generate_cmd(args) -> int:
         try:
             paths = generate_from_pipeline(
                 args.model, args.diffcr, args.prompt, args.out, lora=args.lora,
-                transformer=args.transformer, per_prompt=args.per_class, steps=args.steps,
+                transformer=args.transformer, diffcr_ckpt_2=args.diffcr_2, lora_2=args.lora_2,
+                transformer_2=args.transformer_2, per_prompt=args.per_class, steps=args.steps,
                 guidance=args.guidance, seed=args.seed, resolution=args.resolution)
         except TrainError as e:
             print(f"diffcr generate: error: {e}", file=sys.stderr)
@@ -484,9 +497,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_i.add_argument("checkpoint", help="folder written by diffcr.save / diffcr train")
     p_i.add_argument("--compression", action="store_true", help="print 1 - kept ratio")
     p_g = sub.add_parser("generate", help="images from a DiT + DiffCR checkpoint, or from a "
-                         "PixArt pipeline + DiffCR checkpoint (+ LoRA) and prompts")
+                         "pipeline (PixArt, SD3, Flux.1, Wan) + DiffCR checkpoint (+ LoRA) and "
+                         "prompts")
     p_g.add_argument("--model", required=True, help="diffusers DiT folder (e.g. OUT/model), or "
-                     "a PixArt pipeline folder (with --prompt)")
+                     "a pipeline folder (with --prompt)")
     p_g.add_argument("--diffcr", required=True, help="DiffCR checkpoint (e.g. OUT/diffcr)")
     p_g.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
     p_g.add_argument("--out", default="diffcr-samples", help="output folder")
@@ -504,6 +518,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "pipeline's (e.g. OUT/model of a full fine-tune)")
     p_g.add_argument("--resolution", type=int, default=None,
                      help="pipeline models: image size in pixels (default: the model's)")
+    p_g.add_argument("--diffcr-2", help="two-expert pipelines (Wan 2.2 A14B): DiffCR "
+                     "checkpoint of transformer_2, the low-noise expert (--expert low; without "
+                     "it transformer_2 runs dense)")
+    p_g.add_argument("--lora-2", help="two-expert pipelines: LoRA adapter of transformer_2")
+    p_g.add_argument("--transformer-2", help="two-expert pipelines: folder replacing "
+                     "transformer_2 (OUT/model of a full fine-tune with --expert low)")
     p_b = sub.add_parser("bench", help="dense vs routed block: time, speedup, ideal, memory")
     p_b.add_argument("--model", choices=BENCH_KINDS, default="pixart",
                      help="block kind: PixArt-Sigma-XL, DiT-XL/2, SD3.5-Large, Flux.1 (double "

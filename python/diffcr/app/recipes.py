@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,35 @@ def recipe_for(model_class: str, folder) -> "Recipe":
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+#: the experts of a two-expert pipeline: sub-folder, and whether it serves the noise levels at
+#: or above the pipeline's ``boundary_ratio`` (True) or below it
+EXPERTS = {"high": ("transformer", True), "low": ("transformer_2", False)}
+
+
+def expert_of(folder: Path, index: dict, expert) -> Tuple[str, Tuple[float, float]]:
+    """``(transformer sub-folder, (lo, hi) noise levels)`` that ``expert`` (None, ``"high"``
+    or ``"low"``) trains in the pipeline ``folder``. A two-expert pipeline (Wan 2.2 A14B:
+    ``transformer_2`` and ``boundary_ratio`` b in ``model_index.json``) runs ``transformer``
+    at timesteps ``t >= b * 1000`` (noise level ``t / 1000`` in ``[b, 1]``) and
+    ``transformer_2`` below: each expert is fine-tuned in its own run, on its levels only."""
+    two = (index.get("transformer_2") or [None, None])[1] is not None
+    if not two:
+        if expert is not None:
+            raise TrainError(f"--expert {expert}: --model {folder} has one transformer (no "
+                             "transformer_2)")
+        return "transformer", (0.0, 1.0)
+    b = index.get("boundary_ratio")
+    if not isinstance(b, (int, float)) or not 0.0 < b < 1.0:
+        raise TrainError(f"--model {folder}: a two-expert pipeline (transformer_2) needs a "
+                         f"boundary_ratio in (0, 1) in model_index.json, got {b!r}")
+    if expert is None:
+        raise TrainError(f"--model {folder}: a two-expert pipeline (transformer_2, boundary "
+                         f"{b}): pass --expert high (transformer, noise levels >= {b}) or "
+                         f"--expert low (transformer_2, below {b}), one run per expert")
+    part, upper = EXPERTS[expert]
+    return part, ((float(b), 1.0) if upper else (0.0, float(b)))
 
 
 def _check_vae_channels(folder: Path, tconf: dict) -> None:
@@ -225,14 +254,19 @@ class FlowRecipe(Recipe):
         return getattr(diffusers, cls).from_pretrained(str(folder / "scheduler"))
 
     @staticmethod
-    def noisy(sched, x0, g, dev):
+    def noisy(sched, x0, g, dev, levels=(0.0, 1.0)):
         """``(sigma [B], noise, x_t)``: ``sigma`` uniform, then shifted as the scheduler
         shifts (``shift``, or ``flow_shift`` for UniPC); ``x_t = (1 - sigma) x0 + sigma noise``
-        (the target is ``noise - x0``)."""
+        (the target is ``noise - x0``). ``levels``: the range ``[lo, hi)`` of shifted
+        ``sigma`` to draw from (one expert's share of a two-expert pipeline): the uniform
+        draw is taken from the preimage of that range under the shift."""
         B = x0.shape[0]
-        u = torch.rand(B, generator=g)
         shift = float(getattr(sched.config, "shift", None)
                       or getattr(sched.config, "flow_shift", None) or 1.0)
+        lo, hi = (float(v) / (shift - (shift - 1) * float(v)) for v in levels)  # unshifted
+        u = torch.rand(B, generator=g)
+        if (lo, hi) != (0.0, 1.0):
+            u = lo + (hi - lo) * u
         sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         s = sigma.view(B, *([1] * (x0.dim() - 1))).to(x0.dtype)
@@ -344,10 +378,12 @@ class SD3Recipe(FlowRecipe):
 
 @_register
 class WanRecipe(FlowRecipe):
-    """Wan 2.1 / 2.2 (one transformer) text-to-video, fine-tuned on images as one-frame videos:
-    UMT5 embeddings through the pipeline's ``encode_prompt``, the Wan VAE's latents normalised
-    by its ``latents_mean`` / ``latents_std``, flow matching with the scheduler's
-    ``flow_shift``, timesteps ``sigma * 1000``."""
+    """Wan 2.1 / 2.2 text-to-video, fine-tuned on images as one-frame videos: UMT5 embeddings
+    through the pipeline's ``encode_prompt``, the Wan VAE's latents normalised by its
+    ``latents_mean`` / ``latents_std``, flow matching with the scheduler's ``flow_shift``,
+    timesteps ``sigma * 1000``. A two-expert Wan 2.2 pipeline (``transformer_2``) trains one
+    expert per run (``--expert``), on the noise levels the pipeline gives it
+    (:func:`expert_of`)."""
     model_class = "WanTransformer3DModel"
     pipeline_class = "WanPipeline"
     parts = ("text_encoder", "tokenizer", "vae", "scheduler")
@@ -356,11 +392,6 @@ class WanRecipe(FlowRecipe):
 
     def check(self, folder, tconf):
         super().check(folder, tconf)
-        index = _json(folder / "model_index.json")
-        if (index.get("transformer_2") or [None, None])[1] is not None:
-            raise TrainError(f"--model {folder}: a two-expert Wan 2.2 pipeline (transformer_2): "
-                             "captioned fine-tuning of both experts is not in `diffcr train` "
-                             "yet (diffcr.convert_pipeline + your loop)")
         width = _json(folder / "text_encoder" / "config.json").get("d_model")
         if width is not None and width != tconf.get("text_dim"):
             raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
@@ -386,8 +417,8 @@ class WanRecipe(FlowRecipe):
         std = torch.tensor(vae.config.latents_std, device=lat.device).view(1, z, 1, 1, 1)
         return (lat - mean) / std
 
-    def loss(self, net, model, sched, x0, cond, g, dev):
-        sigma, noise, xt = self.noisy(sched, x0, g, dev)
+    def loss(self, net, model, sched, x0, cond, g, dev, levels=(0.0, 1.0)):
+        sigma, noise, xt = self.noisy(sched, x0, g, dev, levels)
         pred = net(hidden_states=xt, timestep=sigma * 1000,
                    encoder_hidden_states=cond["emb"].to(dev)).sample
         return F.mse_loss(pred.float(), (noise - x0).float())

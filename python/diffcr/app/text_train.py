@@ -5,7 +5,8 @@
   folder) and ``text``. Images of any size are converted to RGB, resized so the shorter side is
   the model's pixel size (bicubic) and center-cropped to a square.
 - **Model**: a diffusers pipeline folder (``model_index.json``, ``transformer/``, its text
-  encoders and tokenizers, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ and Flux.1;
+  encoders and tokenizers, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ, SD3/SD3.5,
+  Flux.1 and Wan 2.1/2.2 (a two-expert Wan 2.2 A14B one expert per run, ``--expert``);
   what differs per pipeline (encoding, latents, loss, sampling arguments) is its recipe in
   :mod:`.recipes`.
 - **Caches**: the captions are encoded once with the pipeline's own text encoders and written
@@ -29,6 +30,7 @@ import copy
 import gc
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -107,15 +109,17 @@ def _quiet_loaders() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _load_pipeline_parts(folder: Path):
-    """``(model_index, transformer config, recipe)`` of a pipeline folder; TrainError if it is
-    not one ``diffcr train`` can fine-tune with captions (missing parts, mismatched encoders)."""
+def _load_pipeline_parts(folder: Path, part: str = "transformer"):
+    """``(model_index, transformer config, recipe)`` of a pipeline folder (``part``: the
+    transformer sub-folder, ``transformer_2`` for the low-noise expert of Wan 2.2); TrainError
+    if it is not one ``diffcr train`` can fine-tune with captions (missing parts, mismatched
+    encoders)."""
     from .recipes import recipe_for
 
     index = json.loads((folder / "model_index.json").read_text())
-    tconf_file = folder / "transformer" / "config.json"
+    tconf_file = folder / part / "config.json"
     if not tconf_file.is_file():
-        raise TrainError(f"--model {folder}: no transformer/config.json")
+        raise TrainError(f"--model {folder}: no {part}/config.json")
     tconf = json.loads(tconf_file.read_text())
     recipe = recipe_for(tconf.get("_class_name"), folder)
     recipe.check(folder, tconf)
@@ -290,8 +294,11 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     import diffcr
     import diffusers
 
+    from .recipes import expert_of
+
     folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
-    index, tconf, recipe = _load_pipeline_parts(folder)
+    part, levels = expert_of(folder, _json(folder / "model_index.json"), cfg.expert)
+    index, tconf, recipe = _load_pipeline_parts(folder, part)
     if cfg.vae:
         raise TrainError("--vae: a pipeline folder brings its own vae/")
     resume = Path(cfg.resume) if cfg.resume else None
@@ -351,7 +358,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     null = {k: text[f"null.{k}"] for k in cond}
 
     torch.manual_seed(cfg.seed)
-    tdir = folder / "transformer"
+    tdir = folder / part
     klass = getattr(diffusers, recipe.model_class)
     conv = cfg.diffcr_config()
     lora_rank = cfg.lora_rank
@@ -408,6 +415,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
                              f"{world}")
     steps = cfg.steps or 1000
     drop = float(cfg.caption_dropout)
+    loss_kw = {"levels": levels} if cfg.expert else {}
     g = loop.gen
     bar = _Progress(steps - loop.step, "DiffCR fine-tuning" + (
         f" (LoRA r={lora_rank})" if lora_rank else ""), cfg.progress and acc.is_main_process)
@@ -424,7 +432,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
                 c[k] = v[idx].clone()
                 c[k][dropped] = null[k].to(v.dtype)
             with acc.accumulate(net), acc.autocast():
-                loss = recipe.loss(net, model, sched, x0, c, g, dev)
+                loss = recipe.loss(net, model, sched, x0, c, g, dev, **loss_kw)
                 acc.backward(loss + diffcr.ratio_loss(model))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -434,10 +442,16 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
         if cfg.save_every and loop.step % cfg.save_every == 0 and loop.step < steps:
             save(out / f"step-{loop.step}", state=True)
     bar.close()
+    # the timestep regions this run's noise levels fall in (all but for one expert of two);
+    # the others keep their initial ratios and are left out of the mean
+    R = conv.num_regions
+    served = list(range(conv.region_of_level(levels[0]),
+                        min(R, math.ceil(levels[1] * R - 1e-9)) if levels[1] < 1.0 else R))
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
                "parallel": "fsdp" if cfg.fsdp else "ddp" if world > 1 else "none",
                "grad_accum": cfg.grad_accum, "images": len(pairs),
-               "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
+               "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),
+               "expert": cfg.expert, "noise_levels": list(levels), "regions_trained": served,
                "target_kept_ratio": conv.target_kept_ratio,
                "trainable_parameters": sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)}
@@ -459,28 +473,35 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
 def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=None,
                            transformer=None, per_prompt: int = 1, steps: int = 25,
                            guidance: float = 4.5, seed: int = 0, max_length=None,
-                           resolution=None, progress: bool = True) -> List[Path]:
+                           resolution=None, progress: bool = True, diffcr_ckpt_2=None,
+                           lora_2=None, transformer_2=None) -> List[Path]:
     """Images for ``prompts`` from a pipeline folder with its transformer (or ``transformer``,
     e.g. ``OUT/model`` of a full fine-tune) converted by the DiffCR checkpoint ``diffcr_ckpt``
-    and, when given, the LoRA adapter ``lora`` (``OUT/lora``). Writes
-    ``out/prompt<i>-<j>.png`` and returns the paths."""
-    import diffcr
+    and, when given, the LoRA adapter ``lora`` (``OUT/lora``). In a two-expert pipeline
+    (Wan 2.2 A14B) those are the high-noise expert's, and ``diffcr_ckpt_2`` / ``lora_2`` /
+    ``transformer_2`` the low-noise expert's (``transformer_2``; dense without
+    ``diffcr_ckpt_2``). Writes ``out/prompt<i>-<j>.png`` and returns the paths."""
     import diffusers
 
     folder = Path(folder)
-    _, tconf, recipe = _load_pipeline_parts(folder)
-    tdir = Path(transformer) if transformer else folder / "transformer"
-    model = getattr(diffusers, recipe.model_class).from_pretrained(str(tdir))
-    try:
-        diffcr.load(model, diffcr_ckpt)
-        if lora:
-            diffcr.load_lora(model, lora)
-    except (diffcr.CheckpointError, diffcr.LoraError) as e:
-        raise TrainError(str(e)) from e
-    if not diffcr.routing_state(model).frozen:
-        diffcr.freeze(model)
-    model.eval()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), transformer=model)
+    index, tconf, recipe = _load_pipeline_parts(folder)
+    two = (index.get("transformer_2") or [None, None])[1] is not None
+    if diffcr_ckpt_2 is not None and not two:
+        raise TrainError(f"--diffcr-2: --model {folder} has one transformer (no "
+                         "transformer_2)")
+    klass = getattr(diffusers, recipe.model_class)
+
+    def routed(tdir, ckpt, adapter):
+        model = klass.from_pretrained(str(tdir))
+        if ckpt is not None:
+            _apply_checkpoint(model, ckpt, adapter)
+        return model.eval()
+
+    parts = {"transformer": routed(transformer or folder / "transformer", diffcr_ckpt, lora)}
+    if two:
+        parts["transformer_2"] = routed(transformer_2 or folder / "transformer_2",
+                                        diffcr_ckpt_2, lora_2)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **parts)
     pipe.set_progress_bar_config(disable=not progress)
     pixels = recipe.pixels(folder, tconf, resolution)
     kwargs = recipe.pipeline_kwargs(pixels, max_length)
@@ -497,3 +518,18 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
                 paths.append(out / f"prompt{i}-{j}.png")
                 im.save(paths[-1])
     return paths
+
+
+def _apply_checkpoint(model, ckpt, lora) -> None:
+    """``model`` converted by the DiffCR checkpoint ``ckpt`` (frozen for inference), with the
+    LoRA adapter ``lora`` when given."""
+    import diffcr
+
+    try:
+        diffcr.load(model, ckpt)
+        if lora:
+            diffcr.load_lora(model, lora)
+    except (diffcr.CheckpointError, diffcr.LoraError) as e:
+        raise TrainError(str(e)) from e
+    if not diffcr.routing_state(model).frozen:
+        diffcr.freeze(model)

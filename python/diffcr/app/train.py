@@ -70,6 +70,9 @@ class TrainConfig:
     #: captioned fine-tuning: shard every transformer block and the model with FSDP2
     #: (``torch.distributed.fsdp.fully_shard``) across the processes instead of DDP
     fsdp: bool = False
+    #: captioned fine-tuning of a two-expert pipeline (Wan 2.2 A14B): which expert this run
+    #: trains, ``"high"`` (``transformer``) or ``"low"`` (``transformer_2``)
+    expert: Optional[str] = None
     #: captioned fine-tuning: tokens per caption (None: 300 above 512 px, else 120, as PixArt)
     max_length: Optional[int] = None
     #: class-conditional training: what the model predicts, "epsilon" or "v_prediction"
@@ -146,6 +149,8 @@ class TrainConfig:
                                  "folder (no config.json)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainError("--mixed-precision must be no, bf16 or fp16")
+        if self.expert not in (None, "high", "low"):
+            raise TrainError(f"--expert must be high or low, got {self.expert!r}")
         if self.fsdp and self.mixed_precision == "fp16":
             raise TrainError("--fsdp with --mixed-precision fp16: the gradient scaler does not "
                              "take sharded gradients; use bf16")
@@ -974,6 +979,9 @@ def run_train(cfg: TrainConfig) -> dict:
                          "text_encoder/, tokenizer/, vae/)")
     if cfg.lora_rank:
         raise TrainError("--lora-rank is for captioned fine-tuning of a pipeline folder")
+    if cfg.expert:
+        raise TrainError("--expert is for captioned fine-tuning of a two-expert pipeline "
+                         "folder (Wan 2.2 A14B)")
     if cfg.fsdp:
         raise TrainError("--fsdp is for captioned fine-tuning of a pipeline folder (the "
                          "class-conditional DiTs this path trains fit one device: use DDP)")
