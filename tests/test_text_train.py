@@ -464,4 +464,14 @@ def test_resume_from_a_folder_that_is_not_a_captioned_state(folders, tmp_path, c
                        str(tmp_path / "out"), "--resume", str(state), "--steps", "1"] + flag)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and message in err[-1], err
+    # and a state of one Wan 2.2 expert does not resume the other
+    state = tmp_path / "state-high"
+    state.mkdir()
+    (state / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train",
+                                                       "state": "accelerate",
+                                                       "expert": "high"}))
+    rc = cli.main(["train", "--model", str(pipe), "--data", str(data), "--out",
+                   str(tmp_path / "out"), "--resume", str(state), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "saved by a run of --expert high, resumed with --expert None" in err[-1]
     assert not (tmp_path / "out").exists()

@@ -200,7 +200,8 @@ class _LoopState:
         self.gen.set_state(state["gen"])
 
 
-def _write_outputs(model, out: Path, lora_rank: int, state: Optional[str]) -> None:
+def _write_outputs(model, out: Path, lora_rank: int, state: Optional[str],
+                   expert: Optional[str] = None) -> None:
     """The main process's part of a save: the DiffCR checkpoints (training and frozen form),
     the LoRA adapter or the base model; with ``state`` (``"accelerate"`` or ``"fsdp"``: how
     the resumable state was written) the marker of a resumable folder."""
@@ -219,16 +220,17 @@ def _write_outputs(model, out: Path, lora_rank: int, state: Optional[str]) -> No
     diffcr.save(frozen, out / "diffcr-frozen")
     if state:
         (out / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train",
-                                                         "state": state}))
+                                                         "state": state, "expert": expert}))
 
 
-def _save_outputs(acc, model, out: Path, lora_rank: int, state: bool) -> None:
+def _save_outputs(acc, model, out: Path, lora_rank: int, state: bool,
+                  expert: Optional[str] = None) -> None:
     """DiffCR checkpoints (training and frozen form), the LoRA adapter or the base model; with
     ``state`` also accelerate's state (weights, optimizer, RNGs, loop) for ``--resume``."""
     if state:
         acc.save_state(str(out / "accelerate"))
     if acc.is_main_process:
-        _write_outputs(model, out, lora_rank, "accelerate" if state else None)
+        _write_outputs(model, out, lora_rank, "accelerate" if state else None, expert)
     acc.wait_for_everyone()
 
 
@@ -247,7 +249,8 @@ def _fully_shard(model) -> None:
     fully_shard(model)
 
 
-def _save_fsdp(acc, model, opt, loop, build, out: Path, lora_rank: int, state: bool) -> None:
+def _save_fsdp(acc, model, opt, loop, build, out: Path, lora_rank: int, state: bool,
+               expert: Optional[str] = None) -> None:
     """:func:`_save_outputs` for a model sharded by :func:`_fully_shard`. The resumable state
     (``state``) goes through ``torch.distributed.checkpoint``: every process writes its shards
     of the weights and of the optimizer to ``OUT/fsdp/``, and its data generator beside them.
@@ -266,7 +269,7 @@ def _save_fsdp(acc, model, opt, loop, build, out: Path, lora_rank: int, state: b
     if acc.is_main_process:
         plain = build()
         plain.load_state_dict(whole)
-        _write_outputs(plain, out, lora_rank, "fsdp" if state else None)
+        _write_outputs(plain, out, lora_rank, "fsdp" if state else None, expert)
     acc.wait_for_everyone()
 
 
@@ -307,11 +310,14 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
         if not marker.is_file():
             raise TrainError(f"--resume {resume}: not a captioned-training state folder "
                              "(written as OUT/step-N by --save-every)")
-        saved = _json(marker).get("state", "accelerate")
-        if (saved == "fsdp") != cfg.fsdp:
+        saved = _json(marker)
+        if (saved.get("state", "accelerate") == "fsdp") != cfg.fsdp:
             raise TrainError(f"--resume {resume}: saved " + (
-                "with --fsdp: resume with --fsdp" if saved == "fsdp" else
+                "with --fsdp: resume with --fsdp" if not cfg.fsdp else
                 "without --fsdp: resume without it"))
+        if saved.get("expert") != cfg.expert:
+            raise TrainError(f"--resume {resume}: saved by a run of --expert "
+                             f"{saved.get('expert')}, resumed with --expert {cfg.expert}")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise TrainError("accelerate's FSDP plugin (--use_fsdp, or an FSDP accelerate config) "
                          "does not shard diffcr train's model: launch with --multi_gpu and "
@@ -401,9 +407,10 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
             def unsharded():
                 with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they are
                     return build(False)
-            _save_fsdp(acc, model, raw_opt, loop, unsharded, where, lora_rank, state)
+            _save_fsdp(acc, model, raw_opt, loop, unsharded, where, lora_rank, state,
+                       cfg.expert)
         else:
-            _save_outputs(acc, model, where, lora_rank, state)
+            _save_outputs(acc, model, where, lora_rank, state, cfg.expert)
 
     if resume is not None:
         if cfg.fsdp:
