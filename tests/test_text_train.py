@@ -21,7 +21,8 @@ from diffcr.app.text_train import read_captions, run_text_train  # noqa: E402
 from diffcr.app.train import TrainConfig  # noqa: E402
 
 from text_pipeline import (write_captioned_images, write_flux_pipeline,  # noqa: E402
-                           write_pipeline, write_sd3_pipeline, write_wan_pipeline)
+                           write_hunyuanvideo_pipeline, write_pipeline,
+                           write_qwenimage_pipeline, write_sd3_pipeline, write_wan_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +83,17 @@ def test_lora_fine_tuning_saves_what_load_and_generate_take(folders, tmp_path):
 # family -> (pipeline folder writer, extra train settings); the transformer class is read back
 FLOW_PIPELINES = {"flux": (write_flux_pipeline, dict(resolution=16, max_length=16)),
                   "sd3": (write_sd3_pipeline, dict(max_length=16)),
-                  "wan": (write_wan_pipeline, dict(resolution=64, max_length=16))}
+                  "wan": (write_wan_pipeline, dict(resolution=64, max_length=16)),
+                  "qwenimage": (write_qwenimage_pipeline, dict(resolution=64, max_length=16)),
+                  "hunyuanvideo": (write_hunyuanvideo_pipeline,
+                                   dict(resolution=64, max_length=16))}
 
 
 @pytest.mark.parametrize("family", sorted(FLOW_PIPELINES))
 def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_path):
-    """Flux.1, SD3 and Wan (images as one-frame videos): the pipeline's own encode_prompt,
-    flow matching; what it saves reloads into a fresh transformer and draws with the family's
-    pipeline."""
+    """Flux.1, SD3, Qwen-Image, Wan and HunyuanVideo (images as one-frame videos): the
+    pipeline's own encode_prompt, flow matching; what it saves reloads into a fresh
+    transformer and draws with the family's pipeline."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -104,10 +108,19 @@ def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_
     assert metrics["lora_rank"] == 4 and (out / "lora").is_dir()
     text = load_file(str(next((out / "cache").glob("text-*"))))
     cfg = model.config
-    width = cfg.text_dim if family == "wan" else cfg.joint_attention_dim
+    width = {"wan": "text_dim", "hunyuanvideo": "text_embed_dim"}.get(family,
+                                                                     "joint_attention_dim")
+    width = getattr(cfg, width)
     assert text["emb"].shape[0] == 6 and text["emb"].shape[-1] == width
-    if family != "wan":
+    if family in ("flux", "sd3", "hunyuanvideo"):
         assert text["pooled"].shape == (6, cfg.pooled_projection_dim)
+    if family in ("qwenimage", "hunyuanvideo"):  # unpadded, padded to the longest with a mask
+        mask = text["mask"]
+        assert mask.shape == text["emb"].shape[:2] and mask.max(1).values.min() == 1
+        assert text["null.mask"].shape == (1, mask.shape[1])
+        # (the captions are 3 words each; the empty one is shorter and padded)
+        assert 0 < text["null.mask"].sum() < mask.shape[1]
+        assert bool((text["null.emb"][text["null.mask"] == 0] == 0).all())
     assert text["null.emb"].shape[0] == 1
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
     fresh = getattr(diffusers, type(model).__name__).from_pretrained(str(pipe / "transformer"))
@@ -243,10 +256,12 @@ def _bad_meta(tmp_path, text):
     ("twice", "metadata.jsonl:2: 'img0.png' is listed twice"),
     ("text-width", "the text encoder's width (16) does not match the transformer's "
                    "caption_channels (32)"),
+    ("qwen-text-width", "the text encoder's width (16) does not match the transformer's "
+                        "joint_attention_dim (32)"),
     ("corrupt-image", "cannot read image"),
     ("flux-t5-width", "the T5 text encoder's width (16) does not match the transformer's "
                       "joint_attention_dim (32)"),
-    ("unsupported-family", "captioned fine-tuning of QwenImageTransformer2DModel is not in "
+    ("unsupported-family", "captioned fine-tuning of SanaTransformer2DModel is not in "
                            "`diffcr train` yet"),
     ("wan-two-experts", "a two-expert pipeline (transformer_2, boundary 0.875): pass --expert "
                         "high (transformer, noise levels >= 0.875) or --expert low"),
@@ -283,17 +298,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
         data = _bad_meta(tmp_path, good + good)
     elif case == "text-width":
         model = write_pipeline(tmp_path / "pipe16", text_width=16)
+    elif case == "qwen-text-width":
+        model = write_qwenimage_pipeline(tmp_path / "qwen16", text_width=16)
     elif case == "flux-t5-width":
         model = write_flux_pipeline(tmp_path / "flux16", t5_width=16)
     elif case == "unsupported-family":
         import shutil
 
-        from tiny_models import tiny_qwenimage
-
-        model = tmp_path / "qwenpipe"
+        model = tmp_path / "sanapipe"  # a transformer class with no recipe
         shutil.copytree(pipe, model)
-        shutil.rmtree(model / "transformer")
-        tiny_qwenimage().save_pretrained(model / "transformer")
+        conf = json.loads((model / "transformer" / "config.json").read_text())
+        conf["_class_name"] = "SanaTransformer2DModel"
+        (model / "transformer" / "config.json").write_text(json.dumps(conf))
     elif case in ("wan-two-experts", "wan-no-boundary"):
         model = write_wan_pipeline(tmp_path / "wan22", two_experts=True)
         if case == "wan-no-boundary":

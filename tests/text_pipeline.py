@@ -192,3 +192,90 @@ def write_wan_pipeline(root, two_experts: bool = False):
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         **({"boundary_ratio": 0.875} if two_experts else {})}))
     return root
+
+
+def write_qwenimage_pipeline(root, text_width: int = 32):
+    """A tiny random Qwen-Image pipeline folder: a Qwen2.5-VL (text width 32 = the
+    transformer's joint_attention_dim; a one-layer vision tower it never uses) with a
+    word-level tokenizer, a 4-channel Qwen-Image VAE (8x downsampling), the flow-matching
+    scheduler with the pipeline's dynamic (resolution-dependent) shift."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tiny_models import make
+
+    root = Path(root)
+    torch.manual_seed(0)
+    make("qwenimage").save_pretrained(root / "transformer")
+    V = len(WORDS) + 3
+    text = dict(vocab_size=V, hidden_size=text_width, intermediate_size=2 * text_width,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}
+                if text_width == 32 else {"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                  out_hidden_size=text_width, fullatt_block_indexes=[0], window_size=28)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **text,
+                           image_token_id=V + 1, video_token_id=V + 2,
+                           vision_start_token_id=V + 3)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(root / "text_encoder")
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1] * 4,
+                           latents_std=[2.0] * 4).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192,
+        time_shift_type="exponential").save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "QwenImagePipeline", "_diffusers_version": "0.35.0",
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    return root
+
+
+def write_hunyuanvideo_pipeline(root):
+    """A tiny random HunyuanVideo pipeline folder: a Llama (16 = the transformer's
+    text_embed_dim; three layers, as the pipeline reads the third hidden state from the end)
+    and a CLIP (8 = pooled_projection_dim) with word-level tokenizers, a 4-channel HunyuanVideo
+    VAE (8x spatial, 4x temporal), the flow-matching scheduler with shift 7."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    from tiny_models import make
+
+    root = Path(root)
+    torch.manual_seed(0)
+    make("hunyuanvideo").save_pretrained(root / "transformer")
+    V = len(WORDS) + 3
+    LlamaModel(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=1)).save_pretrained(root / "text_encoder")
+    tok = tiny_tokenizer()
+    tok.model_max_length = 512
+    tok.save_pretrained(root / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=V, hidden_size=8, intermediate_size=16,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=0)).save_pretrained(root / "text_encoder_2")
+    tok = tiny_tokenizer()
+    tok.model_max_length = 77
+    tok.save_pretrained(root / "tokenizer_2")
+    AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                              layers_per_block=1, norm_num_groups=4,
+                              mid_block_add_attention=False).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=7.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "HunyuanVideoPipeline", "_diffusers_version": "0.35.0",
+        "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+        "text_encoder": ["transformers", "LlamaModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder_2": ["transformers", "CLIPTextModel"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    return root

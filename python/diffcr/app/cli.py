@@ -202,13 +202,13 @@ def _add_train(sub):
                        "(procedural shapes, small DiT trained dense, then DiffCR-LT, DiffCR-L, "
                        "MoD and random selection compared). With them: DiffCR fine-tuning of "
                        "a diffusers DiTTransformer2DModel on an image folder (one subfolder per "
-                       "class), or captioned fine-tuning of a PixArt, SD3, Flux.1 or Wan pipeline "
-                       "folder (text embeddings and latents cached, optional peft LoRA); run "
-                       "under torchrun or accelerate launch for several processes (DDP, or "
-                       "FSDP2 with --fsdp).")
+                       "class), or captioned fine-tuning of a PixArt, SD3, Flux.1, Qwen-Image, "
+                       "Wan or HunyuanVideo pipeline folder (text embeddings and latents "
+                       "cached, optional peft LoRA); run under torchrun or accelerate launch "
+                       "for several processes (DDP, or FSDP2 with --fsdp).")
     p.add_argument("--model", help="diffusers DiT model folder, or its config JSON (random "
-                   "init); or a diffusers pipeline folder (PixArt, SD3, Flux.1, Wan) for captioned "
-                   "fine-tuning")
+                   "init); or a diffusers pipeline folder (PixArt, SD3, Flux.1, Qwen-Image, "
+                   "Wan, HunyuanVideo) for captioned fine-tuning")
     p.add_argument("--data", help="image folder, one subfolder per class; or with captions: "
                    "metadata.jsonl lines {\"file_name\": ..., \"text\": ...}")
     p.add_argument("--vae", help="AutoencoderKL folder for latent-space models")
@@ -497,8 +497,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_i.add_argument("checkpoint", help="folder written by diffcr.save / diffcr train")
     p_i.add_argument("--compression", action="store_true", help="print 1 - kept ratio")
     p_g = sub.add_parser("generate", help="images from a DiT + DiffCR checkpoint, or from a "
-                         "pipeline (PixArt, SD3, Flux.1, Wan) + DiffCR checkpoint (+ LoRA) and "
-                         "prompts")
+                         "pipeline (PixArt, SD3, Flux, Qwen-Image, Wan, HunyuanVideo) + DiffCR "
+                         "checkpoint (+ LoRA) and prompts")
     p_g.add_argument("--model", required=True, help="diffusers DiT folder (e.g. OUT/model), or "
                      "a pipeline folder (with --prompt)")
     p_g.add_argument("--diffcr", required=True, help="DiffCR checkpoint (e.g. OUT/diffcr)")

@@ -12,12 +12,20 @@ pipeline family, registered by the transformer class it trains (as the model fam
   pooled embeddings), flow matching on the latents, timesteps ``sigma * 1000``.
 - :class:`WanRecipe`: UMT5 through the pipeline's ``encode_prompt``, images as one-frame
   videos, the Wan VAE's normalised latents, flow matching with the scheduler's
-  ``flow_shift``.
+  ``flow_shift``; a two-expert Wan 2.2 one expert per run on its noise levels
+  (:func:`expert_of`).
+- :class:`QwenImageRecipe`: Qwen2.5-VL through the pipeline's ``encode_prompt``, embeddings
+  with their padding mask (:class:`MaskedTextRecipe`), packed 2x2 latents, flow matching with
+  the pipeline's resolution-dependent shift.
+- :class:`HunyuanVideoRecipe`: Llama (masked) + CLIP pooled through the pipeline's
+  ``encode_prompt``, images as one-frame videos, flow matching with the scheduler's
+  ``shift``, distilled guidance 6.
 """
 from __future__ import annotations
 
 import gc
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -138,6 +146,10 @@ class Recipe:
     def pipeline_kwargs(self, pixels: int, max_length) -> dict:
         return dict(height=pixels, width=pixels)
 
+    def guidance_kwargs(self, guidance: float) -> dict:
+        """The pipeline call's arguments for classifier-free guidance ``guidance``."""
+        return dict(guidance_scale=guidance)
+
     def images_of(self, output) -> list:
         """The PIL images of a pipeline call's output."""
         return output.images
@@ -254,14 +266,15 @@ class FlowRecipe(Recipe):
         return getattr(diffusers, cls).from_pretrained(str(folder / "scheduler"))
 
     @staticmethod
-    def noisy(sched, x0, g, dev, levels=(0.0, 1.0)):
+    def noisy(sched, x0, g, dev, levels=(0.0, 1.0), shift=None):
         """``(sigma [B], noise, x_t)``: ``sigma`` uniform, then shifted as the scheduler
         shifts (``shift``, or ``flow_shift`` for UniPC); ``x_t = (1 - sigma) x0 + sigma noise``
         (the target is ``noise - x0``). ``levels``: the range ``[lo, hi)`` of shifted
         ``sigma`` to draw from (one expert's share of a two-expert pipeline): the uniform
-        draw is taken from the preimage of that range under the shift."""
+        draw is taken from the preimage of that range under the shift. ``shift``: the shift to
+        use instead of the scheduler's fixed one (a dynamic shift at the image's size)."""
         B = x0.shape[0]
-        shift = float(getattr(sched.config, "shift", None)
+        shift = float(shift or getattr(sched.config, "shift", None)
                       or getattr(sched.config, "flow_shift", None) or 1.0)
         lo, hi = (float(v) / (shift - (shift - 1) * float(v)) for v in levels)  # unshifted
         u = torch.rand(B, generator=g)
@@ -430,3 +443,198 @@ class WanRecipe(FlowRecipe):
     def images_of(self, output):
         return [video[0] for video in output.frames]
 
+
+
+class MaskedTextRecipe(FlowRecipe):
+    """Flow-matching pipelines whose text embeddings come with a padding mask (Qwen-Image,
+    HunyuanVideo): each caption's tokens (where its mask is set) are kept at their own length
+    and padded with zeros to the longest caption of the data, the mask stored beside them
+    (``mask``), so the cache holds no padding to the pipeline's maximum length."""
+
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        """``(embeddings [n, L, D], mask [n, L] or None (all set), pooled [n, P] or None)``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, folder, texts, dev, max_length, progress):
+        import diffusers
+
+        pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
+            str(folder), transformer=None, vae=None).to(dev)
+        rows, pooled = [], []
+        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
+        for i in range(0, len(texts), 16):
+            e, m, p = self._encode_batch(pipe, texts[i:i + 16], dev, max_length)
+            m = torch.ones(e.shape[:2], dtype=torch.bool, device=e.device) if m is None \
+                else m.bool()
+            rows += [row[keep].float().cpu() for row, keep in zip(e, m)]
+            if p is not None:
+                pooled.append(p.float().cpu())
+            bar.update()
+        bar.close()
+        del pipe
+        gc.collect()
+        empty = [i for i, r in enumerate(rows) if r.shape[0] == 0]
+        if empty:
+            which = "the empty caption" if empty[0] == len(texts) - 1 else \
+                f"caption {empty[0]} ({texts[empty[0]]!r})"
+            raise TrainError(f"{which} encodes to no text tokens (after the pipeline's "
+                             "prompt template is cropped)")
+        L = max(r.shape[0] for r in rows)
+        emb = torch.zeros(len(rows), L, rows[0].shape[1])
+        mask = torch.zeros(len(rows), L)
+        for i, r in enumerate(rows):
+            emb[i, :r.shape[0]] = r
+            mask[i, :r.shape[0]] = 1
+        out = {"emb": emb, "mask": mask}
+        if pooled:
+            out["pooled"] = torch.cat(pooled)
+        return out
+
+
+@_register
+class QwenImageRecipe(MaskedTextRecipe):
+    """Qwen-Image text-to-image: the pipeline's own ``encode_prompt`` (Qwen2.5-VL's last hidden
+    states of the prompt in its template, the template's tokens dropped) with its mask; the
+    Qwen-Image VAE's latents (one frame) normalised by its ``latents_mean`` /
+    ``latents_std``, packed 2x2; flow matching with the shift the pipeline uses at that image
+    size (``exp(mu)``, ``mu`` from the token count as in ``calculate_shift``), timesteps
+    ``sigma`` (the pipeline passes ``t / 1000``)."""
+    model_class = "QwenImageTransformer2DModel"
+    pipeline_class = "QwenImagePipeline"
+    parts = ("text_encoder", "tokenizer", "vae", "scheduler")
+    per_prompt_arg = "num_images_per_prompt"
+
+    def check(self, folder, tconf):
+        super().check(folder, tconf)
+        enc = _json(folder / "text_encoder" / "config.json")
+        width = (enc.get("text_config") or {}).get("hidden_size", enc.get("hidden_size"))
+        if width is not None and width != tconf.get("joint_attention_dim"):
+            raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
+                             f"match the transformer's joint_attention_dim "
+                             f"({tconf.get('joint_attention_dim')})")
+        z = _json(folder / "vae" / "config.json").get("z_dim")
+        if z is not None and 4 * z != tconf.get("in_channels"):
+            raise TrainError(f"--model {folder}: the VAE makes {z} latent channels; packed 2x2 "
+                             f"that is not the transformer's {tconf.get('in_channels')}")
+
+    def pixels(self, folder, tconf, requested):
+        return int(requested or 1024)  # the pipeline's default_sample_size 128 x 8
+
+    def max_length(self, pixels, requested):
+        return int(requested or 1024)  # the pipeline's tokenizer_max_length
+
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        return pipe.encode_prompt(prompt=texts, device=dev, max_sequence_length=max_length) + (
+            None,)
+
+    @torch.no_grad()
+    def latents(self, vae, x, gen):
+        lat = vae.encode(x.unsqueeze(2)).latent_dist.sample(generator=gen)  # one frame
+        z = lat.shape[1]
+        mean = torch.tensor(vae.config.latents_mean, device=lat.device).view(1, z, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=lat.device).view(1, z, 1, 1, 1)
+        return ((lat - mean) / std)[:, :, 0]
+
+    @staticmethod
+    def dynamic_shift(sched, tokens: int):
+        """The pipeline's shift at ``tokens`` image tokens (None: the scheduler's own)."""
+        c = sched.config
+        if not getattr(c, "use_dynamic_shifting", False):
+            return None
+        m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        mu = tokens * m + c.base_shift - m * c.base_image_seq_len
+        return math.exp(mu)
+
+    def loss(self, net, model, sched, x0, cond, g, dev):
+        import inspect
+
+        from diffusers import QwenImagePipeline
+
+        B, C, H, W = x0.shape
+        sigma, noise, xt = self.noisy(sched, x0, g, dev,
+                                      shift=self.dynamic_shift(sched, (H // 2) * (W // 2)))
+        packed = QwenImagePipeline._pack_latents(xt, B, C, H, W)
+        mask = cond["mask"].to(dev).long()
+        kw = dict(hidden_states=packed, timestep=sigma, encoder_hidden_states=cond["emb"].to(dev),
+                  encoder_hidden_states_mask=mask, img_shapes=[[(1, H // 2, W // 2)]] * B)
+        if model.config.guidance_embeds:
+            kw["guidance"] = torch.full((B,), 1.0, device=dev)
+        if "txt_seq_lens" in inspect.signature(type(model).forward).parameters:
+            kw["txt_seq_lens"] = mask.sum(1).tolist()  # diffusers < 0.36
+        pred = net(**kw).sample
+        pred = pred.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+            B, C, H, W)
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 1024))
+
+    def guidance_kwargs(self, guidance):
+        # true classifier-free guidance (the pipeline's guidance_scale is for distilled models)
+        return dict(true_cfg_scale=guidance, negative_prompt=" ") if guidance > 1 else {}
+
+
+@_register
+class HunyuanVideoRecipe(MaskedTextRecipe):
+    """HunyuanVideo text-to-video, fine-tuned on images as one-frame videos: the pipeline's own
+    ``encode_prompt`` (its Llama's hidden states of the prompt in the default template, cropped
+    as the pipeline crops it, with the mask; CLIP's pooled vector), the VAE's latents scaled by
+    its ``scaling_factor``, flow matching with the scheduler's ``shift``, timesteps
+    ``sigma * 1000``, the distilled guidance the pipeline passes by default (6, times 1000)."""
+    model_class = "HunyuanVideoTransformer3DModel"
+    pipeline_class = "HunyuanVideoPipeline"
+    parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler")
+    per_prompt_arg = "num_videos_per_prompt"
+    guidance = 6.0
+
+    def check(self, folder, tconf):
+        super().check(folder, tconf)
+        width = _json(folder / "text_encoder" / "config.json").get("hidden_size")
+        if width is not None and width != tconf.get("text_embed_dim"):
+            raise TrainError(f"--model {folder}: the Llama text encoder's width ({width}) does "
+                             f"not match the transformer's text_embed_dim "
+                             f"({tconf.get('text_embed_dim')})")
+        pooled = _json(folder / "text_encoder_2" / "config.json").get("hidden_size")
+        if pooled is not None and pooled != tconf.get("pooled_projection_dim"):
+            raise TrainError(f"--model {folder}: the CLIP text encoder's width ({pooled}) does "
+                             f"not match the transformer's pooled_projection_dim "
+                             f"({tconf.get('pooled_projection_dim')})")
+        z = _json(folder / "vae" / "config.json").get("latent_channels")
+        if z is not None and z != tconf.get("in_channels"):
+            raise TrainError(f"--model {folder}: the VAE makes {z} latent channels but the "
+                             f"transformer takes {tconf.get('in_channels')}")
+
+    def pixels(self, folder, tconf, requested):
+        return int(requested or 720)
+
+    def max_length(self, pixels, requested):
+        return int(requested or 256)  # the pipeline's default
+
+    def _encode_batch(self, pipe, texts, dev, max_length):
+        e, p, m = pipe.encode_prompt(prompt=texts, device=dev, max_sequence_length=max_length)
+        return e, m, p
+
+    @torch.no_grad()
+    def latents(self, vae, x, gen):
+        lat = vae.encode(x.unsqueeze(2)).latent_dist.sample(generator=gen)  # one frame
+        return lat * vae.config.scaling_factor
+
+    def loss(self, net, model, sched, x0, cond, g, dev):
+        B = x0.shape[0]
+        sigma, noise, xt = self.noisy(sched, x0, g, dev)
+        kw = dict(hidden_states=xt, timestep=sigma * 1000,
+                  encoder_hidden_states=cond["emb"].to(dev),
+                  encoder_attention_mask=cond["mask"].to(dev).long(),
+                  pooled_projections=cond["pooled"].to(dev))
+        if model.config.guidance_embeds:
+            kw["guidance"] = torch.full((B,), self.guidance * 1000.0, device=dev)
+        pred = net(**kw).sample
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, num_frames=1, output_type="pil",
+                    max_sequence_length=int(max_length or 256))
+
+    def images_of(self, output):
+        return [video[0] for video in output.frames]

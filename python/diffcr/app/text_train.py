@@ -6,7 +6,8 @@
   the model's pixel size (bicubic) and center-cropped to a square.
 - **Model**: a diffusers pipeline folder (``model_index.json``, ``transformer/``, its text
   encoders and tokenizers, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ, SD3/SD3.5,
-  Flux.1 and Wan 2.1/2.2 (a two-expert Wan 2.2 A14B one expert per run, ``--expert``);
+  Flux.1, Qwen-Image, HunyuanVideo and Wan 2.1/2.2 (a two-expert Wan 2.2 A14B one expert per
+  run, ``--expert``);
   what differs per pipeline (encoding, latents, loss, sampling arguments) is its recipe in
   :mod:`.recipes`.
 - **Caches**: the captions are encoded once with the pipeline's own text encoders and written
@@ -519,7 +520,7 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
         for i, prompt in enumerate(prompts):
             images = recipe.images_of(pipe(
                 prompt, **{recipe.per_prompt_arg: per_prompt}, num_inference_steps=steps,
-                guidance_scale=guidance, **kwargs,
+                **recipe.guidance_kwargs(guidance), **kwargs,
                 generator=torch.Generator().manual_seed(seed + i)))
             for j, im in enumerate(images):
                 paths.append(out / f"prompt{i}-{j}.png")
