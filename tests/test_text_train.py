@@ -20,7 +20,8 @@ from diffcr.app import cli  # noqa: E402
 from diffcr.app.text_train import read_captions, run_text_train  # noqa: E402
 from diffcr.app.train import TrainConfig  # noqa: E402
 
-from text_pipeline import (write_captioned_images, write_flux_pipeline,  # noqa: E402
+from text_pipeline import (write_captioned_clips, write_captioned_images,  # noqa: E402
+                           write_flux_pipeline,
                            write_hunyuanvideo_pipeline, write_pipeline,
                            write_qwenimage_pipeline, write_sd3_pipeline, write_wan_pipeline)
 
@@ -208,6 +209,47 @@ def test_wan22_experts_train_one_run_each_on_their_noise_levels(folders, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_video_clips_train_and_generate(family, tmp_path):
+    """Captioned GIF clips of two lengths: the first --frames frames of each, each frame
+    resized and cropped as an image is, encoded by the video VAE (4x in time) and cached;
+    LoRA steps on the clips; generate writes animated GIFs of --frames frames."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    write, extra = FLOW_PIPELINES[family]
+    pipe = write(tmp_path / "pipe")
+    data = write_captioned_clips(tmp_path / "clips")
+    out = tmp_path / "out"
+    metrics = run_text_train(_cfg(pipe, data, out, frames=5, steps=2, **extra))
+    assert metrics["frames"] == 5
+    lat = load_file(str(next((out / "cache").glob("latents-*"))))["latents"]
+    assert lat.shape[:3] == (4, 4, 2) and lat.shape[-1] == 64 // 8  # 5 frames -> 1 + 1 latent
+    rc = cli.main(["generate", "--model", str(pipe), "--diffcr", str(out / "diffcr-frozen"),
+                   "--lora", str(out / "lora"), "--prompt", "a red circle", "--per-class", "1",
+                   "--steps", "2", "--resolution", "64", "--frames", "5", "--out",
+                   str(tmp_path / "gen")])
+    assert rc == 0
+    with Image.open(tmp_path / "gen" / "prompt0-0.gif") as im:
+        assert im.n_frames == 5 and im.size == (64, 64)
+
+
+def test_mp4_clips_are_read_through_imageio(tmp_path):
+    """The ffmpeg path (diffcr[video]): an .mp4 written by diffusers' export_to_video reads
+    back with its frame count, its first frames as the clip tensor."""
+    pytest.importorskip("imageio")
+    pytest.importorskip("imageio_ffmpeg")
+    from diffcr.app.video import frame_count, load_clip
+
+    data = write_captioned_clips(tmp_path / "clips", n=2, suffix=".mp4")
+    assert [frame_count(data / f"clip{i}.mp4") for i in range(2)] == [5, 7]
+    gif = write_captioned_clips(tmp_path / "gifs", n=2)
+    x, ref = load_clip(data / "clip1.mp4", 5, 16), load_clip(gif / "clip1.gif", 5, 16)
+    assert x.shape == ref.shape == (3, 5, 16, 16)
+    assert (x - ref).abs().mean() < 0.1  # lossy codecs, same frames
+
+
 def test_full_fine_tuning_saves_the_base_model(folders, tmp_path):
     torch.set_num_threads(1)
     pipe, data = folders
@@ -271,6 +313,12 @@ def _bad_meta(tmp_path, text):
     ("lora-on-dit", "--lora-rank is for captioned fine-tuning of a pipeline folder"),
     ("dit-with-captions", "has captions (metadata.jsonl): --model must be a diffusers "
                           "pipeline folder"),
+    ("clips-and-images", "mixes video clips (clip0.gif) and images (img0.png); one kind"),
+    ("clip-too-short", "video clip0.gif has 5 frames; training takes the first 9 of each clip"),
+    ("frames-not-1-4k", "--frames 4: the VAE compresses time 4x, so a clip is 1 + 4k frames"),
+    ("clips-for-an-image-model", "video clips, but PixArtTransformer2DModel is an image model"),
+    ("frames-with-images", "--frames 5: --data"),
+    ("corrupt-clip", "cannot read video"),
     ("fsdp-one-process", "--fsdp shards the model across processes: launch with torchrun"),
     ("fsdp-accelerate-plugin", "accelerate's FSDP plugin (--use_fsdp, or an FSDP accelerate "
                                "config) does not shard diffcr train's model"),
@@ -298,6 +346,19 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
         data = _bad_meta(tmp_path, good + good)
     elif case == "text-width":
         model = write_pipeline(tmp_path / "pipe16", text_width=16)
+    elif case in ("clips-and-images", "clip-too-short", "frames-not-1-4k",
+                  "clips-for-an-image-model", "corrupt-clip"):
+        data = write_captioned_clips(tmp_path / "clips", n=2)
+        if case != "clips-for-an-image-model":
+            model = write_wan_pipeline(tmp_path / "wan")
+        if case == "clips-and-images":
+            import shutil
+
+            shutil.copy(write_captioned_images(tmp_path / "imgs", n=1) / "img0.png", data)
+            with open(data / "metadata.jsonl", "a") as f:
+                f.write('{"file_name": "img0.png", "text": "a"}\n')
+        if case == "corrupt-clip":
+            (data / "clip1.gif").write_bytes(b"GIF89a broken")
     elif case == "qwen-text-width":
         model = write_qwenimage_pipeline(tmp_path / "qwen16", text_width=16)
     elif case == "flux-t5-width":
@@ -334,7 +395,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, tmp_path, capsys,
     extra = {"fsdp-one-process": ["--fsdp"], "fsdp-accelerate-plugin": ["--fsdp"],
              "fsdp-fp16": ["--fsdp", "--mixed-precision", "fp16"],
              "fsdp-on-dit": ["--fsdp"],
-             "expert-one-transformer": ["--expert", "high"]}.get(case, ["--lora-rank", "4"])
+             "expert-one-transformer": ["--expert", "high"],
+             "clip-too-short": ["--frames", "9"], "frames-not-1-4k": ["--frames", "4"],
+             "frames-with-images": ["--frames", "5"],
+             "corrupt-clip": ["--frames", "5"]}.get(case, ["--lora-rank", "4"])
     if case == "fsdp-accelerate-plugin":  # what `accelerate launch --use_fsdp` sets
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     rc = cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out),

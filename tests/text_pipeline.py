@@ -51,6 +51,38 @@ def write_pipeline(root, caption_channels=32, text_width=32):
     return root
 
 
+def write_captioned_clips(root, n=4, frames=(5, 7), suffix=".gif", size=(40, 32)):
+    """``n`` short clips (a square moving across a random background) of alternating lengths
+    ``frames``, as animated GIFs (Pillow) or, with ``suffix=".mp4"``, through imageio's ffmpeg
+    writer (``diffusers.utils.export_to_video``), and their metadata.jsonl."""
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    w, h = size
+    lines = []
+    for i in range(n):
+        back = (torch.rand(h, w, 3, generator=g) * 128).to(torch.uint8)
+        clip = []
+        for f in range(frames[i % len(frames)]):
+            px = back.clone()
+            px[8:16, 4 + 3 * f:12 + 3 * f] = torch.tensor([255, 40 * i, 0], dtype=torch.uint8)
+            clip.append(Image.fromarray(px.numpy()))
+        name = f"clip{i}{suffix}"
+        if suffix == ".gif":
+            clip[0].save(root / name, save_all=True, append_images=clip[1:], duration=60,
+                         loop=0)
+        else:
+            from diffusers.utils import export_to_video
+
+            export_to_video(clip, str(root / name), fps=8)
+        lines.append(json.dumps({"file_name": name,
+                                 "text": f"a {WORDS[1 + i % 3]} {WORDS[4 + i % 2]}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def write_captioned_images(root, n=6, sizes=((8, 8), (12, 10))):
     """``n`` small images of alternating sizes (the loader resizes and center-crops) and their
     metadata.jsonl."""

@@ -246,6 +246,9 @@ def _add_train(sub):
                    help="captioned fine-tuning: shard every transformer block (routers, ratios "
                         "and LoRA included) and the model with FSDP2 across the processes "
                         "instead of DDP; launch with torchrun or accelerate launch --multi_gpu")
+    p.add_argument("--frames", type=int, default=None,
+                   help="captioned fine-tuning on video clips (Wan, HunyuanVideo): frames from "
+                        "the start of each clip, 1 + 4k (default: the pipeline's, 81 / 129)")
     p.add_argument("--expert", choices=("high", "low"), default=None,
                    help="captioned fine-tuning of a two-expert Wan 2.2 pipeline: train "
                         "transformer (high: noise levels from its boundary_ratio up) or "
@@ -283,7 +286,7 @@ def _train_cmd(args) -> int:
                       threads=args.threads, quick=args.quick, progress=not args.no_progress,
                       lora_rank=args.lora_rank, caption_dropout=args.caption_dropout,
                       max_length=args.max_length, grad_accum=args.grad_accum,
-                      fsdp=args.fsdp, expert=args.expert,
+                      fsdp=args.fsdp, expert=args.expert, frames=args.frames,
                       resolution=args.resolution, from_scratch=args.from_scratch,
                       pretrain_only=args.pretrain_only, continue_from=args.continue_from)
     try:
@@ -291,9 +294,9 @@ def _train_cmd(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.model is None and args.data is None:
-            if args.resume or args.vae or args.fsdp or args.expert:
-                raise TrainError("--resume/--vae/--fsdp/--expert apply to real training "
-                                 "(--model and --data)")
+            if args.resume or args.vae or args.fsdp or args.expert or args.frames:
+                raise TrainError("--resume/--vae/--fsdp/--expert/--frames apply to real "
+                                 "training (--model and --data)")
             metrics = run_demo(cfg)
             if metrics.get("pretrain_only"):
                 print(f"dense DiT trained {metrics['steps']} steps in "
@@ -378,6 +381,8 @@ def _generate_arg_error(args) -> Optional[str]:
                          or second):
         return ("--prompt/--lora/--transformer/--resolution/--*-2 need --model to be a "
                 "pipeline folder")
+    if args.frames is not None and (args.frames < 1 or not pipeline):
+        return "--frames must be >= 1, with a video pipeline folder (Wan, HunyuanVideo)"
     if second and not args.diffcr_2:
         return "--lora-2/--transformer-2 go with --diffcr-2 (the low-noise expert's checkpoint)"
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
@@ -433,11 +438,13 @@ def _generate_cmd(args) -> int:
                 args.model, args.diffcr, args.prompt, args.out, lora=args.lora,
                 transformer=args.transformer, diffcr_ckpt_2=args.diffcr_2, lora_2=args.lora_2,
                 transformer_2=args.transformer_2, per_prompt=args.per_class, steps=args.steps,
+                frames=args.frames,
                 guidance=args.guidance, seed=args.seed, resolution=args.resolution)
         except TrainError as e:
             print(f"diffcr generate: error: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {len(paths)} images to {args.out}")
+        print(f"wrote {len(paths)} {'videos' if args.frames and args.frames > 1 else 'images'} "
+              f"to {args.out}")
         return 0
     try:
         model = load_model(args.model)
@@ -518,6 +525,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "pipeline's (e.g. OUT/model of a full fine-tune)")
     p_g.add_argument("--resolution", type=int, default=None,
                      help="pipeline models: image size in pixels (default: the model's)")
+    p_g.add_argument("--frames", type=int, default=None,
+                     help="video pipelines (Wan, HunyuanVideo): frames per video, written as "
+                          "an animated GIF (default: one frame, a PNG)")
     p_g.add_argument("--diffcr-2", help="two-expert pipelines (Wan 2.2 A14B): DiffCR "
                      "checkpoint of transformer_2, the low-noise expert (--expert low; without "
                      "it transformer_2 runs dense)")

@@ -66,16 +66,24 @@ def _load_one(path: Path, size: int) -> Tensor:
 
 def _decode(Image, path: Path, size: int) -> Tensor:
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if (w, h) != (size, size):
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        return to_square_tensor(im, size)
+
+
+def to_square_tensor(im, size: int) -> Tensor:
+    """A PIL image as ``[3, size, size]`` in [-1, 1]: RGB, the shorter side resized to
+    ``size`` (bicubic), center-cropped."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return data.view(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 

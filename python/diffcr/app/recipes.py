@@ -107,6 +107,18 @@ class Recipe:
     default_pixels = 1024
     #: the pipeline call's argument for images per prompt
     per_prompt_arg = "num_images_per_prompt"
+    #: video pipelines: trains on clips as well as on images (one-frame videos), and the clip
+    #: length in frames when ``--frames`` is not given (the pipeline's default)
+    video = False
+    default_frames = 1
+
+    def frame_step(self, folder: Path) -> int:
+        """The VAE's temporal compression: clips hold ``1 + frame_step * k`` frames."""
+        return 1
+
+    def videos_of(self, output) -> list:
+        """The frames (PIL images) of each video of a pipeline call's output."""
+        return [list(v) for v in output.frames]
 
     def check(self, folder: Path, tconf: dict) -> None:
         for part in self.parts:
@@ -402,6 +414,8 @@ class WanRecipe(FlowRecipe):
     parts = ("text_encoder", "tokenizer", "vae", "scheduler")
     default_pixels = 480
     per_prompt_arg = "num_videos_per_prompt"
+    video = True
+    default_frames = 81
 
     def check(self, folder, tconf):
         super().check(folder, tconf)
@@ -422,9 +436,14 @@ class WanRecipe(FlowRecipe):
                                   max_sequence_length=max_length, device=dev)
         return e, None
 
+    def frame_step(self, folder):
+        return 2 ** sum(bool(v) for v in _json(folder / "vae" / "config.json").get(
+            "temperal_downsample", [False, True, True]))
+
     @torch.no_grad()
     def latents(self, vae, x, gen):
-        lat = vae.encode(x.unsqueeze(2)).latent_dist.sample(generator=gen)  # one frame
+        x = x if x.dim() == 5 else x.unsqueeze(2)  # an image is a one-frame video
+        lat = vae.encode(x).latent_dist.sample(generator=gen)
         z = lat.shape[1]
         mean = torch.tensor(vae.config.latents_mean, device=lat.device).view(1, z, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=lat.device).view(1, z, 1, 1, 1)
@@ -587,6 +606,11 @@ class HunyuanVideoRecipe(MaskedTextRecipe):
     parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler")
     per_prompt_arg = "num_videos_per_prompt"
     guidance = 6.0
+    video = True
+    default_frames = 129
+
+    def frame_step(self, folder):
+        return int(_json(folder / "vae" / "config.json").get("temporal_compression_ratio", 4))
 
     def check(self, folder, tconf):
         super().check(folder, tconf)
@@ -617,8 +641,8 @@ class HunyuanVideoRecipe(MaskedTextRecipe):
 
     @torch.no_grad()
     def latents(self, vae, x, gen):
-        lat = vae.encode(x.unsqueeze(2)).latent_dist.sample(generator=gen)  # one frame
-        return lat * vae.config.scaling_factor
+        x = x if x.dim() == 5 else x.unsqueeze(2)  # an image is a one-frame video
+        return vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
 
     def loss(self, net, model, sched, x0, cond, g, dev):
         B = x0.shape[0]

@@ -3,7 +3,9 @@
 - **Data**: an image folder with captions in the diffusers / ``datasets`` ImageFolder
   convention: ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative to the
   folder) and ``text``. Images of any size are converted to RGB, resized so the shorter side is
-  the model's pixel size (bicubic) and center-cropped to a square.
+  the model's pixel size (bicubic) and center-cropped to a square. The video pipelines also
+  take a folder of clips (:mod:`.video`): the first ``--frames`` frames of each, every frame
+  treated as an image is.
 - **Model**: a diffusers pipeline folder (``model_index.json``, ``transformer/``, its text
   encoders and tokenizers, ``vae/``, ``scheduler/``). Supported now: PixArt-α/Σ, SD3/SD3.5,
   Flux.1, Qwen-Image, HunyuanVideo and Wan 2.1/2.2 (a two-expert Wan 2.2 A14B one expert per
@@ -144,18 +146,59 @@ def _encode_text(recipe, folder: Path, captions: List[str], max_length: int, dev
     return text
 
 
+def _check_media(recipe, folder: Path, data: Path, paths, frames):
+    """Before anything is written: every image opens, or (video data) every clip is long
+    enough for the clip length, which the VAE can compress. Returns the clip length in frames
+    (None for images)."""
+    from .video import frame_count, is_video
+
+    clips = [p for p in paths if is_video(p)]
+    if not clips:
+        if frames is not None:
+            raise TrainError(f"--frames {frames}: --data {data} holds images; --frames is for "
+                             "video clips")
+        _check_images(paths)
+        return None
+    if len(clips) != len(paths):
+        image = next(p for p in paths if not is_video(p))
+        raise TrainError(f"--data {data}: mixes video clips ({clips[0].name}) and images "
+                         f"({image.name}); one kind per folder")
+    if not recipe.video:
+        raise TrainError(f"--data {data}: video clips, but {recipe.model_class} is an image "
+                         "model (clips train the video pipelines: Wan, HunyuanVideo)")
+    frames = frames or recipe.default_frames
+    step = recipe.frame_step(folder)
+    if (frames - 1) % step:
+        k = max(1, round((frames - 1) / step))
+        raise TrainError(f"--frames {frames}: the VAE compresses time {step}x, so a clip is "
+                         f"1 + {step}k frames (e.g. {1 + step * k})")
+    for p in clips:
+        n = frame_count(p)
+        if n < frames:
+            raise TrainError(f"video {p.name} has {n} frames; training takes the first "
+                             f"{frames} of each clip (--frames)")
+    return frames
+
+
 @torch.no_grad()
-def _encode_images(recipe, folder: Path, paths, pixels: int, dev, progress: bool):
+def _encode_images(recipe, folder: Path, paths, pixels: int, dev, progress: bool,
+                   frames=None):
+    """The cached latents of the images (batches of 8) or, with ``frames``, of the first
+    ``frames`` frames of each clip (one clip at a time)."""
     from .image_folder import _load_one
+    from .video import load_clip
 
     vae = recipe.vae(folder).to(dev).eval()
     # one draw from each latent distribution, seeded: the cache is the same whoever makes it
     gen = torch.Generator(dev).manual_seed(0)
     out = []
-    bar = _Progress((len(paths) + 7) // 8, "encoding images", progress)
-    for i in range(0, len(paths), 8):
+    per = 1 if frames else 8
+    bar = _Progress((len(paths) + per - 1) // per, "encoding clips" if frames else
+                    "encoding images", progress)
+    for i in range(0, len(paths), per):
         try:
-            x = torch.stack([_load_one(p, pixels) for p in paths[i:i + 8]]).to(dev)
+            x = torch.stack([load_clip(p, frames, pixels) if frames else _load_one(p, pixels)
+                             for p in paths[i:i + per]]).to(dev)
         except ValueError as e:
             raise TrainError(str(e)) from e
         out.append(recipe.latents(vae, x, gen).float().cpu())
@@ -325,7 +368,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
                          "pass --fsdp to diffcr train, which applies FSDP2 to every "
                          "transformer block itself")
     pairs = read_captions(data)
-    _check_images([p for p, _ in pairs])
+    frames = _check_media(recipe, folder, data, [p for p, _ in pairs], cfg.frames)
     try:
         from accelerate import Accelerator
     except ImportError as e:
@@ -352,12 +395,12 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     cache = out / "cache"
     text_key = _hash(recipe.model_class, [t for _, t in pairs], enc_conf, max_length)
     text_file = cache / f"text-{text_key}.safetensors"
-    lat_file = cache / f"latents-{_hash(files, enc_conf.get('vae'), pixels)}.safetensors"
+    lat_file = cache / f"latents-{_hash(files, enc_conf.get('vae'), pixels, frames)}.safetensors"
     if acc.is_main_process:  # the main process builds the caches, the others then read them
         _cached(text_file, lambda: _encode_text(recipe, folder, [t for _, t in pairs],
                                                 max_length, dev, cfg.progress))
         _cached(lat_file, lambda: {"latents": _encode_images(
-            recipe, folder, [p for p, _ in pairs], pixels, dev, cfg.progress)})
+            recipe, folder, [p for p, _ in pairs], pixels, dev, cfg.progress, frames)})
     acc.wait_for_everyone()
     text, lat = _cached(text_file, None), _cached(lat_file, None)
     latents = lat["latents"]
@@ -456,6 +499,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     served = list(range(conv.region_of_level(levels[0]),
                         min(R, math.ceil(levels[1] * R - 1e-9)) if levels[1] < 1.0 else R))
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
+               "frames": frames or 1,
                "parallel": "fsdp" if cfg.fsdp else "ddp" if world > 1 else "none",
                "grad_accum": cfg.grad_accum, "images": len(pairs),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),
@@ -482,13 +526,14 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
                            transformer=None, per_prompt: int = 1, steps: int = 25,
                            guidance: float = 4.5, seed: int = 0, max_length=None,
                            resolution=None, progress: bool = True, diffcr_ckpt_2=None,
-                           lora_2=None, transformer_2=None) -> List[Path]:
+                           lora_2=None, transformer_2=None, frames=None) -> List[Path]:
     """Images for ``prompts`` from a pipeline folder with its transformer (or ``transformer``,
     e.g. ``OUT/model`` of a full fine-tune) converted by the DiffCR checkpoint ``diffcr_ckpt``
     and, when given, the LoRA adapter ``lora`` (``OUT/lora``). In a two-expert pipeline
     (Wan 2.2 A14B) those are the high-noise expert's, and ``diffcr_ckpt_2`` / ``lora_2`` /
     ``transformer_2`` the low-noise expert's (``transformer_2``; dense without
-    ``diffcr_ckpt_2``). Writes ``out/prompt<i>-<j>.png`` and returns the paths."""
+    ``diffcr_ckpt_2``). Writes ``out/prompt<i>-<j>.png``, or with ``frames`` > 1 (video
+    pipelines) ``out/prompt<i>-<j>.gif`` of that many frames, and returns the paths."""
     import diffusers
 
     folder = Path(folder)
@@ -497,6 +542,14 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
     if diffcr_ckpt_2 is not None and not two:
         raise TrainError(f"--diffcr-2: --model {folder} has one transformer (no "
                          "transformer_2)")
+    video = frames is not None and frames > 1
+    if video:
+        if not recipe.video:
+            raise TrainError(f"--frames {frames}: {recipe.model_class} is an image model")
+        step = recipe.frame_step(folder)
+        if (frames - 1) % step:
+            raise TrainError(f"--frames {frames}: the VAE compresses time {step}x, so a video "
+                             f"is 1 + {step}k frames")
     klass = getattr(diffusers, recipe.model_class)
 
     def routed(tdir, ckpt, adapter):
@@ -513,16 +566,24 @@ def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=No
     pipe.set_progress_bar_config(disable=not progress)
     pixels = recipe.pixels(folder, tconf, resolution)
     kwargs = recipe.pipeline_kwargs(pixels, max_length)
+    if video:
+        from .video import save_gif
+
+        kwargs["num_frames"] = frames
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
-            images = recipe.images_of(pipe(
-                prompt, **{recipe.per_prompt_arg: per_prompt}, num_inference_steps=steps,
-                **recipe.guidance_kwargs(guidance), **kwargs,
-                generator=torch.Generator().manual_seed(seed + i)))
-            for j, im in enumerate(images):
+            output = pipe(prompt, **{recipe.per_prompt_arg: per_prompt},
+                          num_inference_steps=steps, **recipe.guidance_kwargs(guidance),
+                          **kwargs, generator=torch.Generator().manual_seed(seed + i))
+            if video:
+                for j, clip in enumerate(recipe.videos_of(output)):
+                    paths.append(out / f"prompt{i}-{j}.gif")
+                    save_gif(clip, paths[-1])
+                continue
+            for j, im in enumerate(recipe.images_of(output)):
                 paths.append(out / f"prompt{i}-{j}.png")
                 im.save(paths[-1])
     return paths

@@ -70,6 +70,9 @@ class TrainConfig:
     #: captioned fine-tuning: shard every transformer block and the model with FSDP2
     #: (``torch.distributed.fsdp.fully_shard``) across the processes instead of DDP
     fsdp: bool = False
+    #: captioned fine-tuning on video clips: frames taken from the start of each clip (None:
+    #: the pipeline's default, 81 for Wan, 129 for HunyuanVideo)
+    frames: Optional[int] = None
     #: captioned fine-tuning of a two-expert pipeline (Wan 2.2 A14B): which expert this run
     #: trains, ``"high"`` (``transformer``) or ``"low"`` (``transformer_2``)
     expert: Optional[str] = None
@@ -149,6 +152,8 @@ class TrainConfig:
                                  "folder (no config.json)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainError("--mixed-precision must be no, bf16 or fp16")
+        if self.frames is not None and (isinstance(self.frames, bool) or self.frames < 1):
+            raise TrainError(f"--frames must be >= 1, got {self.frames!r}")
         if self.expert not in (None, "high", "low"):
             raise TrainError(f"--expert must be high or low, got {self.expert!r}")
         if self.fsdp and self.mixed_precision == "fp16":
@@ -979,6 +984,8 @@ def run_train(cfg: TrainConfig) -> dict:
                          "text_encoder/, tokenizer/, vae/)")
     if cfg.lora_rank:
         raise TrainError("--lora-rank is for captioned fine-tuning of a pipeline folder")
+    if cfg.frames is not None:
+        raise TrainError("--frames is for captioned video clips of a video pipeline folder")
     if cfg.expert:
         raise TrainError("--expert is for captioned fine-tuning of a two-expert pipeline "
                          "folder (Wan 2.2 A14B)")
