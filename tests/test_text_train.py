@@ -448,12 +448,15 @@ def ddp_lora(folders, tmp_path_factory):
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_ddp_two_processes_end_with_identical_routers_ratios_and_lora(folders, tmp_path,
                                                                       launcher, request):
-    """DDP with gradient accumulation, under torchrun and under accelerate launch."""
+    """DDP with gradient accumulation, under torchrun and under accelerate launch (there in
+    bf16 mixed precision)."""
     if launcher == "torchrun":
         metrics, _ = request.getfixturevalue("ddp_lora")
     else:
+        # and bf16 mixed precision (autocast; the routed blocks take the compat path)
         metrics = _launch(launcher, "29519", *folders, tmp_path / "out", "--steps", "2",
-                          "--lora-rank", "4")
+                          "--lora-rank", "4", "--mixed-precision", "bf16")
+        assert metrics["mixed_precision"] == "bf16"
     assert metrics["world_size"] == 2 and metrics["ddp_params_identical_across_ranks"] is True
     assert metrics["grad_accum"] == 2 and metrics["parallel"] == "ddp"
 

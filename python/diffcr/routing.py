@@ -155,6 +155,11 @@ class BlockRouting:
         if mode == "compat":
             return False
         why = self.fused_reason or st.family.call_fused_reason(block, call)
+        if why is None and torch.is_autocast_enabled(call["hidden_states"].device.type):
+            # autocast leaves the fused ops' inputs in mixed dtypes (bf16 activations, fp32
+            # modulation and norm weights); the compat path runs the block's own modules,
+            # which autocast handles
+            why = "autocast (mixed precision) is on"
         if why is None:
             other = [(name, h) for name, h, _ in inner_hooks if h not in _FUSED_SAFE_HOOKS]
             if other:

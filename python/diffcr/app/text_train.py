@@ -499,7 +499,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     served = list(range(conv.region_of_level(levels[0]),
                         min(R, math.ceil(levels[1] * R - 1e-9)) if levels[1] < 1.0 else R))
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
-               "frames": frames or 1,
+               "frames": frames or 1, "mixed_precision": acc.mixed_precision,
                "parallel": "fsdp" if cfg.fsdp else "ddp" if world > 1 else "none",
                "grad_accum": cfg.grad_accum, "images": len(pairs),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),

@@ -319,14 +319,29 @@ def segment_groups(sel, ks, device):
 
 
 def packed_rows(pieces, T, like):
-    """``[(rows [G, k], values [G, k, D])]`` -> the packed ``[T, D]`` tensor."""
+    """``[(rows [G, k], values [G, k, D])]`` -> the packed ``[T, D]`` tensor (``like``'s
+    dtype)."""
     D = like.shape[-1]
     if len(pieces) == 1:
-        return pieces[0][1].reshape(T, D)
+        return pieces[0][1].reshape(T, D).to(like.dtype)
     out = like.new_empty(T, D)
     for rows, d in pieces:
-        out = out.index_put((rows.reshape(-1),), d.reshape(-1, D))
+        out = out.index_put((rows.reshape(-1),), d.reshape(-1, D).to(like.dtype))
     return out
+
+
+def scatter_pieces(x, sel, pieces, inplace=False):
+    """``x`` with each kept row plus its update from ``pieces`` (compat path: the update is
+    the block's output minus its gathered input). Under autocast a block can return a wider
+    dtype than it took (bf16 in, float32 out where float32 modulation promotes): the result
+    then has that dtype, as the dense block's output has, unselected rows exactly ``x``'s."""
+    dt = x.dtype
+    for _, d in pieces:
+        dt = torch.promote_types(dt, d.dtype)
+    if dt != x.dtype:
+        x, inplace = x.to(dt), False
+    delta = packed_rows(pieces, sel.total, x)
+    return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
 
 
 class BasicBlockFamily(ModelFamily):
@@ -392,6 +407,4 @@ class BasicBlockFamily(ModelFamily):
             with mlp_gate.scaled(gate[rows].unsqueeze(-1)):
                 out = base_forward(xg, mask_g, **gargs)
             pieces.append((rows, out - xg))
-        delta = packed_rows(pieces, sel.total, x)
-        return dk.scatter_back_selection(x, sel, delta, use_scores=False,
-                                         inplace=inplace_residual)
+        return scatter_pieces(x, sel, pieces, inplace_residual)

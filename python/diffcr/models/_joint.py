@@ -16,7 +16,7 @@ import torch
 import diffcr_kernels as dk
 
 from . import ModelFamily
-from ._basic_block import packed_rows, segment_groups
+from ._basic_block import scatter_pieces, segment_groups
 
 
 class JointFamily(ModelFamily):
@@ -79,22 +79,21 @@ class JointFamily(ModelFamily):
                 ctx_out, out = self._streams(base_forward(**gcall))
             pieces.append((rows, out - xg))
             text.append((segs, samp, ctx_out))
-        delta = packed_rows(pieces, sel.total, x)
-        new_x = dk.scatter_back_selection(x, sel, delta, use_scores=False,
-                                          inplace=inplace_residual)
+        new_x = scatter_pieces(x, sel, pieces, inplace_residual)
         if text[0][2] is None:  # context_pre_only: the last SD3 block returns no text
             return self._output(None, new_x)
         if sel.segs_per_sample == 1:  # one call per sample: its text output is the block's
-            new_ctx = torch.empty_like(ctx)
+            # (in its dtype: under autocast a block can return a wider one than it took)
+            new_ctx = ctx.new_empty(ctx.shape, dtype=text[0][2].dtype)
             for segs, samp, ctx_out in text:
                 new_ctx = new_ctx.index_copy(0, samp, ctx_out)
             return self._output(new_ctx, new_x)
-        new_ctx = ctx
+        new_ctx = ctx.to(text[0][2].dtype)
         w = sel.seg_weight
         for segs, samp, ctx_out in text:
             seg = torch.tensor(segs, device=x.device)
-            upd = (ctx_out - ctx.index_select(0, samp)) * w.index_select(0, seg).to(
-                ctx.dtype)[:, None, None]
+            upd = (ctx_out - ctx.index_select(0, samp).to(ctx_out.dtype)) * w.index_select(
+                0, seg).to(ctx_out.dtype)[:, None, None]
             new_ctx = new_ctx.index_add(0, samp, upd)
         return self._output(new_ctx, new_x)
 

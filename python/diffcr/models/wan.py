@@ -23,7 +23,7 @@ import torch
 import diffcr_kernels as dk
 
 from . import ModelFamily, register_family
-from ._basic_block import _cross_attention, packed_rows, segment_groups
+from ._basic_block import _cross_attention, scatter_pieces, segment_groups
 
 
 def _gather_rows(t, tok, N):
@@ -123,9 +123,7 @@ class WanFamily(ModelFamily):
             with mlp_gate.scaled(self.gate_scale(block, gate[rows], gcall)):
                 out = base_forward(**gcall)
             pieces.append((rows, out - gcall["hidden_states"]))
-        delta = packed_rows(pieces, sel.total, x)
-        return dk.scatter_back_selection(x, sel, delta, use_scores=False,
-                                         inplace=inplace_residual)
+        return scatter_pieces(x, sel, pieces, inplace_residual)
 
 
 def _rotate(t, cos, sin):
