@@ -85,11 +85,21 @@ def expert_of(folder: Path, index: dict, expert) -> Tuple[str, Tuple[float, floa
     return part, ((float(b), 1.0) if upper else (0.0, float(b)))
 
 
-def _check_vae_channels(folder: Path, tconf: dict) -> None:
+def _check_width(folder: Path, what: str, width, tconf: dict, key: str) -> None:
+    """TrainError unless ``width`` (``what``: e.g. "T5 text encoder's width"; None: not in
+    the encoder's config) is the transformer config's ``key``."""
+    if width is not None and width != tconf.get(key):
+        raise TrainError(f"--model {folder}: the {what} ({width}) does not match the "
+                         f"transformer's {key} ({tconf.get(key)})")
+
+
+def _check_vae_channels(folder: Path, tconf: dict, key: str = "latent_channels") -> None:
+    """TrainError unless the VAE's latent channels (its config's ``key``) are the
+    transformer's ``in_channels``."""
     vconf = _json(folder / "vae" / "config.json")
     want = tconf.get("in_channels")
-    if vconf.get("latent_channels", want) != want:
-        raise TrainError(f"--model {folder}: the VAE makes {vconf['latent_channels']} latent "
+    if vconf.get(key, want) != want:
+        raise TrainError(f"--model {folder}: the VAE makes {vconf[key]} latent "
                          f"channels but the transformer takes {want}")
 
 
@@ -176,10 +186,7 @@ class PixArtRecipe(Recipe):
         super().check(folder, tconf)
         econf = _json(folder / "text_encoder" / "config.json")
         width = econf.get("d_model", econf.get("hidden_size"))
-        if width is not None and width != tconf.get("caption_channels"):
-            raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
-                             f"match the transformer's caption_channels "
-                             f"({tconf.get('caption_channels')})")
+        _check_width(folder, "text encoder's width", width, tconf, "caption_channels")
         _check_vae_channels(folder, tconf)
 
     def pixels(self, folder, tconf, requested):
@@ -249,22 +256,30 @@ class FlowRecipe(Recipe):
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode(self, folder, texts, dev, max_length, progress):
+    def _encoded_batches(self, folder, texts, dev, max_length, progress):
+        """:meth:`_encode_batch` of every 16 captions, the pipeline's text encoders loaded
+        once and freed after the last."""
         import diffusers
 
         pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
             str(folder), transformer=None, vae=None).to(dev)
-        embs, pooled = [], []
         bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
-        for i in range(0, len(texts), 16):
-            e, p = self._encode_batch(pipe, texts[i:i + 16], dev, max_length)
+        try:
+            for i in range(0, len(texts), 16):
+                yield self._encode_batch(pipe, texts[i:i + 16], dev, max_length)
+                bar.update()
+        finally:
+            bar.close()
+            del pipe
+            gc.collect()
+
+    @torch.no_grad()
+    def encode(self, folder, texts, dev, max_length, progress):
+        embs, pooled = [], []
+        for e, p in self._encoded_batches(folder, texts, dev, max_length, progress):
             embs.append(e.float().cpu())
             if p is not None:
                 pooled.append(p.float().cpu())
-            bar.update()
-        bar.close()
-        del pipe
-        gc.collect()
         out = {"emb": torch.cat(embs)}
         if pooled:
             out["pooled"] = torch.cat(pooled)
@@ -310,16 +325,11 @@ class FluxRecipe(FlowRecipe):
         t5 = _json(folder / "text_encoder_2" / "config.json")
         clip = _json(folder / "text_encoder" / "config.json")
         width = t5.get("d_model")
-        if width is not None and width != tconf.get("joint_attention_dim"):
-            raise TrainError(f"--model {folder}: the T5 text encoder's width ({width}) does not "
-                             f"match the transformer's joint_attention_dim "
-                             f"({tconf.get('joint_attention_dim')})")
+        _check_width(folder, "T5 text encoder's width", width, tconf, "joint_attention_dim")
         pooled = clip.get("projection_dim") if clip.get("architectures", [""])[0].endswith(
             "WithProjection") else clip.get("hidden_size")
-        if pooled is not None and pooled != tconf.get("pooled_projection_dim"):
-            raise TrainError(f"--model {folder}: the CLIP text encoder's pooled width ({pooled}) "
-                             f"does not match the transformer's pooled_projection_dim "
-                             f"({tconf.get('pooled_projection_dim')})")
+        _check_width(folder, "CLIP text encoder's pooled width", pooled, tconf,
+                     "pooled_projection_dim")
         vconf = _json(folder / "vae" / "config.json")
         if 4 * vconf.get("latent_channels", 16) != tconf.get("in_channels", 64):
             raise TrainError(f"--model {folder}: the VAE makes {vconf.get('latent_channels')} "
@@ -366,10 +376,7 @@ class SD3Recipe(FlowRecipe):
     def check(self, folder, tconf):
         super().check(folder, tconf)
         t5 = _json(folder / "text_encoder_3" / "config.json").get("d_model")
-        if t5 is not None and t5 != tconf.get("joint_attention_dim"):
-            raise TrainError(f"--model {folder}: the T5 text encoder's width ({t5}) does not "
-                             f"match the transformer's joint_attention_dim "
-                             f"({tconf.get('joint_attention_dim')})")
+        _check_width(folder, "T5 text encoder's width", t5, tconf, "joint_attention_dim")
         pooled = sum(_json(folder / p / "config.json").get("projection_dim", 0)
                      for p in ("text_encoder", "text_encoder_2"))
         if pooled and pooled != tconf.get("pooled_projection_dim"):
@@ -401,8 +408,28 @@ class SD3Recipe(FlowRecipe):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 256))
 
 
+class VideoPipeline:
+    """What the video pipelines' recipes share (mixed in before the recipe class): clips or
+    images as one-frame videos; a pipeline call draws ``num_frames`` (1 unless ``generate
+    --frames``), and an image is a video's first frame."""
+    video = True
+    per_prompt_arg = "num_videos_per_prompt"
+    #: the pipeline's default tokens per prompt
+    default_max_length = 512
+
+    def max_length(self, pixels, requested):
+        return int(requested or self.default_max_length)
+
+    def pipeline_kwargs(self, pixels, max_length):
+        return dict(height=pixels, width=pixels, num_frames=1, output_type="pil",
+                    max_sequence_length=self.max_length(pixels, max_length))
+
+    def images_of(self, output):
+        return [video[0] for video in output.frames]
+
+
 @_register
-class WanRecipe(FlowRecipe):
+class WanRecipe(VideoPipeline, FlowRecipe):
     """Wan 2.1 / 2.2 text-to-video, fine-tuned on images as one-frame videos: UMT5 embeddings
     through the pipeline's ``encode_prompt``, the Wan VAE's latents normalised by its
     ``latents_mean`` / ``latents_std``, flow matching with the scheduler's ``flow_shift``,
@@ -413,23 +440,13 @@ class WanRecipe(FlowRecipe):
     pipeline_class = "WanPipeline"
     parts = ("text_encoder", "tokenizer", "vae", "scheduler")
     default_pixels = 480
-    per_prompt_arg = "num_videos_per_prompt"
-    video = True
     default_frames = 81
 
     def check(self, folder, tconf):
         super().check(folder, tconf)
         width = _json(folder / "text_encoder" / "config.json").get("d_model")
-        if width is not None and width != tconf.get("text_dim"):
-            raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
-                             f"match the transformer's text_dim ({tconf.get('text_dim')})")
-        z = _json(folder / "vae" / "config.json").get("z_dim")
-        if z is not None and z != tconf.get("in_channels"):
-            raise TrainError(f"--model {folder}: the VAE makes {z} latent channels but the "
-                             f"transformer takes {tconf.get('in_channels')}")
-
-    def max_length(self, pixels, requested):
-        return int(requested or 512)
+        _check_width(folder, "text encoder's width", width, tconf, "text_dim")
+        _check_vae_channels(folder, tconf, "z_dim")
 
     def _encode_batch(self, pipe, texts, dev, max_length):
         e, _ = pipe.encode_prompt(prompt=texts, do_classifier_free_guidance=False,
@@ -455,12 +472,6 @@ class WanRecipe(FlowRecipe):
                    encoder_hidden_states=cond["emb"].to(dev)).sample
         return F.mse_loss(pred.float(), (noise - x0).float())
 
-    def pipeline_kwargs(self, pixels, max_length):
-        return dict(height=pixels, width=pixels, num_frames=1, output_type="pil",
-                    max_sequence_length=int(max_length or 512))
-
-    def images_of(self, output):
-        return [video[0] for video in output.frames]
 
 
 
@@ -476,23 +487,13 @@ class MaskedTextRecipe(FlowRecipe):
 
     @torch.no_grad()
     def encode(self, folder, texts, dev, max_length, progress):
-        import diffusers
-
-        pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
-            str(folder), transformer=None, vae=None).to(dev)
         rows, pooled = [], []
-        bar = _Progress((len(texts) + 15) // 16, "encoding captions", progress)
-        for i in range(0, len(texts), 16):
-            e, m, p = self._encode_batch(pipe, texts[i:i + 16], dev, max_length)
+        for e, m, p in self._encoded_batches(folder, texts, dev, max_length, progress):
             m = torch.ones(e.shape[:2], dtype=torch.bool, device=e.device) if m is None \
                 else m.bool()
             rows += [row[keep].float().cpu() for row, keep in zip(e, m)]
             if p is not None:
                 pooled.append(p.float().cpu())
-            bar.update()
-        bar.close()
-        del pipe
-        gc.collect()
         empty = [i for i, r in enumerate(rows) if r.shape[0] == 0]
         if empty:
             which = "the empty caption" if empty[0] == len(texts) - 1 else \
@@ -528,10 +529,7 @@ class QwenImageRecipe(MaskedTextRecipe):
         super().check(folder, tconf)
         enc = _json(folder / "text_encoder" / "config.json")
         width = (enc.get("text_config") or {}).get("hidden_size", enc.get("hidden_size"))
-        if width is not None and width != tconf.get("joint_attention_dim"):
-            raise TrainError(f"--model {folder}: the text encoder's width ({width}) does not "
-                             f"match the transformer's joint_attention_dim "
-                             f"({tconf.get('joint_attention_dim')})")
+        _check_width(folder, "text encoder's width", width, tconf, "joint_attention_dim")
         z = _json(folder / "vae" / "config.json").get("z_dim")
         if z is not None and 4 * z != tconf.get("in_channels"):
             raise TrainError(f"--model {folder}: the VAE makes {z} latent channels; packed 2x2 "
@@ -595,7 +593,7 @@ class QwenImageRecipe(MaskedTextRecipe):
 
 
 @_register
-class HunyuanVideoRecipe(MaskedTextRecipe):
+class HunyuanVideoRecipe(VideoPipeline, MaskedTextRecipe):
     """HunyuanVideo text-to-video, fine-tuned on images as one-frame videos: the pipeline's own
     ``encode_prompt`` (its Llama's hidden states of the prompt in the default template, cropped
     as the pipeline crops it, with the mask; CLIP's pooled vector), the VAE's latents scaled by
@@ -604,10 +602,9 @@ class HunyuanVideoRecipe(MaskedTextRecipe):
     model_class = "HunyuanVideoTransformer3DModel"
     pipeline_class = "HunyuanVideoPipeline"
     parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler")
-    per_prompt_arg = "num_videos_per_prompt"
     guidance = 6.0
-    video = True
     default_frames = 129
+    default_max_length = 256  # the pipeline's default
 
     def frame_step(self, folder):
         return int(_json(folder / "vae" / "config.json").get("temporal_compression_ratio", 4))
@@ -615,25 +612,13 @@ class HunyuanVideoRecipe(MaskedTextRecipe):
     def check(self, folder, tconf):
         super().check(folder, tconf)
         width = _json(folder / "text_encoder" / "config.json").get("hidden_size")
-        if width is not None and width != tconf.get("text_embed_dim"):
-            raise TrainError(f"--model {folder}: the Llama text encoder's width ({width}) does "
-                             f"not match the transformer's text_embed_dim "
-                             f"({tconf.get('text_embed_dim')})")
+        _check_width(folder, "Llama text encoder's width", width, tconf, "text_embed_dim")
         pooled = _json(folder / "text_encoder_2" / "config.json").get("hidden_size")
-        if pooled is not None and pooled != tconf.get("pooled_projection_dim"):
-            raise TrainError(f"--model {folder}: the CLIP text encoder's width ({pooled}) does "
-                             f"not match the transformer's pooled_projection_dim "
-                             f"({tconf.get('pooled_projection_dim')})")
-        z = _json(folder / "vae" / "config.json").get("latent_channels")
-        if z is not None and z != tconf.get("in_channels"):
-            raise TrainError(f"--model {folder}: the VAE makes {z} latent channels but the "
-                             f"transformer takes {tconf.get('in_channels')}")
+        _check_width(folder, "CLIP text encoder's width", pooled, tconf, "pooled_projection_dim")
+        _check_vae_channels(folder, tconf)
 
     def pixels(self, folder, tconf, requested):
         return int(requested or 720)
-
-    def max_length(self, pixels, requested):
-        return int(requested or 256)  # the pipeline's default
 
     def _encode_batch(self, pipe, texts, dev, max_length):
         e, p, m = pipe.encode_prompt(prompt=texts, device=dev, max_sequence_length=max_length)
@@ -656,9 +641,3 @@ class HunyuanVideoRecipe(MaskedTextRecipe):
         pred = net(**kw).sample
         return F.mse_loss(pred.float(), (noise - x0).float())
 
-    def pipeline_kwargs(self, pixels, max_length):
-        return dict(height=pixels, width=pixels, num_frames=1, output_type="pil",
-                    max_sequence_length=int(max_length or 256))
-
-    def images_of(self, output):
-        return [video[0] for video in output.frames]
