@@ -8,6 +8,7 @@ kernels, compiled C++ CPU kernels, or the pure-torch reference that defines them
 * :func:`gather_rows`            packed rows of the residual stream
 * :func:`gather_norm_modulate`   gather + LayerNorm + adaLN modulate
 * :func:`varlen_attention`       self/cross attention over packed segments
+  (:func:`selection_attention`: self-attention in each segment of a :class:`Selection`)
 * :func:`scatter_back`           gated, bin-weighted scatter-back into the residual stream
   (:func:`scatter_back_`: the same, in place, for inference)
 
@@ -20,7 +21,8 @@ from typing import Dict
 import torch
 
 from . import _ext, reference
-from .attention import available_attention_backends, varlen_attention
+from ._schemas import SCHEMAS
+from .attention import available_attention_backends, selection_attention, varlen_attention
 from .ops import (
     current_backend,
     gather_norm_modulate,
@@ -33,15 +35,17 @@ from .ops import (
     select_topk,
     use_backend,
 )
-from .reference import Selection, kept_count, pack_text
+from .reference import Selection, host_index, kept_count, pack_text
 
 __all__ = [
     "Selection",
     "available_attention_backends",
     "available_backends",
     "current_backend",
+    "extension_info",
     "gather_norm_modulate",
     "gather_rows",
+    "host_index",
     "kept_count",
     "pack_text",
     "reference",
@@ -51,11 +55,19 @@ __all__ = [
     "scatter_back_",
     "scatter_back_selection",
     "select_topk",
+    "selection_attention",
     "use_backend",
     "varlen_attention",
 ]
 
-COMPILED_OPS = _ext._OPS
+#: the ops the compiled extension implements (:data:`diffcr_kernels._schemas.SCHEMAS`)
+COMPILED_OPS = tuple(SCHEMAS)
+
+
+def extension_info() -> Dict[str, object]:
+    """The compiled extension: ``{"path": its file or None, "build": what setup.py recorded
+    (``_build_info.json``), "error": why it did not load, or None}``."""
+    return {"path": _ext.LIBRARY_PATH, "build": _ext.BUILD_INFO, "error": _ext.LOAD_ERROR}
 
 
 def available_backends() -> Dict[str, Dict[str, str]]:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from . import reference as ref
 
-__all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention"]
+__all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention",
+           "selection_attention"]
 
 ATTENTION_BACKENDS = ("flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_grouped",
                       "sdpa_segments", "reference")
@@ -178,6 +179,38 @@ def varlen_attention(
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     return _nan_queries(q, torch.cat(outs, 0))
+
+
+def selection_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: "ref.Selection",
+    softmax_scale: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Self-attention of every segment of a selection over its own rows: the packed rows of
+    segment s attend to the packed rows of segment s only (:func:`varlen_attention` with the
+    selection's ``cu_seqlens``, ``max_seqlen``, ``uniform`` flag and host ``seqlens`` for
+    queries and keys alike, so no path reads the device).
+
+    Arguments:
+
+    * ``q``, ``k``, ``v``: ``[T, H, Dh]`` (``v``: ``[T, H, Dv]``) with ``T = sel.total``, the
+      projections of the packed rows in ``sel``'s order; float32, float64, float16 or bfloat16,
+      all the same dtype and on ``sel``'s device;
+    * ``sel``: the :class:`~diffcr_kernels.Selection` of :func:`~diffcr_kernels.select_topk`
+      (int32 ``cu_seqlens`` ``[S + 1]``, host ``seqlens``);
+    * ``softmax_scale``: the score scale (None: ``1 / sqrt(Dh)``);
+    * ``backend``: force an attention path (:data:`ATTENTION_BACKENDS`), as for
+      :func:`varlen_attention`.
+
+    Returns ``[T, H, Dv]`` in ``q``'s dtype.
+    """
+    return varlen_attention(q, k, v, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen,
+                            sel.max_seqlen, softmax_scale, uniform=sel.uniform, backend=backend,
+                            seqlens_q=sel.seqlens, seqlens_k=sel.seqlens)
 
 
 def _nan_queries(q: torch.Tensor, o: torch.Tensor) -> torch.Tensor:

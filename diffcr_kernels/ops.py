@@ -10,8 +10,11 @@ Backends, tried in order for each call (``auto``):
 
 ``DIFFCR_BACKEND=reference|cpu|cuda|triton`` (or :func:`use_backend`) forces one; forcing a
 backend that cannot run the given tensors raises an error that says why instead of silently
-falling back. Selection always runs the reference (static-shape sorts, no sync); router scores
-run torch's GEMV + sigmoid unless Triton is forced for inference.
+falling back. Selection runs the reference (torch's stable sort, static shapes, no sync) on
+every backend but a forced ``triton``, where one Triton program per segment ranks the scores
+and the reference builds the :class:`Selection` around its indices (float64 scores and rows
+longer than :data:`diffcr_kernels.triton.select.MAX_TOKENS` keep the torch sort); router
+scores run torch's GEMV + sigmoid unless Triton is forced for inference.
 
 The compiled ops are ``torch.library`` operators (``torch.ops.diffcr.*``) with fake kernels, so
 ``torch.compile`` traces them, and with autograd registered here, so gradients reach the values,
@@ -150,7 +153,8 @@ def select_topk(scores: torch.Tensor, k, seg_weight=None) -> Selection:
         why = _triton_ok(scores.device)
         if why:
             raise RuntimeError(f"diffcr: backend 'triton' was requested but cannot run: {why}")
-        return ref.select_topk(scores, k, seg_weight, _indices=_triton_select.select_indices)
+        return ref.select_topk(scores, k, seg_weight,
+                               indices_kernel=_triton_select.select_indices)
     return ref.select_topk(scores, k, seg_weight)
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 __all__ = [
     "Selection",
     "acc_dtype",
+    "host_index",
     "kept_count",
     "router_scores",
     "select_topk",
@@ -215,7 +216,8 @@ def select_topk(
     scores: torch.Tensor,
     k: Union[int, Sequence, torch.Tensor],
     seg_weight: Optional[Union[float, torch.Tensor]] = None,
-    _indices=None,
+    *,
+    indices_kernel=None,
 ) -> Selection:
     """Per-segment top-k selection into the packed layout.
 
@@ -226,6 +228,9 @@ def select_topk(
                 must lie in [1, N].
     seg_weight: weight per segment: scalar, ``[B]`` (P = 1), ``[B * P]`` or ``[B, P]`` tensor
                 (default 1); stays on the device and keeps its autograd graph.
+    indices_kernel: None (torch's sort, below), or a kernel that computes the packed indices by
+                the same rule, called as ``(scores, k int32 [S], cu_seqlens int32 [S + 1], P,
+                T)`` -> int64 ``[T]`` (:func:`diffcr_kernels.triton.select.select_indices`).
 
     Selection rule: the k highest scores of the segment's sample; ties go to the lower token
     index (a stable descending sort). NaN scores rank below every number, so they are chosen
@@ -257,9 +262,9 @@ def select_topk(
     for kv in flat_k:
         cu_host.append(cu_host[-1] + kv)
     cu = host_index(cu_host, device, torch.int32)
-    if _indices is not None:  # a kernel computes the packed indices (same rule, see above)
-        indices = _indices(scores.detach(), host_index(flat_k, device, torch.int32), cu, P,
-                           cu_host[-1])
+    if indices_kernel is not None:  # a kernel computes the packed indices (same rule)
+        indices = indices_kernel(scores.detach(), host_index(flat_k, device, torch.int32), cu,
+                                 P, cu_host[-1])
         return _selection(scores, indices, cu, ws, a, kmin, kmax, N, P, B, flat_k)
     s = torch.nan_to_num(scores.detach(), nan=-math.inf)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices  # [B, N]

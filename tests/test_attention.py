@@ -54,6 +54,22 @@ def test_self_attention_gradients_match_reference(lens):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,k", [(3, 3), (3, [2, 5, 3]), (2, [[2, 4], [2, 4]])],
+                         ids=["uniform", "ragged", "two-bins"])
+def test_selection_attention_is_varlen_attention_over_the_selection(B, k):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    sel = dk.select_topk(torch.rand(B, 6, generator=g), k)
+    q, k_, v = (torch.randn(sel.total, 2, 8, generator=g) for _ in range(3))
+    out = dk.selection_attention(q, k_, v, sel)
+    expect = ref.varlen_attention(q, k_, v, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen,
+                                  sel.max_seqlen)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, dk.varlen_attention(
+        q, k_, v, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen, sel.max_seqlen,
+        uniform=sel.uniform, seqlens_q=sel.seqlens, seqlens_k=sel.seqlens))
+
+
 def test_slot_period():
     from diffcr_kernels.attention import slot_period
 

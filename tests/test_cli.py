@@ -58,12 +58,14 @@ def test_train_demo_quick_writes_every_output(demo_out):
     m = json.loads((out / "metrics.json").read_text())
     from diffcr.app.demo.peers import cache_available
 
-    from diffcr.app.train import DEMO_MILD_NAME
+    from diffcr.app.demo.run import DEMO_LOW, DEMO_TC, DEMO_TC_POINTS, DEMO_TEACHER
 
-    trained = {"dense", "DiffCR-LT", DEMO_MILD_NAME, "DiffCR-L", "MoD", "random"}
-    expected = set(trained)
+    trained = {"dense", "DiffCR-LT", DEMO_TEACHER, DEMO_LOW, "MoD"}
+    first = DEMO_TC_POINTS[0]
+    cached = {f"{DEMO_LOW} + token cache /{first}", f"{DEMO_TC} /{first}"}
+    expected = trained | cached
     from diffcr.app.demo.peers import CacheSetting
-    from diffcr.app.train import DEMO_CACHES, DEMO_STACKS
+    from diffcr.app.demo.run import DEMO_CACHES, DEMO_STACKS
 
     for kind, value in DEMO_CACHES[::3]:  # the quick demo's caches
         if cache_available(kind):
@@ -72,6 +74,17 @@ def test_train_demo_quick_writes_every_output(demo_out):
     if cache_available(kind):
         expected.add(f"DiffCR-LT + {CacheSetting(kind, value).label}")
     assert set(m["methods"]) == expected
+    assert {m["methods"][n]["kind"] for n in cached} == {"diffcr+tokencache"}
+    # the frontier: at least one row, none of them dominated by another
+    front = [n for n, r in m["methods"].items() if r.get("on_frontier")]
+    assert front
+    for n in front:
+        a = m["methods"][n]
+        assert not any(o["class_accuracy"] >= a["class_accuracy"]
+                       and o["speedup_vs_dense"] >= a["speedup_vs_dense"]
+                       and (o["class_accuracy"], o["speedup_vs_dense"])
+                       != (a["class_accuracy"], a["speedup_vs_dense"])
+                       for o in m["methods"].values())
     for name, row in m["methods"].items():
         keys = ["classifier_fid", "class_accuracy", "mean_kept_ratio", "speedup_vs_dense"]
         if name in trained:
@@ -89,10 +102,11 @@ def test_train_demo_quick_writes_every_output(demo_out):
     assert sched["prediction_type"] == "v_prediction"
     assert "DiffCR-LT" in r.stdout and "target kept ratio" in r.stdout
     table = (out / "comparison.md").read_text().splitlines()
-    assert table[0].startswith("| method |") and len(table) >= 2 + len(expected)
+    assert table[0].startswith("| method |") and table[0].endswith("| on the frontier |")
+    assert len(table) >= 2 + len(expected)
     assert sum(line.startswith("| DiffCR-LT |") for line in table) == 1
     # the dense model came from the shipped checkpoint when the package has one
-    from diffcr.app.train import shipped_dense_path
+    from diffcr.app.demo.run import shipped_dense_path
 
     shipped = (shipped_dense_path() / "config.json").is_file()
     assert m["dense_model"].startswith("shipped" if shipped else "trained here")
@@ -108,7 +122,7 @@ def test_pretrain_only_writes_a_loadable_dense_model(tmp_path):
     info = json.loads((tmp_path / "dense" / "training.json").read_text())
     assert info["steps"] == 3 and len(info["stages"]) == 1
     assert info["stages"][0]["recipe"]["prediction_type"] == "v_prediction"
-    from diffcr.app.train import DEMO_CONTINUE, DEMO_PATCH, DEMO_SIZE
+    from diffcr.app.demo.run import DEMO_CONTINUE, DEMO_PATCH, DEMO_SIZE
 
     assert m.config.patch_size == DEMO_PATCH and m.config.sample_size == DEMO_SIZE
     assert "trained 3 steps" in r.stdout

@@ -10,8 +10,9 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 from diffcr.app.demo.compare import Method, compare_methods, spread
-from diffcr.app.demo.peers import CacheSetting, cache_available, start_cache_run
-from diffcr.app.train import (_scheduler, diffusion_loss, ema_update, lr_factor, sample_images)
+from diffcr.app.ddpm import diffusion_loss, sample_images, scheduler, start_cache_run
+from diffcr.app.core import ema_update, lr_factor
+from diffcr.app.demo.peers import CacheSetting, cache_available
 
 from tiny_models import _randomise_weights, set_ratios, tiny_dit
 
@@ -162,7 +163,7 @@ def test_plot_tradeoff(tmp_path):
 
 def test_v_prediction_loss_target():
     """The v-prediction loss is the MSE to sqrt(a) noise - sqrt(1 - a) x0."""
-    sched = _scheduler("v_prediction")
+    sched = scheduler("v_prediction")
     x0 = torch.randn(2, 4, 8, 8)
     noise = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 900])
@@ -174,7 +175,7 @@ def test_v_prediction_loss_target():
             return type("O", (), {"sample": v})()
 
     assert diffusion_loss(Echo(), sched, x0, None, t=t, noise=noise).item() < 1e-10
-    eps = _scheduler("epsilon")
+    eps = scheduler("epsilon")
     assert diffusion_loss(Echo(), eps, x0, None, t=t, noise=noise).item() == pytest.approx(
         torch.mean((v - noise) ** 2).item(), rel=1e-5)
 
@@ -198,7 +199,7 @@ def test_lr_factor_and_ema():
 def test_init_dit_weights_is_adaln_zero():
     """After the DiT paper's initialisation every block is the identity and the output is 0;
     the linears are xavier-uniform, the label and timestep embeddings at std 0.02."""
-    from diffcr.app.train import init_dit_weights_
+    from diffcr.app.demo.run import init_dit_weights_
 
     torch.manual_seed(0)
     m = tiny_dit(num_classes=NCLS)
@@ -215,3 +216,62 @@ def test_init_dit_weights_is_adaln_zero():
     assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
     emb = b.norm1.emb.class_embedder.embedding_table.weight
     assert 0.01 < emb.std() < 0.03
+
+
+def test_frontier_keeps_the_rows_no_other_row_dominates():
+    from diffcr.app.demo.compare import frontier
+
+    rows = {"dense": {"class_accuracy": 0.95, "speedup_vs_dense": 1.0},
+            "fast": {"class_accuracy": 0.80, "speedup_vs_dense": 3.0},
+            "worse": {"class_accuracy": 0.79, "speedup_vs_dense": 2.0},  # below "fast"
+            "middle": {"class_accuracy": 0.90, "speedup_vs_dense": 2.0},
+            "tie": {"class_accuracy": 0.90, "speedup_vs_dense": 2.0}}  # equal: both stay
+    assert frontier(rows) == ["dense", "fast", "middle", "tie"]
+
+
+def _tiny_dit_batch():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3,
+                              out_channels=3, num_layers=2, sample_size=8, patch_size=2,
+                              num_embeds_ada_norm=3)
+    x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return m, x0, torch.tensor([0, 1, 2, 0])
+
+
+def test_step_loss_is_the_diffusion_loss_without_options_and_with_a_teacher_equal_to_it():
+    import copy
+
+    import diffcr
+    from diffcr.app.ddpm import step_loss
+    from diffcr.app.options import TrainConfig
+
+    torch.set_num_threads(1)
+    m, x0, y = _tiny_dit_batch()
+    m.eval()
+    sched = scheduler("v_prediction")
+    plain = diffusion_loss(m, sched, x0, y, torch.Generator().manual_seed(5))
+    same = step_loss(m, m, sched, x0, y, torch.Generator().manual_seed(5), TrainConfig())
+    assert torch.equal(plain, same)
+    # the teacher term is the distance to the teacher: zero for the model itself
+    taught = step_loss(m, m, sched, x0, y, torch.Generator().manual_seed(5),
+                       TrainConfig(distill=2.0), teacher=copy.deepcopy(m))
+    torch.testing.assert_close(taught, plain)
+    # against another teacher it adds a positive term
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05)
+    assert step_loss(m, m, sched, x0, y, torch.Generator().manual_seed(5),
+                     TrainConfig(distill=2.0), teacher=other) > plain
+    # cache-aware: the token cache is filled at a noisier timestep first, then routed
+    diffcr.convert(m, diffcr.DiffCRConfig(target_kept_ratio=0.5))
+    tc = diffcr.enable_token_cache(m, diffcr.TokenCacheConfig(refresh_every=3))
+    m.train()
+    loss = step_loss(m, m, sched, x0, y, torch.Generator().manual_seed(5),
+                     TrainConfig(cache_refresh=3))
+    loss.backward()
+    assert tc.step == 1 and tc.entries
+    assert {r.last_path for r in diffcr.routing_state(m).blocks.values()} <= {"fused", "compat"}
+    assert all(p.grad is not None for p in diffcr.ratio_parameters(m))

@@ -7,7 +7,9 @@ model of the family (CPU, no downloads):
   sample, samples in different timestep regions), and so do the router and ratio gradients;
 - ``revert`` restores the model exactly (classes, attributes, hooks, state dict, outputs).
 
-Adding a family: its file under ``python/diffcr/models/`` and one line in ``FAMILY_CASES``.
+Adding a family: its file under ``python/diffcr/models/``, its import at the end of
+``python/diffcr/models/__init__.py``, and its case in ``FAMILY_CASES`` (a tiny model and its
+inputs).
 """
 import copy
 
@@ -370,10 +372,10 @@ def test_untested_diffusers_version_auto_runs_compat_fused_refused(family, monke
 
     import diffusers
 
-    from diffcr import models
+    from diffcr.models import base
 
     monkeypatch.setattr(diffusers, "__version__", "9.1.0")
-    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(base, "_WARNED", set())  # warn_once's memory
     model, inputs = _case(family)
     with pytest.raises(ValueError, match=r"path='fused' refused: diffusers 9.1.0 is outside"):
         diffcr.convert(model, DiffCRConfig(path="fused"))
@@ -391,6 +393,13 @@ def test_untested_diffusers_version_auto_runs_compat_fused_refused(family, monke
     kw = inputs((100, 900))
     with torch.no_grad():
         assert torch.equal(_run(model, kw), _run(compat, kw))
+
+
+def test_supported_models_are_the_registered_families_classes():
+    from diffcr.convert import SUPPORTED_MODELS
+
+    assert set(SUPPORTED_MODELS) == {c for f in diffcr.families().values()
+                                     for c in f.model_classes}
 
 
 def test_registry_refuses_a_second_family_for_a_model_class():

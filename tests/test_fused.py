@@ -129,6 +129,48 @@ def test_fused_refuses_blocks_it_cannot_run():
         m(**_inputs("pixart", (10, 20)))
 
 
+def test_last_path_reports_the_path_each_block_took():
+    """BlockRouting.last_path: "fused" for a block the fused path runs, "compat" for one that
+    falls back (a custom attention processor) or under path="compat", "dense" where every
+    token is kept; on every forward, in training (two bins) and frozen with the in-place
+    scatter-back alike."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    torch.set_num_threads(1)
+    m = make("pixart")
+    m.transformer_blocks[1].attn1.set_processor(Custom())
+    diffcr.convert(m, DiffCRConfig(path="auto", num_regions=1))
+    st = diffcr.routing_state(m)
+    assert [st.blocks[i].last_path for i in (0, 1)] == [None, None]
+
+    def paths(ratio, **freeze):
+        set_ratios(m, ratio)
+        if freeze:
+            diffcr.freeze(m, **freeze)
+        with torch.no_grad():
+            m(**_inputs("pixart", (10, 20)))
+        if freeze:
+            diffcr.unfreeze(m)
+        return [st.blocks[i].last_path for i in (0, 1)]
+
+    assert paths(0.5) == ["fused", "compat"]
+    assert paths(1.0) == ["dense", "dense"]
+    assert paths(0.5, inplace_residual=True) == ["fused", "compat"]
+    assert paths(1.0, inplace_residual=True) == ["dense", "dense"]
+    m.train()
+    assert paths(0.55) == ["fused", "compat"]  # two bins: 0.5 and 0.6
+    m.eval()
+    c = make("pixart")
+    diffcr.convert(c, DiffCRConfig(path="compat", num_regions=1))
+    set_ratios(c, 0.5)
+    with torch.no_grad():
+        c(**_inputs("pixart", (10, 20)))
+    assert {r.last_path for r in diffcr.routing_state(c).blocks.values()} == {"compat"}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t", [(300, 300), (100, 900)], ids=["uniform", "ragged"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
@@ -146,8 +188,12 @@ def test_frozen_model_compiles_fullgraph(kind, t, inplace):
     diffcr.freeze(m, inplace_residual=inplace)
     torch._dynamo.reset()
     diffcr.compile_model(m, backend="eager")  # fullgraph=True: any graph break raises
+    blocks = diffcr.routing_state(m).blocks.values()
+    for r in blocks:
+        r.last_path = None
     with torch.no_grad():
         out = m(**kw).sample
+        assert {r.last_path for r in blocks} == {"fused"}  # set inside the compiled graph too
         kw2 = dict(kw, timestep=torch.tensor([999] * len(t)))
         out2 = m(**kw2).sample
     torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-6)

@@ -128,7 +128,7 @@ def test_the_library_never_imports_the_application():
 
 def test_installed_package_ships_the_dense_demo_model():
     """The demo's dense DiT travels with the package (package_data), small, and loads."""
-    code = ("import json; from diffcr.app.train import shipped_dense_path, load_shipped_dense; "
+    code = ("import json; from diffcr.app.demo.run import shipped_dense_path, load_shipped_dense; "
             "p = shipped_dense_path(); m = load_shipped_dense(); "
             "print(json.dumps({'size': sum(f.stat().st_size for f in p.iterdir()), "
             "'loaded': m is not None, 'steps': json.loads((p / 'training.json').read_text())"

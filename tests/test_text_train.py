@@ -17,8 +17,8 @@ pytest.importorskip("peft")
 
 import diffcr  # noqa: E402
 from diffcr.app import cli  # noqa: E402
-from diffcr.app.text_train import read_captions, run_text_train  # noqa: E402
-from diffcr.app.train import TrainConfig  # noqa: E402
+from diffcr.app.captioned import read_captions, run_captioned_train  # noqa: E402
+from diffcr.app.options import TrainConfig  # noqa: E402
 
 from text_pipeline import (write_captioned_clips, write_captioned_images,  # noqa: E402
                            write_flux_pipeline,
@@ -51,7 +51,7 @@ def test_lora_fine_tuning_saves_what_load_and_generate_take(folders, tmp_path):
     torch.set_num_threads(1)
     pipe, data = folders
     out = tmp_path / "out"
-    metrics, model = run_text_train(_cfg(pipe, data, out), return_model=True)
+    metrics, model = run_captioned_train(_cfg(pipe, data, out), return_model=True)
     assert metrics["lora_rank"] == 4 and metrics["images"] == 6
     for name in ("diffcr", "diffcr-frozen", "lora", "metrics.json"):
         assert (out / name).exists(), name
@@ -105,7 +105,7 @@ def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_
     pipe = write(tmp_path / "pipe")
     _, data = folders
     out = tmp_path / "out"
-    metrics, model = run_text_train(_cfg(pipe, data, out, **extra), return_model=True)
+    metrics, model = run_captioned_train(_cfg(pipe, data, out, **extra), return_model=True)
     assert metrics["lora_rank"] == 4 and (out / "lora").is_dir()
     text = load_file(str(next((out / "cache").glob("text-*"))))
     cfg = model.config
@@ -157,8 +157,8 @@ def test_wan22_experts_train_one_run_each_on_their_noise_levels(folders, tmp_pat
     drawn = []
     noisy = recipes.FlowRecipe.noisy
 
-    def spy(sched, x0, g, dev, levels=(0.0, 1.0)):
-        sigma, noise, xt = noisy(sched, x0, g, dev, levels)
+    def spy(b, shift=None):
+        sigma, noise, xt = noisy(b, shift)
         drawn.append(sigma)
         return sigma, noise, xt
 
@@ -168,7 +168,7 @@ def test_wan22_experts_train_one_run_each_on_their_noise_levels(folders, tmp_pat
                                         ("low", "transformer_2", "transformer", [0, 1, 2, 3])):
         drawn.clear()
         out = tmp_path / expert
-        metrics, model = run_text_train(_cfg(pipe, data, out, expert=expert, resolution=64,
+        metrics, model = run_captioned_train(_cfg(pipe, data, out, expert=expert, resolution=64,
                                              max_length=16, steps=4), return_model=True)
         sigma = torch.cat(drawn)
         assert len(sigma) == 8
@@ -222,7 +222,7 @@ def test_video_clips_train_and_generate(family, tmp_path):
     pipe = write(tmp_path / "pipe")
     data = write_captioned_clips(tmp_path / "clips")
     out = tmp_path / "out"
-    metrics = run_text_train(_cfg(pipe, data, out, frames=5, steps=2, **extra))
+    metrics = run_captioned_train(_cfg(pipe, data, out, frames=5, steps=2, **extra))
     assert metrics["frames"] == 5
     lat = load_file(str(next((out / "cache").glob("latents-*"))))["latents"]
     assert lat.shape[:3] == (4, 4, 2) and lat.shape[-1] == 64 // 8  # 5 frames -> 1 + 1 latent
@@ -253,26 +253,26 @@ def test_mp4_clips_are_read_through_imageio(tmp_path):
 def test_full_fine_tuning_saves_the_base_model(folders, tmp_path):
     torch.set_num_threads(1)
     pipe, data = folders
-    metrics, model = run_text_train(_cfg(pipe, data, tmp_path, lora_rank=0, steps=2),
+    metrics, model = run_captioned_train(_cfg(pipe, data, tmp_path, lora_rank=0, steps=2),
                                     return_model=True)
     assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "lora").exists()
     assert metrics["trainable_parameters"] > 10 * metrics["images"]
 
 
 def test_caches_are_reused(folders, tmp_path, monkeypatch):
-    from diffcr.app import text_train
+    from diffcr.app import captioned
 
     torch.set_num_threads(1)
     pipe, data = folders
-    run_text_train(_cfg(pipe, data, tmp_path, steps=1))
+    run_captioned_train(_cfg(pipe, data, tmp_path, steps=1))
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
 
     def boom(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(text_train, "_encode_text", boom)
-    monkeypatch.setattr(text_train, "_encode_images", boom)
-    run_text_train(_cfg(pipe, data, tmp_path, steps=1))
+    monkeypatch.setattr(captioned, "_encode_text", boom)
+    monkeypatch.setattr(captioned, "_encode_images", boom)
+    run_captioned_train(_cfg(pipe, data, tmp_path, steps=1))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
 
 
@@ -513,11 +513,11 @@ def test_resume_continues_bitwise_from_the_same_step(folders, tmp_path):
     torch.set_num_threads(1)
     pipe, data = folders
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    run_text_train(_cfg(pipe, data, straight, steps=4))
-    run_text_train(_cfg(pipe, data, halves, steps=4, save_every=2))
+    run_captioned_train(_cfg(pipe, data, straight, steps=4))
+    run_captioned_train(_cfg(pipe, data, halves, steps=4, save_every=2))
     assert (halves / "step-2" / "accelerate").is_dir()
     resumed = tmp_path / "resumed"
-    metrics = run_text_train(_cfg(pipe, data, resumed, steps=4,
+    metrics = run_captioned_train(_cfg(pipe, data, resumed, steps=4,
                                   resume=str(halves / "step-2")))
     assert metrics["steps"] == 4
     a, b = _trained_state(straight), _trained_state(resumed)
@@ -558,3 +558,16 @@ def test_resume_from_a_folder_that_is_not_a_captioned_state(folders, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "saved by a run of --expert high, resumed with --expert None" in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_train_option_is_in_the_options_reference():
+    """docs/recipes.md lists every flag of diffcr train (the table is the reference)."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from diffcr.app.options import TrainConfig, flag_of
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    missing = [flag_of(f.name) for f in fields(TrainConfig)
+               if f.metadata["flag"] and f"`{flag_of(f.name)}" not in doc]
+    assert not missing, f"docs/recipes.md does not list {missing}"

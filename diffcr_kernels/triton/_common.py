@@ -12,10 +12,10 @@ Conventions of every Triton kernel (as in ``csrc/kernels/diffcr_cuda.h``):
   data and float32 otherwise; loads are upcast to the acc dtype, math is done in it, and results
   are rounded once to the data dtype on store.
 
-Kernel layout: each program handles a tile of ``BLOCK_R`` packed rows (:func:`_block_r`); the
+Kernel layout: each program handles a tile of ``BLOCK_R`` packed rows (:func:`pick_block_r`); the
 segment-based kernels use the CUDA grid ``(row blocks of max_seqlen, segments)`` and mask the
 rows past the end of each segment. The hidden dimension is walked in chunks of ``BLOCK_D``
-elements (:func:`_block_d`), with masks for D that is not a multiple of it. The launchers check
+elements (:func:`pick_block_d`), with masks for D that is not a multiple of it. The launchers check
 shapes, dtypes and devices (and, for CPU tensors, where it costs no device sync, the contents of
 ``idx`` and ``cu_seqlens``) before anything is launched.
 """
@@ -34,10 +34,10 @@ import triton.language as tl
 #: exercise the chunk loop on tiny shapes.
 MAX_BLOCK_D = 8192
 #: Most packed rows one program handles (a power of two); the launchers use
-#: ``min(MAX_BLOCK_R, TILE // BLOCK_D)`` rows (at least 1), see :func:`_block_r`.
+#: ``min(MAX_BLOCK_R, TILE // BLOCK_D)`` rows (at least 1), see :func:`pick_block_r`.
 MAX_BLOCK_R = 16
 
-_DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _probe_kernel(x_ptr):
@@ -52,42 +52,42 @@ INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
 # ============================================================================================
 # validation helpers (ValueError naming the argument; nothing is launched before they pass)
 # ============================================================================================
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tl_acc(dtype: torch.dtype):
+def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _is_tensor(t, op: str, name: str) -> None:
+def check_tensor(t, op: str, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_x(x, op: str, name: str = "x") -> None:
-    _is_tensor(x, op, name)
+def check_x(x, op: str, name: str = "x") -> None:
+    check_tensor(x, op, name)
     if x.dim() != 3:
         raise ValueError(f"{op}: {name} must be [B, N, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _DATA_DTYPES:
+    if x.dtype not in DATA_DTYPES:
         raise ValueError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got "
                          f"{x.dtype}")
 
 
-def _check_device(x: torch.Tensor, op: str, name: str = "x") -> None:
+def check_device(x: torch.Tensor, op: str, name: str = "x") -> None:
     if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"{op}: {name} is on {x.device}, but the Triton kernels need CUDA "
                          "tensors (or the Triton interpreter: TRITON_INTERPRET=1 set before "
                          "diffcr_kernels.triton is imported)")
 
 
-def _on_device(x: torch.Tensor):
+def on_device(x: torch.Tensor):
     """Launch on x's GPU (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_idx(idx, x: torch.Tensor, op: str, xname: str = "x") -> None:
-    _is_tensor(idx, op, "idx")
+def check_idx(idx, x: torch.Tensor, op: str, xname: str = "x") -> None:
+    check_tensor(idx, op, "idx")
     if idx.dim() != 1:
         raise ValueError(f"{op}: idx must be 1-D [T], got shape {tuple(idx.shape)}")
     if idx.dtype != torch.int64:
@@ -103,8 +103,8 @@ def _check_idx(idx, x: torch.Tensor, op: str, xname: str = "x") -> None:
                              f"(B * N rows of {xname})")
 
 
-def _check_data(t, op: str, name: str, x: torch.Tensor, shape, xname: str = "x") -> None:
-    _is_tensor(t, op, name)
+def check_data(t, op: str, name: str, x: torch.Tensor, shape, xname: str = "x") -> None:
+    check_tensor(t, op, name)
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {xname} is on {x.device}")
     if t.dtype != x.dtype:
@@ -114,14 +114,14 @@ def _check_data(t, op: str, name: str, x: torch.Tensor, shape, xname: str = "x")
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _check_opt(t, op: str, name: str, x: torch.Tensor, shape, xname: str = "x") -> None:
+def check_opt(t, op: str, name: str, x: torch.Tensor, shape, xname: str = "x") -> None:
     if t is not None:
-        _check_data(t, op, name, x, shape, xname)
+        check_data(t, op, name, x, shape, xname)
 
 
-def _check_acc(t, op: str, name: str, x: torch.Tensor, n: int, xname: str = "x") -> None:
-    _is_tensor(t, op, name)
-    a = _acc_dtype(x.dtype)
+def check_acc(t, op: str, name: str, x: torch.Tensor, n: int, xname: str = "x") -> None:
+    check_tensor(t, op, name)
+    a = acc_dtype(x.dtype)
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {xname} is on {x.device}")
     if t.dtype != a:
@@ -131,7 +131,7 @@ def _check_acc(t, op: str, name: str, x: torch.Tensor, n: int, xname: str = "x")
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [{n}]")
 
 
-def _check_int(v, op: str, name: str, minimum: int) -> int:
+def check_int(v, op: str, name: str, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         try:
             v = operator.index(v)
@@ -142,10 +142,10 @@ def _check_int(v, op: str, name: str, minimum: int) -> int:
     return int(v)
 
 
-def _check_segments(op: str, x: torch.Tensor, idx: torch.Tensor, cu_seqlens, max_seqlen: int,
+def check_segments(op: str, x: torch.Tensor, idx: torch.Tensor, cu_seqlens, max_seqlen: int,
                     segs_per_sample: int, xname: str = "x") -> int:
     """Checks cu_seqlens (and, on CPU, its contents); returns the number of segments S."""
-    _is_tensor(cu_seqlens, op, "cu_seqlens")
+    check_tensor(cu_seqlens, op, "cu_seqlens")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{op}: cu_seqlens must be 1-D [S+1] with S >= 0, got shape "
                          f"{tuple(cu_seqlens.shape)}")
@@ -177,7 +177,7 @@ def _check_segments(op: str, x: torch.Tensor, idx: torch.Tensor, cu_seqlens, max
     return S
 
 
-#: Largest fraction of masked (idle) lanes :func:`_block_d` accepts in the last chunk of a row.
+#: Largest fraction of masked (idle) lanes :func:`pick_block_d` accepts in the last chunk of a row.
 MAX_MASKED = 0.125
 #: Elements of one program's tile (BLOCK_R x BLOCK_D) for the light kernels (forward gather +
 #: norm, scatter, router) and for the heavy ones (the two backward kernels, and float64 data),
@@ -188,7 +188,7 @@ TILE = 4096
 TILE_HEAVY = 2048
 
 
-def _block_d(D: int) -> int:
+def pick_block_d(D: int) -> int:
     """The chunk of the hidden dimension one program walks at a time: the largest power of two
     (at most :data:`MAX_BLOCK_D`, at most ``next_power_of_2(D)``) whose chunked walk of D leaves
     at most :data:`MAX_MASKED` of the lanes masked, and not below 128 lanes (else the least
@@ -211,15 +211,16 @@ def _block_d(D: int) -> int:
     return best
 
 
-def _block_r(block_d: int, heavy: bool = False) -> int:
+def pick_block_r(block_d: int, heavy: bool = False) -> int:
     """Packed rows per program: the tile (:data:`TILE` or :data:`TILE_HEAVY` elements) divided
     by the chunk, at most :data:`MAX_BLOCK_R`."""
     return max(1, min(MAX_BLOCK_R, (TILE_HEAVY if heavy else TILE) // block_d))
 
 
-def _num_warps(block: int) -> int:
+def pick_num_warps(block: int) -> int:
     return min(max(block // 256, 1), 8)
 
 
-def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t.contiguous()`` (None stays None)."""
     return None if t is None else t.contiguous()

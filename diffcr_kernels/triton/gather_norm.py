@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_acc_dtype, _block_d, _block_r, _c, _check_acc, _check_data, _check_device,
-    _check_idx, _check_opt, _check_x, _num_warps, _on_device, _tl_acc)
+from ._common import (acc_dtype, check_acc, check_data, check_device, check_idx, check_opt,
+                      check_x, contiguous, on_device, pick_block_d, pick_block_r, pick_num_warps,
+                      tl_acc)
 
 __all__ = ["gather_norm_modulate", "gather_norm_modulate_backward"]
 
@@ -133,39 +134,39 @@ def gather_norm_modulate(
     rstd [T])`` with mean/rstd in the acc dtype (float64 for float64 x, float32 otherwise).
     """
     op = "gather_norm_modulate"
-    _check_x(x, op)
-    _check_device(x, op)
-    _check_idx(idx, x, op)
+    check_x(x, op)
+    check_device(x, op)
+    check_idx(idx, x, op)
     B, N, D = x.shape
-    _check_opt(shift, op, "shift", x, (B, D))
-    _check_opt(scale, op, "scale", x, (B, D))
-    _check_opt(weight, op, "weight", x, (D,))
-    _check_opt(bias, op, "bias", x, (D,))
+    check_opt(shift, op, "shift", x, (B, D))
+    check_opt(scale, op, "scale", x, (B, D))
+    check_opt(weight, op, "weight", x, (D,))
+    check_opt(bias, op, "bias", x, (D,))
     eps = float(eps)
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
     T = idx.numel()
-    a = _acc_dtype(x.dtype)
+    a = acc_dtype(x.dtype)
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     mean = torch.empty(T, dtype=a, device=x.device)
     rstd = torch.empty(T, dtype=a, device=x.device)
     if T == 0:
         return y, mean, rstd
     x, idx = x.contiguous(), idx.contiguous()
-    shift, scale, weight, bias = _c(shift), _c(scale), _c(weight), _c(bias)
+    shift, scale, weight, bias = (contiguous(t) for t in (shift, scale, weight, bias))
     eps_hi = float(torch.tensor(eps, dtype=torch.float32))
     eps_lo = float(torch.tensor(eps - eps_hi, dtype=torch.float32))
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
-    with _on_device(x):
+    BLOCK_D = pick_block_d(D)
+    BLOCK_R = pick_block_r(BLOCK_D, heavy=x.dtype == torch.float64)
+    with on_device(x):
         _gnm_fwd_kernel[(triton.cdiv(T, BLOCK_R),)](
             x, idx, x if shift is None else shift, x if scale is None else scale,
             x if weight is None else weight, x if bias is None else bias, y, mean, rstd, T, N, D,
             eps_hi, eps_lo,
             HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-            num_warps=_num_warps(BLOCK_R * BLOCK_D))
+            ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            num_warps=pick_num_warps(BLOCK_R * BLOCK_D))
     return y, mean, rstd
 
 
@@ -189,28 +190,28 @@ def gather_norm_modulate_backward(
     Returns grad_rows ``[T, D]`` in x's dtype (the caller scatters it into ``grad_x``).
     """
     op = "gather_norm_modulate_backward"
-    _check_x(x, op)
-    _check_device(x, op)
-    _check_idx(idx, x, op)
+    check_x(x, op)
+    check_device(x, op)
+    check_idx(idx, x, op)
     B, N, D = x.shape
     T = idx.numel()
-    _check_data(grad_y, op, "grad_y", x, (T, D))
-    _check_acc(mean, op, "mean", x, T)
-    _check_acc(rstd, op, "rstd", x, T)
-    _check_opt(scale, op, "scale", x, (B, D))
-    _check_opt(weight, op, "weight", x, (D,))
+    check_data(grad_y, op, "grad_y", x, (T, D))
+    check_acc(mean, op, "mean", x, T)
+    check_acc(rstd, op, "rstd", x, T)
+    check_opt(scale, op, "scale", x, (B, D))
+    check_opt(weight, op, "weight", x, (D,))
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
     grad_y, x, idx, mean, rstd = (t.contiguous() for t in (grad_y, x, idx, mean, rstd))
-    scale, weight = _c(scale), _c(weight)
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D, heavy=True)
-    with _on_device(x):
+    scale, weight = contiguous(scale), contiguous(weight)
+    BLOCK_D = pick_block_d(D)
+    BLOCK_R = pick_block_r(BLOCK_D, heavy=True)
+    with on_device(x):
         _gnm_bwd_kernel[(triton.cdiv(T, BLOCK_R),)](
             grad_y, x, idx, mean, rstd, x if scale is None else scale,
             x if weight is None else weight, out, T, N, D,
             HAS_SCALE=scale is not None, HAS_WEIGHT=weight is not None,
-            ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-            num_warps=_num_warps(BLOCK_R * BLOCK_D))
+            ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            num_warps=pick_num_warps(BLOCK_R * BLOCK_D))
     return out

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_DATA_DTYPES, _acc_dtype, _block_d, _block_r, _check_device, _check_x,
-    _is_tensor, _num_warps, _on_device, _tl_acc)
+from ._common import (DATA_DTYPES, acc_dtype, check_device, check_tensor, check_x, on_device,
+                      pick_block_d, pick_block_r, pick_num_warps, tl_acc)
 
 __all__ = ["router_scores"]
 
@@ -41,18 +41,18 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     otherwise).
     """
     op = "router_scores"
-    _check_x(x, op)
-    _check_device(x, op)
+    check_x(x, op)
+    check_device(x, op)
     B, N, D = x.shape
-    _is_tensor(weight, op, "weight")
+    check_tensor(weight, op, "weight")
     if weight.device != x.device:
         raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
-    if weight.dtype not in _DATA_DTYPES:
+    if weight.dtype not in DATA_DTYPES:
         raise ValueError(f"{op}: weight must be float32, float64, float16 or bfloat16, got "
                          f"{weight.dtype}")
     if tuple(weight.shape) != (D,):
         raise ValueError(f"{op}: weight must be [D] = [{D}], got shape {tuple(weight.shape)}")
-    a = _acc_dtype(x.dtype)
+    a = acc_dtype(x.dtype)
     M = B * N
     out = torch.empty(B, N, dtype=a, device=x.device)
     if M == 0:
@@ -60,10 +60,10 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if D == 0:
         return out.fill_(0.5)
     x, weight = x.contiguous(), weight.contiguous()
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
-    with _on_device(x):
+    BLOCK_D = pick_block_d(D)
+    BLOCK_R = pick_block_r(BLOCK_D, heavy=x.dtype == torch.float64)
+    with on_device(x):
         _router_kernel[(triton.cdiv(M, BLOCK_R),)](
-            x, weight, out, M, D, ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-            num_warps=_num_warps(BLOCK_R * BLOCK_D))
+            x, weight, out, M, D, ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            num_warps=pick_num_warps(BLOCK_R * BLOCK_D))
     return out

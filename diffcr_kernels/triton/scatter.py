@@ -9,8 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_block_d, _block_r, _c, _check_acc, _check_data, _check_device, _check_idx,
-    _check_int, _check_opt, _check_segments, _check_x, _num_warps, _on_device, _tl_acc)
+from ._common import (check_acc, check_data, check_device, check_idx, check_int, check_opt,
+                      check_segments, check_x, contiguous, on_device, pick_block_d, pick_block_r,
+                      pick_num_warps, tl_acc)
 
 __all__ = ["scatter_back", "scatter_back_", "scatter_back_backward"]
 
@@ -157,23 +158,23 @@ def scatter_back(
 def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, seg_weight,
                     attn_update, mlp_out, scores, gate):
     """Validates, then adds the packed rows into ``out`` (a contiguous copy of x when None)."""
-    _check_x(x, op)
-    _check_device(x, op)
-    _check_idx(idx, x, op)
+    check_x(x, op)
+    check_device(x, op)
+    check_idx(idx, x, op)
     B, N, D = x.shape
     T = idx.numel()
-    max_seqlen = _check_int(max_seqlen, op, "max_seqlen", 0)
-    P = _check_int(segs_per_sample, op, "segs_per_sample", 1)
-    S = _check_segments(op, x, idx, cu_seqlens, max_seqlen, P)
+    max_seqlen = check_int(max_seqlen, op, "max_seqlen", 0)
+    P = check_int(segs_per_sample, op, "segs_per_sample", 1)
+    S = check_segments(op, x, idx, cu_seqlens, max_seqlen, P)
     if B and S and S % B == 0 and S // B != P:
         raise ValueError(f"{op}: segs_per_sample = {P} does not match the layout: {S} segments "
                          f"over B = {B} samples is {S // B} per sample (sample-major)")
-    _check_acc(seg_weight, op, "seg_weight", x, S)
-    _check_data(attn_update, op, "attn_update", x, (T, D))
-    _check_opt(mlp_out, op, "mlp_out", x, (T, D))
+    check_acc(seg_weight, op, "seg_weight", x, S)
+    check_data(attn_update, op, "attn_update", x, (T, D))
+    check_opt(mlp_out, op, "mlp_out", x, (T, D))
     if scores is not None:
-        _check_acc(scores, op, "scores", x, T)
-    _check_opt(gate, op, "gate", x, (B, D))
+        check_acc(scores, op, "scores", x, T)
+    check_opt(gate, op, "gate", x, (B, D))
     if out is None:
         out = x.clone(memory_format=torch.contiguous_format)
     else:
@@ -190,11 +191,11 @@ def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, se
         return out
     idx, cu_seqlens, seg_weight, attn_update = (t.contiguous()
                                                 for t in (idx, cu_seqlens, seg_weight, attn_update))
-    mlp_out, scores, gate = _c(mlp_out), _c(scores), _c(gate)
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D, heavy=x.dtype == torch.float64)
+    mlp_out, scores, gate = contiguous(mlp_out), contiguous(scores), contiguous(gate)
+    BLOCK_D = pick_block_d(D)
+    BLOCK_R = pick_block_r(BLOCK_D, heavy=x.dtype == torch.float64)
     grid = (triton.cdiv(max_seqlen, BLOCK_R), S // P)
-    with _on_device(x):
+    with on_device(x):
         for p in range(P):  # one launch per slot: no row is written twice within a launch
             _scatter_fwd_kernel[grid](out, idx, cu_seqlens, seg_weight, attn_update,
                                       attn_update if mlp_out is None else mlp_out,
@@ -202,8 +203,8 @@ def _scatter_launch(op, x, out, idx, cu_seqlens, max_seqlen, segs_per_sample, se
                                       attn_update if gate is None else gate, P, p, N, D,
                                       HAS_MLP_OUT=mlp_out is not None,
                                       HAS_SCORES=scores is not None, HAS_GATE=gate is not None,
-                                      ACC=_tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-                                      num_warps=_num_warps(BLOCK_R * BLOCK_D))
+                                      ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                      num_warps=pick_num_warps(BLOCK_R * BLOCK_D))
     return out
 
 
@@ -238,19 +239,19 @@ def scatter_back_backward(
     """
     op = "scatter_back_backward"
     xn = "grad_out"
-    _check_x(grad_out, op, xn)
-    _check_device(grad_out, op, xn)
-    _check_idx(idx, grad_out, op, xn)
+    check_x(grad_out, op, xn)
+    check_device(grad_out, op, xn)
+    check_idx(idx, grad_out, op, xn)
     B, N, D = grad_out.shape
     T = idx.numel()
-    max_seqlen = _check_int(max_seqlen, op, "max_seqlen", 0)
-    S = _check_segments(op, grad_out, idx, cu_seqlens, max_seqlen, 1, xn)
-    _check_acc(seg_weight, op, "seg_weight", grad_out, S, xn)
-    _check_data(attn_update, op, "attn_update", grad_out, (T, D), xn)
-    _check_opt(mlp_out, op, "mlp_out", grad_out, (T, D), xn)
+    max_seqlen = check_int(max_seqlen, op, "max_seqlen", 0)
+    S = check_segments(op, grad_out, idx, cu_seqlens, max_seqlen, 1, xn)
+    check_acc(seg_weight, op, "seg_weight", grad_out, S, xn)
+    check_data(attn_update, op, "attn_update", grad_out, (T, D), xn)
+    check_opt(mlp_out, op, "mlp_out", grad_out, (T, D), xn)
     if scores is not None:
-        _check_acc(scores, op, "scores", grad_out, T, xn)
-    _check_opt(gate, op, "gate", grad_out, (B, D), xn)
+        check_acc(scores, op, "scores", grad_out, T, xn)
+    check_opt(gate, op, "gate", grad_out, (B, D), xn)
     a = seg_weight.dtype
     dev = grad_out.device
     grad_attn_update = torch.empty(T, D, dtype=attn_update.dtype, device=dev)
@@ -262,16 +263,16 @@ def scatter_back_backward(
         return grad_attn_update, grad_mlp_out, grad_s, row_dot
     grad_out, idx, cu_seqlens, seg_weight, attn_update = (
         t.contiguous() for t in (grad_out, idx, cu_seqlens, seg_weight, attn_update))
-    mlp_out, scores, gate = _c(mlp_out), _c(scores), _c(gate)
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_r(BLOCK_D, heavy=True)
-    with _on_device(grad_out):
+    mlp_out, scores, gate = contiguous(mlp_out), contiguous(scores), contiguous(gate)
+    BLOCK_D = pick_block_d(D)
+    BLOCK_R = pick_block_r(BLOCK_D, heavy=True)
+    with on_device(grad_out):
         _scatter_bwd_kernel[(triton.cdiv(max_seqlen, BLOCK_R), S)](
             grad_out, idx, cu_seqlens, seg_weight, attn_update,
             attn_update if mlp_out is None else mlp_out, seg_weight if scores is None else scores,
             attn_update if gate is None else gate, grad_attn_update,
             grad_attn_update if mlp_out is None else grad_mlp_out,
             row_dot if scores is None else grad_s, row_dot, N, D, HAS_MLP_OUT=mlp_out is not None,
-            HAS_SCORES=scores is not None, HAS_GATE=gate is not None, ACC=_tl_acc(grad_out.dtype),
-            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_R * BLOCK_D))
+            HAS_SCORES=scores is not None, HAS_GATE=gate is not None, ACC=tl_acc(grad_out.dtype),
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=pick_num_warps(BLOCK_R * BLOCK_D))
     return grad_attn_update, grad_mlp_out, grad_s, row_dot

@@ -21,7 +21,9 @@ from torch import nn
 from .config import DiffCRConfig
 from .models import ModelFamily, display_name, families, family_for, warn_once
 from .modules import DifferentiableRatio, Router
-from .routing import BlockRouting, RoutingState, base_class, routed_class, routing_state
+from .routing import (BlockRouting, RoutingState, attach_block, attach_state, base_class,
+                      detach_block, detach_state, find_routing_state, routed_class,
+                      routing_state)
 
 __all__ = ["convert", "convert_pipeline", "revert", "freeze", "unfreeze", "is_converted",
            "routed_blocks",
@@ -32,7 +34,7 @@ SUPPORTED_MODELS = tuple(c for f in families().values() for c in f.model_classes
 
 # ------------------------------------------------------------------------ timestep capture
 def _capture_timestep(model, args, kwargs):
-    st: RoutingState = model._diffcr_state
+    st: RoutingState = routing_state(model)
     t = st.family.timestep_of_call(model, args, kwargs)
     if t is None:
         st.clear_timesteps()
@@ -56,11 +58,7 @@ def set_timestep(model: nn.Module, t) -> None:
 
 # ------------------------------------------------------------------------ public API
 def is_converted(model: nn.Module) -> bool:
-    return model.__dict__.get("_diffcr_state") is not None
-
-
-def _state(model: nn.Module) -> RoutingState:
-    return routing_state(model)
+    return find_routing_state(model) is not None
 
 
 def routed_blocks(model: nn.Module) -> Dict[int, nn.Module]:
@@ -83,8 +81,8 @@ def _hooked(modules) -> List[str]:
 def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
     """Make ``model`` token-routed, in place; returns the same model.
 
-    ``model``: a diffusers model of a registered family (:mod:`diffcr.models`,
-    ``diffcr.families()``: PixArt-α/Σ, DiT, SD3/SD3.5, Flux.1, Wan 2.x). Adds
+    ``model``: a diffusers model of a registered family (:mod:`diffcr.models`: the families
+    are ``diffcr.families()``, their model classes :data:`SUPPORTED_MODELS`). Adds
     ``transformer_blocks.{i}.router.weight`` and ``transformer_blocks.{i}.ratio.kept`` per
     routed block; every existing parameter, buffer and state-dict key is unchanged. Refuses
     (``TypeError`` / ``ValueError`` naming the problem, model untouched) unsupported model
@@ -145,10 +143,10 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
         b.ratio = DifferentiableRatio(config.num_regions, config.bins, config.init_kept_ratio,
                                       dtype=dtype, device=p.device)
         routing = BlockRouting(name=qual, index=i, state=state, fused_reason=fused_why[i])
-        b._diffcr = routing
+        attach_block(b, routing)
         family.mlp_module(b).register_forward_hook(routing.mlp_gate)
         state.blocks[i] = routing
-    model._diffcr_state = state
+    attach_state(model, state)
     model.register_forward_pre_hook(_capture_timestep, with_kwargs=True)
     return model
 
@@ -203,12 +201,12 @@ def revert(model: nn.Module) -> nn.Module:
         _remove_hook(ff._forward_hooks, routing.mlp_gate, ff)
         del b.router
         del b.ratio
-        b.__dict__.pop("_diffcr", None)
+        detach_block(b)
         b.__class__ = base_class(type(b))
     if model.__dict__.get("_diffcr_compiled", False):
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_diffcr_compiled", None)
-    del model._diffcr_state
+    detach_state(model)
     return model
 
 

@@ -2,7 +2,7 @@
 
 Why: at the row counts routing produces (k ~ 300 rows of a 1024-token image at kappa 0.3),
 MKL's ``sgemm`` runs DiT-sized GEMMs slower per row than at full size; weights prepacked for
-the exact row count take that back (the measurement is in the README's "CPU inference"
+the exact row count take that back (the measurement is in docs/library.md, "CPU inference"
 paragraph). The ideal of method §6 scales linear layers with the row count, so this is the
 fixed cost that keeps a routed block from its ideal at small kappa on CPU.
 

@@ -1,15 +1,18 @@
-"""DiffCR's learnable parts: the token router and the differentiable kept ratio (method §1-§2)."""
+"""DiffCR's parts that act on a block: the token router and the differentiable kept ratio
+(learnable, method §1-§2), and the feed-forward hook that applies the router gate
+(:class:`MlpGate`)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 import diffcr_kernels as dk
 
-__all__ = ["Router", "DifferentiableRatio", "TwoBinPlan", "full_tensor"]
+__all__ = ["Router", "DifferentiableRatio", "TwoBinPlan", "MlpGate", "full_tensor"]
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -143,3 +146,30 @@ class DifferentiableRatio(nn.Module):
 
     def extra_repr(self) -> str:
         return f"regions={self.num_regions}, bins={self.bins}"
+
+
+class MlpGate:
+    """Forward hook of a routed block's feed-forward: multiplies its output by the router gate
+    of each token (method §1: the score gates the MLP branch only). Inactive (identity) unless
+    the owning :class:`~diffcr.routing.BlockRouting` runs the block inside :meth:`scaled`. A
+    plain object, so ``deepcopy`` and ``pickle`` of the model copy it with the module."""
+
+    def __init__(self):
+        self.scale: Optional[torch.Tensor] = None
+
+    def __call__(self, module, inputs, output):
+        if self.scale is None:
+            return output
+        return output * self.scale.to(output.dtype)
+
+    @contextmanager
+    def scaled(self, scale: torch.Tensor):
+        """Gate the feed-forward output by ``scale`` (``[G, n, 1]`` per token) for one call."""
+        self.scale = scale
+        try:
+            yield
+        finally:
+            self.scale = None
+
+    def __getstate__(self):
+        return {"scale": None}

@@ -18,8 +18,10 @@ routed forward lives in a class. The routed class is registered in diffusers'
 
 Per block, exactly one attribute is added besides the ``router`` and ``ratio`` submodules
 (which give the state-dict keys ``…router.weight`` and ``…ratio.kept``): ``_diffcr``, its
-:class:`BlockRouting`. The router gate reaches the feed-forward through a :class:`MlpGate`
-forward hook owned by that object (no attribute is set on the feed-forward module).
+:class:`BlockRouting` (set and removed through :func:`attach_block` / :func:`detach_block`;
+the model's :class:`RoutingState` likewise, :func:`attach_state`). The router gate reaches the
+feed-forward through a :class:`~diffcr.modules.MlpGate` forward hook owned by that object (no
+attribute is set on the feed-forward module).
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ import dataclasses
 import inspect
 import math
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -37,35 +38,13 @@ from torch import nn
 import diffcr_kernels as dk
 
 from .config import DiffCRConfig
+from .models.base import ForwardParams
+# MlpGate lived here before diffcr.modules; converted models pickled then name it here
+from .modules import MlpGate
+from .token_cache import TokenCache, apply_token_cache
 
-__all__ = ["RoutingState", "BlockRouting", "MlpGate", "routed_class", "routing_state"]
-
-
-class MlpGate:
-    """Forward hook of a routed block's feed-forward: multiplies its output by the router gate
-    of each token (method §1: the score gates the MLP branch only). Inactive (identity) unless
-    the owning :class:`BlockRouting` runs the block inside :meth:`scaled`. A plain object, so
-    ``deepcopy`` and ``pickle`` of the model copy it with the module."""
-
-    def __init__(self):
-        self.scale: Optional[torch.Tensor] = None
-
-    def __call__(self, module, inputs, output):
-        if self.scale is None:
-            return output
-        return output * self.scale.to(output.dtype)
-
-    @contextmanager
-    def scaled(self, scale: torch.Tensor):
-        """Gate the feed-forward output by ``scale`` (``[G, n, 1]`` per token) for one call."""
-        self.scale = scale
-        try:
-            yield
-        finally:
-            self.scale = None
-
-    def __getstate__(self):
-        return {"scale": None}
+__all__ = ["RoutingState", "BlockRouting", "routed_class", "base_class", "routing_state",
+           "find_routing_state", "attach_state", "detach_state", "attach_block", "detach_block"]
 
 
 class _Transient:
@@ -97,7 +76,13 @@ class BlockRouting:
     ``frozen_bins``: per region, the kept ratio fixed by :func:`diffcr.freeze` (None when not
     frozen); ``fused_reason``: why the fused path cannot run this block (None: it can);
     ``last_kappa``: the kept ratios the last forward used, ``[B]`` (differentiable in training,
-    None before the first forward).
+    None before the first forward); ``last_path``: the path the last forward took (None before
+    the first): ``"dense"`` (every token kept: the block's own forward on all tokens, the router
+    gating the MLP branch), ``"fused"`` (the family's fused forward over the packed selection)
+    or ``"compat"`` (the block's own forward on the gathered tokens), and with the token cache
+    on ``"refresh"`` (a refresh step: every token computed and its update cached);
+    ``last_selection``: the :class:`~diffcr_kernels.Selection` the last forward routed with
+    (None when it computed every token).
     """
 
     name: str
@@ -105,12 +90,18 @@ class BlockRouting:
     state: "RoutingState"
     fused_reason: Optional[str] = None
     frozen_bins: Optional[List[float]] = None
+    last_path: Optional[str] = None
     mlp_gate: MlpGate = field(default_factory=MlpGate)
     _kappa: _Transient = field(default_factory=_Transient)
+    _sel: _Transient = field(default_factory=_Transient)
 
     @property
     def last_kappa(self) -> Optional[torch.Tensor]:
         return self._kappa.value
+
+    @property
+    def last_selection(self):
+        return self._sel.value
 
     # ------------------------------------------------------------------ planning
     def plan(self, block: nn.Module, B: int, N: int):
@@ -130,6 +121,9 @@ class BlockRouting:
         else:
             regions = st.regions
         ratio = block.ratio
+        if st.kept_override is not None:
+            k = dk.kept_count(st.kept_override, N)
+            return [[k]] * B, None, torch.full((B,), float(st.kept_override))
         if st.frozen:
             bins = self.frozen_bins
             ks = [[dk.kept_count(bins[r], N)] for r in regions]
@@ -182,20 +176,38 @@ class BlockRouting:
         x = call["hidden_states"]
         if x.dim() != 3:
             raise ValueError(f"diffcr: block input must be [B, N, D], got {tuple(x.shape)}")
-        B, N, _ = x.shape
+        B, N, D = x.shape
         ks, weights, kappa = self.plan(block, B, N)
         self._kappa = _Transient(kappa)
+        self._sel = _Transient(None)
         if st.config.selection == "random":
             # baseline: k uniformly random tokens per sample; no router, no gating
             scores = torch.rand(B, N, device=x.device)
+        elif st.scorer is not None:
+            scores = st.scorer(block, x)
         else:
             scores = block.router(x)  # [B, N] float32
+        tc = st.token_cache
+        entry = None
+        if tc is not None:
+            entry = tc.entry(self.index, B, N, D, x.dtype, x.device, create=False)
         with family.call_context(block, call):
-            if len(ks[0]) == 1 and all(k[0] == N for k in ks):
+            refresh = tc is not None and (entry is None or tc.is_refresh())
+            if refresh or (len(ks[0]) == 1 and all(k[0] == N for k in ks)):
                 # every token kept: the dense block, with the router gating the MLP branch
-                with self.mlp_gate.scaled(family.gate_scale(block, self.gate(block, scores),
-                                                            call)):
-                    return base_forward(**call)
+                # (a token-cache refresh: the same, or the plain block, and every update cached)
+                self.last_path = "refresh" if refresh else "dense"
+                if refresh and tc.config.plain_refresh:
+                    out = base_forward(**call)
+                else:
+                    with self.mlp_gate.scaled(family.gate_scale(block, self.gate(block, scores),
+                                                                call)):
+                        out = base_forward(**call)
+                if tc is not None:
+                    tc.entry(self.index, B, N, D, x.dtype, x.device, create=True,
+                             num_blocks=len(st.blocks)).write(
+                        None, (family.hidden_states_of(out) - x).reshape(B * N, D), tc.step)
+                return out
             inner_hooks = _inner_hooks(block)
             for name, hook, stateful in inner_hooks:
                 if stateful:
@@ -205,17 +217,35 @@ class BlockRouting:
                         "tokens a block processes at every step. With kept ratios below 1 use "
                         "a block-level cache (FirstBlockCache, MagCache), applied after "
                         "diffcr.convert.")
-            sel = dk.select_topk(scores, ks, weights)
+            if entry is not None and tc.config.staleness:
+                # a token not computed for long is chosen (the gate keeps the router's score)
+                stale = (tc.step - entry.s1).view(B, N).to(scores.dtype)
+                sel = dk.select_topk(scores + tc.config.staleness * stale, ks, weights)
+                sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
+                    0, sel.indices))
+            else:
+                sel = dk.select_topk(scores, ks, weights)
+            self._sel = _Transient(sel)
             # frozen with inplace_residual: the block's input receives the update (no copy
             # of the residual stream); only without autograd
             inplace = (st.inplace_residual and not torch.is_grad_enabled()
                        and x.is_contiguous())
+            # the token cache writes the new updates of the selected rows: their inputs first
+            # (an in-place forward overwrites them); one segment per sample (inference)
+            x_rows = x.reshape(B * N, D).index_select(0, sel.indices) \
+                if entry is not None and sel.segs_per_sample == 1 else None
             if self.use_fused(block, call, inner_hooks):
-                return family.fused_forward(block, call, sel, self.gate(block, sel.scores),
+                self.last_path = "fused"
+                out = family.fused_forward(block, call, sel, self.gate(block, sel.scores),
+                                           inplace_residual=inplace)
+            else:
+                self.last_path = "compat"
+                out = family.compat_forward(block, base_forward, call, sel, ks,
+                                            self.gate(block, sel.scores), self.mlp_gate,
                                             inplace_residual=inplace)
-            return family.compat_forward(block, base_forward, call, sel, ks,
-                                         self.gate(block, sel.scores), self.mlp_gate,
-                                         inplace_residual=inplace)
+            if entry is None:
+                return out
+            return apply_token_cache(family, out, entry, sel, x_rows, tc.step)
 
 
 def _inner_hooks(block: nn.Module):
@@ -251,7 +281,12 @@ class RoutingState:
     ``config``: the :class:`~diffcr.DiffCRConfig` in use; ``family``: the model family adapter
     (:mod:`diffcr.models`); ``blocks``: ``{routed index: BlockRouting}``; ``frozen`` /
     ``inplace_residual``: set by :func:`diffcr.freeze`; ``timesteps``, ``noise_levels``,
-    ``regions``: what the current forward was called with, one per sample (host values).
+    ``regions``: what the current forward was called with, one per sample (host values);
+    ``token_cache``: the :class:`~diffcr.token_cache.TokenCache` (None: off,
+    :func:`diffcr.enable_token_cache`); ``kept_override``: a kept ratio every routed block uses
+    instead of its own (None: their own; :func:`diffcr.kept_ratio_override`); ``scorer``: a
+    token scorer ``scorer(block, x) -> [B, N]`` used instead of the block's router for the
+    selection and the gate (None: the router; ``selection="random"`` draws scores at random).
     """
 
     config: DiffCRConfig
@@ -262,6 +297,9 @@ class RoutingState:
     regions: Optional[List[int]] = None
     frozen: bool = False
     inplace_residual: bool = False
+    token_cache: Optional[TokenCache] = None
+    kept_override: Optional[float] = None
+    scorer: Optional[Callable] = None
 
     def set_timesteps(self, vals: List[float]) -> None:
         """Record the raw timesteps of the next forward and map them to regions through the
@@ -273,18 +311,45 @@ class RoutingState:
         self.timesteps = vals
         self.noise_levels = levels
         self.regions = [self.config.region_of_level(u) for u in levels]
+        if self.token_cache is not None:
+            self.token_cache.next_forward(vals, levels)
 
     def clear_timesteps(self) -> None:
         self.timesteps = self.noise_levels = self.regions = None
 
 
+def find_routing_state(model: nn.Module) -> Optional[RoutingState]:
+    """The :class:`RoutingState` of a converted model, None if it is not converted."""
+    return model.__dict__.get("_diffcr_state")
+
+
 def routing_state(model: nn.Module) -> RoutingState:
     """The :class:`RoutingState` of a converted model (ValueError if it is not converted)."""
-    st = model.__dict__.get("_diffcr_state")
+    st = find_routing_state(model)
     if st is None:
         raise ValueError(f"diffcr: {type(model).__name__} is not converted (call "
                          "diffcr.convert(model, config) first)")
     return st
+
+
+def attach_state(model: nn.Module, state: RoutingState) -> None:
+    """Make ``state`` the routing state of ``model`` (:func:`diffcr.convert`)."""
+    model._diffcr_state = state
+
+
+def detach_state(model: nn.Module) -> None:
+    """Remove the routing state of ``model`` (:func:`diffcr.revert`)."""
+    del model._diffcr_state
+
+
+def attach_block(block: nn.Module, routing: BlockRouting) -> None:
+    """Give a block of a routed class the :class:`BlockRouting` its forward runs with."""
+    block._diffcr = routing
+
+
+def detach_block(block: nn.Module) -> None:
+    """Remove what :func:`attach_block` added to ``block``."""
+    block.__dict__.pop("_diffcr", None)
 
 
 # ---------------------------------------------------------------------- routed classes
@@ -294,7 +359,9 @@ _ROUTED: Dict[type, type] = {}
 def routed_class(base: type) -> type:
     """The routed subclass of a diffusers block class (made once, importable by name from this
     module so converted models pickle, and registered with diffusers' block metadata so its
-    block-level caches recognise it)."""
+    block-level caches recognise it). It carries ``diffcr_forward_params``, the
+    :class:`~diffcr.models.base.ForwardParams` of the base's forward, which
+    :meth:`~diffcr.models.base.ModelFamily.bind` binds each call with."""
     cls = _ROUTED.get(base)
     if cls is not None:
         return cls
@@ -302,15 +369,9 @@ def routed_class(base: type) -> type:
     def forward(self, *args, **kwargs):
         return self._diffcr.forward(self, super(cls, self).forward, args, kwargs)
 
-    sig = list(inspect.signature(base.forward).parameters.values())[1:]
-    params = tuple((p.name, p.default) for p in sig
-                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    npos = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in sig)
-    varargs = any(p.kind == p.VAR_POSITIONAL for p in sig)
     name = f"Routed{base.__name__}"
     cls = type(name, (base,), {
-        "forward": forward, "_diffcr_params": params, "_diffcr_npos": npos,
-        "_diffcr_varargs": varargs,
+        "forward": forward, "diffcr_forward_params": ForwardParams.of(base.forward),
         "__module__": __name__,
         "__qualname__": name,
         "__doc__": f"A diffusers ``{base.__name__}`` whose forward processes only its "

@@ -1,13 +1,20 @@
-"""The ``diffcr`` command-line application, apart from the library.
+"""The ``diffcr`` command-line application, built on the library's public API.
 
-* :mod:`diffcr.app.cli`          the ``diffcr`` command (info, bench, train, inspect, generate);
-* :mod:`diffcr.app.train`        ``diffcr train``: the embedded demo and fine-tuning on image
-  folders;
-* :mod:`diffcr.app.bench`        the benchmark harness (dense vs routed vs naive, interleaved);
-* :mod:`diffcr.app.image_folder` reading and writing ImageFolder-style trees of user images;
-* :mod:`diffcr.app.demo`         the demo's synthetic data set, classifier, metrics and plots.
+Layers, each importing only the ones below it (the library never imports this package):
 
-The library (``diffcr`` config, convert, modules, fused path, io, training losses, CPU
-prepacking, and ``diffcr_kernels``) never imports this package; it uses only the library's
-public API.
+* :mod:`diffcr.app.cli`          the ``diffcr`` command, one module per command (info, bench,
+  train, inspect, generate); ``diffcr train`` chooses the training mode here, once;
+* runners, which never import each other: :mod:`diffcr.app.demo.run` (the embedded demo),
+  :mod:`diffcr.app.classcond` (class-conditional DiTs on image folders),
+  :mod:`diffcr.app.captioned` (captioned fine-tuning of pipeline folders, with a recipe per
+  pipeline family in :mod:`diffcr.app.recipes`), :mod:`diffcr.app.generate` (sampling from
+  pipelines), :mod:`diffcr.app.bench` (the benchmark harness);
+* the training core: :mod:`diffcr.app.core` (progress, parameter groups, learning-rate
+  schedule, EMA, the checkpoint writer), :mod:`diffcr.app.parallel` (single process / DDP /
+  FSDP2 as one strategy), :mod:`diffcr.app.ddpm` (the class-conditional loop, loss and
+  sampler);
+* data: :mod:`diffcr.app.image_folder`, :mod:`diffcr.app.video`, the demo's data set, classifier
+  and metrics in :mod:`diffcr.app.demo`;
+* :mod:`diffcr.app.options`: the sectioned ``diffcr train`` config from which the command line
+  is derived; :mod:`diffcr.app.bench_kinds`: the benchmarked block kinds (torch-free).
 """

@@ -7,9 +7,11 @@ PixArt-Sigma-XL block (D = 1152, 16 heads x 72, 120 text tokens), DiT-XL/2 (D = 
 cross-attention), SD3.5-Large joint block (D = 2432, 38 x 64, 333 text tokens), Flux.1
 double-stream and single-stream blocks (D = 3072, 24 x 128, 512 text tokens), Wan 2.1 1.3B
 block (D = 1536, 12 x 128, FFN 8960, 512 text tokens), Qwen-Image and HunyuanVideo
-double-stream blocks (D = 3072, 24 x 128, 256 text tokens). Each row records the path the
-routed block took (``path``: PixArt, DiT and Wan run fused, the others compat: the block's
-own diffusers forward on the gathered tokens).
+double-stream blocks (D = 3072, 24 x 128, 256 text tokens); the table of kinds is
+:mod:`diffcr.app.bench_kinds`. Each row records the path the routed block took in its last
+call (``path``, :attr:`diffcr.routing.BlockRouting.last_path`): ``"fused"`` for PixArt, DiT,
+SD3, Flux and Wan, ``"compat"`` (the block's own diffusers forward on the gathered tokens) for
+Qwen-Image and HunyuanVideo, ``"dense"`` at kappa = 1 (every token kept).
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ import diffcr_kernels as dk
 
 from ..config import DiffCRConfig
 from ..convert import convert, freeze, routed_blocks, set_timestep
+from ..routing import routing_state
+from .bench_kinds import DESCRIPTIONS, JOINT_KINDS, KINDS, VIDEO_KINDS
 
 __all__ = ["ideal_block_flops", "ideal_speedup", "BlockBench", "make_block_bench", "time_fn",
-           "time_pairs", "bench_blocks", "bench_overhead", "bench_training", "KINDS"]
+           "time_pairs", "bench_blocks", "bench_overhead", "bench_training", "video_shape",
+           "KINDS", "JOINT_KINDS", "VIDEO_KINDS", "DESCRIPTIONS"]
 
 XL = dict(num_attention_heads=16, attention_head_dim=72)
 TEXT_TOKENS = 120
@@ -101,14 +106,11 @@ class BlockBench:
     def block(self):
         return next(iter(routed_blocks(self.model).values()))
 
-    def path(self) -> str:
-        """``"fused"`` or ``"compat"``: the path the routed block takes for these inputs."""
-        from ..routing import _inner_hooks, routing_state
-
-        block = self.block
-        br = next(iter(routing_state(self.model).blocks.values()))
-        call = br.state.family.bind(block, (), self.inputs)
-        return "fused" if br.use_fused(block, call, _inner_hooks(block)) else "compat"
+    def path(self) -> Optional[str]:
+        """The path the routed block took in its last call (``"fused"``, ``"compat"``, or
+        ``"dense"`` when it kept every token: :attr:`diffcr.routing.BlockRouting.last_path`;
+        None before its first call)."""
+        return next(iter(routing_state(self.model).blocks.values())).last_path
 
     def flops(self, n: float) -> float:
         return self.cost(n) if self.cost is not None else ideal_block_flops(n, self.D, self.text)
@@ -205,20 +207,6 @@ WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
 WAN_14B = dict(D=5120, heads=40, head_dim=128, text=512, ffn=13824)
 QWEN_IMAGE = dict(D=3072, heads=24, head_dim=128, text=256)
 HUNYUAN_VIDEO = dict(D=3072, heads=24, head_dim=128, text=256)
-JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "wan-14b", "qwenimage", "hunyuanvideo")
-#: kinds whose N is video tokens (:func:`_video_shape`; the rest: a square)
-VIDEO_KINDS = ("wan", "wan-14b", "hunyuanvideo")
-KINDS = ("pixart", "dit") + JOINT_KINDS
-DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
-                "dit": "DiT-XL/2 block (D=1152, 16x72)",
-                "sd3": "SD3.5-Large joint block (D=2432, 38x64, 333 text tokens)",
-                "flux": "Flux.1 double-stream block (D=3072, 24x128, 512 text tokens)",
-                "flux-single": "Flux.1 single-stream block (D=3072, 24x128, 512 text tokens)",
-                "qwenimage": "Qwen-Image double-stream block (D=3072, 24x128, 256 text tokens)",
-                "hunyuanvideo": "HunyuanVideo double-stream block (D=3072, 24x128, 256 text "
-                                "tokens)",
-                "wan": "Wan 2.1 1.3B block (D=1536, 12x128, FFN 8960, 512 text tokens)",
-                "wan-14b": "Wan 2.1 14B block (D=5120, 40x128, FFN 13824, 512 text tokens)"}
 
 
 def _joint_cost(D, L):
@@ -255,7 +243,7 @@ def _wan_cost(D, L, F):
 WAN_480P_FRAME = (30, 52)
 
 
-def _video_shape(N: int):
+def video_shape(N: int):
     """``(frames, height, width)`` in tokens of N video tokens: 4 latent frames of a square,
     or else whole 480p frames (:data:`WAN_480P_FRAME`)."""
     side = int(round((N / 4) ** 0.5))
@@ -346,7 +334,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             from diffusers import HunyuanVideoTransformer3DModel
 
             c = HUNYUAN_VIDEO
-            frames, th, tw = _video_shape(N)
+            frames, th, tw = video_shape(N)
             model = HunyuanVideoTransformer3DModel(
                 in_channels=16, out_channels=16, num_attention_heads=c["heads"],
                 attention_head_dim=c["head_dim"], num_layers=1, num_single_layers=0,
@@ -359,7 +347,7 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
             blocks_attr, routed = "transformer_blocks", 0
         elif kind in ("wan", "wan-14b"):
             c = WAN_1_3B if kind == "wan" else WAN_14B
-            frames, th, tw = _video_shape(N)
+            frames, th, tw = video_shape(N)
             model = WanTransformer3DModel(
                 patch_size=(1, 2, 2), num_attention_heads=c["heads"],
                 attention_head_dim=c["head_dim"], in_channels=16, out_channels=16,

@@ -55,7 +55,9 @@ def save_image_folder(images: Tensor, labels: Tensor, root: PathLike,
     return root
 
 
-def _load_one(path: Path, size: int) -> Tensor:
+def load_image(path: Path, size: int) -> Tensor:
+    """The image at ``path`` as ``[3, size, size]`` in [-1, 1] (RGB, shorter side to ``size``,
+    bicubic, center crop); ``ValueError`` naming the file when it cannot be read."""
     from PIL import Image
 
     try:
@@ -128,6 +130,6 @@ def load_image_folder(root: PathLike, size: int = 32) -> Tuple[Tensor, Tensor, L
     if not files:
         raise ValueError(f"image folder {str(root)!r} has no images "
                          f"({'/'.join(IMAGE_EXTENSIONS)}) in its class subfolders")
-    images = torch.stack([_load_one(f, size) for f, _ in files])
+    images = torch.stack([load_image(f, size) for f, _ in files])
     labels = torch.tensor([k for _, k in files], dtype=torch.int64)
     return images, labels, class_names

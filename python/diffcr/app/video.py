@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from .train import TrainError
+from .options import TrainError
 
 __all__ = ["VIDEO_SUFFIXES", "is_video", "frame_count", "load_clip", "save_gif"]
 

@@ -8,7 +8,7 @@ Fused forward, per routed block (docs/method.md §7):
    per row only when samples keep different numbers of rows);
 2. ``gather_norm_modulate``: packed rows ``LN(x[idx]) * (1 + scale) + shift`` in one pass;
 3. one GEMM per projection for all segments of all samples (both training bins included),
-   self-attention over the segments (:func:`diffcr_kernels.varlen_attention`: batched SDPA when
+   self-attention over the segments (:func:`diffcr_kernels.selection_attention`: batched SDPA when
    uniform, FlashAttention varlen on GPU, split-view SDPA per slot or per group otherwise),
    cross-attention of each segment's queries over its sample's text with the text mask as
    diffusers applies it;
@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 import diffcr_kernels as dk
 
-from ..routing import MlpGate
-from . import ModelFamily, take_samples
+from ..modules import MlpGate
+from .base import ModelFamily, take_samples
+from .common import cross_attention, scatter_pieces, segment_groups
 
 __all__ = ["BasicBlockFamily", "fused_unsupported_reason", "fused_block_forward"]
 
@@ -124,73 +125,9 @@ def _self_attention(attn, h, sel):
     q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
     H = attn.heads
     Dh = k.shape[-1] // H
-    o = dk.varlen_attention(q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh),
-                            sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen, sel.max_seqlen,
-                            uniform=sel.uniform, seqlens_q=sel.seqlens, seqlens_k=sel.seqlens)
+    o = dk.selection_attention(q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh), sel)
     o = o.reshape(T, H * Dh).to(q.dtype)
     return attn.to_out[1](attn.to_out[0](o))
-
-
-def _cross_attention(attn, h, sel, text, text_bias, qk_norm=False):
-    """Queries: the packed rows; keys/values: the text of each segment's sample, with
-    diffusers' additive text mask (bias [B, 1, L] or None). ``qk_norm``: the attention's
-    ``norm_q`` / ``norm_k`` follow the projections (Wan)."""
-    T = h.shape[0]
-    H = attn.heads
-    q = attn.to_q(h)
-    kt, vt = attn.to_k(text), attn.to_v(text)  # [B, L, D] once per sample
-    if qk_norm:
-        q, kt = attn.norm_q(q), attn.norm_k(kt)
-    Dh = kt.shape[-1] // H
-    L = kt.shape[1]
-    lens = list(sel.seqlens)
-    P = sel.segs_per_sample
-    B = len(lens) // P if P else 0
-    if (not sel.uniform and B == kt.shape[0] and B * P == len(lens)
-            and all(lens[i] == lens[i - P] for i in range(P, len(lens)))):
-        # every sample has the same P slot lengths: [B, rows per sample, H, Dh], split the
-        # slots along dim 1 (views), keys/values are the sample's own text (no gather)
-        q4 = q.view(B, sum(lens[:P]), H, Dh)
-        kg = kt.view(B, L, H, Dh).transpose(1, 2)
-        vg = vt.view(B, L, H, Dh).transpose(1, 2)
-        mask = None if text_bias is None else text_bias.view(B, 1, -1, L).to(q.dtype)
-        outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kg, vg, attn_mask=mask
-                                               ).transpose(1, 2)
-                for qp in q4.split(lens[:P], dim=1)]
-        out = torch.cat(outs, 1).reshape(T, H * Dh).to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
-    groups = {}
-    for s, n in enumerate(sel.seqlens):
-        groups.setdefault(n, []).append(s)
-    # segments are contiguous row ranges: split views (backward: one concatenation), stack
-    # only groups of several equal-length segments, concatenate the outputs once
-    qs = None if len(groups) == 1 else torch.split(q, list(sel.seqlens))
-    outs = [None] * len(sel.seqlens)
-    for n, segs in groups.items():
-        G = len(segs)
-        if qs is None:
-            samp = sel.seg_sample
-            qg = q.view(G, n, H, Dh)
-        else:
-            samp = dk.reference.host_index([s // sel.segs_per_sample for s in segs], q.device)
-            qg = (qs[segs[0]].unsqueeze(0) if G == 1 else
-                  torch.stack([qs[s] for s in segs])).view(G, n, H, Dh)
-        kg = kt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
-        vg = vt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
-        mask = None
-        if text_bias is not None:
-            mask = text_bias.index_select(0, samp).view(G, 1, -1, L).to(qg.dtype)
-        o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask)
-        o = o.transpose(1, 2)  # [G, n, H, Dh]
-        if qs is None:
-            out = o.reshape(-1, H * Dh)
-        else:
-            for s, os_ in zip(segs, o.unbind(0)):
-                outs[s] = os_.reshape(n, H * Dh)
-    if qs is not None:
-        out = torch.cat(outs, 0)
-    out = out.to(q.dtype)
-    return attn.to_out[1](attn.to_out[0](out))
 
 
 def _plain_gelu_ff(ff) -> bool:
@@ -258,8 +195,8 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
             cross_in = h  # PixArt applies no norm before cross-attention
         else:
             cross_in = block.norm2(h)
-        c = _cross_attention(block.attn2, cross_in, sel, encoder_hidden_states,
-                             encoder_attention_mask)
+        c = cross_attention(block.attn2, cross_in, sel, encoder_hidden_states,
+                            encoder_attention_mask)
         if inplace:
             attn_update.add_(c)
             h.add_(c)
@@ -281,9 +218,6 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
 
 
 # ---------------------------------------------------------------------- compat path helpers
-_take = take_samples
-
-
 def _take_token_mask(mask, samp, tok, B, N):
     """Self-attention mask ``[B, 1, N]`` / ``[B, N]`` -> the selected keys of each segment."""
     m = mask[samp] if mask.shape[0] == B else mask.expand(samp.numel(), *mask.shape[1:])
@@ -292,56 +226,6 @@ def _take_token_mask(mask, samp, tok, B, N):
     if m.dim() == 3:
         return torch.gather(m, 2, tok.unsqueeze(1).expand(-1, m.shape[1], -1))
     return torch.gather(m, 1, tok)
-
-
-def segment_groups(sel, ks, device):
-    """The segments of a selection grouped by length, for one diffusers call per group:
-    yields ``(rows [G, k], idx [G, k], samp [G], segs)`` with ``rows`` the packed row numbers,
-    ``idx`` the flat token indices, ``samp`` each segment's sample and ``segs`` the segment
-    numbers (host list)."""
-    flat_k = [k for row in ks for k in row]
-    S = len(flat_k)
-    starts = [0]
-    for k in flat_k:
-        starts.append(starts[-1] + k)
-    groups = {}
-    for s, k in enumerate(flat_k):
-        groups.setdefault(k, []).append(s)
-    P = sel.segs_per_sample
-    for k, segs in groups.items():
-        if len(groups) == 1:
-            rows = torch.arange(sel.total, device=device).view(S, k)
-        else:
-            st = torch.tensor([starts[s] for s in segs], device=device)
-            rows = st[:, None] + torch.arange(k, device=device)[None]
-        samp = torch.tensor([s // P for s in segs], device=device)
-        yield rows, sel.indices[rows], samp, segs
-
-
-def packed_rows(pieces, T, like):
-    """``[(rows [G, k], values [G, k, D])]`` -> the packed ``[T, D]`` tensor (``like``'s
-    dtype)."""
-    D = like.shape[-1]
-    if len(pieces) == 1:
-        return pieces[0][1].reshape(T, D).to(like.dtype)
-    out = like.new_empty(T, D)
-    for rows, d in pieces:
-        out = out.index_put((rows.reshape(-1),), d.reshape(-1, D).to(like.dtype))
-    return out
-
-
-def scatter_pieces(x, sel, pieces, inplace=False):
-    """``x`` with each kept row plus its update from ``pieces`` (compat path: the update is
-    the block's output minus its gathered input). Under autocast a block can return a wider
-    dtype than it took (bf16 in, float32 out where float32 modulation promotes): the result
-    then has that dtype, as the dense block's output has, unselected rows exactly ``x``'s."""
-    dt = x.dtype
-    for _, d in pieces:
-        dt = torch.promote_types(dt, d.dtype)
-    if dt != x.dtype:
-        x, inplace = x.to(dt), False
-    delta = packed_rows(pieces, sel.total, x)
-    return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
 
 
 class BasicBlockFamily(ModelFamily):
@@ -400,7 +284,7 @@ class BasicBlockFamily(ModelFamily):
         xf = x.reshape(B * N, D)  # one view: its gradient is accumulated in one place
         for rows, idx, samp, _ in segment_groups(sel, ks, x.device):
             xg = xf[idx]  # [G, k, D]
-            gargs = {name: _take(v, samp, B) for name, v in args.items()}
+            gargs = {name: take_samples(v, samp, B) for name, v in args.items()}
             mask_g = None
             if attention_mask is not None:
                 mask_g = _take_token_mask(attention_mask, samp, idx % N, B, N)

@@ -15,8 +15,8 @@ import torch
 
 import diffcr_kernels as dk
 
-from . import ModelFamily
-from ._basic_block import scatter_pieces, segment_groups
+from .base import ModelFamily
+from .common import rotate_interleaved, scatter_pieces, segment_groups
 
 
 class JointFamily(ModelFamily):
@@ -35,6 +35,10 @@ class JointFamily(ModelFamily):
 
     def text_of(self, output):
         return self._streams(output)[0]
+
+    def with_hidden_states(self, output, hidden_states):
+        i = 0 if self.image_first else 1
+        return tuple(hidden_states if j == i else v for j, v in enumerate(output))
 
     def _streams(self, output):
         """``(text, image)`` of a block's output."""
@@ -124,7 +128,7 @@ class JointLayout:
         T = sel.total
         dev = sel.indices.device
         seg_of_row = torch.repeat_interleave(torch.arange(S, device=dev),
-                                             dk.reference.host_index(lens, dev), output_size=T)
+                                             dk.host_index(lens, dev), output_size=T)
         self.img_pos = torch.arange(T, device=dev) + seg_of_row * L
         seg_l = torch.arange(S, device=dev) * L
         self.txt_pos = ((sel.cu_seqlens[1:].long() + seg_l)[:, None]
@@ -165,14 +169,6 @@ def heads(t, norm, n_heads):
     """``t`` ``[..., H * Dh]`` -> ``[..., H, Dh]``, with the attention's per-head norm."""
     t = t.unflatten(-1, (n_heads, -1))
     return norm(t) if norm is not None else t
-
-
-def rotate_interleaved(t, cos, sin):
-    """diffusers' ``apply_rotary_emb`` with real ``(cos, sin)`` and interleaved pairs (Flux):
-    ``t`` ``[R, H, Dh]``, ``cos``/``sin`` ``[R, Dh]`` per row; computed in float32."""
-    x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
-    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
-    return (t.float() * cos.unsqueeze(1) + rot.float() * sin.unsqueeze(1)).to(t.dtype)
 
 
 def text_stream_out(ctx, c_out, lay, sel):
@@ -225,7 +221,8 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     if rope is not None:
         pos = sel.indices % N
         cos, sin = (lay.pack(r.index_select(0, L + pos), r[:L]) for r in rope)  # [J, Dh]
-        jq, jk = rotate_interleaved(jq, cos, sin), rotate_interleaved(jk, cos, sin)
+        jq = rotate_interleaved(jq, cos, sin, torch.float32)  # as Flux's apply_rotary_emb
+        jk = rotate_interleaved(jk, cos, sin, torch.float32)
     o = lay.attention(jq, jk, lay.pack(v, tv))
     o = o.reshape(lay.J, -1).to(q.dtype)
     rows = sel.row_sample()
@@ -237,9 +234,7 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
         q2 = heads(a2n.to_q(h2), a2n.norm_q, H)
         k2 = heads(a2n.to_k(h2), a2n.norm_k, H)
         v2 = heads(a2n.to_v(h2), None, H)
-        o2 = dk.varlen_attention(q2, k2, v2, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen,
-                                 sel.max_seqlen, uniform=sel.uniform, seqlens_q=sel.seqlens,
-                                 seqlens_k=sel.seqlens)
+        o2 = dk.selection_attention(q2, k2, v2, sel)
         a2 = a2n.to_out[1](a2n.to_out[0](o2.reshape(T, -1).to(q2.dtype)))
         attn_update = attn_update + a2 * mods[8].index_select(0, rows)
     hid = dk.gather_rows(x, sel.indices) + attn_update

@@ -3,8 +3,8 @@ label + timestep embedding inside each block); DDPM timesteps ``t`` in ``[0, T)`
 ``t / T``."""
 from contextlib import contextmanager
 
-from . import register_family
 from ._basic_block import BasicBlockFamily
+from .registry import register_family
 
 
 @register_family

@@ -28,9 +28,10 @@ from torch import nn
 
 import diffcr_kernels as dk
 
-from . import register_family
 from ._joint import (JointFamily, JointLayout, fused_double_stream_block, heads,
-                     rotate_interleaved, shared_positions, text_stream_out)
+                     shared_positions, text_stream_out)
+from .common import rotate_interleaved
+from .registry import register_family
 
 
 @register_family
@@ -132,10 +133,11 @@ def _fused_flux_single_block(block, x, sel, gate_scores, ctx, temb, rope, *,
     lay = JointLayout(sel, L)
     pos = sel.indices % N
     cos, sin = (lay.pack(r.index_select(0, L + pos), r[:L]) for r in rope)  # [J, Dh]
+    f32 = torch.float32  # the rotary embedding as Flux's apply_rotary_emb computes it
     q = rotate_interleaved(lay.pack(heads(attn.to_q(h), attn.norm_q, H),
-                                    heads(attn.to_q(nctx), attn.norm_q, H)), cos, sin)
+                                    heads(attn.to_q(nctx), attn.norm_q, H)), cos, sin, f32)
     k = rotate_interleaved(lay.pack(heads(attn.to_k(h), attn.norm_k, H),
-                                    heads(attn.to_k(nctx), attn.norm_k, H)), cos, sin)
+                                    heads(attn.to_k(nctx), attn.norm_k, H)), cos, sin, f32)
     v = lay.pack(heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H))
     o = lay.attention(q, k, v).reshape(lay.J, -1).to(q.dtype)  # [J, D]
     W, bias = block.proj_out.weight, block.proj_out.bias

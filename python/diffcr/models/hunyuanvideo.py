@@ -24,8 +24,8 @@ runs compat.
 """
 import torch
 
-from . import register_family
 from ._joint import JointFamily, shared_positions
+from .registry import register_family
 
 
 @register_family

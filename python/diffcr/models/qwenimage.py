@@ -17,8 +17,9 @@ noise level. There is no fused path yet: ``path="auto"`` runs compat.
 """
 import torch
 
-from . import register_family, take_samples
 from ._joint import JointFamily, shared_positions
+from .base import take_samples
+from .registry import register_family
 
 
 @register_family

@@ -16,8 +16,8 @@ Paths: the fused forward (:func:`._joint.fused_double_stream_block`) runs joint 
 in one packed pass, SD3.5's ``attn2`` over the segment rows; blocks with other attention
 processors or norms, and calls with ``joint_attention_kwargs``, run compat.
 """
-from . import register_family
 from ._joint import JointFamily, fused_double_stream_block
+from .registry import register_family
 
 
 @register_family

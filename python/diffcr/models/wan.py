@@ -22,8 +22,9 @@ import torch
 
 import diffcr_kernels as dk
 
-from . import ModelFamily, register_family
-from ._basic_block import _cross_attention, scatter_pieces, segment_groups
+from .base import ModelFamily
+from .common import cross_attention, rotate_interleaved, scatter_pieces, segment_groups
+from .registry import register_family
 
 
 def _gather_rows(t, tok, N):
@@ -126,17 +127,6 @@ class WanFamily(ModelFamily):
         return scatter_pieces(x, sel, pieces, inplace_residual)
 
 
-def _rotate(t, cos, sin):
-    """Wan's rotary embedding of ``t`` ``[T, H, Dh]`` with per-row ``cos``/``sin`` ``[T, 1, Dh]``
-    (as diffusers' ``WanAttnProcessor``: interleaved pairs)."""
-    x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(t)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out.type_as(t)
-
-
 def _fused_wan_block(block, x, sel, gate_scores, text, temb, rope, *, inplace_residual=False):
     """One routed ``WanTransformerBlock`` over a packed selection (docs/method.md §7, as the
     PixArt block): gather + LayerNorm + modulate of the kept rows, one GEMM per projection for
@@ -159,18 +149,16 @@ def _fused_wan_block(block, x, sel, gate_scores, text, temb, rope, *, inplace_re
     Dh = q.shape[-1] // H
     q, k, v = q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh)
     pos = sel.indices % N
-    cos, sin = (r.reshape(r.shape[1], -1)[pos].unsqueeze(1) for r in rope)  # [T, 1, Dh]
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    o = dk.varlen_attention(q, k, v, sel.cu_seqlens, sel.cu_seqlens, sel.max_seqlen,
-                            sel.max_seqlen, uniform=sel.uniform, seqlens_q=sel.seqlens,
-                            seqlens_k=sel.seqlens)
+    cos, sin = (r.reshape(r.shape[1], -1)[pos] for r in rope)  # [T, Dh]
+    q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)  # as WanAttnProcessor
+    o = dk.selection_attention(q, k, v, sel)
     a = attn.to_out[1](attn.to_out[0](o.reshape(T, H * Dh).type_as(q)))
     xp = dk.gather_rows(x, sel.indices)
     attn_update = (a * gate.index_select(0, rows)).type_as(x)  # [T, D]
     hid = (xp.float() + a * gate.index_select(0, rows)).type_as(x)
     # 2. cross-attention of each segment over its sample's text
     n2 = block.norm2(hid.float()).type_as(hid)
-    c = _cross_attention(block.attn2, n2, sel, text, None, qk_norm=True)
+    c = cross_attention(block.attn2, n2, sel, text, None, qk_norm=True)
     attn_update = attn_update + c
     hid = hid + c
     # 3. feed-forward on the modulated rows

@@ -31,8 +31,9 @@ class Method:
     Args:
         model: the denoiser (``model(x, timestep=t, class_labels=y).sample``), in eval mode;
             caches (if any) already attached.
-        kind: ``"dense"``, ``"diffcr"`` (a DiffCR variant or a routing baseline), ``"cache"`` or
-            ``"diffcr+cache"``; used for the plot markers.
+        kind: ``"dense"``, ``"diffcr"`` (a DiffCR variant or a routing baseline), ``"cache"``,
+            ``"diffcr+tokencache"`` (DiffCR with its token cache) or ``"diffcr+cache"``; used
+            for the plot markers.
         kept_ratio: mean kept ratio of the routed blocks (1 for dense and caches).
         heldout_loss: held-out denoising loss, where it applies (None for caches: they change
             the sampling loop, not the denoiser).
@@ -104,6 +105,18 @@ def compare_methods(methods: Mapping[str, Method], sampler: Callable[..., Tensor
             "classifier_fid": statistics.fmean(fid), "classifier_fid_per_seed": fid,
             "samples": first[name], **m.extra}
     return out
+
+
+def frontier(rows: Mapping[str, Mapping], quality: str = "class_accuracy",
+             speed: str = "speedup_vs_dense") -> list:
+    """The names of the rows on the quality-vs-speed frontier: those no other row dominates
+    (at least as good on both ``quality`` and ``speed``, better on one), in ``rows`` order."""
+    def dominates(a, b):
+        return (a[quality] >= b[quality] and a[speed] >= b[speed]
+                and (a[quality] > b[quality] or a[speed] > b[speed]))
+
+    return [n for n, r in rows.items()
+            if not any(dominates(o, r) for m, o in rows.items() if m != n)]
 
 
 def spread(values: Sequence[float]) -> float:

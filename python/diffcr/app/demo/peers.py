@@ -2,8 +2,9 @@
 
 :class:`CacheSetting` names one diffusers cache at one setting and applies it to a model, dense
 or converted with DiffCR (convert first, then apply the cache: the cache then skips whole routed
-blocks, see ``diffcr.convert``). :func:`start_cache_run` resets the cache state and opens the
-cache context before a sampling loop, as a diffusers pipeline with ``CacheMixin`` would.
+blocks, see ``diffcr.convert``). :func:`diffcr.app.ddpm.start_cache_run` resets the cache
+state and opens the cache context before a sampling loop, as a diffusers pipeline with
+``CacheMixin`` would.
 
 Supported here, for the demo's class-conditional ``DiTTransformer2DModel``:
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CacheSetting", "start_cache_run", "cache_available"]
+__all__ = ["CacheSetting", "cache_available"]
 
 _KINDS = {"fbc": ("apply_first_block_cache", "FirstBlockCache"),
           "taylorseer": ("apply_taylorseer_cache", "TaylorSeer")}
@@ -90,24 +91,3 @@ class CacheSetting:
                 taylor_factors_dtype=torch.float32,
                 cache_identifiers=[r"transformer_blocks\.\d+"]))
         return model
-
-
-def start_cache_run(model: torch.nn.Module, name: str = "cond") -> None:
-    """Before a sampling loop: reset every stateful diffusers hook of ``model`` and open the
-    cache context ``name`` (what ``CacheMixin.cache_context`` does in a pipeline;
-    ``DiTTransformer2DModel`` has no ``CacheMixin``). A no-op on a model without hooks."""
-    if not any("_diffusers_hook" in m.__dict__ for m in model.modules()):
-        return
-    from diffusers.hooks import hooks as H
-
-    # the caches hook blocks, not always the model itself: the model's registry reaches them
-    H.HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
-    if hasattr(H, "_set_cache_context") and hasattr(H, "CacheContext"):
-        H._set_cache_context(model, H.CacheContext(name))
-        return
-    for m in model.modules():  # diffusers < 0.36: the context is a name
-        r = m.__dict__.get("_diffusers_hook")
-        for hook in (r.hooks.values() if r is not None else ()):
-            for attr in vars(hook).values():
-                if isinstance(attr, H.StateManager):
-                    attr.set_context(name)

@@ -239,7 +239,8 @@ def plot_samples(rows: Mapping[str, Tensor], path: PathLike,
 # ------------------------------------------------------------------ quality vs speed
 _KIND_STYLE = {"dense": ("k", "*", "dense"), "diffcr": ("tab:blue", "o", "token routing"),
                "cache": ("tab:orange", "s", "diffusers cache"),
-               "diffcr+cache": ("tab:green", "D", "DiffCR-LT + cache")}
+               "diffcr+tokencache": ("tab:purple", "^", "DiffCR + token cache"),
+               "diffcr+cache": ("tab:green", "D", "DiffCR + diffusers cache")}
 
 
 def plot_tradeoff(rows: Mapping[str, Mapping], path: PathLike, dpi: int = 120) -> Path:
@@ -252,8 +253,9 @@ def plot_tradeoff(rows: Mapping[str, Mapping], path: PathLike, dpi: int = 120) -
         path: PNG file to write.
 
     Two panels side by side: class accuracy of the samples (higher is better) and
-    classifier-FID (lower is better), both against the speedup of the sampling loop over dense.
-    Returns ``path``.
+    classifier-FID (lower is better), both against the speedup of the sampling loop over dense;
+    the rows marked ``on_frontier`` are joined by a line on the accuracy panel (the
+    quality-vs-speed frontier). Returns ``path``.
     """
     if not rows:
         raise ValueError("rows is empty: nothing to plot")
@@ -295,6 +297,11 @@ def plot_tradeoff(rows: Mapping[str, Mapping], path: PathLike, dpi: int = 120) -
             ax.annotate(name, (r["speedup_vs_dense"], r[key]), textcoords="offset points",
                         xytext=xy, fontsize=7, ha=ha)
         seen.add(legend)
+    front = sorted((r["speedup_vs_dense"], r["class_accuracy"]) for r in rows.values()
+                   if r.get("on_frontier"))
+    if len(front) > 1:
+        axes[0].plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=0,
+                     label="frontier")
     if log_y["classifier_fid"]:
         axes[1].set_yscale("log")
     axes[0].set_ylabel("class accuracy of samples (higher is better)")

@@ -11,7 +11,7 @@
   Flux.1, Qwen-Image, HunyuanVideo and Wan 2.1/2.2 (a two-expert Wan 2.2 A14B one expert per
   run, ``--expert``);
   what differs per pipeline (encoding, latents, loss, sampling arguments) is its recipe in
-  :mod:`.recipes`.
+  :mod:`.recipes` (one file per pipeline family).
 - **Caches**: the captions are encoded once with the pipeline's own text encoders and written
   to ``OUT/cache/text-<hash>.safetensors`` (the recipe's tensors, and under ``null.`` those of
   the empty caption for caption dropout); the images are encoded once with the VAE into
@@ -22,14 +22,12 @@
   attention and feed-forward layers, base weights frozen, routers and ratios fully trained;
   the adapter is saved in peft's format in ``OUT/lora`` beside the DiffCR checkpoints.
   Without it the base weights are trained in full and saved in ``OUT/model``.
-- **Processes**: DDP under ``torchrun`` or ``accelerate launch --multi_gpu`` (accelerate wraps
-  the model); with ``--fsdp`` FSDP2 instead (:func:`_fully_shard`: every transformer block and
-  the model; accelerate then only runs the loop), its resumable state written per process with
-  ``torch.distributed.checkpoint`` and the user-facing checkpoints from the whole weights.
+- **Processes**: one strategy (:mod:`.parallel`): DDP under ``torchrun`` or ``accelerate
+  launch --multi_gpu`` (accelerate wraps the model), or with ``--fsdp`` FSDP2 (every
+  transformer block and the model sharded; accelerate then only runs the loop).
 """
 from __future__ import annotations
 
-import copy
 import gc
 import hashlib
 import json
@@ -40,17 +38,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .train import TrainConfig, TrainError, _param_groups, _Progress
+from .core import Progress, identical_across_ranks, param_groups, write_checkpoints
+from .image_folder import load_image
+from .options import TrainConfig, TrainError
+from .parallel import strategy_for
+from .recipes import Batch, expert_of, pipeline_parts
+from .video import frame_count, is_video, load_clip
 
-__all__ = ["read_captions", "is_pipeline_folder", "run_text_train", "generate_from_pipeline"]
-
-
-def is_pipeline_folder(path) -> bool:
-    return path is not None and (Path(path) / "model_index.json").is_file()
-
-
-def has_captions(path) -> bool:
-    return path is not None and (Path(path) / "metadata.jsonl").is_file()
+__all__ = ["read_captions", "run_captioned_train"]
 
 
 def read_captions(root) -> List[Tuple[Path, str]]:
@@ -112,23 +107,6 @@ def _quiet_loaders() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _load_pipeline_parts(folder: Path, part: str = "transformer"):
-    """``(model_index, transformer config, recipe)`` of a pipeline folder (``part``: the
-    transformer sub-folder, ``transformer_2`` for the low-noise expert of Wan 2.2); TrainError
-    if it is not one ``diffcr train`` can fine-tune with captions (missing parts, mismatched
-    encoders)."""
-    from .recipes import recipe_for
-
-    index = json.loads((folder / "model_index.json").read_text())
-    tconf_file = folder / part / "config.json"
-    if not tconf_file.is_file():
-        raise TrainError(f"--model {folder}: no {part}/config.json")
-    tconf = json.loads(tconf_file.read_text())
-    recipe = recipe_for(tconf.get("_class_name"), folder)
-    recipe.check(folder, tconf)
-    return index, tconf, recipe
-
-
 def _hash(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -150,8 +128,6 @@ def _check_media(recipe, folder: Path, data: Path, paths, frames):
     """Before anything is written: every image opens, or (video data) every clip is long
     enough for the clip length, which the VAE can compress. Returns the clip length in frames
     (None for images)."""
-    from .video import frame_count, is_video
-
     clips = [p for p in paths if is_video(p)]
     if not clips:
         if frames is not None:
@@ -185,19 +161,16 @@ def _encode_images(recipe, folder: Path, paths, pixels: int, dev, progress: bool
                    frames=None):
     """The cached latents of the images (batches of 8) or, with ``frames``, of the first
     ``frames`` frames of each clip (one clip at a time)."""
-    from .image_folder import _load_one
-    from .video import load_clip
-
     vae = recipe.vae(folder).to(dev).eval()
     # one draw from each latent distribution, seeded: the cache is the same whoever makes it
     gen = torch.Generator(dev).manual_seed(0)
     out = []
     per = 1 if frames else 8
-    bar = _Progress((len(paths) + per - 1) // per, "encoding clips" if frames else
+    bar = Progress((len(paths) + per - 1) // per, "encoding clips" if frames else
                     "encoding images", progress)
     for i in range(0, len(paths), per):
         try:
-            x = torch.stack([load_clip(p, frames, pixels) if frames else _load_one(p, pixels)
+            x = torch.stack([load_clip(p, frames, pixels) if frames else load_image(p, pixels)
                              for p in paths[i:i + per]]).to(dev)
         except ValueError as e:
             raise TrainError(str(e)) from e
@@ -247,107 +220,26 @@ class _LoopState:
 def _write_outputs(model, out: Path, lora_rank: int, state: Optional[str],
                    expert: Optional[str] = None) -> None:
     """The main process's part of a save: the DiffCR checkpoints (training and frozen form),
-    the LoRA adapter or the base model; with ``state`` (``"accelerate"`` or ``"fsdp"``: how
-    the resumable state was written) the marker of a resumable folder."""
-    import diffcr
-
-    out.mkdir(parents=True, exist_ok=True)
-    diffcr.save(model, out / "diffcr")
-    if lora_rank:
-        diffcr.save_lora(model, out / "lora")
-    else:
-        base = copy.deepcopy(model)
-        diffcr.revert(base)
-        base.save_pretrained(out / "model")
-    frozen = copy.deepcopy(model)
-    diffcr.freeze(frozen)
-    diffcr.save(frozen, out / "diffcr-frozen")
+    the LoRA adapter or the base model; with ``state`` (the strategy's ``state_kind``: how the
+    resumable state was written) the marker of a resumable folder."""
+    write_checkpoints(model, out, lora=bool(lora_rank), frozen=True)
     if state:
         (out / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train",
                                                          "state": state, "expert": expert}))
 
 
-def _save_outputs(acc, model, out: Path, lora_rank: int, state: bool,
-                  expert: Optional[str] = None) -> None:
-    """DiffCR checkpoints (training and frozen form), the LoRA adapter or the base model; with
-    ``state`` also accelerate's state (weights, optimizer, RNGs, loop) for ``--resume``."""
-    if state:
-        acc.save_state(str(out / "accelerate"))
-    if acc.is_main_process:
-        _write_outputs(model, out, lora_rank, "accelerate" if state else None, expert)
-    acc.wait_for_everyone()
-
-
-def _fully_shard(model) -> None:
-    """FSDP2 on a converted model: every transformer block one shard group (its router, ratio
-    parameters and LoRA layers with it), the rest of the model the root's."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as e:
-        raise TrainError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= "
-                         f"2.6); this torch is {torch.__version__}") from e
-    from diffcr.models import family_for
-
-    for _, block in family_for(model).blocks(model):
-        fully_shard(block)
-    fully_shard(model)
-
-
-def _save_fsdp(acc, model, opt, loop, build, out: Path, lora_rank: int, state: bool,
-               expert: Optional[str] = None) -> None:
-    """:func:`_save_outputs` for a model sharded by :func:`_fully_shard`. The resumable state
-    (``state``) goes through ``torch.distributed.checkpoint``: every process writes its shards
-    of the weights and of the optimizer to ``OUT/fsdp/``, and its data generator beside them.
-    The checkpoints a user loads are written from the whole weights, gathered onto the main
-    process's CPU and loaded into an unsharded copy of the model (``build()``)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_state_dict)
-
-    if state:
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "fsdp"))
-        torch.save(loop.state_dict(), out / "fsdp" / f"loop-rank{acc.process_index}.pt")
-    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                 cpu_offload=True))
-    if acc.is_main_process:
-        plain = build()
-        plain.load_state_dict(whole)
-        _write_outputs(plain, out, lora_rank, "fsdp" if state else None, expert)
-    acc.wait_for_everyone()
-
-
-def _load_fsdp(acc, model, opt, loop, folder: Path) -> None:
-    """The state :func:`_save_fsdp` wrote, into the sharded model, its optimizer and ``loop``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    mine = folder / "fsdp" / f"loop-rank{acc.process_index}.pt"
-    if not mine.is_file():
-        raise TrainError(f"--resume {folder}: no state of process {acc.process_index} "
-                         f"({mine.name}); resume with as many processes as saved it")
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(folder / "fsdp"))
-    set_state_dict(model, opt, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    loop.load_state_dict(torch.load(mine, weights_only=True))
-
-
-def run_text_train(cfg: TrainConfig, return_model: bool = False):
+def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     """Captioned DiffCR fine-tuning of a diffusers pipeline's transformer (see the module
     docstring). Returns the metrics (also written to ``OUT/metrics.json``), and the trained
     (unfrozen) model with ``return_model``."""
     import diffcr
     import diffusers
 
-    from .recipes import expert_of
-
+    cfg.validate().refuse_unused("captioned")
     folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
     part, levels = expert_of(folder, _json(folder / "model_index.json"), cfg.expert)
-    index, tconf, recipe = _load_pipeline_parts(folder, part)
-    if cfg.vae:
-        raise TrainError("--vae: a pipeline folder brings its own vae/")
+    index, tconf, recipe = pipeline_parts(folder, part)
+    strategy_class = strategy_for(cfg)
     resume = Path(cfg.resume) if cfg.resume else None
     if resume is not None:
         marker = resume / "loop_state.json"
@@ -355,18 +247,13 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
             raise TrainError(f"--resume {resume}: not a captioned-training state folder "
                              "(written as OUT/step-N by --save-every)")
         saved = _json(marker)
-        if (saved.get("state", "accelerate") == "fsdp") != cfg.fsdp:
+        if saved.get("state", "accelerate") != strategy_class.state_kind:
             raise TrainError(f"--resume {resume}: saved " + (
                 "with --fsdp: resume with --fsdp" if not cfg.fsdp else
                 "without --fsdp: resume without it"))
         if saved.get("expert") != cfg.expert:
             raise TrainError(f"--resume {resume}: saved by a run of --expert "
                              f"{saved.get('expert')}, resumed with --expert {cfg.expert}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        raise TrainError("accelerate's FSDP plugin (--use_fsdp, or an FSDP accelerate config) "
-                         "does not shard diffcr train's model: launch with --multi_gpu and "
-                         "pass --fsdp to diffcr train, which applies FSDP2 to every "
-                         "transformer block itself")
     pairs = read_captions(data)
     frames = _check_media(recipe, folder, data, [p for p, _ in pairs], cfg.frames)
     try:
@@ -376,7 +263,8 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
                          "'diffcr[train]'") from e
     if not cfg.progress:
         _quiet_loaders()
-    # DDP under `accelerate launch` or `torchrun` (accelerate reads either's environment)
+    # one process, or several under `accelerate launch` or `torchrun` (accelerate reads
+    # either's environment)
     try:
         acc = Accelerator(mixed_precision=cfg.mixed_precision,
                           gradient_accumulation_steps=cfg.grad_accum,
@@ -384,10 +272,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     except (ValueError, RuntimeError) as e:  # e.g. fp16 without a GPU
         raise TrainError(f"accelerate: {e}") from e
     dev, rank, world = acc.device, acc.process_index, acc.num_processes
-    if cfg.fsdp and world < 2:
-        raise TrainError("--fsdp shards the model across processes: launch with torchrun "
-                         "--nproc_per_node N or accelerate launch --multi_gpu --num_processes "
-                         "N (N >= 2)")
+    strategy = strategy_class(acc)
     pixels = recipe.pixels(folder, tconf, cfg.resolution)
     max_length = recipe.max_length(pixels, cfg.max_length)
     files = [(str(p.relative_to(data)), p.stat().st_size) for p, _ in pairs]
@@ -413,7 +298,7 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     conv = cfg.diffcr_config()
     lora_rank = cfg.lora_rank
 
-    def build(weights: bool):
+    def build(weights: bool = False):
         """The converted model (with its LoRA adapter), the pipeline's weights or (for an
         unsharded copy that a state dict will fill) random ones."""
         saved = weights and (any(tdir.glob("*.safetensors")) or any(tdir.glob("*.bin")))
@@ -429,46 +314,35 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
     model = build(True).to(dev)
     if cfg.grad_ckpt:
         model.enable_gradient_checkpointing()
-    if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters
-        _fully_shard(model)
+    strategy.shard(model)
     sched = recipe.scheduler(folder)
     if world > 1:  # each process trains on its slice of the data
         shard = slice(rank, None, world)
         latents = latents[shard]
         cond = {k: v[shard] for k, v in cond.items()}
-    opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
     diffcr.attach_ratio_projection(opt, model)
-    raw_opt = opt
     loop = _LoopState(cfg.seed + rank)
-    if cfg.fsdp:  # sharded already: accelerate must not wrap it in DDP
-        net, opt = model, acc.prepare(opt)
-    else:
-        net, opt = acc.prepare(model, opt)
-        acc.register_for_checkpointing(loop)
+    net, opt = strategy.prepare(model, opt, loop)
 
     def save(where: Path, state: bool) -> None:
-        if cfg.fsdp:
-            def unsharded():
-                with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they are
-                    return build(False)
-            _save_fsdp(acc, model, raw_opt, loop, unsharded, where, lora_rank, state,
-                       cfg.expert)
-        else:
-            _save_outputs(acc, model, where, lora_rank, state, cfg.expert)
+        if state:
+            strategy.save_state(where, model, opt, loop)
+        whole = strategy.whole_model(model, build)
+        if acc.is_main_process:
+            _write_outputs(whole, where, lora_rank, strategy.state_kind if state else None,
+                           cfg.expert)
+        acc.wait_for_everyone()
 
     if resume is not None:
-        if cfg.fsdp:
-            _load_fsdp(acc, model, raw_opt, loop, resume)
-        else:
-            acc.load_state(str(resume / "accelerate"))
+        strategy.load_state(resume, model, opt, loop)
         if loop.world != world:
             raise TrainError(f"--resume {resume}: saved by {loop.world} processes, resumed by "
                              f"{world}")
     steps = cfg.steps or 1000
     drop = float(cfg.caption_dropout)
-    loss_kw = {"levels": levels} if cfg.expert else {}
     g = loop.gen
-    bar = _Progress(steps - loop.step, "DiffCR fine-tuning" + (
+    bar = Progress(steps - loop.step, "DiffCR fine-tuning" + (
         f" (LoRA r={lora_rank})" if lora_rank else ""), cfg.progress and acc.is_main_process)
     net.train()
     last = {}
@@ -482,8 +356,10 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
             for k, v in cond.items():
                 c[k] = v[idx].clone()
                 c[k][dropped] = null[k].to(v.dtype)
+            batch = Batch(net=net, model=model, sched=sched, x0=x0, cond=c, gen=g, device=dev,
+                          levels=levels)
             with acc.accumulate(net), acc.autocast():
-                loss = recipe.loss(net, model, sched, x0, c, g, dev, **loss_kw)
+                loss = recipe.loss(batch)
                 acc.backward(loss + diffcr.ratio_loss(model))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -500,105 +376,19 @@ def run_text_train(cfg: TrainConfig, return_model: bool = False):
                         min(R, math.ceil(levels[1] * R - 1e-9)) if levels[1] < 1.0 else R))
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
                "frames": frames or 1, "mixed_precision": acc.mixed_precision,
-               "parallel": "fsdp" if cfg.fsdp else "ddp" if world > 1 else "none",
-               "grad_accum": cfg.grad_accum, "images": len(pairs),
+               "parallel": strategy.name, "grad_accum": cfg.grad_accum, "images": len(pairs),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),
                "expert": cfg.expert, "noise_levels": list(levels), "regions_trained": served,
                "target_kept_ratio": conv.target_kept_ratio,
                "trainable_parameters": sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)}
-    if world > 1 and not cfg.fsdp:  # (sharded, each parameter has one copy)
-        flat = torch.cat([p.detach().flatten().double() for p in
-                          diffcr.router_parameters(model) + diffcr.ratio_parameters(model)
-                          + diffcr.lora_parameters(model)])
-        gathered = acc.gather(flat[None]).cpu()
-        metrics["ddp_params_identical_across_ranks"] = all(torch.equal(gathered[0], x)
-                                                           for x in gathered[1:])
+    if strategy.replicated():
+        metrics["ddp_params_identical_across_ranks"] = identical_across_ranks(
+            diffcr.router_parameters(model) + diffcr.ratio_parameters(model)
+            + diffcr.lora_parameters(model), acc.gather)
     save(out, state=False)
     if acc.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     acc.wait_for_everyone()
     acc.end_training()
     return (metrics, model) if return_model else metrics
-
-
-def generate_from_pipeline(folder, diffcr_ckpt, prompts: List[str], out, lora=None,
-                           transformer=None, per_prompt: int = 1, steps: int = 25,
-                           guidance: float = 4.5, seed: int = 0, max_length=None,
-                           resolution=None, progress: bool = True, diffcr_ckpt_2=None,
-                           lora_2=None, transformer_2=None, frames=None) -> List[Path]:
-    """Images for ``prompts`` from a pipeline folder with its transformer (or ``transformer``,
-    e.g. ``OUT/model`` of a full fine-tune) converted by the DiffCR checkpoint ``diffcr_ckpt``
-    and, when given, the LoRA adapter ``lora`` (``OUT/lora``). In a two-expert pipeline
-    (Wan 2.2 A14B) those are the high-noise expert's, and ``diffcr_ckpt_2`` / ``lora_2`` /
-    ``transformer_2`` the low-noise expert's (``transformer_2``; dense without
-    ``diffcr_ckpt_2``). Writes ``out/prompt<i>-<j>.png``, or with ``frames`` > 1 (video
-    pipelines) ``out/prompt<i>-<j>.gif`` of that many frames, and returns the paths."""
-    import diffusers
-
-    folder = Path(folder)
-    index, tconf, recipe = _load_pipeline_parts(folder)
-    two = (index.get("transformer_2") or [None, None])[1] is not None
-    if diffcr_ckpt_2 is not None and not two:
-        raise TrainError(f"--diffcr-2: --model {folder} has one transformer (no "
-                         "transformer_2)")
-    video = frames is not None and frames > 1
-    if video:
-        if not recipe.video:
-            raise TrainError(f"--frames {frames}: {recipe.model_class} is an image model")
-        step = recipe.frame_step(folder)
-        if (frames - 1) % step:
-            raise TrainError(f"--frames {frames}: the VAE compresses time {step}x, so a video "
-                             f"is 1 + {step}k frames")
-    klass = getattr(diffusers, recipe.model_class)
-
-    def routed(tdir, ckpt, adapter):
-        model = klass.from_pretrained(str(tdir))
-        if ckpt is not None:
-            _apply_checkpoint(model, ckpt, adapter)
-        return model.eval()
-
-    parts = {"transformer": routed(transformer or folder / "transformer", diffcr_ckpt, lora)}
-    if two:
-        parts["transformer_2"] = routed(transformer_2 or folder / "transformer_2",
-                                        diffcr_ckpt_2, lora_2)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **parts)
-    pipe.set_progress_bar_config(disable=not progress)
-    pixels = recipe.pixels(folder, tconf, resolution)
-    kwargs = recipe.pipeline_kwargs(pixels, max_length)
-    if video:
-        from .video import save_gif
-
-        kwargs["num_frames"] = frames
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            output = pipe(prompt, **{recipe.per_prompt_arg: per_prompt},
-                          num_inference_steps=steps, **recipe.guidance_kwargs(guidance),
-                          **kwargs, generator=torch.Generator().manual_seed(seed + i))
-            if video:
-                for j, clip in enumerate(recipe.videos_of(output)):
-                    paths.append(out / f"prompt{i}-{j}.gif")
-                    save_gif(clip, paths[-1])
-                continue
-            for j, im in enumerate(recipe.images_of(output)):
-                paths.append(out / f"prompt{i}-{j}.png")
-                im.save(paths[-1])
-    return paths
-
-
-def _apply_checkpoint(model, ckpt, lora) -> None:
-    """``model`` converted by the DiffCR checkpoint ``ckpt`` (frozen for inference), with the
-    LoRA adapter ``lora`` when given."""
-    import diffcr
-
-    try:
-        diffcr.load(model, ckpt)
-        if lora:
-            diffcr.load_lora(model, lora)
-    except (diffcr.CheckpointError, diffcr.LoraError) as e:
-        raise TrainError(str(e)) from e
-    if not diffcr.routing_state(model).frozen:
-        diffcr.freeze(model)

@@ -1,0 +1,161 @@
+"""``diffcr train --model DIT --data IMAGES``: DiffCR fine-tuning of a class-conditional
+diffusers ``DiTTransformer2DModel`` (folder or config JSON) on an image folder (one subfolder
+per class), pixel space or through a VAE, resumable, single process or under ``torchrun``
+(DDP).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .core import identical_across_ranks, param_groups, write_checkpoints
+from .ddpm import load_model, train_loop
+from .image_folder import load_image_folder
+from .options import TrainConfig, TrainError
+
+__all__ = ["run_class_train", "save_train_state", "load_train_state"]
+
+
+def save_train_state(out: Path, model, opt, step: int, cfg: TrainConfig,
+                     frozen: bool = False) -> None:
+    """A resumable checkpoint in ``out``: the base model (diffusers) and DiffCR parameters
+    (:func:`~diffcr.app.core.write_checkpoints`; ``frozen``: also the frozen form), the
+    optimizer state and the step (safetensors + JSON, no pickle)."""
+    from safetensors.torch import save_file
+
+    write_checkpoints(model, out, frozen=frozen)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, groups = {}, []
+    for gi, g in enumerate(opt.param_groups):
+        groups.append({k: v for k, v in g.items() if k != "params"}
+                      | {"params": [names[id(p)] for p in g["params"]]})
+        for p in g["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"{names[id(p)]}::{k}"] = v.detach().cpu().contiguous()
+    save_file(tensors, str(out / "optimizer.safetensors"))
+    (out / "train_state.json").write_text(json.dumps(
+        {"step": step, "param_groups": groups, "config": asdict(cfg)}, indent=2, default=str))
+
+
+def load_train_state(path: Path, model, opt) -> int:
+    """The optimizer state :func:`save_train_state` wrote into ``opt``; returns its step."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "train_state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    for g, saved in zip(opt.param_groups, state["param_groups"]):
+        for p, name in zip(g["params"], saved["params"]):
+            if params.get(name) is not p:
+                raise TrainError(f"--resume {path}: optimizer groups do not match the model "
+                                 f"({name})")
+            st = {}
+            for key, v in tensors.items():
+                pname, k = key.split("::")
+                if pname == name:
+                    st[k] = v.to(p.device)
+            if st:
+                opt.state[p] = st
+    return int(state["step"])
+
+
+def run_class_train(cfg: TrainConfig) -> dict:
+    """DiffCR fine-tuning of a class-conditional diffusers DiT (``cfg.model``) on an image
+    folder (``cfg.data``, one subfolder per class), single process or one of several under
+    ``torchrun`` (DDP). Returns the metrics (also written to ``OUT/metrics.json``)."""
+    import diffcr
+
+    cfg.validate().refuse_unused("class")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    ddp = None
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model).to(dev)
+    try:
+        images, labels, classes = load_image_folder(cfg.data, model.config.sample_size
+                                                    * (8 if cfg.vae else 1))
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from e
+    if cfg.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(cfg.vae).to(dev).eval()
+        with torch.no_grad():
+            images = torch.cat([vae.encode(images[i:i + 32].to(dev)).latent_dist.sample()
+                                * vae.config.scaling_factor for i in range(0, len(images), 32)])
+        images = images.cpu()
+    if images.shape[1] != model.config.in_channels:
+        raise TrainError(f"--model expects {model.config.in_channels} input channels but the "
+                         f"data has {images.shape[1]} (pass --vae for a latent-space model)")
+    ncls = model.config.num_embeds_ada_norm
+    if ncls is not None and len(classes) > ncls:
+        raise TrainError(f"--data has {len(classes)} classes but the model embeds {ncls}")
+    if world > 1:  # shard the data: each rank trains on its own slice
+        images, labels = images[rank::world], labels[rank::world]
+    if cfg.grad_ckpt:
+        model.enable_gradient_checkpointing()
+    conv = cfg.diffcr_config()
+    start = 0
+    if cfg.resume:
+        model = load_model(str(Path(cfg.resume) / "model")).to(dev)
+        if cfg.grad_ckpt:
+            model.enable_gradient_checkpointing()
+        diffcr.load(model, Path(cfg.resume) / "diffcr")
+    else:
+        diffcr.convert(model, conv)
+    if cfg.cache_refresh:  # cache-aware fine-tuning: the token cache in the loop
+        diffcr.enable_token_cache(model, diffcr.TokenCacheConfig(refresh_every=cfg.cache_refresh))
+    teacher = None
+    if cfg.distill:  # the dense teacher: the model as given, before conversion, frozen
+        teacher = load_model(cfg.model).to(dev).eval().requires_grad_(False)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
+                                      else None)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
+    if cfg.resume:
+        start = load_train_state(Path(cfg.resume), model, opt)
+    steps = cfg.steps or 1000
+    out = Path(cfg.out)
+
+    def on_step(step, o):
+        if rank == 0 and cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            save_train_state(out / f"step-{step}", model, o, step, cfg)
+
+    opt, last = train_loop(model, images, labels, steps, cfg, "DiffCR fine-tuning",
+                           ratio_loss=True, gen_seed=cfg.seed + rank, ddp=ddp, opt=opt,
+                           start_step=start, on_step=on_step, teacher=teacher)
+    metrics = {"steps": steps, "last": last, "world_size": world,
+               "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
+               "target_kept_ratio": conv.target_kept_ratio}
+    if world > 1:
+        import torch.distributed as dist
+
+        def gather(row):
+            rows = [torch.zeros_like(row) for _ in range(world)]
+            dist.all_gather(rows, row)
+            return torch.cat(rows)
+
+        metrics["ddp_params_identical_across_ranks"] = identical_across_ranks(
+            diffcr.router_parameters(model) + diffcr.ratio_parameters(model), gather)
+    if rank == 0:
+        save_train_state(out, model, opt, steps, cfg, frozen=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics

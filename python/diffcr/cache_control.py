@@ -1,0 +1,78 @@
+"""Turning the token cache of a converted model on and off (:mod:`diffcr.token_cache` has
+how it works), starting a new generation, filling it for cache-aware fine-tuning, and a
+per-call override of the kept ratio."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .routing import routing_state
+from .token_cache import TokenCache, TokenCacheConfig
+
+__all__ = ["enable_token_cache", "disable_token_cache", "reset_token_cache", "fill_token_cache",
+           "token_cache_of", "kept_ratio_override"]
+
+
+def token_cache_of(model: nn.Module) -> Optional[TokenCache]:
+    """The :class:`TokenCache` of a converted model (None when it is off)."""
+    return routing_state(model).token_cache
+
+
+def enable_token_cache(model: nn.Module, config: Optional[TokenCacheConfig] = None
+                       ) -> TokenCache:
+    """Turn the token cache on for a converted model: a fresh, empty cache with ``config``
+    (default :class:`~diffcr.TokenCacheConfig()`; how it works: :mod:`diffcr.token_cache`).
+    Returns it."""
+    st = routing_state(model)
+    cfg = config if config is not None else TokenCacheConfig()
+    if not isinstance(cfg, TokenCacheConfig):
+        raise TypeError(f"config must be a diffcr.TokenCacheConfig, got {type(cfg).__name__}")
+    if st.config.selection == "random" and cfg.staleness:
+        raise ValueError("TokenCacheConfig.staleness needs router scores (selection='router')")
+    st.token_cache = TokenCache(cfg)
+    return st.token_cache
+
+
+def disable_token_cache(model: nn.Module) -> None:
+    """Turn the token cache off (skipped tokens get no update again) and free it."""
+    routing_state(model).token_cache = None
+
+
+def reset_token_cache(model: nn.Module) -> None:
+    """Start a new generation: forget every cached update (the next forward is a refresh).
+    A no-op when the token cache is off."""
+    tc = token_cache_of(model)
+    if tc is not None:
+        tc.reset()
+
+
+@torch.no_grad()
+def fill_token_cache(model: nn.Module, *args, **kwargs) -> None:
+    """Cache-aware fine-tuning: start a new generation and run ``model(*args, **kwargs)``
+    without gradient as its refresh step (every token's update cached), so that the next
+    forward (the training forward, at a lower noise level) routes with the skipped tokens'
+    forecast, as a sampler's next step would."""
+    tc = token_cache_of(model)
+    if tc is None:
+        raise ValueError("diffcr: the token cache is off (diffcr.enable_token_cache first)")
+    tc.reset()
+    model(*args, **kwargs)
+
+
+@contextmanager
+def kept_ratio_override(model: nn.Module, kappa: Optional[float]):
+    """Every routed block of ``model`` keeps ``kappa`` of its tokens inside the context (one
+    segment, no two-bin interpolation), whatever its learned or frozen ratio (``kappa`` 1: a
+    full step; None: no override). The frozen bins are left as they are."""
+    if kappa is not None and not (0.0 < float(kappa) <= 1.0):
+        raise ValueError(f"kept ratio must be in (0, 1], got {kappa!r}")
+    st = routing_state(model)
+    before = st.kept_override
+    st.kept_override = None if kappa is None else float(kappa)
+    try:
+        yield
+    finally:
+        st.kept_override = before

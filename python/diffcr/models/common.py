@@ -1,0 +1,143 @@
+"""Helpers of the routed forwards that no family owns: the compat path's grouping of segments
+and its scatter-back (:func:`segment_groups`, :func:`scatter_pieces`), and the fused paths'
+cross-attention of packed rows over their sample's text (:func:`cross_attention`) and
+interleaved rotary embedding (:func:`rotate_interleaved`). Families import these; nothing here
+knows a family.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import diffcr_kernels as dk
+
+__all__ = ["segment_groups", "packed_rows", "scatter_pieces", "cross_attention",
+           "rotate_interleaved"]
+
+
+def segment_groups(sel, ks, device):
+    """The segments of a selection grouped by length, for one diffusers call per group:
+    yields ``(rows [G, k], idx [G, k], samp [G], segs)`` with ``rows`` the packed row numbers,
+    ``idx`` the flat token indices, ``samp`` each segment's sample and ``segs`` the segment
+    numbers (host list)."""
+    flat_k = [k for row in ks for k in row]
+    S = len(flat_k)
+    starts = [0]
+    for k in flat_k:
+        starts.append(starts[-1] + k)
+    groups = {}
+    for s, k in enumerate(flat_k):
+        groups.setdefault(k, []).append(s)
+    P = sel.segs_per_sample
+    for k, segs in groups.items():
+        if len(groups) == 1:
+            rows = torch.arange(sel.total, device=device).view(S, k)
+        else:
+            st = torch.tensor([starts[s] for s in segs], device=device)
+            rows = st[:, None] + torch.arange(k, device=device)[None]
+        samp = torch.tensor([s // P for s in segs], device=device)
+        yield rows, sel.indices[rows], samp, segs
+
+
+def packed_rows(pieces, T, like):
+    """``[(rows [G, k], values [G, k, D])]`` -> the packed ``[T, D]`` tensor (``like``'s
+    dtype)."""
+    D = like.shape[-1]
+    if len(pieces) == 1:
+        return pieces[0][1].reshape(T, D).to(like.dtype)
+    out = like.new_empty(T, D)
+    for rows, d in pieces:
+        out = out.index_put((rows.reshape(-1),), d.reshape(-1, D).to(like.dtype))
+    return out
+
+
+def scatter_pieces(x, sel, pieces, inplace=False):
+    """``x`` with each kept row plus its update from ``pieces`` (compat path: the update is
+    the block's output minus its gathered input). Under autocast a block can return a wider
+    dtype than it took (bf16 in, float32 out where float32 modulation promotes): the result
+    then has that dtype, as the dense block's output has, unselected rows exactly ``x``'s."""
+    dt = x.dtype
+    for _, d in pieces:
+        dt = torch.promote_types(dt, d.dtype)
+    if dt != x.dtype:
+        x, inplace = x.to(dt), False
+    delta = packed_rows(pieces, sel.total, x)
+    return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
+
+
+def cross_attention(attn, h, sel, text, text_bias, qk_norm=False):
+    """Queries: the packed rows; keys/values: the text of each segment's sample, with
+    diffusers' additive text mask (bias [B, 1, L] or None). ``qk_norm``: the attention's
+    ``norm_q`` / ``norm_k`` follow the projections (Wan)."""
+    T = h.shape[0]
+    H = attn.heads
+    q = attn.to_q(h)
+    kt, vt = attn.to_k(text), attn.to_v(text)  # [B, L, D] once per sample
+    if qk_norm:
+        q, kt = attn.norm_q(q), attn.norm_k(kt)
+    Dh = kt.shape[-1] // H
+    L = kt.shape[1]
+    lens = list(sel.seqlens)
+    P = sel.segs_per_sample
+    B = len(lens) // P if P else 0
+    if (not sel.uniform and B == kt.shape[0] and B * P == len(lens)
+            and all(lens[i] == lens[i - P] for i in range(P, len(lens)))):
+        # every sample has the same P slot lengths: [B, rows per sample, H, Dh], split the
+        # slots along dim 1 (views), keys/values are the sample's own text (no gather)
+        q4 = q.view(B, sum(lens[:P]), H, Dh)
+        kg = kt.view(B, L, H, Dh).transpose(1, 2)
+        vg = vt.view(B, L, H, Dh).transpose(1, 2)
+        mask = None if text_bias is None else text_bias.view(B, 1, -1, L).to(q.dtype)
+        outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kg, vg, attn_mask=mask
+                                               ).transpose(1, 2)
+                for qp in q4.split(lens[:P], dim=1)]
+        out = torch.cat(outs, 1).reshape(T, H * Dh).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+    groups = {}
+    for s, n in enumerate(sel.seqlens):
+        groups.setdefault(n, []).append(s)
+    # segments are contiguous row ranges: split views (backward: one concatenation), stack
+    # only groups of several equal-length segments, concatenate the outputs once
+    qs = None if len(groups) == 1 else torch.split(q, list(sel.seqlens))
+    outs = [None] * len(sel.seqlens)
+    for n, segs in groups.items():
+        G = len(segs)
+        if qs is None:
+            samp = sel.seg_sample
+            qg = q.view(G, n, H, Dh)
+        else:
+            samp = dk.host_index([s // sel.segs_per_sample for s in segs], q.device)
+            qg = (qs[segs[0]].unsqueeze(0) if G == 1 else
+                  torch.stack([qs[s] for s in segs])).view(G, n, H, Dh)
+        kg = kt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
+        vg = vt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
+        mask = None
+        if text_bias is not None:
+            mask = text_bias.index_select(0, samp).view(G, 1, -1, L).to(qg.dtype)
+        o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask)
+        o = o.transpose(1, 2)  # [G, n, H, Dh]
+        if qs is None:
+            out = o.reshape(-1, H * Dh)
+        else:
+            for s, os_ in zip(segs, o.unbind(0)):
+                outs[s] = os_.reshape(n, H * Dh)
+    if qs is not None:
+        out = torch.cat(outs, 0)
+    out = out.to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def rotate_interleaved(t, cos, sin, compute_dtype=None):
+    """diffusers' rotary embedding with real ``(cos, sin)`` tables and interleaved pairs
+    (``(t[2i], t[2i + 1])`` rotated by the angle of pair i).
+
+    ``t`` ``[R, H, Dh]``; ``cos`` / ``sin`` ``[R, Dh]`` (one table row per row of ``t``, the
+    same for every head; diffusers repeats each pair's value, ``repeat_interleave_real``);
+    returns ``t``'s shape and dtype. Computed in ``compute_dtype``: ``torch.float32`` as Flux's
+    ``apply_rotary_emb``; None, the promoted dtype of ``t`` and the tables, as Wan's
+    ``WanAttnProcessor`` (which reads each pair's cosine at its even and sine at its odd
+    position: the same numbers for such tables)."""
+    x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    dt = compute_dtype or torch.promote_types(t.dtype, cos.dtype)
+    return (t.to(dt) * cos.unsqueeze(1) + rot.to(dt) * sin.unsqueeze(1)).to(t.dtype)
