@@ -118,8 +118,9 @@ _FAMILY_ROWS = {}
 def test_block_family(benchmark, bench_device, kind, kappa):
     """The modern families' blocks at real sizes (SD3.5-L, Flux.1 double and single, Wan 2.1
     1.3B and 14B, Qwen-Image, HunyuanVideo), B = 1, N = 1024 on CPU (fp32, one thread) and 4096
-    on GPU (bf16), dense vs routed (frozen, the family's path) measured in the same run by
-    :func:`diffcr.app.bench.bench_blocks`; the ideal counts the text stream as not routed.
+    on GPU (bf16), dense vs routed (frozen, the family's path) vs routed with the token cache,
+    measured in the same run by :func:`diffcr.app.bench.bench_blocks`; the ideal counts the
+    text stream as not routed.
     One block per kind, every kappa timed with it on the first call."""
     N, dtype = _size(bench_device)
     key = (kind, bench_device.type)
@@ -128,7 +129,7 @@ def test_block_family(benchmark, bench_device, kind, kappa):
         _FAMILY_ROWS.clear()  # one block at a time: the 14B block is large
         rows = bench.bench_blocks(kind, N, 1, kappas=(0.8, 0.5, 0.3), device=bench_device,
                                   dtype=dtype, rounds=10 if bench_device.type == "cuda" else 3,
-                                  naive=False)
+                                  naive=False, token_cache=True)
         _FAMILY_ROWS[key] = {r["kappa"]: r for r in rows}
     row = _FAMILY_ROWS[key][kappa]
     _record(benchmark, bench_device, row)

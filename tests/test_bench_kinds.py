@@ -25,8 +25,12 @@ def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     changed = (img(routed) != x).any(-1).sum().item()
     assert changed == bench.dk.kept_count(0.5, N)
     assert img(dense).shape == img(routed).shape
-    row = bench.bench_blocks(kind, N, 1, kappas=(0.5,), rounds=1, prepack=False)[0]
+    row = bench.bench_blocks(kind, N, 1, kappas=(0.5,), rounds=1, prepack=False,
+                             token_cache=True)[0]
     assert row["k"] == N // 2 and row["fraction_of_ideal"] > 0 and "naive_ms" not in row
+    assert row["token_cache_ms"] > 0 and row["token_cache_bytes_moved"] == \
+        (3 * N + 3 * row["k"]) * bb.D * 4
+    assert not diffcr.routing_state(bb.model).token_cache  # turned off after timing
 
 
 def test_cli_bench_choices_are_the_bench_kinds():

@@ -425,11 +425,33 @@ def _resolve_prepack(prepack: Optional[bool], device) -> bool:
     return bool(prepack)
 
 
+def _token_cache_fn(bb: "BlockBench"):
+    """The routed block of ``bb`` with the token cache on, in its steady state: the cache
+    filled by one refresh call, then every call a routed step whose skipped rows get the
+    forecast (:mod:`diffcr.token_cache`)."""
+    import diffcr
+
+    tc = diffcr.enable_token_cache(bb.model, diffcr.TokenCacheConfig())
+    bb.run_routed()  # step 0: the refresh fills every row's update
+    tc.step = 1  # the block is called directly (no model forward advances the step)
+
+    def cached():
+        return bb.run_routed()
+    return cached
+
+
 def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device="cpu",
                  dtype=torch.float32, rounds=3, prepack: Optional[bool] = None,
-                 naive: bool = True) -> List[dict]:
+                 naive: bool = True, token_cache: bool = False) -> List[dict]:
     """Dense vs routed (frozen, fused path) block at each kappa: time, speedup, ideal,
     fraction of ideal, peak memory.
+
+    ``token_cache``: also the routed block with the token cache (order 0, steady state: the
+    skipped rows get their cached update), interleaved with the others at kappa < 1:
+    ``token_cache_ms``, its speedup over dense and fraction of the routed ideal, its time over
+    the plain routed block's, and the bytes its forecast pass moves
+    (``token_cache_bytes_moved``: read the cache and the output, write the output, ``3 B N D``
+    values, plus the selected rows' inputs and updates, ``3 k D`` per row).
 
     For every kappa the dense block, the routed block and (``naive``) the plain-torch control
     gather -> diffusers block -> scatter run interleaved for ``rounds`` rounds; the fraction of
@@ -455,7 +477,14 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
             fns = {"dense": bb.run_dense, "routed": bb.run_routed}
             if naive:
                 fns["naive"] = _naive_fn(bb, k)
+            cached = token_cache and k < N
+            if cached:
+                fns["token_cache"] = _token_cache_fn(bb)
             ts = time_pairs(fns, dev, rounds)
+            if cached:
+                import diffcr
+
+                diffcr.disable_token_cache(bb.model)
             ideal = bb.ideal(k / N)
             med = {n: statistics.median(v) for n, v in ts.items()}
             speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
@@ -470,6 +499,16 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
                     d / r for d, r in zip(ts["dense"], ts["naive"])) / ideal
                 row["routed_vs_naive"] = statistics.median(
                     nv / r for nv, r in zip(ts["naive"], ts["routed"]))
+            if cached:
+                tc_speedup = statistics.median(
+                    d / c for d, c in zip(ts["dense"], ts["token_cache"]))
+                elt = torch.empty((), dtype=dtype).element_size()
+                row.update(token_cache_ms=med["token_cache"] * 1e3,
+                           token_cache_speedup=tc_speedup,
+                           token_cache_fraction_of_ideal=tc_speedup / ideal,
+                           token_cache_vs_routed=statistics.median(
+                               c / r for c, r in zip(ts["token_cache"], ts["routed"])),
+                           token_cache_bytes_moved=B * (3 * N + 3 * k) * bb.D * elt)
             rows.append(row)
     return rows
 

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p_b.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                      help="MKL-prepacked linear weights for dense, routed and naive alike "
                           "(default: on for CPU when MKL is available)")
+    p_b.add_argument("--token-cache", action="store_true",
+                     help="also time the routed block with the token cache (steady state: "
+                          "skipped rows get their cached update)")
     p_b.add_argument("--no-naive", action="store_true",
                      help="skip the plain-torch gather -> block -> scatter control")
     p_b.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
@@ -109,7 +112,8 @@ def _bench(args) -> int:
            "threads": args.threads, "torch": torch.__version__, "config": vars(args).copy()}
     out["config"].pop("func", None)
     out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds,
-                                       prepack=args.prepack, naive=not args.no_naive, **common)
+                                       prepack=args.prepack, naive=not args.no_naive,
+                                       token_cache=args.token_cache, **common)
     if not args.no_overhead:
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
     if not args.no_training:
@@ -131,6 +135,9 @@ def _bench(args) -> int:
           f"{'ideal':>7} {'of ideal':>9} {'peak MB':>8}"
     if naive:
         hdr += f" {'naive ms':>9} {'naive of ideal':>15}"
+    cache = any("token_cache_ms" in r for r in blocks)
+    if cache:
+        hdr += f" {'cache ms':>9} {'cache/routed':>13}"
     print(hdr)
     for r in blocks:
         mem = "-" if r["peak_mem_MB"] is None else f"{r['peak_mem_MB']:.0f}"
@@ -139,9 +146,14 @@ def _bench(args) -> int:
                 f"{100 * r['fraction_of_ideal']:>8.1f}% {mem:>8}")
         if naive:
             line += f" {r['naive_ms']:>9.2f} {100 * r['naive_fraction_of_ideal']:>14.1f}%"
+        if cache and "token_cache_ms" in r:
+            line += f" {r['token_cache_ms']:>9.2f} {r['token_cache_vs_routed']:>12.2f}x"
         print(line)
     print(f"(speedup and fraction of ideal: median over {args.rounds} interleaved rounds of "
           "dense/routed; naive = gather -> diffusers block -> scatter in plain torch)")
+    if cache:
+        print("cache = the routed block with the token cache (skipped rows get their cached "
+              "update); cache/routed: its time over the plain routed block's")
     if "overhead" in out:
         o = out["overhead"]
         print(f"routing overhead (score+select+gather+scatter, kappa {o['kappa']}): "
