@@ -81,5 +81,6 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/pins.py --write")
     pins = compute_pins()
     pins["_torch_version"] = str(torch.__version__)
+    pins["_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     torch.save(pins, PIN_FILE)
     print(f"wrote {len(pins) - 1} tensors to {PIN_FILE}")

@@ -239,3 +239,23 @@ def test_config_checks_and_memory():
     assert tc.bytes() == len(diffcr.routing_state(m).blocks) * B * N * (D * 2 + 8)
     c = copy.deepcopy(m)  # the cached updates stay with the original
     assert diffcr.routing_state(c).token_cache.entries == {}
+
+
+@pytest.mark.parametrize("kind", ["fbc", "taylorseer"])
+def test_block_level_caches_stack_on_the_token_cache(kind):
+    """A diffusers block-level cache applied after convert: the blocks it skips do not run (and
+    leave their token cache as it is); the blocks that run get their forecast as without it."""
+    from diffcr.app.ddpm import start_cache_run
+    from diffcr.app.demo.peers import CacheSetting, cache_available
+
+    if not cache_available(kind):
+        pytest.skip(f"this diffusers has no {kind}")
+    torch.set_num_threads(1)
+    m, inputs = _model("dit", 0.5)
+    diffcr.enable_token_cache(m, TokenCacheConfig(refresh_every=3))
+    CacheSetting(kind, 0.2 if kind == "fbc" else 2).apply(m)
+    start_cache_run(m)
+    outs = _generate(m, inputs)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert {r.last_path for r in diffcr.routing_state(m).blocks.values()} <= {
+        "refresh", "fused", "compat"}
