@@ -131,6 +131,9 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"router_scores: weight must be [D] = [{x.shape[-1]}], got shape "
                          f"{tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"router_scores: weight is on {weight.device} but x is on "
+                         f"{x.device}")
     if current_backend() == "triton" and not (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad)):
         why = _triton_ok(x.device)
@@ -159,7 +162,25 @@ def select_topk(scores: torch.Tensor, k, seg_weight=None) -> Selection:
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Packed rows ``x.reshape(B * N, D)[idx]`` (``index_select``: already a single pass)."""
+    """Packed rows ``x.reshape(B * N, D)[idx]`` (``index_select``: already a single pass).
+    ``idx``: int64 ``[T]`` flat row indices in ``[0, B * N)`` on ``x``'s device (``ValueError``
+    naming ``idx`` otherwise; the range is checked on the host for CPU tensors, and for CUDA
+    tensors with ``DIFFCR_VALIDATE=1``)."""
+    _check_x("gather_rows", x)
+    if not torch.is_tensor(idx):
+        raise TypeError(f"gather_rows: idx must be a tensor, got {type(idx).__name__}")
+    if idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"gather_rows: idx must be int64 [T], got {idx.dtype} of shape "
+                         f"{tuple(idx.shape)}")
+    if idx.device != x.device:
+        raise ValueError(f"gather_rows: idx is on {idx.device} but x is on {x.device}")
+    rows = x.shape[0] * x.shape[1]
+    if idx.numel() and not torch.compiler.is_compiling() and (
+            idx.device.type == "cpu" or _validate_contents()):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"gather_rows: idx holds {lo if lo < 0 else hi}, outside the "
+                             f"{rows} rows of x (B * N)")
     return ref.gather_rows(x, idx)
 
 

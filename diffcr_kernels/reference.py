@@ -372,6 +372,9 @@ def scatter_back(
     a = acc_dtype(x.dtype)
     T = idx.numel()
     S = cu_seqlens.numel() - 1
+    if S < 1 and T:
+        raise ValueError(f"scatter_back: cu_seqlens {cu_seqlens.tolist()} has no segment but "
+                         f"idx has {T} rows (cu_seqlens is [S + 1], S >= 1)")
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     row_seg = torch.repeat_interleave(torch.arange(S, device=x.device), lengths, output_size=T)
     c = attn_update.to(a)

@@ -277,3 +277,32 @@ def test_gather_norm_modulate_refuses_a_modulation_dtype_on_every_backend(backen
     b = _base()
     with dk.use_backend(backend), pytest.raises(ValueError, match="shift has dtype"):
         dk.gather_norm_modulate(b["x"], b["sel"].indices, b["shift"].double())
+
+
+def test_last_bad_inputs_are_value_errors_naming_the_argument():
+    """gather_rows out of range, scatter_back with no segment, router weight on another
+    device, routed_blocks not a sequence, an infinite timestep: each a ValueError that names
+    what is wrong."""
+    import diffcr
+    import diffcr_kernels as dk
+    from diffcr_kernels import reference as ref
+
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="gather_rows: idx holds 99, outside the 10 rows"):
+        dk.gather_rows(x, torch.tensor([0, 99]))
+    with pytest.raises(ValueError, match="gather_rows: idx must be int64"):
+        dk.gather_rows(x, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens \\[0\\] has no segment"):
+        ref.scatter_back(x, torch.tensor([0]), torch.tensor([0], dtype=torch.int32),
+                         torch.ones(0), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="router_scores: weight is on meta"):
+        dk.router_scores(x, torch.randn(4, device="meta"))
+    with pytest.raises(ValueError, match="routed_blocks must be a sequence"):
+        diffcr.DiffCRConfig(routed_blocks=3)
+    from tiny_models import make
+
+    m = make("dit")
+    diffcr.convert(m)
+    with pytest.raises(ValueError, match="timestep is inf"):
+        m(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([float("inf")]),
+          class_labels=torch.tensor([1]))

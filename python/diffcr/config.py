@@ -126,6 +126,10 @@ class DiffCRConfig:
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.routed_blocks is not None:
+            if isinstance(self.routed_blocks, (str, bytes)) or not hasattr(
+                    self.routed_blocks, "__iter__"):
+                raise ValueError(f"routed_blocks must be a sequence of block indices (or None: "
+                                 f"every block), got {self.routed_blocks!r}")
             rb = list(self.routed_blocks)
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rb):
                 raise ValueError(f"routed_blocks must be non-negative block indices, got {rb}")

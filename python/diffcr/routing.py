@@ -307,6 +307,8 @@ class RoutingState:
         for v in vals:
             if math.isnan(v):
                 raise ValueError("diffcr: timestep is NaN")
+            if math.isinf(v):
+                raise ValueError(f"diffcr: timestep is {v} (it must be finite)")
         levels = [self.family.noise_level(v, self.config) for v in vals]
         self.timesteps = vals
         self.noise_levels = levels
