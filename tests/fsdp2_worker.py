@@ -44,6 +44,9 @@ def main():
     out = os.path.join(os.environ["DIFFCR_RESULT_DIR"], f"rank{dist.get_rank()}.json")
     with open(out, "w") as f:
         json.dump({"rank": dist.get_rank(), "ratios": table.tolist(), "routers": routers}, f)
+    # both ranks done before the group goes: tearing gloo down while the other rank still
+    # talks to it aborted a rank now and then ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -32,12 +32,19 @@ def test_fsdp2_training_with_ratio_loss_keeps_ranks_identical():
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER]
     with tempfile.TemporaryDirectory() as out:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                           cwd=tempfile.gettempdir(),
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "DIFFCR_RESULT_DIR": out})
+        for attempt in range(2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                               cwd=tempfile.gettempdir(),
+                               env={**os.environ, "OMP_NUM_THREADS": "1",
+                                    "DIFFCR_RESULT_DIR": out})
+            # gloo on this 2-core machine aborts a rank now and then inside c10d (about one
+            # run in ten, also before this test's code changed): one more run, then strict
+            if r.returncode == 0 or "terminate called without an active exception" \
+                    not in r.stderr:
+                break
         assert r.returncode == 0, r.stderr[-4000:]
         results = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
     assert sorted(res["rank"] for res in results) == [0, 1]
