@@ -433,7 +433,13 @@ def _launch(launcher, port, pipe, data, out, *flags):
     cmd = launch + ["-m", "diffcr", "train", "--model", str(pipe), "--data", str(data),
                     "--out", str(out), "--batch", "2", "--grad-accum", "2", "--threads", "1",
                     "--no-progress", *flags]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(2):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        # gloo aborts a rank now and then inside c10d on this 2-core machine (as in
+        # test_fsdp2.py): one more run on exactly that abort, then strict
+        if res.returncode == 0 or "terminate called without an active exception" \
+                not in res.stderr:
+            break
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 
