@@ -161,11 +161,19 @@ class CMakeBuild(build_ext):
                 f"-DCMAKE_CUDA_COMPILER={nvcc}",
                 "-DDIFFCR_EXTRA_CUDA_INCLUDES=" + ";".join(_extra_cuda_includes()),
             ]
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _torch_arch_list(archs))
+        if torch.version.cuda is not None:
+            # A CUDA build of torch: its CMake package looks for the toolkit even when only the
+            # CPU kernels are compiled (DIFFCR_NO_CUDA=1), so it gets the same hints.
+            if cuda_root is None:
+                raise RuntimeError(
+                    f"diffcr: torch {torch.__version__} is a CUDA build and no CUDA toolkit was "
+                    "found; torch's CMake package needs one even for the CPU kernels. Install "
+                    "the toolkit (nvcc), use the CPU build of torch, or set DIFFCR_SKIP_EXT=1.")
             args += [f"-DCUDAToolkit_ROOT={cuda_root}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}"]
             nvrtc = _find_cuda_lib(cuda_root, "nvrtc")
             if nvrtc:
                 args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _torch_arch_list(archs))
         print("diffcr: cmake configure:", " ".join(args), flush=True)
         subprocess.check_call(args, cwd=build_temp)
         subprocess.check_call([cmake, "--build", ".", "-j", jobs], cwd=build_temp)
