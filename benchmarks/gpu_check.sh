@@ -227,9 +227,9 @@ if [ "$BUILD" != 0 ] && [ "$DRY" != 1 ]; then
   exit 1
 fi
 # -P: the source tree must not shadow the installed package (which holds the built extension)
-run_step gpu_tests 150 "DIFFCR_REQUIRE_EXT=1 $PY -P -m pytest tests -m gpu -q -p no:cacheprovider --maxfail=20 --ignore=tests/test_triton.py"
+run_step gpu_tests 150 "DIFFCR_REQUIRE_EXT=1 $PY -P -m pytest tests -m gpu -q -p no:cacheprovider --maxfail=20 --ignore=tests/kernels/test_triton.py"
 # compiled Triton apart: its JIT compiles must not starve the CUDA-op and model tests above
-run_step triton_tests 120 "DIFFCR_REQUIRE_EXT=1 $PY -P -m pytest tests/test_triton.py -m gpu -q -p no:cacheprovider --maxfail=20"
+run_step triton_tests 120 "DIFFCR_REQUIRE_EXT=1 $PY -P -m pytest tests/kernels/test_triton.py -m gpu -q -p no:cacheprovider --maxfail=20"
 if command -v compute-sanitizer > /dev/null 2>&1 || [ "$DRY" = 1 ]; then
   run_step memcheck 90 "cd /tmp && PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
     --error-exitcode 3 $PY '$ROOT/benchmarks/sanitize_ops.py' --device cuda; rc=\$?; \

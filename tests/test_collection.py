@@ -24,4 +24,4 @@ def test_suite_collects_without_diffusers(tmp_path):
     assert not re.search(r"\b\d+ errors?\b", out), out[-3000:]
     assert "ERROR collecting" not in out, out[-3000:]
     assert "diffusers is not installed" in out  # the converted-model modules were skipped
-    assert "tests/test_ops.py::" in out and "tests/test_triton.py::" in out
+    assert "tests/kernels/test_ops.py::" in out and "tests/kernels/test_triton.py::" in out

@@ -143,3 +143,92 @@ def set_ratios(model, values):
         for b in diffcr.routed_blocks(model).values():
             b.ratio.kept.copy_(torch.as_tensor(values, dtype=b.ratio.kept.dtype)
                                .expand_as(b.ratio.kept))
+
+
+# ---- one case per registered family: a tiny model and its inputs for timesteps t ----
+
+def _pixart_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 32, generator=g),
+                timestep=torch.tensor(t))
+
+
+def _dit_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
+                timestep=torch.tensor(t), class_labels=torch.tensor([1, 3, 5, 7][:len(t)]))
+
+
+def _sd3_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 16, generator=g),
+                pooled_projections=torch.randn(len(t), 8, generator=g),
+                timestep=torch.tensor(t, dtype=torch.float32))
+
+
+def _flux_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    img_ids, txt_ids = flux_ids(4, 5)
+    return dict(hidden_states=torch.randn(len(t), 16, 4, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 32, generator=g),
+                pooled_projections=torch.randn(len(t), 32, generator=g),
+                timestep=torch.tensor(t, dtype=torch.float32) / 1000,  # as the pipeline
+                img_ids=img_ids, txt_ids=txt_ids)
+
+
+def _wan_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(len(t), 4, 2, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(len(t), 5, 16, generator=g),
+                timestep=torch.tensor(t))
+
+
+# family name -> (tiny model factory, inputs for timesteps t)
+FAMILY_CASES = {
+    "pixart": (lambda: make("pixart"), _pixart_inputs),
+    "dit": (lambda: make("dit"), _dit_inputs),
+    "sd3": (lambda: make("sd3"), _sd3_inputs),
+    "flux": (lambda: make("flux"), _flux_inputs),
+    "wan": (lambda: make("wan"), _wan_inputs),
+    "qwenimage": (lambda: make("qwenimage"),
+                  lambda t: qwenimage_inputs([v / 1000 for v in t])),  # as the pipeline
+    "hunyuanvideo": (lambda: make("hunyuanvideo"), hunyuanvideo_inputs),
+}
+
+FAMILIES = sorted(diffcr.families())
+# the fused == compat tests run on the families that have a fused forward
+FUSED_FAMILIES = sorted(n for n, f in diffcr.families().items() if f.has_fused)
+
+
+def run_model(model, kw, seed=3):
+    """``model(**kw).sample`` with the torch seed fixed (DiT drops class labels at random in
+    training)."""
+    torch.manual_seed(seed)
+    return model(**kw).sample
+
+
+# ---- a tiny DiT pipeline (shared by the pipeline and cache tests) ----
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                         sample_size=8).eval()
+
+
+def dit_pipe():
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    # DiTPipeline's guidance uses the null class 1000: an ImageNet-sized label table
+    return DiTPipeline(transformer=_randomise_weights(tiny_dit(num_classes=1000)), vae=tiny_vae(),
+                       scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+
+def dit_call(pipe):
+    return pipe(class_labels=[1, 3], guidance_scale=4.0, num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0), output_type="np").images

@@ -1,4 +1,4 @@
-"""Worker of ``tests/test_fsdp2.py`` (run under torchrun, gloo, CPU): a tiny converted PixArt
+"""Worker of ``tests/app/test_fsdp2.py`` (run under torchrun, gloo, CPU): a tiny converted PixArt
 sharded with FSDP2 (``fully_shard`` per block and at the root) takes two training steps with
 ``ratio_loss`` and ``project_ratios``; prints the routers and ratios it ends with."""
 import json
@@ -8,7 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
+# tests/, where tiny_models lives
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():

@@ -98,7 +98,7 @@ def test_flow_matching_lora_fine_tuning_save_load_generate(family, folders, tmp_
     import diffusers
     from safetensors.torch import load_file
 
-    from test_family_conformance import FAMILY_CASES
+    from tiny_models import FAMILY_CASES
 
     torch.set_num_threads(1)
     write, extra = FLOW_PIPELINES[family]
@@ -149,7 +149,7 @@ def test_wan22_experts_train_one_run_each_on_their_noise_levels(folders, tmp_pat
     import diffusers
 
     from diffcr.app import recipes
-    from test_family_conformance import FAMILY_CASES
+    from tiny_models import FAMILY_CASES
 
     torch.set_num_threads(1)
     pipe = write_wan_pipeline(tmp_path / "wan22", two_experts=True)
@@ -573,7 +573,7 @@ def test_every_train_option_is_in_the_options_reference():
 
     from diffcr.app.options import TrainConfig, flag_of
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
     missing = [flag_of(f.name) for f in fields(TrainConfig)
                if f.metadata["flag"] and f"`{flag_of(f.name)}" not in doc]
     assert not missing, f"docs/recipes.md does not list {missing}"

@@ -27,8 +27,7 @@ def write_pipeline(root, caption_channels=32, text_width=32):
     from diffusers import DDPMScheduler
     from transformers import T5Config, T5EncoderModel
 
-    from test_pipelines import tiny_vae
-    from tiny_models import _randomise_weights, tiny_pixart
+    from tiny_models import _randomise_weights, tiny_pixart, tiny_vae
 
     root = Path(root)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Worker of ``tests/test_raw_ops_fuzz.py``: drives the compiled ops ``torch.ops.diffcr.*``
+"""Worker of ``tests/kernels/test_raw_ops_fuzz.py``: drives the compiled ops ``torch.ops.diffcr.*``
 directly (no Python-side validation: what a ``torch.compile`` graph calls) with arbitrary
 shapes, dtypes, values, strides and storage offsets, in its own process.
 

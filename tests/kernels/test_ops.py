@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import diffcr_kernels as dk
 from diffcr_kernels import reference as ref
 
+from op_cases import op_inputs as _inputs
+
 # (B, N, D, ks): ks is [B][P] kept counts
 CASES = [
     pytest.param(1, 1, 8, [[1]], id="N1"),
@@ -20,22 +22,6 @@ CASES = [
     pytest.param(2, 50, 72, [[13, 31], [50, 7]], id="two-bins-ragged"),
     pytest.param(4, 16, 33, [[8, 12]] * 4, id="two-bins-uniform"),
 ]
-
-
-def _inputs(B, N, D, ks, dtype, device, mod=True):
-    g = torch.Generator().manual_seed(B * 1000 + N * 10 + D)
-    x = torch.randn(B, N, D, generator=g).to(device, dtype)
-    scores = torch.rand(B, N, generator=g).to(device)
-    P = len(ks[0])
-    w = torch.rand(B, P, generator=g).to(device)
-    sel = ref.select_topk(scores, torch.tensor(ks), w)
-    T = sel.total
-    shift = torch.randn(B, D, generator=g).to(device, dtype) if mod else None
-    scale = (0.5 * torch.randn(B, D, generator=g)).to(device, dtype) if mod else None
-    attn_update = torch.randn(T, D, generator=g).to(device, dtype)
-    mlp_out = torch.randn(T, D, generator=g).to(device, dtype)
-    gate = torch.randn(B, D, generator=g).to(device, dtype)
-    return x, sel, shift, scale, attn_update, mlp_out, gate
 
 
 def _tol(dtype):

@@ -11,8 +11,8 @@ from hypothesis import strategies as st  # noqa: E402
 import diffcr_kernels as dk  # noqa: E402
 from diffcr_kernels import reference as ref  # noqa: E402
 
-from test_ops import _inputs  # noqa: E402
-from test_reference import naive_select  # noqa: E402
+from op_cases import naive_select  # noqa: E402
+from op_cases import op_inputs as _inputs  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)

@@ -12,22 +12,10 @@ import torch.nn.functional as F
 
 from diffcr_kernels import reference as ref
 
+from op_cases import naive_select
+
 
 # ---------------------------------------------------------------- naive definitions
-def naive_select(scores, ks):
-    """ks: list (per sample) of lists (per segment) of k. Returns list of segments as lists of
-    flat indices, ascending."""
-    B, N = scores.shape
-    segs = []
-    for b in range(B):
-        vals = [(-(float("-inf") if math.isnan(v) else v), n) for n, v in
-                enumerate(scores[b].tolist())]
-        order = [n for _, n in sorted(vals)]  # descending score, ties: lower index first
-        for k in ks[b]:
-            segs.append(sorted(b * N + n for n in order[:k]))
-    return segs
-
-
 def naive_gnm(x, idx, shift, scale, eps):
     B, N, D = x.shape
     out = []

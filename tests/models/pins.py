@@ -1,20 +1,22 @@
-"""Outputs of the tiny converted models, pinned bit for bit (``tests/data/pinned_outputs.pt``).
+"""Outputs of the tiny converted models, pinned bit for bit
+(``tests/models/data/pinned_outputs.pt``).
 
 Refactors of the routing runtime must not change what a converted model computes. This module
 computes, for the tiny PixArt and DiT of :mod:`tiny_models`, the outputs of a set of routed
 forwards (eval and train, both execution paths, frozen) and the gradients of the router and
-ratio parameters; ``tests/test_pinned_outputs.py`` compares them with the stored file.
+ratio parameters; ``tests/models/test_pinned_outputs.py`` compares them with the stored file.
 
 Regenerate (only when a change of results is intended, and say so in the commit)::
 
-    python tests/pins.py --write
+    python tests/models/pins.py --write
 """
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+# tests/, where tiny_models lives
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import diffcr  # noqa: E402
 from diffcr import DiffCRConfig  # noqa: E402
@@ -78,7 +80,7 @@ def compute_pins():
 
 if __name__ == "__main__":
     if "--write" not in sys.argv:
-        sys.exit("usage: python tests/pins.py --write")
+        sys.exit("usage: python tests/models/pins.py --write")
     pins = compute_pins()
     pins["_torch_version"] = str(torch.__version__)
     pins["_cpu_capability"] = torch.backends.cpu.get_cpu_capability()

@@ -12,8 +12,7 @@ pytest.importorskip("diffusers")
 import diffcr  # noqa: E402
 from diffcr import DiffCRConfig  # noqa: E402
 
-from test_family_conformance import FAMILIES, FAMILY_CASES  # noqa: E402
-from tiny_models import set_ratios  # noqa: E402
+from tiny_models import FAMILIES, FAMILY_CASES, set_ratios  # noqa: E402
 
 
 def _out(model, kw):

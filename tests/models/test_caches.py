@@ -14,8 +14,7 @@ import diffcr
 import diffcr_kernels as dk
 from diffcr import DiffCRConfig
 
-from test_pipelines import dit_call, dit_pipe
-from tiny_models import set_ratios
+from tiny_models import dit_call, dit_pipe, set_ratios
 
 hooks = pytest.importorskip("diffusers.hooks")
 
@@ -184,7 +183,7 @@ def test_layerwise_casting_after_convert_keeps_both_paths_equal():
 
 
 def _family_params():
-    from test_family_conformance import FAMILIES
+    from tiny_models import FAMILIES
 
     out = []
     for fam in FAMILIES:
@@ -204,7 +203,7 @@ def test_first_block_cache_after_convert_on_every_family(family):
     """Model-level, three denoising steps: FirstBlockCache on the converted model equals it on
     the original at kappa = 1, and runs routed below 1 (the unconverted model is run first, so
     an upstream failure shows as such)."""
-    from test_family_conformance import FAMILY_CASES, _run
+    from tiny_models import FAMILY_CASES, run_model as _run
 
     factory, inputs = FAMILY_CASES[family]
     ref = factory()

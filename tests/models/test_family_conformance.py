@@ -7,9 +7,9 @@ model of the family (CPU, no downloads):
   sample, samples in different timestep regions), and so do the router and ratio gradients;
 - ``revert`` restores the model exactly (classes, attributes, hooks, state dict, outputs).
 
-Adding a family: its file under ``python/diffcr/models/``, its import at the end of
-``python/diffcr/models/__init__.py``, and its case in ``FAMILY_CASES`` (a tiny model and its
-inputs).
+Adding a family: its file under ``python/diffcr/models/``, its registration line, and its case
+in ``tests/tiny_models.py``'s ``FAMILY_CASES`` (a tiny model and its inputs); docs/extending.md
+has the exact list.
 """
 import copy
 
@@ -19,64 +19,8 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import hunyuanvideo_inputs, make, qwenimage_inputs, set_ratios
-
-
-def _pixart_inputs(t):
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(len(t), 5, 32, generator=g),
-                timestep=torch.tensor(t))
-
-
-def _dit_inputs(t):
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
-                timestep=torch.tensor(t), class_labels=torch.tensor([1, 3, 5, 7][:len(t)]))
-
-
-def _sd3_inputs(t):
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(len(t), 4, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(len(t), 5, 16, generator=g),
-                pooled_projections=torch.randn(len(t), 8, generator=g),
-                timestep=torch.tensor(t, dtype=torch.float32))
-
-
-def _flux_inputs(t):
-    from tiny_models import flux_ids
-
-    g = torch.Generator().manual_seed(0)
-    img_ids, txt_ids = flux_ids(4, 5)
-    return dict(hidden_states=torch.randn(len(t), 16, 4, generator=g),
-                encoder_hidden_states=torch.randn(len(t), 5, 32, generator=g),
-                pooled_projections=torch.randn(len(t), 32, generator=g),
-                timestep=torch.tensor(t, dtype=torch.float32) / 1000,  # as the pipeline
-                img_ids=img_ids, txt_ids=txt_ids)
-
-
-def _wan_inputs(t):
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(len(t), 4, 2, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(len(t), 5, 16, generator=g),
-                timestep=torch.tensor(t))
-
-
-# family name -> (tiny model factory, inputs for timesteps t)
-FAMILY_CASES = {
-    "pixart": (lambda: make("pixart"), _pixart_inputs),
-    "dit": (lambda: make("dit"), _dit_inputs),
-    "sd3": (lambda: make("sd3"), _sd3_inputs),
-    "flux": (lambda: make("flux"), _flux_inputs),
-    "wan": (lambda: make("wan"), _wan_inputs),
-    "qwenimage": (lambda: make("qwenimage"),
-                  lambda t: qwenimage_inputs([v / 1000 for v in t])),  # as the pipeline
-    "hunyuanvideo": (lambda: make("hunyuanvideo"), hunyuanvideo_inputs),
-}
-
-FAMILIES = sorted(diffcr.families())
-# the fused == compat tests run on the families that have a fused forward
-FUSED_FAMILIES = sorted(n for n, f in diffcr.families().items() if f.has_fused)
+from tiny_models import FAMILIES, FAMILY_CASES, FUSED_FAMILIES, make, qwenimage_inputs, set_ratios
+from tiny_models import run_model as _run
 
 
 def test_every_registered_family_has_a_case():
@@ -88,11 +32,6 @@ def _case(name):
     model = factory()
     assert diffcr.family_for(model).name == name
     return model, inputs
-
-
-def _run(model, kw, seed=3):
-    torch.manual_seed(seed)  # DiT drops class labels at random in training
-    return model(**kw).sample
 
 
 def _module_snapshot(model):
@@ -357,7 +296,7 @@ def test_tested_diffusers_range_matches_pyproject():
 
     from diffcr.models import TESTED_DIFFUSERS
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     text = open(os.path.join(root, "pyproject.toml")).read()
     m = re.search(r'^tested-diffusers = \["([\d.]+)", "([\d.]+)"\]', text, re.M)
     assert m, "pyproject.toml has no [tool.diffcr] tested-diffusers"

@@ -1,5 +1,5 @@
 """A converted tiny PixArt / DiT computes exactly what it computed when the pins were written
-(``tests/pins.py``): outputs of eval, frozen and two-bin training forwards on both execution
+(``tests/models/pins.py``): outputs of eval, frozen and two-bin training forwards on both execution
 paths, and the router and ratio gradients. Bitwise under the torch version that wrote them
 (the one CI's main stage installs) on a CPU with the same vector capability (torch's CPU
 kernels pick their code by it: AVX2 and AVX-512 round differently); within float32 rounding

@@ -6,30 +6,7 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import _randomise_weights, set_ratios, tiny_dit, tiny_pixart
-
-
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                         sample_size=8).eval()
-
-
-def dit_pipe():
-    from diffusers import DDIMScheduler, DiTPipeline
-
-    # DiTPipeline's guidance uses the null class 1000: an ImageNet-sized label table
-    return DiTPipeline(transformer=_randomise_weights(tiny_dit(num_classes=1000)), vae=tiny_vae(),
-                       scheduler=DDIMScheduler(num_train_timesteps=1000))
-
-
-def dit_call(pipe):
-    return pipe(class_labels=[1, 3], guidance_scale=4.0, num_inference_steps=4,
-                generator=torch.Generator().manual_seed(0), output_type="np").images
+from tiny_models import _randomise_weights, dit_call, dit_pipe, set_ratios, tiny_pixart, tiny_vae
 
 
 def pixart_pipe():

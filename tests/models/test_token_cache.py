@@ -8,8 +8,7 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig, TokenCacheConfig
 
-from test_family_conformance import FAMILY_CASES
-from tiny_models import set_ratios
+from tiny_models import FAMILY_CASES, set_ratios
 
 FAMILIES = sorted(FAMILY_CASES)
 STEPS = (900, 700, 500, 300, 100)

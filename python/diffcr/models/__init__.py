@@ -19,9 +19,9 @@ here imports :mod:`diffcr.routing`):
   with :func:`register_family`.
 
 Adding a built-in family means its file here, its import at the end of this module (which
-registers it), and its case in ``FAMILY_CASES`` of ``tests/test_family_conformance.py``: a tiny
-random model of the family (``tests/tiny_models.py``) and its inputs. That test holds every
-registered family to the same contract and fails for a family without a case. A family defined
+registers it), and its case in ``FAMILY_CASES`` of ``tests/tiny_models.py``: a tiny random model
+of the family and its inputs. ``tests/models/test_family_conformance.py`` holds every registered
+family to the same contract and fails for a family without a case. A family defined
 outside this package only needs :func:`register_family`.
 """
 from .base import (TESTED_DIFFUSERS, ForwardParams, ModelFamily, display_name, take_samples,

@@ -19,7 +19,7 @@ Fused forward, per routed block (docs/method.md §7):
 
 The compat path (the block's own diffusers forward on gathered tokens, one call per group of
 segments with equal k) stays available for verification; the two are tested equal
-(``tests/test_family_conformance.py``).
+(``tests/models/test_family_conformance.py``).
 """
 from __future__ import annotations
 
