@@ -1,5 +1,5 @@
-"""Exercise every compiled op (forward, in-place forward and backward) once per dtype on small
-ragged inputs: the workload that benchmarks/gpu_check.sh runs under compute-sanitizer memcheck.
+"""Exercise every compiled op (forward, in-place forward and backward, the token-cache pass)
+once per dtype on small ragged inputs: the workload that benchmarks/gpu_check.sh runs under compute-sanitizer memcheck.
 On CUDA both kernel families run (the CUDA extension and the compiled Triton kernels), at a
 hidden size that takes the 16-byte vector path (D = 72) and one that takes the scalar path
 (D = 70). Runs on CPU too (``--device cpu``) so the script itself is tested without a GPU."""
@@ -39,6 +39,14 @@ def _one(device, backend, D, dtype):
             inplace = dk.scatter_back_(x.detach().clone(), sel.indices, sel.cu_seqlens,
                                        sel.seg_weight.detach(), y.detach(), mlp_out.detach(),
                                        sel.scores, gate.detach(), max_seqlen=sel.max_seqlen)
+        # the token-cache pass: cache in bf16 (its own dtype), with and without miss weights
+        with torch.no_grad():
+            one = ref.select_topk(scores, [[5], [1], [37]])
+            cache = torch.randn(B * N, D, generator=g).to(device, torch.bfloat16)
+            x_rows = x.detach().reshape(B * N, D).index_select(0, one.indices)
+            slot = dk.token_cache_slots(one, B * N)
+            for miss in (None, torch.rand(B * N, generator=g).to(device, ref.acc_dtype(dtype))):
+                dk.apply_token_cache_(inplace.clone(), cache, slot, x_rows, miss)
     if device == "cuda":
         torch.cuda.synchronize()
     same = torch.equal(inplace, out.detach())

@@ -137,3 +137,35 @@ def test_kernels_scatter_back_backward(benchmark, bench_device, B):
         return f
 
     _record(benchmark, bench_device, run("reference"), run(backend), bytes_moved)
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_kernels_token_cache(benchmark, bench_device, B):
+    """The token-cache pass (``apply_token_cache_``, in place, inference) against the torch
+    composite it replaces (forecast x miss added to the whole stream, then the selected rows'
+    updates gathered and copied into the cache)."""
+    from diffcr.token_cache import coverage
+
+    backend = _compiled(bench_device)
+    x, sel, _, _ = _setup(bench_device, B, 0.5)
+    N = x.shape[1]
+    R = B * N
+    out = x.clone()
+    cache = torch.randn(R, D, device=bench_device, dtype=x.dtype)
+    x_rows = x.reshape(R, D).index_select(0, sel.indices)
+    es = x.element_size()
+    # every row: read out and (skipped) cache or (selected) its input, write one of them
+    bytes_moved = 3 * R * D * es
+
+    def base():
+        miss = (1 - coverage(sel, R)).to(out.dtype).unsqueeze(-1)
+        out.view(R, D).add_(cache * miss)
+        cache.index_copy_(0, sel.indices, out.view(R, D).index_select(0, sel.indices) - x_rows)
+
+    def fn():
+        with dk.use_backend(backend):
+            dk.apply_token_cache_(out, cache, dk.token_cache_slots(sel, R), x_rows)
+
+    with torch.no_grad():
+        _record(benchmark, bench_device, base, fn, bytes_moved)
+    benchmark.extra_info["baseline"] = "torch composite (the runtime before the fused op)"

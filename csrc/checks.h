@@ -109,4 +109,47 @@ inline void check_inplace_target(
   }
 }
 
+// The token-cache pass (apply_token_cache_) writes out and cache in place and reads slot,
+// x_rows and miss: shapes, dtypes, devices, contiguity and aliasing are checked before either
+// is written (the slot values are checked by the CPU kernel on the host, and on the GPU by the
+// device checks of a DIFFCR_DEBUG build).
+inline void check_token_cache_args(const char* op, const at::Tensor& out, const at::Tensor& cache,
+                                   const at::Tensor& slot, const at::Tensor& x_rows,
+                                   const c10::optional<at::Tensor>& miss) {
+  check_x(out, op);
+  const int64_t R = out.size(0) * out.size(1), D = out.size(2);
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous (it is updated in place)");
+  const auto ct = cache.scalar_type();
+  TORCH_CHECK_VALUE(ct == at::kFloat || ct == at::kDouble || ct == at::kHalf || ct == at::kBFloat16,
+                    op, ": cache must be float32, float64, float16 or bfloat16, got ", ct);
+  TORCH_CHECK_VALUE(cache.device() == out.device(), op, ": cache is on ", cache.device(),
+                    " but out is on ", out.device());
+  check_shape(cache, op, "cache", {R, D});
+  TORCH_CHECK_VALUE(cache.is_contiguous(), op,
+                    ": cache must be contiguous (it is updated in place)");
+  TORCH_CHECK_VALUE(slot.scalar_type() == at::kInt, op, ": slot must be int32, got ",
+                    slot.scalar_type());
+  TORCH_CHECK_VALUE(slot.device() == out.device(), op, ": slot is on ", slot.device(),
+                    " but out is on ", out.device());
+  check_shape(slot, op, "slot", {R});
+  TORCH_CHECK_VALUE(x_rows.dim() == 2, op, ": x_rows must be [T, D], got shape ", x_rows.sizes());
+  check_data(x_rows, op, "x_rows", out);
+  check_shape(x_rows, op, "x_rows", {x_rows.size(0), D});
+  if (miss.has_value() && miss->defined()) check_acc(*miss, out, op, "miss", R);
+  if (out.numel()) {
+    TORCH_CHECK_VALUE(!cache.is_alias_of(out), op,
+                      ": cache shares memory with out; both are updated in place");
+  }
+  for (const auto& r : {std::make_pair("x_rows", &x_rows), std::make_pair("slot", &slot)}) {
+    TORCH_CHECK_VALUE(!r.second->numel() || !(r.second->is_alias_of(out) ||
+                                              r.second->is_alias_of(cache)),
+                      op, ": ", r.first, " shares memory with out or cache, which are updated in "
+                      "place");
+  }
+  if (miss.has_value() && miss->defined() && miss->numel()) {
+    TORCH_CHECK_VALUE(!(miss->is_alias_of(out) || miss->is_alias_of(cache)), op,
+                      ": miss shares memory with out or cache, which are updated in place");
+  }
+}
+
 }  // namespace diffcr

@@ -177,6 +177,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cuda(
   return {grad_attn_update, grad_mlp_out, grad_s, dots};
 }
 
+void token_cache_cuda(at::Tensor& out, at::Tensor& cache, const at::Tensor& slot_,
+                      const at::Tensor& x_rows_, const c10::optional<at::Tensor>& miss) {
+  const char* op = "diffcr::apply_token_cache_";
+  check_token_cache_args(op, out, cache, slot_, x_rows_, miss);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor slot = slot_.contiguous(), x_rows = x_rows_.contiguous(),
+                   m = opt_contig(miss);
+  check_launch(cuda::apply_token_cache(dtype_of(out), dtype_of(cache), out.data_ptr(),
+                                       cache.data_ptr(), slot.data_ptr<int32_t>(), ptr(x_rows),
+                                       ptr(m), out.size(0) * out.size(1), out.size(2),
+                                       x_rows.size(0), stream()),
+               op);
+}
+
 }  // namespace
 }  // namespace diffcr
 
@@ -186,4 +200,5 @@ TORCH_LIBRARY_IMPL(diffcr, CUDA, m) {
   m.impl("scatter_back", &diffcr::sb_cuda);
   m.impl("scatter_back_", &diffcr::sb_inplace_cuda);
   m.impl("scatter_back_backward", &diffcr::sb_bwd_cuda);
+  m.impl("apply_token_cache_", &diffcr::token_cache_cuda);
 }

@@ -135,6 +135,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_bwd_cpu(
                                     as_opt(opt_contig(scores)), as_opt(opt_contig(gate)));
 }
 
+void token_cache_cpu(at::Tensor& out, at::Tensor& cache, const at::Tensor& slot,
+                     const at::Tensor& x_rows, const c10::optional<at::Tensor>& miss) {
+  const char* op = "diffcr::apply_token_cache_";
+  check_token_cache_args(op, out, cache, slot, x_rows, miss);
+  cpu::apply_token_cache(out, cache, slot.contiguous(), x_rows.contiguous(),
+                         as_opt(opt_contig(miss)));
+}
+
 }  // namespace
 }  // namespace diffcr
 
@@ -146,4 +154,5 @@ TORCH_LIBRARY_IMPL(diffcr, CPU, m) {
   m.impl("scatter_back", &diffcr::sb_cpu);
   m.impl("scatter_back_", &diffcr::sb_inplace_cpu);
   m.impl("scatter_back_backward", &diffcr::sb_bwd_cpu);
+  m.impl("apply_token_cache_", &diffcr::token_cache_cpu);
 }

@@ -11,6 +11,8 @@ kernels, compiled C++ CPU kernels, or the pure-torch reference that defines them
   (:func:`selection_attention`: self-attention in each segment of a :class:`Selection`)
 * :func:`scatter_back`           gated, bin-weighted scatter-back into the residual stream
   (:func:`scatter_back_`: the same, in place, for inference)
+* :func:`apply_token_cache_`     the token cache of a routed block: skipped rows receive their
+  cached update, selected rows' new updates go into the cache (one pass, inference)
 
 :func:`available_backends` reports what loaded and why not.
 """
@@ -24,6 +26,7 @@ from . import _ext, reference
 from ._schemas import SCHEMAS
 from .attention import available_attention_backends, selection_attention, varlen_attention
 from .ops import (
+    apply_token_cache_,
     current_backend,
     gather_norm_modulate,
     gather_rows,
@@ -33,12 +36,14 @@ from .ops import (
     scatter_back_,
     scatter_back_selection,
     select_topk,
+    token_cache_slots,
     use_backend,
 )
 from .reference import Selection, host_index, kept_count, pack_text
 
 __all__ = [
     "Selection",
+    "apply_token_cache_",
     "available_attention_backends",
     "available_backends",
     "current_backend",
@@ -56,6 +61,7 @@ __all__ = [
     "scatter_back_selection",
     "select_topk",
     "selection_attention",
+    "token_cache_slots",
     "use_backend",
     "varlen_attention",
 ]

@@ -8,7 +8,7 @@ launchers). Fake kernels and the one autograd registration shared by both live i
 launchers' docstrings (:mod:`diffcr_kernels.triton.kernels`) and ``csrc/kernels/diffcr_cuda.h``.
 
 Adding an op: one line here, its kernels (C++/CUDA ``m.impl`` and a Triton launcher of the same
-name), its fake kernel in ``ops.py``. ``tests/test_ops.py`` opchecks every op of this table.
+name), its fake kernel in ``ops.py``. ``tests/kernels/test_ops.py`` opchecks every op of this table.
 """
 from __future__ import annotations
 
@@ -28,10 +28,12 @@ SCHEMAS: Dict[str, str] = {
     "scatter_back_backward": "(Tensor grad_out, Tensor idx, Tensor cu_seqlens, int max_seqlen, "
     "Tensor seg_weight, Tensor attn_update, Tensor? mlp_out, Tensor? scores, "
     "Tensor? gate) -> (Tensor, Tensor, Tensor, Tensor)",
+    "apply_token_cache_": "(Tensor(a!) out, Tensor(b!) cache, Tensor slot, Tensor x_rows, "
+    "Tensor? miss) -> ()",
 }
 
 
 def mutated_args(name: str) -> tuple:
     """Arguments an op writes into (``Tensor(a!)`` in its schema)."""
     args = SCHEMAS[name].split(") ->")[0].lstrip("(").split(", ")
-    return tuple(a.split()[-1] for a in args if "(a!)" in a)
+    return tuple(a.split()[-1] for a in args if "!)" in a.split()[0])

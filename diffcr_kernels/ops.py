@@ -52,6 +52,8 @@ __all__ = [
     "scatter_back",
     "scatter_back_",
     "scatter_back_selection",
+    "apply_token_cache_",
+    "token_cache_slots",
 ]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -495,6 +497,112 @@ def _scatter(x, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate,
 
 
 # --------------------------------------------------------------------------------------------
+# the token cache applied to a routed block's output (inference)
+# --------------------------------------------------------------------------------------------
+def token_cache_slots(sel: Selection, rows: int) -> torch.Tensor:
+    """int32 ``[rows]``: for every row of the source (``B * N``), the packed row of ``sel`` that
+    holds it (-1: not selected), the ``slot`` argument of :func:`apply_token_cache_`. A row
+    selected in two segments (both bins) maps to one of them (their inputs are the same)."""
+    T = sel.indices.numel()
+    slot = torch.full((rows,), -1, dtype=torch.int32, device=sel.indices.device)
+    return slot.index_put_((sel.indices,), torch.arange(T, dtype=torch.int32,
+                                                        device=slot.device))
+
+
+def _check_token_cache(out, cache, slot, x_rows, miss, contents=True):
+    op = "apply_token_cache_"
+    _check_x(op, out)
+    B, N, D = out.shape
+    R = B * N
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous (it is updated in place)")
+    if not torch.is_tensor(cache) or cache.dtype not in _FLOATS:
+        raise ValueError(f"{op}: cache must be a float32, float64, float16 or bfloat16 tensor, "
+                         f"got {getattr(cache, 'dtype', type(cache).__name__)}")
+    _need(cache, op, "cache", (R, D), out)
+    if not cache.is_contiguous():
+        raise ValueError(f"{op}: cache must be contiguous (it is updated in place)")
+    if not torch.is_tensor(slot) or slot.dim() != 1 or slot.dtype != torch.int32:
+        raise ValueError(f"{op}: slot must be a 1-D int32 tensor [B*N], got "
+                         f"{getattr(slot, 'dtype', type(slot).__name__)} "
+                         f"{tuple(getattr(slot, 'shape', ()))}")
+    _need(slot, op, "slot", (R,), out)
+    if not torch.is_tensor(x_rows) or x_rows.dim() != 2:
+        raise ValueError(f"{op}: x_rows must be a [T, D] tensor, got "
+                         f"{tuple(getattr(x_rows, 'shape', ()))}")
+    _need(x_rows, op, "x_rows", (x_rows.shape[0], D), out)
+    if x_rows.dtype != out.dtype:
+        raise ValueError(f"{op}: x_rows has dtype {x_rows.dtype}, expected {out.dtype} (the "
+                         "dtype of out)")
+    if miss is not None:
+        _need(miss, op, "miss", (R,), out)
+        if miss.dtype != acc_dtype(out.dtype):
+            raise ValueError(f"{op}: miss has dtype {miss.dtype}, expected "
+                             f"{acc_dtype(out.dtype)} (float64 for float64 data, float32 "
+                             "otherwise)")
+    if not torch.compiler.is_compiling():
+        shared = out.untyped_storage().data_ptr()
+        if out.numel() and cache.untyped_storage().data_ptr() == shared:
+            raise ValueError(f"{op}: cache shares memory with out; both are updated in place")
+        for name, t in (("x_rows", x_rows), ("slot", slot), ("miss", miss)):
+            if t is not None and t.numel() and t.untyped_storage().data_ptr() in (
+                    shared, cache.untyped_storage().data_ptr()):
+                raise ValueError(f"{op}: {name} shares memory with out or cache, which are "
+                                 "updated in place")
+        T = x_rows.shape[0]
+        if contents and R and (slot.device.type == "cpu" or _validate_contents()):
+            lo, hi = int(slot.min()), int(slot.max())
+            if lo < -1 or hi >= T:
+                bad = int(torch.nonzero((slot < -1) | (slot >= T))[0, 0])
+                raise ValueError(f"{op}: slot[{bad}] = {int(slot[bad])} is out of range: -1 "
+                                 f"(skipped) or a row of x_rows, which has {T}")
+
+
+def apply_token_cache_(
+    out: torch.Tensor,
+    cache: torch.Tensor,
+    slot: torch.Tensor,
+    x_rows: torch.Tensor,
+    miss: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One pass over a routed block's output for the token cache (inference, in place): every
+    row that missed the block receives its cached update, and every selected row's new update
+    goes into the cache. Returns ``out``.
+
+    Args:
+        out: ``[B, N, D]`` float, contiguous: the block's output (selected rows ``x + update``,
+            skipped rows ``x``); updated in place.
+        cache: ``[B * N, D]`` float (any of float32/float64/float16/bfloat16, independent of
+            out's dtype), contiguous: each row's last update; the selected rows' entries are
+            overwritten.
+        slot: int32 ``[B * N]``: the row of ``x_rows`` holding each row's input, -1 for a
+            skipped row (:func:`token_cache_slots` builds it from a :class:`Selection`).
+        x_rows: ``[T, D]`` in out's dtype: the selected rows' inputs, gathered before the block
+            ran (an in-place block overwrites them).
+        miss: optional ``[B * N]`` acc dtype (float64 for float64 data, else float32): the
+            weight with which each row misses the block (``1 - coverage``); None: 1 for a
+            skipped row, 0 for a selected one.
+
+    The exact definition is :func:`diffcr_kernels.reference.apply_token_cache_`. Memory
+    traffic: one read of each row of out and cache, one write of one of them, one read of
+    x_rows. Not differentiable (the token cache in training uses
+    :func:`diffcr.token_cache.apply_token_cache`); refused when autograd would record it.
+    """
+    op = "apply_token_cache_"
+    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad
+                                       for t in (out, cache, x_rows, miss)):
+        raise ValueError(f"{op}: the token cache pass is for inference; an input requires grad "
+                         "(run under torch.no_grad())")
+    _check_token_cache(out, cache, slot, x_rows, miss)
+    backend = resolve_backend(op, out.device)
+    if backend == "reference":
+        ref.apply_token_cache_(out, cache, slot, x_rows, miss)
+    else:
+        _ns(backend).apply_token_cache_(out, cache, slot, x_rows, miss)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # fake kernels and autograd of the compiled ops
 # --------------------------------------------------------------------------------------------
 def _ns(backend: str):
@@ -515,7 +623,7 @@ def _define_triton_ops() -> None:
 
 
 def _register_family(ns: str) -> None:
-    """Fake kernels and autograd for the four ops of namespace ``ns`` (``diffcr`` = the C++
+    """Fake kernels and autograd for the ops of namespace ``ns`` (``diffcr`` = the C++
     extension, ``diffcr_triton`` = the Triton kernels): both families share the math here."""
     lib = ns + "::"
     ops = getattr(torch.ops, ns)
@@ -548,6 +656,10 @@ def _register_family(ns: str) -> None:
         new = attn_update.new_empty
         return (new(T, D), new(T if mlp_out is not None else 0, D),
                 new(T if scores is not None else 0, dtype=a), new(T, dtype=a))
+
+    @torch.library.register_fake(lib + "apply_token_cache_")
+    def _tc_fake(out, cache, slot, x_rows, miss):
+        return None
 
     # gather_norm_modulate: inputs (x, idx, shift, scale, weight, bias, eps)
     def _gnm_setup(ctx, inputs, output):

@@ -13,6 +13,8 @@ Data path of one routed block (docs/method.md §7):
 3. :func:`gather_norm_modulate`  LN(x[idx]) * (1 + scale[b]) + shift[b] on the packed rows.
 4. block body on packed rows; :func:`varlen_attention` for self- and cross-attention.
 5. :func:`scatter_back`    out = x;  out[idx] += w_seg * (attn_update + s * gate[b] * mlp_out).
+6. :func:`apply_token_cache_` (token cache on, inference): skipped rows += their cached update,
+   the selected rows' new updates written into the cache, in one pass.
 
 Conventions
 -----------
@@ -47,6 +49,7 @@ __all__ = [
     "gather_rows",
     "gather_norm_modulate",
     "scatter_back",
+    "apply_token_cache_",
     "varlen_attention",
     "pack_text",
 ]
@@ -388,6 +391,47 @@ def scatter_back(
     c = c * seg_weight.to(a)[row_seg].unsqueeze(1)
     out = x.reshape(B * N, D).to(a).index_add(0, idx, c)
     return out.to(x.dtype).reshape(B, N, D)
+
+
+def apply_token_cache_(
+    out: torch.Tensor,
+    cache: torch.Tensor,
+    slot: torch.Tensor,
+    x_rows: torch.Tensor,
+    miss: Optional[torch.Tensor] = None,
+) -> None:
+    """The token cache of one routed block applied to its output, in place (inference).
+
+    ``out`` is the block's output ``[B, N, D]`` (selected rows: ``x + update``; skipped rows:
+    ``x``), ``cache`` ``[B * N, D]`` the update each row last received (any float dtype: it may
+    be stored in lower precision than the residual stream). ``slot`` int32 ``[B * N]`` says for
+    each row where its input is in ``x_rows`` ``[T, D]`` (the selected rows' inputs, gathered
+    before the block ran; out's dtype), or -1 for a row the block skipped. ``miss`` ``[B * N]``
+    (acc dtype) is the weight with which a row misses the block, ``1 - coverage`` (two bins:
+    fractional for a row in one bin only); None: 1 for a skipped row, 0 for a selected one.
+
+    For every row r, in the acc dtype, with ``m = miss[r]``:
+
+    * if ``m != 0``: ``out[r] = round(out[r] + m * cache[r])`` (rows with ``m == 0`` are left
+      untouched, bit for bit);
+    * if ``slot[r] >= 0``: ``cache[r] = round_cache(out[r] - x_rows[slot[r]])``, from the
+      rounded new ``out[r]``: the update the row received at this step.
+
+    A skipped row's cache entry is unchanged. Returns None (``out`` and ``cache`` are written).
+    """
+    B, N, D = out.shape
+    R = B * N
+    a = acc_dtype(out.dtype)
+    o = out.view(R, D)
+    m = (slot < 0).to(a) if miss is None else miss.to(a)
+    hit = m != 0
+    new = torch.where(hit.unsqueeze(1), (o.to(a) + m.unsqueeze(1) * cache.to(a)).to(out.dtype),
+                      o)
+    rows = torch.nonzero(slot >= 0).squeeze(1)
+    upd = (new.index_select(0, rows).to(a)
+           - x_rows.index_select(0, slot.index_select(0, rows).long()).to(a)).to(cache.dtype)
+    o.copy_(new)
+    cache.index_copy_(0, rows, upd)
 
 
 def varlen_attention(

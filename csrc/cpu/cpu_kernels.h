@@ -37,5 +37,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_back_backward
     const c10::optional<at::Tensor>& mlp_out, const c10::optional<at::Tensor>& scores,
     const c10::optional<at::Tensor>& gate);
 
+// The token-cache pass (see diffcr_kernels.reference.apply_token_cache_), in place on out and
+// cache; slot values are range-checked here before anything is written.
+void apply_token_cache(at::Tensor& out, at::Tensor& cache, const at::Tensor& slot,
+                       const at::Tensor& x_rows, const c10::optional<at::Tensor>& miss);
+
 }  // namespace cpu
 }  // namespace diffcr

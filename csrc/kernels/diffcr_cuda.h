@@ -51,5 +51,14 @@ int scatter_back_bwd(DType dt, const void* grad_out, const int64_t* idx, const i
                      const void* scores, const void* gate, void* grad_attn_update,
                      void* grad_mlp_out, void* grad_scores, void* row_dot, void* stream);
 
+// The token-cache pass (in place), for every row r of out [R, D] (R = B*N), in the acc type of
+// dt, with m = miss[r] (acc, or nullptr: 1 where slot[r] < 0, else 0):
+//   if m != 0:        out[r] = round(out[r] + m * cache[r]);
+//   if slot[r] >= 0:  cache[r] = round_cache(out[r] - x_rows[slot[r]])   (the rounded out[r]).
+// cache has its own dtype cache_dt; slot is int32 [R] with values in [-1, T_rows).
+int apply_token_cache(DType dt, DType cache_dt, void* out, void* cache, const int32_t* slot,
+                      const void* x_rows, const void* miss, int64_t R, int64_t D, int64_t T_rows,
+                      void* stream);
+
 }  // namespace cuda
 }  // namespace diffcr

@@ -2,7 +2,8 @@
 interpreter, ``TRITON_INTERPRET=1``, which must be set before this package is imported).
 
 The launchers mirror the compiled ``torch.ops.diffcr.*`` operators one to one (one file per
-op: :mod:`.gather_norm`, :mod:`.scatter`, :mod:`.router`, :mod:`.select`; all launchers
+op: :mod:`.gather_norm`, :mod:`.scatter`, :mod:`.token_cache`, :mod:`.router`,
+:mod:`.select`; all launchers
 in :mod:`diffcr_kernels.triton.kernels`); they are plain Python functions with no
 ``torch.library`` registration. :mod:`.aot` compiles them for sm_80 / sm_90 without a GPU.
 
@@ -21,6 +22,7 @@ __all__ = [
     "AVAILABLE",
     "IMPORT_ERROR",
     "INTERPRETED",
+    "apply_token_cache_",
     "gather_norm_modulate",
     "gather_norm_modulate_backward",
     "scatter_back",
@@ -32,6 +34,7 @@ __all__ = [
 try:
     from .kernels import (  # noqa: F401
         INTERPRETED,
+        apply_token_cache_,
         gather_norm_modulate,
         gather_norm_modulate_backward,
         router_scores,

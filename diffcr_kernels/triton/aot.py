@@ -3,7 +3,8 @@ GPU: proof that the kernels compile for sm_80 / sm_90 (a kernel that does not co
 fails here), with register, spill and shared-memory figures per specialisation.
 
 How: a stand-in Triton driver reports the chosen ``GPUTarget("cuda", arch, 32)``; every kernel
-object of the op files (:mod:`.gather_norm`, :mod:`.scatter`, :mod:`.router`, :mod:`.select`) is
+object of the op files (:mod:`.gather_norm`, :mod:`.scatter`, :mod:`.token_cache`,
+:mod:`.router`, :mod:`.select`) is
 replaced by a recorder whose ``kernel[grid](...)`` calls ``JITFunction.run(..., warmup=True)``
 (compile, never launch); then the package's **own launchers** are called on CPU tensors for a
 matrix of dtypes, optional inputs, hidden sizes and token counts. So what gets compiled is
@@ -134,7 +135,7 @@ def _aot_mode(arch: int, sink) -> Iterator[None]:
 
     # by module path: the package re-exports launchers whose names may equal a file's
     op_files = [importlib.import_module(f"{__package__}.{m}")
-                for m in ("gather_norm", "scatter", "router", "select")]
+                for m in ("gather_norm", "scatter", "token_cache", "router", "select")]
 
     if C.INTERPRETED:
         raise RuntimeError("diffcr_kernels.triton was imported under TRITON_INTERPRET=1: "
@@ -215,6 +216,17 @@ def _calls(full: bool) -> Iterator[tuple]:
                                f=full_opt: K.scatter_back_backward(
                                    x, idx, cu, 3, sw, r, r if f else None, s if f else None,
                                    v if f else None))
+            # the token-cache pass: cache in the stream's dtype and in bfloat16, with and
+            # without the two-bin miss weights
+            slot = torch.full((B * N,), -1, dtype=torch.int32)
+            slot[:T] = torch.arange(T, dtype=torch.int32)
+            miss = torch.zeros(B * N, dtype=a)
+            for cdt in dict.fromkeys((dt, torch.bfloat16)):
+                for with_miss in (False, True):
+                    yield (f"apply_token_cache_ {name[dt]} cache={name[cdt]} D={D}"
+                           f"{' miss' if with_miss else ''}",
+                           lambda x=x, c=torch.zeros(B * N, D, dtype=cdt), sl=slot, r=rows,
+                           m=miss if with_miss else None: K.apply_token_cache_(x, c, sl, r, m))
             yield (f"router_scores {name[dt]} D={D}",
                    lambda x=x, p=par: K.router_scores(x, p))
     for n in TOKENS + (TOKENS_FULL if full else ()):

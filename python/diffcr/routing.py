@@ -245,7 +245,8 @@ class BlockRouting:
                                             inplace_residual=inplace)
             if entry is None:
                 return out
-            return apply_token_cache(family, out, entry, sel, x_rows, tc.step)
+            return apply_token_cache(family, out, entry, sel, x_rows, tc.step,
+                                     unit_weights=weights is None)
 
 
 def _inner_hooks(block: nn.Module):

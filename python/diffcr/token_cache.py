@@ -232,15 +232,35 @@ def coverage(sel, rows: int) -> torch.Tensor:
     return torch.zeros(rows, dtype=w.dtype, device=w.device).index_add(0, sel.indices, w)
 
 
+_FUSED_CACHE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def apply_token_cache(family, out, entry: _Entry, sel, x_rows: Optional[torch.Tensor],
-                      step: int):
+                      step: int, unit_weights: bool = False):
     """A routed block's output with the token cache applied (called by the routing runtime):
     every row receives the forecast of its update times ``1 - coverage`` (skipped rows all of
     it, selected rows none), and with ``x_rows`` (the selected rows' inputs, ``[T, D]``) the
-    selected rows' new updates are written into ``entry`` at ``step``. In place on the image
-    stream when it needs no gradient."""
+    selected rows' new updates are written into ``entry`` at ``step``.
+
+    Inference at order 0 (no gradient, ``x_rows`` given, a contiguous image stream, a cache in
+    a float dtype the kernels take) is one pass of :func:`diffcr_kernels.apply_token_cache_`,
+    in place on the stream and the cache (``unit_weights``: every segment weighs 1, so a
+    selected row misses nothing and no coverage is computed). Otherwise (training, order 1)
+    the same definition in differentiable torch ops."""
+    import diffcr_kernels as dk
+
     img = family.hidden_states_of(out)
     B, N, D = img.shape
+    fused = (x_rows is not None and entry.u0 is None and img.is_contiguous()
+             and entry.u1.dtype in _FUSED_CACHE_DTYPES
+             and not (torch.is_grad_enabled() and img.requires_grad))
+    if fused:
+        with torch.no_grad():
+            miss = None if unit_weights else \
+                (1 - coverage(sel, B * N)).to(dk.reference.acc_dtype(img.dtype))
+            dk.apply_token_cache_(img, entry.u1, dk.token_cache_slots(sel, B * N), x_rows, miss)
+            entry.s1.index_fill_(0, sel.indices, step)
+        return out
     miss = (1 - coverage(sel, B * N)).to(img.dtype).unsqueeze(-1)
     add = entry.forecast(step).to(img.dtype) * miss
     if not img.requires_grad and img.is_contiguous():

@@ -29,8 +29,22 @@ def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
                              token_cache=True)[0]
     assert row["k"] == N // 2 and row["fraction_of_ideal"] > 0 and "naive_ms" not in row
     assert row["token_cache_ms"] > 0 and row["token_cache_bytes_moved"] == \
-        (3 * N + 3 * row["k"]) * bb.D * 4
+        (3 * N + 2 * row["k"]) * bb.D * 4
     assert not diffcr.routing_state(bb.model).token_cache  # turned off after timing
+
+
+def test_demo_dit_block_bench_is_the_demo_models_block():
+    """``--model dit-demo``: the block of the model ``diffcr train`` fine-tunes (D = 128)."""
+    import json
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    cfg = json.loads((Path(bench.__file__).parent / "demo" / "dense_dit" / "config.json")
+                     .read_text())
+    bb = bench.make_block_bench("dit-demo", 64, 2, "cpu", torch.float32)
+    assert bb.D == cfg["num_attention_heads"] * cfg["attention_head_dim"] == 128
+    row = bench.bench_blocks("dit-demo", 64, 2, kappas=(0.5,), rounds=1, prepack=False)[0]
+    assert row["k"] == 32 and row["path"] == "fused" and row["fraction_of_ideal"] > 0
 
 
 def test_cli_bench_choices_are_the_bench_kinds():

@@ -200,6 +200,37 @@ def gather_case(draw):
         rstd=draw(tensor((_near(draw, T),), [torch.float32, torch.float64, fdt], lo=0.1)))
 
 
+@st.composite
+def token_cache_case(draw):
+    """The token-cache pass: a valid call (slot a map of the selected rows, cache in any float
+    dtype) at arbitrary strides, or one with wrong shapes, dtypes or slot values."""
+    B, N, D = draw(st.integers(0, 3)), draw(st.integers(0, 6)), draw(st.integers(1, 9))
+    R = B * N
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    T = draw(st.integers(0, R)) if R else 0
+    slot = torch.full((R,), -1, dtype=torch.int64)
+    if T:
+        slot[torch.randperm(R, generator=g)[:T]] = torch.arange(T)
+    valid = draw(st.integers(0, 2)) > 0
+    fdt = draw(st.sampled_from(FLOATS))
+    acc = torch.float64 if fdt == torch.float64 else torch.float32
+    if valid:
+        return dict(
+            out=draw(fixed(torch.randn(B, N, D, generator=g), fdt)),
+            cache=draw(fixed(torch.randn(R, D, generator=g), draw(st.sampled_from(FLOATS)))),
+            slot=draw(fixed(slot, torch.int32)),
+            x_rows=draw(fixed(torch.randn(T, D, generator=g), fdt)),
+            miss=_maybe(draw, fixed(torch.rand(R, generator=g), acc)))
+    other = [fdt, fdt, torch.float32, torch.int32]
+    return dict(
+        out=draw(tensor((B, _near(draw, N), D), [fdt, fdt, torch.int64])),
+        cache=draw(tensor((_near(draw, R), _near(draw, D)), other)),
+        slot=draw(tensor((_near(draw, R),), [torch.int32, torch.int32, torch.int64],
+                         lo=-3, hi=T + 2)),
+        x_rows=draw(tensor((_near(draw, T), _near(draw, D)), other)),
+        miss=_maybe(draw, tensor((_near(draw, R),), [torch.float32, torch.float64, fdt])))
+
+
 def _v(g):
     return None if g is None else g.view
 
@@ -240,6 +271,14 @@ def run_gather(a, ops):
                                                     _v(a["scale"]), _v(a["weight"])), g2)
 
 
+def run_token_cache(a, ops):
+    g = dict(a)
+    g["out"].writable = True
+    g["cache"].writable = True
+    _call(lambda: ops.apply_token_cache_(_v(a["out"]), _v(a["cache"]), _v(a["slot"]),
+                                         _v(a["x_rows"]), _v(a["miss"])), g)
+
+
 class _Compiled:
     """The ops behind ``torch.compile`` (aot_eager: the fake kernels run at trace time, then
     the real kernels; no Python-side validation in between)."""
@@ -251,6 +290,7 @@ class _Compiled:
                      for name in ("scatter_back", "scatter_back_backward",
                                   "gather_norm_modulate", "gather_norm_modulate_backward")}
         self.scatter_back_ = raw.scatter_back_  # mutating: called as is
+        self.apply_token_cache_ = raw.apply_token_cache_
 
     def __getattr__(self, name):
         return self._fns[name]
@@ -282,8 +322,14 @@ def main():
     def fuzz_gather(a):
         run_gather(a, ops)
 
+    @cfg
+    @given(token_cache_case())
+    def fuzz_token_cache(a):
+        run_token_cache(a, ops)
+
     fuzz_scatter()
     fuzz_gather()
+    fuzz_token_cache()
     print(f"fuzz: {STATS['calls']} calls, {STATS['ran']} ran, {STATS['refused']} refused")
 
 

@@ -15,7 +15,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 KERNELS = {"_gnm_fwd_kernel", "_gnm_bwd_kernel", "_scatter_fwd_kernel", "_scatter_bwd_kernel",
-           "_router_kernel", "_select_kernel"}
+           "_token_cache_kernel", "_router_kernel", "_select_kernel"}
 
 
 def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):

@@ -149,6 +149,43 @@ def test_fused_compat_and_inplace_residual_agree(name):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_inference_at_order_zero_is_the_one_pass_op_and_equals_the_torch_composite(name,
+                                                                                 monkeypatch):
+    """Order 0 at inference runs diffcr_kernels.apply_token_cache_ (one pass over the rows);
+    forcing the differentiable torch composite instead gives the same images bit for bit
+    (float32), also with the cache stored in bfloat16 and with the in-place residual."""
+    import diffcr_kernels as dk
+    from diffcr import token_cache as tcm
+
+    torch.set_num_threads(1)
+    calls = []
+    real = dk.apply_token_cache_
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    for cache_dtype, inplace in ((None, False), (torch.bfloat16, True)):
+        outs = []
+        for fused in (True, False):
+            monkeypatch.setattr(dk, "apply_token_cache_", spy)
+            if not fused:
+                monkeypatch.setattr(tcm, "_FUSED_CACHE_DTYPES", ())
+            calls.clear()
+            m, inputs = _model(name, 0.5, inplace=inplace)
+            diffcr.enable_token_cache(m, TokenCacheConfig(refresh_every=3, dtype=cache_dtype))
+            outs.append(_generate(m, inputs))
+            n_routed = len(diffcr.routing_state(m).blocks) * (len(STEPS) - 2)
+            assert len(calls) == (n_routed if fused else 0), (fused, len(calls))
+            monkeypatch.undo()
+        for a, b in zip(*outs):
+            if cache_dtype is None:
+                assert torch.equal(a, b)
+            else:  # bf16 cache: the op rounds the fp32 difference once, the composite twice
+                torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
 def test_a_new_generation_starts_fresh_and_separate_calls_per_step_have_their_own_slot():
     torch.set_num_threads(1)
     m, inputs = _model("dit", 0.5)

@@ -35,6 +35,7 @@ __all__ = ["ideal_block_flops", "ideal_speedup", "BlockBench", "make_block_bench
            "KINDS", "JOINT_KINDS", "VIDEO_KINDS", "DESCRIPTIONS"]
 
 XL = dict(num_attention_heads=16, attention_head_dim=72)
+DEMO_DIT = dict(num_attention_heads=4, attention_head_dim=32)  # app/demo/dense_dit
 TEXT_TOKENS = 120
 
 
@@ -149,7 +150,8 @@ class BlockBench:
 
 def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cpu",
                      dtype=torch.float32, seed: int = 0) -> BlockBench:
-    """A one-block PixArt-Sigma-XL or DiT-XL/2 model with N image tokens, batch B."""
+    """A one-block PixArt-Sigma-XL, DiT-XL/2 or demo DiT model with N image tokens, batch
+    B."""
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
     if kind in JOINT_KINDS:
@@ -170,6 +172,10 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
             model = DiTTransformer2DModel(**XL, in_channels=4, out_channels=8, num_layers=1,
                                           sample_size=2 * side, patch_size=2,
                                           num_embeds_ada_norm=1000)
+        elif kind == "dit-demo":  # the block of the demo's model (app/demo/dense_dit)
+            model = DiTTransformer2DModel(**DEMO_DIT, in_channels=3, out_channels=3,
+                                          num_layers=1, sample_size=2 * side, patch_size=2,
+                                          num_embeds_ada_norm=6)
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if dtype != torch.float32:
@@ -180,7 +186,7 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
         for p in blk.parameters():
             if p.dim() >= 1 and p.abs().max() == 0:
                 p.normal_(0, 0.02)
-    D = 1152
+    D = model.config.num_attention_heads * model.config.attention_head_dim
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(B, N, D, generator=g, device=device, dtype=dtype)
     if kind == "pixart":
@@ -192,7 +198,8 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
         text = TEXT_TOKENS
     else:
         inputs = dict(hidden_states=x, timestep=torch.randint(0, 1000, (B,), device=device),
-                      class_labels=torch.randint(0, 1000, (B,), device=device))
+                      class_labels=torch.randint(0, model.config.num_embeds_ada_norm, (B,),
+                                                 device=device))
         text = 0
     dense = copy.deepcopy(blk)
     convert(model, DiffCRConfig(num_regions=1, param_dtype="float32"))
@@ -449,9 +456,11 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
     ``token_cache``: also the routed block with the token cache (order 0, steady state: the
     skipped rows get their cached update), interleaved with the others at kappa < 1:
     ``token_cache_ms``, its speedup over dense and fraction of the routed ideal, its time over
-    the plain routed block's, and the bytes its forecast pass moves
-    (``token_cache_bytes_moved``: read the cache and the output, write the output, ``3 B N D``
-    values, plus the selected rows' inputs and updates, ``3 k D`` per row).
+    the plain routed block's, and the bytes its one pass moves (``token_cache_bytes_moved``,
+    :func:`diffcr_kernels.apply_token_cache_`: per skipped row, read its output and cache
+    entry and write the output; per selected row, read its output and input and write its
+    cache entry: ``3 N D`` values per sample, plus ``2 k D`` for gathering the selected
+    rows' inputs before the block runs).
 
     For every kappa the dense block, the routed block and (``naive``) the plain-torch control
     gather -> diffusers block -> scatter run interleaved for ``rounds`` rounds; the fraction of
@@ -508,7 +517,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
                            token_cache_fraction_of_ideal=tc_speedup / ideal,
                            token_cache_vs_routed=statistics.median(
                                c / r for c, r in zip(ts["token_cache"], ts["routed"])),
-                           token_cache_bytes_moved=B * (3 * N + 3 * k) * bb.D * elt)
+                           token_cache_bytes_moved=B * (3 * N + 2 * k) * bb.D * elt)
             rows.append(row)
     return rows
 

@@ -9,9 +9,11 @@ __all__ = ["KINDS", "JOINT_KINDS", "VIDEO_KINDS", "DESCRIPTIONS"]
 JOINT_KINDS = ("sd3", "flux", "flux-single", "wan", "wan-14b", "qwenimage", "hunyuanvideo")
 #: kinds whose N is video tokens (:func:`diffcr.app.bench.video_shape`; the rest: a square)
 VIDEO_KINDS = ("wan", "wan-14b", "hunyuanvideo")
-KINDS = ("pixart", "dit") + JOINT_KINDS
+KINDS = ("pixart", "dit", "dit-demo") + JOINT_KINDS
 DESCRIPTIONS = {"pixart": "PixArt-Sigma-XL block (D=1152, 16x72, 120 text tokens)",
                 "dit": "DiT-XL/2 block (D=1152, 16x72)",
+                "dit-demo": "the demo's DiT block (D=128, 4x32; diffcr train's model, 64 "
+                            "tokens)",
                 "sd3": "SD3.5-Large joint block (D=2432, 38x64, 333 text tokens)",
                 "flux": "Flux.1 double-stream block (D=3072, 24x128, 512 text tokens)",
                 "flux-single": "Flux.1 single-stream block (D=3072, 24x128, 512 text tokens)",
