@@ -13,6 +13,8 @@ layerwise casting of the linears) may also be present before convert.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Dict, List
 
 import torch
@@ -264,10 +266,29 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     CUDA-graph friendly (``mode="reduce-overhead"``). :func:`revert` removes the compiled
     forward. Works inside diffusers pipelines (they call the module, which runs the hook and
     then the compiled forward).
+
+    With the token cache on (:func:`diffcr.enable_token_cache`), the step is read in the graph
+    as a device tensor and the refresh decision as a host bool, so denoising steps reuse two
+    graphs (refresh and routed) instead of compiling one per step; the first forward of each
+    input shape and call slot runs eagerly, because it allocates the cache.
     """
-    routing_state(model)
+    st = routing_state(model)
     compile_kwargs.setdefault("fullgraph", True)
     forward = type(model).forward.__get__(model)
-    model.forward = torch.compile(forward, **compile_kwargs)
+    compiled = torch.compile(forward, **compile_kwargs)
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        tc = st.token_cache
+        if tc is not None:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            key = (tc.slot, tuple(x.shape) if torch.is_tensor(x) else None)
+            if key not in tc.allocated:  # allocates the cache entries: not in a graph
+                out = forward(*args, **kwargs)
+                tc.allocated.add(key)
+                return out
+        return compiled(*args, **kwargs)
+
+    model.forward = run
     model._diffcr_compiled = True
     return model

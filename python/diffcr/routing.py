@@ -204,9 +204,10 @@ class BlockRouting:
                                                                 call)):
                         out = base_forward(**call)
                 if tc is not None:
-                    tc.entry(self.index, B, N, D, x.dtype, x.device, create=True,
-                             num_blocks=len(st.blocks)).write(
-                        None, (family.hidden_states_of(out) - x).reshape(B * N, D), tc.step)
+                    e = tc.entry(self.index, B, N, D, x.dtype, x.device, create=True,
+                                 num_blocks=len(st.blocks))
+                    e.write(None, (family.hidden_states_of(out) - x).reshape(B * N, D),
+                            e.step_t)
                 return out
             inner_hooks = _inner_hooks(block)
             for name, hook, stateful in inner_hooks:
@@ -219,7 +220,7 @@ class BlockRouting:
                         "diffcr.convert.")
             if entry is not None and tc.config.staleness:
                 # a token not computed for long is chosen (the gate keeps the router's score)
-                stale = (tc.step - entry.s1).view(B, N).to(scores.dtype)
+                stale = (entry.step_t - entry.s1).view(B, N).to(scores.dtype)
                 sel = dk.select_topk(scores + tc.config.staleness * stale, ks, weights)
                 sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
                     0, sel.indices))
@@ -245,7 +246,7 @@ class BlockRouting:
                                             inplace_residual=inplace)
             if entry is None:
                 return out
-            return apply_token_cache(family, out, entry, sel, x_rows, tc.step,
+            return apply_token_cache(family, out, entry, sel, x_rows, entry.step_t,
                                      unit_weights=weights is None)
 
 

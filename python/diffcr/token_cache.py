@@ -87,7 +87,7 @@ class _Entry:
     """The cache of one routed block and slot: updates ``[B * N, D]`` and the step each was
     computed at (``-1``: never)."""
 
-    __slots__ = ("shape", "u1", "u0", "s1", "s0")
+    __slots__ = ("shape", "u1", "u0", "s1", "s0", "step_t")
 
     def __init__(self, B: int, N: int, D: int, dtype, device, order: int):
         self.shape = (B, N, D)
@@ -95,9 +95,18 @@ class _Entry:
         self.s1 = torch.full((B * N,), -1, dtype=torch.int64, device=device)
         self.u0 = torch.zeros_like(self.u1) if order else None
         self.s0 = torch.full_like(self.s1, -1) if order else None
+        #: the cache's current step, a 0-dim int64 tensor on the device (set by the cache)
+        self.step_t: Optional[torch.Tensor] = None
 
-    def forecast(self, step: int) -> torch.Tensor:
-        """``[B * N, D]``: every token's forecast update at ``step`` (cache dtype)."""
+    def forget(self) -> None:
+        """Mark every update as never computed (a new generation)."""
+        self.s1.fill_(-1)
+        if self.s0 is not None:
+            self.s0.fill_(-1)
+
+    def forecast(self, step) -> torch.Tensor:
+        """``[B * N, D]``: every token's forecast update at ``step`` (an int or a 0-dim
+        tensor; cache dtype)."""
         if self.u0 is None:
             return self.u1
         span = (self.s1 - self.s0).clamp(min=1).to(self.u1.dtype)
@@ -107,9 +116,9 @@ class _Entry:
         return self.u1 + slope * ahead.unsqueeze(-1)
 
     @torch.no_grad()
-    def write(self, rows: Optional[torch.Tensor], update: torch.Tensor, step: int) -> None:
-        """The updates ``[R, D]`` computed at ``step`` for ``rows`` (int64 ``[R]``; None: every
-        row)."""
+    def write(self, rows: Optional[torch.Tensor], update: torch.Tensor, step) -> None:
+        """The updates ``[R, D]`` computed at ``step`` (an int or a 0-dim tensor) for ``rows``
+        (int64 ``[R]``; None: every row)."""
         update = update.detach().to(self.u1.dtype)
         if rows is None:
             if self.u0 is not None:
@@ -137,10 +146,17 @@ class TokenCache:
     def __init__(self, config: TokenCacheConfig):
         self.config = config
         self.entries: Dict[Tuple[int, int], _Entry] = {}
-        #: the step of the current forward within its generation, and its slot (the how-many-th
-        #: call at this timestep)
-        self.step = 0
+        #: the slot of the current forward (the how-many-th call at this timestep)
         self.slot = 0
+        #: whether the current forward is a refresh (dense) step; decided on the host per
+        #: forward, so that a compiled graph guards on this bool, not on the step number
+        self.refresh = True
+        self._step = 0
+        # the step as a 0-dim tensor per device: what the traced code reads (no guard on it)
+        self._step_t: Dict[torch.device, torch.Tensor] = {}
+        # (slot, input shape) pairs whose entries exist: diffcr.compile_model runs a forward
+        # eagerly until they do (allocating an entry cannot happen inside a graph)
+        self.allocated: set = set()
         self._last_key: Optional[tuple] = None
         self._last_levels: Optional[list] = None
 
@@ -154,10 +170,36 @@ class TokenCache:
         self.__init__(state["config"])
 
     # ------------------------------------------------------------------ steps
+    @property
+    def step(self) -> int:
+        """The step of the current forward within its generation (host int)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        R = self.config.refresh_every
+        self.refresh = self._step == 0 or (R > 0 and self._step % R == 0)
+        for t in self._step_t.values():
+            t.fill_(self._step)
+
+    def step_tensor(self, device) -> torch.Tensor:
+        """The current step as a 0-dim int64 tensor on ``device`` (kept up to date in place)."""
+        device = torch.device(device)
+        t = self._step_t.get(device)
+        if t is None:
+            t = self._step_t[device] = torch.full((), self._step, dtype=torch.int64,
+                                                  device=device)
+        return t
+
     def reset(self) -> None:
-        """Forget every cached update: the next forward is step 0 of a new generation."""
-        self.entries.clear()
-        self.step = self.slot = 0
+        """Forget every cached update: the next forward is step 0 of a new generation (a
+        refresh, which overwrites every entry; the entries stay allocated, so that a compiled
+        model does not allocate them again)."""
+        for e in self.entries.values():
+            e.forget()
+        self.slot = 0
+        self.step = 0
         self._last_key = self._last_levels = None
 
     def next_forward(self, timesteps, noise_levels) -> None:
@@ -173,15 +215,14 @@ class TokenCache:
                 or any(a > b + 1e-12 for a, b in zip(noise_levels, self._last_levels))):
             self.reset()
         elif self._last_key is not None:
-            self.step += 1
+            self.step = self._step + 1
         self.slot = 0
         self._last_key = key
         self._last_levels = list(noise_levels)
 
     def is_refresh(self) -> bool:
-        """Whether the current forward is a refresh (dense) step."""
-        R = self.config.refresh_every
-        return self.step == 0 or (R > 0 and self.step % R == 0)
+        """Whether the current forward is a refresh (dense) step (:attr:`refresh`)."""
+        return self.refresh
 
     def entry(self, block_index: int, B: int, N: int, D: int, dtype, device,
               create: bool, num_blocks: int = 1) -> Optional[_Entry]:
@@ -195,6 +236,12 @@ class TokenCache:
             return e
         if not create:
             return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "diffcr: the token cache would allocate an entry inside a compiled graph "
+                "(new batch or token count). Compile with diffcr.compile_model, which runs "
+                "such a forward eagerly, or call diffcr.reset_token_cache after the first "
+                "eager forward of the new shape")
         store = self.config.dtype or dtype
         if device.type == "cuda" and not any(k[1] == self.slot for k in self.entries):
             need = token_cache_bytes(num_blocks, B, N, D, store, self.config.order)
@@ -207,6 +254,7 @@ class TokenCache:
                     "torch.bfloat16) or order=0, a smaller batch, or diffcr."
                     "disable_token_cache")
         e = _Entry(B, N, D, store, device, self.config.order)
+        e.step_t = self.step_tensor(device)
         self.entries[key] = e
         return e
 

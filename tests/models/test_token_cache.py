@@ -203,7 +203,10 @@ def test_a_new_generation_starts_fresh_and_separate_calls_per_step_have_their_ow
             m(**inputs([t, t]))
     assert tc.step == 2 and {s for _, s in tc.entries} == {0, 1}
     diffcr.reset_token_cache(m)
-    assert tc.entries == {} and tc.step == 0
+    # the entries stay allocated (a compiled model does not allocate them again), every update
+    # forgotten: the next forward is a refresh at step 0
+    assert tc.step == 0 and tc.refresh and int(tc.step_tensor("cpu")) == 0
+    assert all(bool((e.s1 == -1).all()) for e in tc.entries.values())
 
 
 def test_staleness_picks_long_skipped_tokens_and_keeps_the_router_gate():
@@ -295,3 +298,34 @@ def test_block_level_caches_stack_on_the_token_cache(kind):
     assert all(torch.isfinite(o).all() for o in outs)
     assert {r.last_path for r in diffcr.routing_state(m).blocks.values()} <= {
         "refresh", "fused", "compat"}
+
+
+@pytest.mark.parametrize("name", ["dit", "flux"])
+def test_compiled_model_with_the_token_cache_does_not_recompile_per_step(name):
+    """diffcr.compile_model (fullgraph) with the token cache: the same images as eager; the
+    first forward runs eagerly (it allocates the cache), then there is at most one graph per
+    (regions, refresh) combination, and a third generation compiles nothing new (the step is
+    a device tensor in the graph, not a guarded host int)."""
+    from torch._dynamo.utils import counters
+
+    torch.set_num_threads(1)
+    steps = (900, 800, 700, 650, 600, 550, 520)  # regions 3, 3, 2, 2, 2, 2, 2
+    cfg = TokenCacheConfig(refresh_every=3)
+    eager, inputs = _model(name, 0.5)
+    diffcr.enable_token_cache(eager, cfg)
+    want = _generate(eager, inputs, steps) + _generate(eager, inputs, steps)
+    m, _ = _model(name, 0.5)
+    diffcr.enable_token_cache(m, cfg)
+    torch._dynamo.reset()
+    counters.clear()
+    diffcr.compile_model(m, backend="aot_eager")
+    first = _generate(m, inputs, steps)
+    second = _generate(m, inputs, steps)
+    graphs = counters["stats"]["unique_graphs"]
+    # (region 3 | 2) x (refresh | routed), over 14 steps
+    assert 1 <= graphs <= 4, graphs
+    _generate(m, inputs, steps)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing new for a 3rd generation
+    for a, b in zip(want, first + second):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
