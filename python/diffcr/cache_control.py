@@ -1,6 +1,7 @@
 """Turning the token cache of a converted model on and off (:mod:`diffcr.token_cache` has
-how it works), starting a new generation, filling it for cache-aware fine-tuning, and a
-per-call override of the kept ratio."""
+how it works), starting a new generation, filling it for cache-aware fine-tuning, a per-call
+override of the kept ratio, and the dense teacher of fine-tuning (the model as before
+conversion, from the same weights)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from .routing import routing_state
 from .token_cache import TokenCache, TokenCacheConfig
 
 __all__ = ["enable_token_cache", "disable_token_cache", "reset_token_cache", "fill_token_cache",
-           "token_cache_of", "kept_ratio_override"]
+           "token_cache_of", "kept_ratio_override", "dense_teacher"]
 
 
 def token_cache_of(model: nn.Module) -> Optional[TokenCache]:
@@ -76,3 +77,33 @@ def kept_ratio_override(model: nn.Module, kappa: Optional[float]):
         yield
     finally:
         st.kept_override = before
+
+
+@contextmanager
+def dense_teacher(model: nn.Module, adapters: bool = False):
+    """Inside the context, ``model`` computes what it computed before :func:`diffcr.convert`:
+    every routed block runs its own diffusers forward on every token, without the router gate,
+    and (``adapters=False``, the default) its peft LoRA adapters are switched off. With LoRA
+    fine-tuning of frozen base weights that is the dense teacher of the same weights, with no
+    second copy in memory (``diffcr train --distill``). The token cache is not touched.
+
+    Call it under ``torch.no_grad()`` for a teacher prediction; nesting is allowed."""
+    st = routing_state(model)
+    layers = []
+    if not adapters:
+        try:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+        except ImportError:  # no peft: no adapters to switch off
+            BaseTunerLayer = ()
+        layers = [m for m in model.modules() if BaseTunerLayer and isinstance(m, BaseTunerLayer)
+                  and not m.disable_adapters]
+    before, tc = st.plain, st.token_cache
+    st.plain, st.token_cache = True, None
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        st.plain, st.token_cache = before, tc

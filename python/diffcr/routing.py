@@ -177,6 +177,11 @@ class BlockRouting:
         if x.dim() != 3:
             raise ValueError(f"diffcr: block input must be [B, N, D], got {tuple(x.shape)}")
         B, N, D = x.shape
+        if st.plain:  # the block as before conversion (a dense teacher)
+            self.last_path = "dense"
+            self._sel = _Transient(None)
+            with family.call_context(block, call):
+                return base_forward(**call)
         ks, weights, kappa = self.plan(block, B, N)
         self._kappa = _Transient(kappa)
         self._sel = _Transient(None)
@@ -288,7 +293,9 @@ class RoutingState:
     :func:`diffcr.enable_token_cache`); ``kept_override``: a kept ratio every routed block uses
     instead of its own (None: their own; :func:`diffcr.kept_ratio_override`); ``scorer``: a
     token scorer ``scorer(block, x) -> [B, N]`` used instead of the block's router for the
-    selection and the gate (None: the router; ``selection="random"`` draws scores at random).
+    selection and the gate (None: the router; ``selection="random"`` draws scores at random);
+    ``plain``: every routed block runs its own diffusers forward on every token, without the
+    router gate, i.e. the model as it was before conversion (:func:`diffcr.dense_teacher`).
     """
 
     config: DiffCRConfig
@@ -302,6 +309,7 @@ class RoutingState:
     token_cache: Optional[TokenCache] = None
     kept_override: Optional[float] = None
     scorer: Optional[Callable] = None
+    plain: bool = False
 
     def set_timesteps(self, vals: List[float]) -> None:
         """Record the raw timesteps of the next forward and map them to regions through the

@@ -259,6 +259,42 @@ def test_full_fine_tuning_saves_the_base_model(folders, tmp_path):
     assert metrics["trainable_parameters"] > 10 * metrics["images"]
 
 
+@pytest.mark.parametrize("lora_rank", [4, 0], ids=["lora", "full"])
+def test_distill_adds_the_dense_teachers_distance(folders, tmp_path, lora_rank, monkeypatch):
+    """``--distill``: the loss adds the distance to the dense teacher on the same inputs;
+    with LoRA the teacher is the model itself with the adapters off and every block dense,
+    with full weights a frozen copy. The first step's teacher prediction is the pipeline's
+    own transformer's (LoRA B starts at zero, so the teacher equals the unconverted model)."""
+    import diffcr
+    from diffcr.app import captioned
+
+    torch.set_num_threads(1)
+    pipe, data = folders
+    seen = []
+    real = captioned._Teacher.loss_of
+
+    def spy(self, recipe, batch):
+        loss, dist = real(self, recipe, batch)
+        seen.append(float(dist.detach()))
+        return loss, dist
+
+    monkeypatch.setattr(captioned._Teacher, "loss_of", spy)
+    metrics, model = run_captioned_train(
+        _cfg(pipe, data, tmp_path, lora_rank=lora_rank, steps=2, distill=1.0),
+        return_model=True)
+    assert metrics["distill"] == 1.0 and metrics["teacher"] == (
+        "adapters off, dense" if lora_rank else "frozen copy")
+    assert len(seen) == 2 and all(d > 0 for d in seen) and "distill" in metrics["last"]
+    if lora_rank:  # the teacher context gives the weights as they were before conversion
+        from diffusers import PixArtTransformer2DModel
+
+        plain = PixArtTransformer2DModel.from_pretrained(str(pipe / "transformer"))
+        with diffcr.dense_teacher(model):
+            got = _forward(model)
+        torch.testing.assert_close(got, _forward(plain), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(_forward(model), got)  # outside it: routed, with LoRA
+
+
 def test_caches_are_reused(folders, tmp_path, monkeypatch):
     from diffcr.app import captioned
 
@@ -481,6 +517,17 @@ def test_fsdp_two_processes_train_as_ddp_does(folders, ddp_lora, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     # the run trained: LoRA B starts at zero
     assert all(a[k].abs().sum() > 0 for k in a if ".lora_B." in k)
+
+
+def test_fsdp_lora_with_a_dense_teacher(folders, tmp_path):
+    """``--distill`` under FSDP2: the teacher forward (the sharded model itself, adapters off)
+    runs between the student's forward and backward on every process."""
+    metrics = _launch("torchrun", "29527", *folders, tmp_path / "out", "--steps", "2",
+                      "--lora-rank", "4", "--fsdp", "--distill", "1.0")
+    assert metrics["parallel"] == "fsdp" and metrics["teacher"] == "adapters off, dense"
+    assert metrics["last"]["distill"] > 0
+    lora = _trained_state(tmp_path / "out")
+    assert any(lora[k].abs().sum() > 0 for k in lora if ".lora_B." in k)
 
 
 def test_fsdp_full_weights_resume_continues_bitwise(folders, tmp_path):

@@ -200,6 +200,54 @@ def _cached(path: Path, make):
     return tensors
 
 
+class _Teacher:
+    """``--distill``: records every call of the model inside a recipe's loss (a forward hook
+    on the model, which DDP and FSDP2 call too) and gives the mean squared distance between
+    those predictions and the dense teacher's on the same inputs. The teacher is the model
+    itself inside :func:`diffcr.dense_teacher` (LoRA: the same frozen base weights with the
+    adapters off, every block dense) or, with ``frozen``, a frozen copy from before
+    conversion (full fine-tuning)."""
+
+    def __init__(self, model, frozen=None):
+        self.model, self.frozen, self.calls = model, frozen, []
+        self._on = False
+        self.handle = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        if self._on:
+            self.calls.append((args, kwargs, output))
+
+    @staticmethod
+    def _pred(out) -> torch.Tensor:
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def loss_of(self, recipe, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(recipe loss, distance to the teacher)`` of one micro-batch."""
+        import diffcr
+        import torch.nn.functional as F
+
+        self.calls.clear()
+        self._on = True
+        try:
+            loss = recipe.loss(batch)
+        finally:
+            self._on = False
+        if not self.calls:
+            raise TrainError("--distill: the recipe's loss did not call the model")
+        refs = []
+        with torch.no_grad():  # the teacher's predictions on the same inputs
+            for args, kwargs, _ in self.calls:
+                if self.frozen is not None:
+                    refs.append(self._pred(self.frozen(*args, **kwargs)).float())
+                else:
+                    with diffcr.dense_teacher(self.model):
+                        refs.append(self._pred(self.model(*args, **kwargs)).float())
+        dist = sum(F.mse_loss(self._pred(out).float(), ref)
+                   for (_, _, out), ref in zip(self.calls, refs)) / len(refs)
+        self.calls.clear()
+        return loss, dist
+
+
 class _LoopState:
     """What accelerate's checkpoint does not hold: the step and the data generator (so a
     resumed run draws the same batches, timesteps and noise as an uninterrupted one)."""
@@ -339,6 +387,14 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
         if loop.world != world:
             raise TrainError(f"--resume {resume}: saved by {loop.world} processes, resumed by "
                              f"{world}")
+    teacher = None
+    if cfg.distill:
+        frozen = None
+        if not lora_rank:  # full fine-tuning: a frozen copy of the weights before conversion
+            saved = any(tdir.glob("*.safetensors")) or any(tdir.glob("*.bin"))
+            frozen = (klass.from_pretrained(str(tdir)) if saved else klass.from_config(tconf))
+            frozen = frozen.to(dev).eval().requires_grad_(False)
+        teacher = _Teacher(model, frozen)
     steps = cfg.steps or 1000
     drop = float(cfg.caption_dropout)
     g = loop.gen
@@ -359,12 +415,19 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
             batch = Batch(net=net, model=model, sched=sched, x0=x0, cond=c, gen=g, device=dev,
                           levels=levels)
             with acc.accumulate(net), acc.autocast():
-                loss = recipe.loss(batch)
-                acc.backward(loss + diffcr.ratio_loss(model))
+                if teacher is None:
+                    loss = recipe.loss(batch)
+                    total = loss
+                else:
+                    loss, dist = teacher.loss_of(recipe, batch)
+                    total = loss + cfg.distill * dist
+                acc.backward(total + diffcr.ratio_loss(model))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         loop.step += 1
         last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item()}
+        if teacher is not None:
+            last["distill"] = float(dist.detach())
         bar.update(**last)
         if cfg.save_every and loop.step % cfg.save_every == 0 and loop.step < steps:
             save(out / f"step-{loop.step}", state=True)
@@ -377,6 +440,8 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
                "frames": frames or 1, "mixed_precision": acc.mixed_precision,
                "parallel": strategy.name, "grad_accum": cfg.grad_accum, "images": len(pairs),
+               "distill": cfg.distill, "teacher": None if teacher is None else (
+                   "frozen copy" if teacher.frozen is not None else "adapters off, dense"),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),
                "expert": cfg.expert, "noise_levels": list(levels), "regions_trained": served,
                "target_kept_ratio": conv.target_kept_ratio,

@@ -130,10 +130,12 @@ class TrainConfig:
     bins: Optional[List[float]] = option(None, "kept-ratio bins, comma-separated (default "
                                          "0.1,...,1.0)", "routing", type=_floats)
     lam: float = option(0.3, "ratio-loss weight (default 0.3)", "routing", type=float)
-    distill: float = option(0.0, "weight of a dense teacher: adds the distance between the "
-                            "routed model's prediction and the dense model's (a frozen copy "
-                            "from before conversion) on the same noisy input (0: off)",
-                            "routing", ("class",), type=float)
+    distill: float = option(0.0, "weight of a dense teacher: adds the mean squared distance "
+                            "between the routed model's prediction and the dense model's on "
+                            "the same noisy input and condition (with --lora-rank the same "
+                            "weights with the adapters off and every block dense, no second "
+                            "copy; with full weights a frozen copy from before conversion; "
+                            "0: off)", "routing", ("class", "captioned"), type=float)
     cache_refresh: int = option(
         0, "cache-aware fine-tuning: the token cache in the loop, for sampling with a refresh "
         "every R steps (diffcr.TokenCacheConfig(refresh_every=R)): each batch first fills the "
