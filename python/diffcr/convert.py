@@ -149,8 +149,30 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
         family.mlp_module(b).register_forward_hook(routing.mlp_gate)
         state.blocks[i] = routing
     attach_state(model, state)
+    _declare_routed_classes(model, {type(positions[i][1]) for i in idx})
     model.register_forward_pre_hook(_capture_timestep, with_kwargs=True)
     return model
+
+
+#: the diffusers class attributes that name block classes or module names, extended per
+#: converted model (instance attributes, removed by revert): ``_repeated_blocks``
+#: (``compile_repeated_blocks``) and ``_no_split_modules`` (device maps, offloading) match
+#: blocks by class name, and the routed classes are renamed ``Routed<Name>``;
+#: ``_keep_in_fp32_modules`` gets the router and ratio, so a model loaded or cast to
+#: fp16/bf16 keeps them float32 by declaration
+_DECLARED = ("_repeated_blocks", "_no_split_modules", "_keep_in_fp32_modules")
+
+
+def _declare_routed_classes(model: nn.Module, routed: set) -> None:
+    renamed = {base_class(c).__name__: c.__name__ for c in routed}
+    for attr in _DECLARED[:2]:
+        names = getattr(type(model), attr, None)
+        if names:
+            extra = [renamed[n] for n in names if n in renamed]
+            model.__dict__[attr] = list(names) + [n for n in extra if n not in names]
+    keep = list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+    model.__dict__["_keep_in_fp32_modules"] = keep + [n for n in ("router", "ratio")
+                                                      if n not in keep]
 
 
 def convert_pipeline(pipe, config: DiffCRConfig = None) -> List[str]:
@@ -208,6 +230,8 @@ def revert(model: nn.Module) -> nn.Module:
     if model.__dict__.get("_diffcr_compiled", False):
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_diffcr_compiled", None)
+    for attr in _DECLARED:
+        model.__dict__.pop(attr, None)
     detach_state(model)
     return model
 

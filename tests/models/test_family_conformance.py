@@ -500,3 +500,39 @@ def test_every_lora_layer_gets_a_gradient(family):
     assert not dead, dead[:3]
     assert all(p.grad is None for n, p in model.named_parameters()
                if ".lora_" not in n and not n.endswith(("router.weight", "ratio.kept")))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_repeated_blocks_and_declared_modules_see_the_routed_blocks(family):
+    """diffusers matches ``_repeated_blocks`` (``compile_repeated_blocks``) and
+    ``_no_split_modules`` (device maps, offloading) by class name: a converted model declares
+    its ``Routed*`` classes too, and ``_keep_in_fp32_modules`` declares the router and ratio;
+    revert removes all three. Regional compilation then runs the routed blocks (same output)."""
+    factory, inputs = FAMILY_CASES[family]
+    model = factory().eval()
+    cls = type(model)
+    diffcr.convert(model, DiffCRConfig(target_kept_ratio=0.5))
+    set_ratios(model, 0.5)
+    diffcr.freeze(model)
+    routed = {type(b).__name__ for b in diffcr.routed_blocks(model).values()}
+    assert {"router", "ratio"} <= set(model._keep_in_fp32_modules)
+    for attr in ("_repeated_blocks", "_no_split_modules"):
+        names = getattr(cls, attr, None)
+        if names:
+            assert set(model.__dict__[attr]) >= set(names)
+            base = {n[len("Routed"):] for n in routed}
+            assert routed & set(model.__dict__[attr]) == {
+                f"Routed{n}" for n in base if n in names}
+    if getattr(cls, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
+        kw = inputs([500, 500])
+        with torch.no_grad():
+            want = model(**kw).sample
+        model.compile_repeated_blocks(backend="eager")
+        with torch.no_grad():
+            got = model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch._dynamo.reset()
+    else:
+        diffcr.revert(model)
+        assert not {"_repeated_blocks", "_no_split_modules",
+                    "_keep_in_fp32_modules"} & set(model.__dict__)
