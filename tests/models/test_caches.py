@@ -160,24 +160,31 @@ def test_attention_level_cache_works_at_kappa_one_and_is_refused_below():
         steps(model, t_model)
 
 
-def test_layerwise_casting_after_convert_keeps_both_paths_equal():
-    """float8 storage of the linears (diffusers' layerwise casting) applied after convert: the
-    fused path calls the hooked linears, so it still equals the compat path."""
-    from tiny_models import make
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("family", sorted(n for n, f in diffcr.families().items() if f.has_fused))
+def test_layerwise_casting_after_convert_keeps_both_paths_equal(family, train):
+    """float8 storage of the linears (diffusers' layerwise casting) applied after convert, on
+    every family with a fused path, in eval and in training (two bins): the fused path casts
+    what it reads from the hooked linears as their hook would, so it equals the compat
+    path."""
+    from tiny_models import FAMILY_CASES
 
-    g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
-              encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-              timestep=torch.tensor([100, 900]))
+    factory, inputs = FAMILY_CASES[family]
     outs = {}
     for path in ("fused", "compat"):
-        model = make("pixart")
+        model = factory()
         diffcr.convert(model, DiffCRConfig(path=path, num_regions=4))
         set_ratios(model, [0.3, 0.5, 0.8, 1.0])
-        hooks.apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn,
-                                      compute_dtype=torch.float32)
-        assert model.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+        model.train(train)
+        # the model-level API users call: its skip patterns, and _keep_in_fp32_modules, which
+        # a converted model extends with the router and ratio
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                       compute_dtype=torch.float32)
+        blk = next(iter(diffcr.routed_blocks(model).values()))
+        assert blk.router.weight.dtype == torch.float32
+        kw = inputs([100, 400, 600, 900][:2] if family != "dit" else [100, 900])
         with torch.no_grad():
+            torch.manual_seed(3)  # DiT drops class labels at random in training
             outs[path] = model(**kw).sample
     torch.testing.assert_close(outs["fused"], outs["compat"], rtol=1e-5, atol=1e-5)
 

@@ -141,6 +141,9 @@ def _fused_flux_single_block(block, x, sel, gate_scores, ctx, temb, rope, *,
     v = lay.pack(heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H))
     o = lay.attention(q, k, v).reshape(lay.J, -1).to(q.dtype)  # [J, D]
     W, bias = block.proj_out.weight, block.proj_out.bias
+    if W.dtype != o.dtype:  # stored in another dtype (layerwise casting): cast as its hook does
+        W = W.to(o.dtype)
+        bias = None if bias is None else bias.to(o.dtype)
     Wa, Wm = W[:, :D], W[:, D:]
     rows = sel.row_sample()
     g_rows = gate.index_select(0, rows)
