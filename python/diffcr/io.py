@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from .convert import convert, is_converted, routed_blocks
 from .models import family_for
 from .routing import routing_state
 
-__all__ = ["save", "load", "read_checkpoint", "block_names", "CheckpointError"]
+__all__ = ["save", "load", "read_checkpoint", "block_names", "CheckpointError", "atomic_file"]
 
 TENSORS = "diffcr.safetensors"
 META = "diffcr.json"
@@ -45,9 +46,37 @@ def _block_names(model: nn.Module):
     return [name for name, _ in family_for(model).blocks(model)]
 
 
+def fsync_path(path: Union[str, Path]) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_file(path: Union[str, Path], write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a hidden sibling of ``path``, flushed to disk, then renamed over
+    ``path``: a kill at any moment leaves the old file or the new one, never a part of it."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save(model: nn.Module, path: Union[str, Path]) -> Path:
     """Write the router/ratio parameters and config of a converted ``model`` to directory
-    ``path`` (created if needed). Returns the directory."""
+    ``path`` (created if needed). Returns the directory.
+
+    Each file is written to a temporary sibling and renamed into place, the JSON (which holds
+    the tensor file's checksum) last: a run killed while saving leaves the previous
+    checkpoint, or one that :func:`load` refuses with a checksum error, never a silently
+    mixed one."""
     from safetensors.torch import save_file
 
     st = routing_state(model)
@@ -64,10 +93,11 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     meta = {"format": FORMAT, "diffcr_version": __version__, "config": st.config.to_dict(),
             "model": _signature(model), "frozen_bins": frozen if st.frozen else None,
             "block_names": {str(i): names[i] for i in routed_blocks(model)}}
-    save_file(tensors, str(out / TENSORS), metadata={"format": "diffcr", "version": str(FORMAT)})
+    atomic_file(out / TENSORS, lambda tmp: save_file(
+        tensors, str(tmp), metadata={"format": "diffcr", "version": str(FORMAT)}))
     # a checksum of the tensor file: corruption that keeps every value in range is detected too
     meta["tensors_sha256"] = _sha256(out / TENSORS)
-    (out / META).write_text(json.dumps(meta, indent=2))
+    atomic_file(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return out
 
 

@@ -114,12 +114,20 @@ def save_lora(model: nn.Module, path: Union[str, Path]) -> Path:
     cfg = getattr(model, "_diffcr_lora_config", None)
     if cfg is None or not has_lora(model):
         raise LoraError("the model holds no LoRA adapter added by diffcr.add_lora/load_lora")
+    import tempfile
+
+    from .io import atomic_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              str(path / WEIGHTS_FILE))
-    cfg.save_pretrained(str(path))
+    # each file written aside and renamed into place (a kill leaves the old file or the new)
+    atomic_file(path / WEIGHTS_FILE, lambda tmp: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp)))
+    with tempfile.TemporaryDirectory(dir=path) as aside:
+        cfg.save_pretrained(aside)
+        for f in Path(aside).iterdir():
+            atomic_file(path / f.name, lambda tmp, f=f: tmp.write_bytes(f.read_bytes()))
     return path
 
 

@@ -587,7 +587,7 @@ def test_resume_from_a_folder_that_is_not_a_captioned_state(folders, tmp_path, c
     rc = cli.main(["train", "--model", str(pipe), "--data", str(data), "--out",
                    str(tmp_path / "out"), "--resume", str(tmp_path), "--steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "not a captioned-training state folder" in err[-1]
+    assert rc == 2 and "not a checkpoint folder (loop_state.json is missing)" in err[-1]
     # a state written with --fsdp resumes only with --fsdp, and the other way round
     for saved, flag, message in (("fsdp", [], "saved with --fsdp: resume with --fsdp"),
                                  ("accelerate", ["--fsdp"],

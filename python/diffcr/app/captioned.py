@@ -38,7 +38,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .core import Progress, identical_across_ranks, param_groups, write_checkpoints
+from .core import (Progress, atomic_file, find_resume, identical_across_ranks, param_groups,
+                   prune_states, write_checkpoints)
 from .image_folder import load_image
 from .options import TrainConfig, TrainError
 from .parallel import strategy_for
@@ -200,6 +201,11 @@ def _cached(path: Path, make):
     return tensors
 
 
+#: the file that makes a folder a complete resumable state (written last, after the
+#: strategy's state and the user-facing checkpoints)
+STATE_MARKER = "loop_state.json"
+
+
 class _Teacher:
     """``--distill``: records every call of the model inside a recipe's loss (a forward hook
     on the model, which DDP and FSDP2 call too) and gives the mean squared distance between
@@ -271,9 +277,9 @@ def _write_outputs(model, out: Path, lora_rank: int, state: Optional[str],
     the LoRA adapter or the base model; with ``state`` (the strategy's ``state_kind``: how the
     resumable state was written) the marker of a resumable folder."""
     write_checkpoints(model, out, lora=bool(lora_rank), frozen=True)
-    if state:
-        (out / "loop_state.json").write_text(json.dumps({"written_by": "diffcr train",
-                                                         "state": state, "expert": expert}))
+    if state:  # last: the marker that makes the folder a complete state
+        atomic_file(out / STATE_MARKER, lambda tmp: tmp.write_text(json.dumps(
+            {"written_by": "diffcr train", "state": state, "expert": expert})))
 
 
 def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
@@ -288,13 +294,9 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     part, levels = expert_of(folder, _json(folder / "model_index.json"), cfg.expert)
     index, tconf, recipe = pipeline_parts(folder, part)
     strategy_class = strategy_for(cfg)
-    resume = Path(cfg.resume) if cfg.resume else None
+    resume = find_resume(cfg.resume, out, STATE_MARKER)
     if resume is not None:
-        marker = resume / "loop_state.json"
-        if not marker.is_file():
-            raise TrainError(f"--resume {resume}: not a captioned-training state folder "
-                             "(written as OUT/step-N by --save-every)")
-        saved = _json(marker)
+        saved = _json(resume / STATE_MARKER)
         if saved.get("state", "accelerate") != strategy_class.state_kind:
             raise TrainError(f"--resume {resume}: saved " + (
                 "with --fsdp: resume with --fsdp" if not cfg.fsdp else
@@ -375,6 +377,9 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
 
     def save(where: Path, state: bool) -> None:
         if state:
+            if acc.is_main_process and (where / STATE_MARKER).is_file():
+                (where / STATE_MARKER).unlink()  # not a complete state while it is rewritten
+            acc.wait_for_everyone()
             strategy.save_state(where, model, opt, loop)
         whole = strategy.whole_model(model, build)
         if acc.is_main_process:
@@ -431,6 +436,9 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
         bar.update(**last)
         if cfg.save_every and loop.step % cfg.save_every == 0 and loop.step < steps:
             save(out / f"step-{loop.step}", state=True)
+            if acc.is_main_process:
+                prune_states(out, STATE_MARKER, cfg.keep_last)
+            acc.wait_for_everyone()
     bar.close()
     # the timestep regions this run's noise levels fall in (all but for one expert of two);
     # the others keep their initial ratios and are left out of the mean

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import torch
 
-from .core import identical_across_ranks, param_groups, write_checkpoints
+from .core import (atomic_file, atomic_folder, find_resume, identical_across_ranks, param_groups,
+                   prune_states, write_checkpoints)
 from .ddpm import load_model, train_loop
 from .image_folder import load_image_folder
 from .options import TrainConfig, TrainError
 
-__all__ = ["run_class_train", "save_train_state", "load_train_state"]
+__all__ = ["run_class_train", "save_train_state", "load_train_state", "STATE_MARKER"]
+
+#: the file that makes a folder a complete resumable state (written last)
+STATE_MARKER = "train_state.json"
 
 
 def save_train_state(out: Path, model, opt, step: int, cfg: TrainConfig,
@@ -37,16 +41,18 @@ def save_train_state(out: Path, model, opt, step: int, cfg: TrainConfig,
             for k, v in opt.state.get(p, {}).items():
                 if torch.is_tensor(v):
                     tensors[f"{names[id(p)]}::{k}"] = v.detach().cpu().contiguous()
-    save_file(tensors, str(out / "optimizer.safetensors"))
-    (out / "train_state.json").write_text(json.dumps(
-        {"step": step, "param_groups": groups, "config": asdict(cfg)}, indent=2, default=str))
+    atomic_file(out / "optimizer.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    # last: the marker that makes the folder a complete state
+    atomic_file(out / STATE_MARKER, lambda tmp: tmp.write_text(json.dumps(
+        {"step": step, "param_groups": groups, "config": asdict(cfg)}, indent=2,
+        default=str)))
 
 
 def load_train_state(path: Path, model, opt) -> int:
     """The optimizer state :func:`save_train_state` wrote into ``opt``; returns its step."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / "train_state.json").read_text())
+    state = json.loads((path / STATE_MARKER).read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
     params = dict(model.named_parameters())
     for g, saved in zip(opt.param_groups, state["param_groups"]):
@@ -107,11 +113,12 @@ def run_class_train(cfg: TrainConfig) -> dict:
         model.enable_gradient_checkpointing()
     conv = cfg.diffcr_config()
     start = 0
-    if cfg.resume:
-        model = load_model(str(Path(cfg.resume) / "model")).to(dev)
+    resume = find_resume(cfg.resume, Path(cfg.out), STATE_MARKER)
+    if resume is not None:
+        model = load_model(str(resume / "model")).to(dev)
         if cfg.grad_ckpt:
             model.enable_gradient_checkpointing()
-        diffcr.load(model, Path(cfg.resume) / "diffcr")
+        diffcr.load(model, resume / "diffcr")
     else:
         diffcr.convert(model, conv)
     if cfg.cache_refresh:  # cache-aware fine-tuning: the token cache in the loop
@@ -125,14 +132,18 @@ def run_class_train(cfg: TrainConfig) -> dict:
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
                                       else None)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
-    if cfg.resume:
-        start = load_train_state(Path(cfg.resume), model, opt)
+    if resume is not None:
+        start = load_train_state(resume, model, opt)
     steps = cfg.steps or 1000
     out = Path(cfg.out)
 
     def on_step(step, o):
         if rank == 0 and cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            save_train_state(out / f"step-{step}", model, o, step, cfg)
+            # complete or absent: written aside, renamed into place (a kill mid-write leaves
+            # the previous states as they were)
+            with atomic_folder(out / f"step-{step}") as tmp:
+                save_train_state(tmp, model, o, step, cfg)
+            prune_states(out, STATE_MARKER, cfg.keep_last)
 
     opt, last = train_loop(model, images, labels, steps, cfg, "DiffCR fine-tuning",
                            ratio_loss=True, gen_seed=cfg.seed + rank, ddp=ddp, opt=opt,

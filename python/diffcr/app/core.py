@@ -1,5 +1,6 @@
 """The training core every ``diffcr train`` runner uses: progress bars, parameter groups, the
-learning-rate schedule, the EMA, the one checkpoint writer and the cross-process check.
+learning-rate schedule, the EMA, the one checkpoint writer, atomic folders and files, finding
+the checkpoint to resume, and the cross-process check.
 
 It imports the library's public API and :mod:`.options` only; the runners
 (:mod:`~diffcr.app.demo.run`, :mod:`~diffcr.app.classcond`, :mod:`~diffcr.app.captioned`)
@@ -7,17 +8,23 @@ import it, never each other.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import re
+import shutil
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Iterator, List, Optional
 
 import torch
 
-from .options import TrainConfig
+from ..io import atomic_file, fsync_path
+from .options import TrainConfig, TrainError
 
 __all__ = ["Progress", "param_groups", "lr_factor", "ema_update", "write_checkpoints",
-           "identical_across_ranks"]
+           "identical_across_ranks", "atomic_folder", "atomic_file", "find_resume",
+           "prune_states"]
 
 
 class Progress:
@@ -89,6 +96,93 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         be.copy_(b)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A folder that is complete or absent: yields a hidden temporary sibling to write into;
+    when the block ends without error its files are synced to disk and it is renamed to
+    ``path`` (an existing ``path`` is replaced only then); on an error it is removed. A kill at
+    any moment leaves either the old folder or the new one under ``path`` (and at worst a
+    hidden ``.NAME.tmp-PID`` / ``.NAME.old-PID`` sibling, which nothing reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                fsync_path(Path(root) / f)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_path(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def _states(folder: Path, marker: str) -> List[tuple]:
+    """``[(N, folder/step-N)]`` of the complete states (holding ``marker``), oldest first."""
+    found = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        m = _STEP.match(p.name)
+        if m and p.is_dir() and (p / marker).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_resume(resume: Optional[str], out: Path, marker: str) -> Optional[Path]:
+    """The folder ``--resume`` names: ``latest`` is the run folder ``out``; a folder holding
+    ``marker`` (what makes it a complete state) is itself; a run folder is its newest complete
+    ``step-N`` (or itself when it has none but holds ``marker``). :class:`TrainError` (one
+    line) for a folder that holds neither."""
+    if resume is None:
+        return None
+    folder = Path(out) if resume == "latest" else Path(resume)
+    if resume != "latest" and (folder / marker).is_file() and _STEP.match(folder.name):
+        return folder
+    states = _states(folder, marker)
+    if (folder / marker).is_file():  # a run folder that holds its final state: by its step
+        try:
+            import json
+
+            states.append((int(json.loads((folder / marker).read_text())["step"]), folder))
+        except (ValueError, KeyError, TypeError):
+            states.append((-1, folder))
+        states.sort(key=lambda s: s[0])
+    if states:
+        return states[-1][1]
+    if resume == "latest":
+        raise TrainError(f"--resume latest: no complete checkpoint under --out {out} (no "
+                         f"step-N folder with {marker})")
+    if _STEP.match(folder.name):
+        raise TrainError(f"--resume {folder}: not a complete checkpoint ({marker} is missing: "
+                         "the run was stopped while writing it); resume from an earlier "
+                         "step-N or with --resume latest")
+    raise TrainError(f"--resume {folder}: not a checkpoint folder ({marker} is missing) and "
+                     "no complete step-N folder under it")
+
+
+def prune_states(out: Path, marker: str, keep: int) -> None:
+    """``--keep-last K``: remove all but the K newest complete ``step-N`` states of ``out``
+    (0 keeps every state)."""
+    if keep <= 0:
+        return
+    for _, p in _states(Path(out), marker)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def write_checkpoints(model, out: Path, *, lora: bool = False, frozen: bool = False) -> None:
     """The checkpoints a user loads, of a converted ``model`` (left as it is):
 
@@ -101,17 +195,22 @@ def write_checkpoints(model, out: Path, *, lora: bool = False, frozen: bool = Fa
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    diffcr.save(model, out / "diffcr")
+    # each folder complete or absent; an existing one is replaced once the new one is complete
+    with atomic_folder(out / "diffcr") as tmp:
+        diffcr.save(model, tmp)
     if lora:
-        diffcr.save_lora(model, out / "lora")
+        with atomic_folder(out / "lora") as tmp:
+            diffcr.save_lora(model, tmp)
     else:
         base = copy.deepcopy(model)
         diffcr.revert(base)
-        base.save_pretrained(out / "model")
+        with atomic_folder(out / "model") as tmp:
+            base.save_pretrained(tmp)
     if frozen:
         copy_ = copy.deepcopy(model)
         diffcr.freeze(copy_)
-        diffcr.save(copy_, out / "diffcr-frozen")
+        with atomic_folder(out / "diffcr-frozen") as tmp:
+            diffcr.save(copy_, tmp)
 
 
 def identical_across_ranks(params: List[torch.Tensor],

@@ -99,9 +99,14 @@ class TrainConfig:
     batch: int = option(32, "batch size per process", "run", type=int)
     seed: int = option(0, "random seed", "run", type=int)
     threads: Optional[int] = option(None, "CPU threads (default: all)", "run", type=int)
-    resume: Optional[str] = option(None, "checkpoint folder written by a previous run", "run",
-                                   TRAINING)
+    resume: Optional[str] = option(
+        None, "continue a previous run: a checkpoint folder (OUT/step-N), a run folder (its "
+        "newest complete step-N), or 'latest' (the newest complete step-N under --out)", "run",
+        TRAINING)
     save_every: int = option(0, "checkpoint every N steps", "run", TRAINING, type=int)
+    keep_last: int = option(0, "keep only the K newest step-N checkpoints (each removed only "
+                            "after a newer one is complete; 0: keep all)", "run", TRAINING,
+                            type=int)
     progress: bool = option(True, "no progress bars", "run", negate="--no-progress")
 
     # ------------------------------------------------------------------------------ optimisation
@@ -199,6 +204,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise TrainError(f"{flag_of(name)} must be >= 0")
         for name, low in (("regions", 1), ("steps", 1), ("batch", 1), ("save_every", 0),
+                          ("keep_last", 0),
                           ("grad_accum", 1), ("max_length", 1), ("threads", 1),
                           ("frames", 1), ("warmup", 0), ("cache_refresh", 0),
                           ("cache_spacing", 1)):
@@ -249,7 +255,7 @@ class TrainConfig:
             raise TrainError(f"--data {self.data}: no such folder")
         if self.model is not None and not Path(self.model).exists():
             raise TrainError(f"--model {self.model}: no such folder or file")
-        if self.resume is not None and not Path(self.resume).is_dir():
+        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             raise TrainError(f"--resume {self.resume}: no such checkpoint folder")
         try:
             self.diffcr_config()

@@ -1,0 +1,124 @@
+"""Checkpoints that are complete or absent: a run stopped inside a checkpoint write leaves the
+earlier states as they were, ``--resume latest`` / ``--resume OUT`` find the newest complete
+one, an incomplete folder passed explicitly is refused with one line, ``--keep-last`` prunes
+only after a newer state is complete, and the library's own writers never leave a mixed
+checkpoint."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import diffcr  # noqa: E402
+from diffcr.app.classcond import run_class_train  # noqa: E402
+from diffcr.app.core import find_resume  # noqa: E402
+from diffcr.app.options import TrainConfig, TrainError  # noqa: E402
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside a write (not an Exception: nothing may catch it)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from diffcr.app.demo.data import make_shapes, save_image_folder
+
+    root = tmp_path_factory.mktemp("tiny")
+    conf = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2,
+            "attention_head_dim": 8, "in_channels": 3, "out_channels": 3, "num_layers": 2,
+            "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 3}
+    (root / "dit.json").write_text(json.dumps(conf))
+    imgs, labels = make_shapes(12, size=8, seed=0, num_classes=3)
+    save_image_folder(imgs, labels, root / "data")
+    return root
+
+
+def _cfg(tiny, out, **kw):
+    kw = dict(dict(model=str(tiny / "dit.json"), data=str(tiny / "data"), batch=4, regions=2,
+                   progress=False, save_every=2, steps=8, threads=1), **kw)
+    return TrainConfig(out=str(out), **kw)
+
+
+def test_a_run_stopped_inside_a_checkpoint_write_resumes_from_the_newest_complete_one(
+        tiny, tmp_path, monkeypatch):
+    import safetensors.torch as sf
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    real, n = sf.save_file, {"optimizer": 0}
+
+    def dying(tensors, filename, *a, **k):
+        if "optimizer" in str(filename):
+            n["optimizer"] += 1
+            if n["optimizer"] == 3:  # the step-6 state, halfway through
+                raise Killed()
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(sf, "save_file", dying)
+    with pytest.raises(Killed):
+        run_class_train(_cfg(tiny, out))
+    monkeypatch.setattr(sf, "save_file", real)
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["step-2", "step-4"]  # step-6 is absent, not half-written
+    assert all((out / s / "train_state.json").is_file() for s in visible)
+    # what a non-atomic writer used to leave: a step folder without its marker
+    (out / "step-7" / "diffcr").mkdir(parents=True)
+    assert find_resume("latest", out, "train_state.json") == out / "step-4"
+    assert find_resume(str(out), out, "train_state.json") == out / "step-4"
+    with pytest.raises(TrainError, match=r"step-7: not a complete checkpoint \(train_state"):
+        find_resume(str(out / "step-7"), out, "train_state.json")
+    metrics = run_class_train(_cfg(tiny, out, resume="latest", keep_last=1))
+    assert metrics["steps"] == 8
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["step"] == 8
+    # --keep-last 1: only the newest complete state is left (step-7 was never one)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-6", "step-7"]
+    # the finished run folder itself resumes from its final state
+    assert find_resume(str(out), out, "train_state.json") == out
+
+
+def test_resume_latest_without_any_state_is_one_line(tiny, tmp_path):
+    with pytest.raises(TrainError, match="--resume latest: no complete checkpoint"):
+        run_class_train(_cfg(tiny, tmp_path / "empty", resume="latest"))
+
+
+def test_library_writers_leave_the_old_checkpoint_or_a_refused_one(tmp_path, monkeypatch):
+    """diffcr.save writes each file aside and renames it, the JSON (with the tensors'
+    checksum) last: killed before the JSON, the old JSON no longer matches the new tensors
+    and load refuses; killed before the tensors, the old checkpoint is untouched."""
+    import safetensors.torch as sf
+
+    from tiny_models import make, set_ratios
+
+    model = make("dit")
+    diffcr.convert(model, diffcr.DiffCRConfig(num_regions=2))
+    diffcr.save(model, tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    set_ratios(model, 0.3)
+    real = sf.save_file
+
+    def dying(*a, **k):
+        raise Killed()
+
+    monkeypatch.setattr(sf, "save_file", dying)
+    with pytest.raises(Killed):
+        diffcr.save(model, tmp_path / "ck")
+    monkeypatch.setattr(sf, "save_file", real)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
+    import diffcr.io as dio
+
+    real_atomic = dio.atomic_file
+
+    def die_on_json(path, write):
+        if str(path).endswith(".json"):
+            raise Killed()
+        return real_atomic(path, write)
+
+    monkeypatch.setattr(dio, "atomic_file", die_on_json)
+    with pytest.raises(Killed):
+        diffcr.save(model, tmp_path / "ck")
+    monkeypatch.setattr(dio, "atomic_file", real_atomic)
+    fresh = make("dit")
+    diffcr.convert(fresh, diffcr.DiffCRConfig(num_regions=2))
+    with pytest.raises(diffcr.CheckpointError, match="(?i)checksum|sha"):
+        diffcr.load(fresh, tmp_path / "ck")
