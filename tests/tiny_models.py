@@ -202,6 +202,22 @@ FAMILIES = sorted(diffcr.families())
 FUSED_FAMILIES = sorted(n for n, f in diffcr.families().items() if f.has_fused)
 
 
+def write_tiny_dit_folder(root, images=18):
+    """``root/dit.json`` (a tiny DiT config: 8x8 RGB, patch 2, 3 classes) and ``root/data``
+    (an image folder of procedural shapes, one subfolder per class); returns ``root``."""
+    import json
+
+    from diffcr.app.demo.data import make_shapes, save_image_folder
+
+    conf = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2,
+            "attention_head_dim": 8, "in_channels": 3, "out_channels": 3, "num_layers": 2,
+            "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 3}
+    (root / "dit.json").write_text(json.dumps(conf))
+    imgs, labels = make_shapes(images, size=8, seed=0, num_classes=3)
+    save_image_folder(imgs, labels, root / "data")
+    return root
+
+
 def run_model(model, kw, seed=3):
     """``model(**kw).sample`` with the torch seed fixed (DiT drops class labels at random in
     training)."""

@@ -21,16 +21,9 @@ class Killed(BaseException):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffcr.app.demo.data import make_shapes, save_image_folder
+    from tiny_models import write_tiny_dit_folder
 
-    root = tmp_path_factory.mktemp("tiny")
-    conf = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2,
-            "attention_head_dim": 8, "in_channels": 3, "out_channels": 3, "num_layers": 2,
-            "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 3}
-    (root / "dit.json").write_text(json.dumps(conf))
-    imgs, labels = make_shapes(12, size=8, seed=0, num_classes=3)
-    save_image_folder(imgs, labels, root / "data")
-    return root
+    return write_tiny_dit_folder(tmp_path_factory.mktemp("tiny"), images=12)
 
 
 def _cfg(tiny, out, **kw):

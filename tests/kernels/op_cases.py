@@ -2,9 +2,21 @@
 test_property)."""
 import math
 
+import pytest
 import torch
 
 from diffcr_kernels import reference as ref
+
+# (B, N, D, ks): ks is [B][P] kept counts: N = 1, B = 1 with k = 1 and k = N, ragged k, two
+# bins (ragged and uniform)
+CASES = [
+    pytest.param(1, 1, 8, [[1]], id="N1"),
+    pytest.param(1, 37, 24, [[1]], id="B1-k1"),
+    pytest.param(1, 37, 24, [[37]], id="B1-kN"),
+    pytest.param(3, 29, 40, [[5], [29], [1]], id="ragged"),
+    pytest.param(2, 50, 72, [[13, 31], [50, 7]], id="two-bins-ragged"),
+    pytest.param(4, 16, 33, [[8, 12]] * 4, id="two-bins-uniform"),
+]
 
 
 def naive_select(scores, ks):

@@ -11,18 +11,8 @@ import torch.nn.functional as F
 import diffcr_kernels as dk
 from diffcr_kernels import reference as ref
 
+from op_cases import CASES
 from op_cases import op_inputs as _inputs
-
-# (B, N, D, ks): ks is [B][P] kept counts
-CASES = [
-    pytest.param(1, 1, 8, [[1]], id="N1"),
-    pytest.param(1, 37, 24, [[1]], id="B1-k1"),
-    pytest.param(1, 37, 24, [[37]], id="B1-kN"),
-    pytest.param(3, 29, 40, [[5], [29], [1]], id="ragged"),
-    pytest.param(2, 50, 72, [[13, 31], [50, 7]], id="two-bins-ragged"),
-    pytest.param(4, 16, 33, [[8, 12]] * 4, id="two-bins-uniform"),
-]
-
 
 def _tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0)

@@ -8,17 +8,7 @@ import torch
 import diffcr_kernels as dk
 from diffcr_kernels import reference as ref
 
-from op_cases import op_inputs
-
-# (B, N, D, ks): ks is [B][P] kept counts, as in test_ops
-CASES = [
-    pytest.param(1, 1, 8, [[1]], id="N1"),
-    pytest.param(1, 37, 24, [[1]], id="B1-k1"),
-    pytest.param(1, 37, 24, [[37]], id="B1-kN"),
-    pytest.param(3, 29, 40, [[5], [29], [1]], id="ragged"),
-    pytest.param(2, 50, 72, [[13, 31], [50, 7]], id="two-bins-ragged"),
-]
-
+from op_cases import CASES, op_inputs
 
 def _case(B, N, D, ks, dtype, cache_dtype, device):
     """A routed block's output after its scatter-back, its selection, the inputs of the
