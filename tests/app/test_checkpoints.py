@@ -115,3 +115,21 @@ def test_library_writers_leave_the_old_checkpoint_or_a_refused_one(tmp_path, mon
     diffcr.convert(fresh, diffcr.DiffCRConfig(num_regions=2))
     with pytest.raises(diffcr.CheckpointError, match="(?i)checksum|sha"):
         diffcr.load(fresh, tmp_path / "ck")
+
+
+def test_a_diverging_run_stops_with_its_checkpoints_intact(tiny, tmp_path):
+    """--lr 1e30: the weights blow up, the loss turns non-finite, every such step is skipped
+    (no weight is written from it) and the run stops after --max-bad-steps in a row, with one
+    line; the states written before are complete and finite."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="not finite; the step is skipped"):
+        with pytest.raises(TrainError, match=r"not finite for 3 steps in a row"):
+            run_class_train(_cfg(tiny, out, lr=1e30, steps=40, save_every=1, max_bad_steps=3))
+    states = sorted(out.glob("step-*"))
+    assert states and all((p / "train_state.json").is_file() for p in states)
+    for p in states:
+        w = load_file(str(p / "model" / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in w.values()), p.name

@@ -112,6 +112,10 @@ class TrainConfig:
     # ------------------------------------------------------------------------------ optimisation
     lr: float = option(1e-4, "learning rate of the base weights (the demo uses its own "
                        "recipe)", "optimisation", TRAINING, type=float)
+    max_bad_steps: int = option(
+        5, "a step whose loss or gradient is not finite (NaN/inf) is skipped with a warning; "
+        "stop the run after this many such steps in a row, before anything is written from "
+        "them", "optimisation", ("demo", "class"), type=int)
     lr_router: float = option(1e-3, "learning rate of the routers", "optimisation", type=float)
     lr_ratio: float = option(1e-2, "learning rate of the ratios", "optimisation", type=float)
     mixed_precision: str = option("no", "autocast dtype of the training step", "optimisation",
@@ -204,7 +208,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise TrainError(f"{flag_of(name)} must be >= 0")
         for name, low in (("regions", 1), ("steps", 1), ("batch", 1), ("save_every", 0),
-                          ("keep_last", 0),
+                          ("keep_last", 0), ("max_bad_steps", 1),
                           ("grad_accum", 1), ("max_length", 1), ("threads", 1),
                           ("frames", 1), ("warmup", 0), ("cache_refresh", 0),
                           ("cache_spacing", 1)):
