@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 import diffcr  # noqa: E402
 from diffcr.app import cli  # noqa: E402
 from diffcr.app.captioned import read_captions, run_captioned_train  # noqa: E402
-from diffcr.app.options import TrainConfig  # noqa: E402
+from diffcr.app.options import TrainConfig, TrainError  # noqa: E402
 
 from text_pipeline import (write_captioned_clips, write_captioned_images,  # noqa: E402
                            write_flux_pipeline,
@@ -624,3 +624,16 @@ def test_every_train_option_is_in_the_options_reference():
     missing = [flag_of(f.name) for f in fields(TrainConfig)
                if f.metadata["flag"] and f"`{flag_of(f.name)}" not in doc]
     assert not missing, f"docs/recipes.md does not list {missing}"
+
+
+def test_a_diverging_captioned_run_stops_with_one_line(folders, tmp_path):
+    """Full fine-tuning at --lr 1e30: the loss turns non-finite, each such step is skipped
+    with a warning, and the run stops after --max-bad-steps in a row; the state written
+    before is complete."""
+    torch.set_num_threads(1)
+    pipe, data = folders
+    with pytest.warns(UserWarning, match="not finite; the step is skipped"):
+        with pytest.raises(TrainError, match="not finite for 2 steps in a row"):
+            run_captioned_train(_cfg(pipe, data, tmp_path, lora_rank=0, steps=30, lr=1e30,
+                                     save_every=1, max_bad_steps=2))
+    assert (tmp_path / "step-1" / "loop_state.json").is_file()

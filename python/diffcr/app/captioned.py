@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -407,6 +408,8 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
         f" (LoRA r={lora_rank})" if lora_rank else ""), cfg.progress and acc.is_main_process)
     net.train()
     last = {}
+    skipped = in_row = 0
+    bad = False
     loop.world = world
     while loop.step < steps:
         for _ in range(cfg.grad_accum):  # one optimizer step
@@ -427,10 +430,29 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
                     loss, dist = teacher.loss_of(recipe, batch)
                     total = loss + cfg.distill * dist
                 acc.backward(total + diffcr.ratio_loss(model))
-                opt.step()
+                bad = bad or not math.isfinite(float(total.detach()))
+                skip = False
+                if acc.sync_gradients:  # every process decides alike (one gather per step)
+                    skip = bool(acc.gather(torch.tensor([float(bad)], device=dev)).max() > 0)
+                if not skip:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
         loop.step += 1
-        last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item()}
+        if skip:  # nothing was applied from this step
+            skipped += 1
+            in_row += 1
+            warnings.warn(f"diffcr train: step {loop.step}: the loss is not finite; the step "
+                          f"is skipped ({in_row} in a row)", stacklevel=2)
+            if in_row >= cfg.max_bad_steps:
+                raise TrainError(
+                    f"stopped at step {loop.step}: the loss was not finite for {in_row} steps "
+                    "in a row (lower --lr, or raise --max-bad-steps); the checkpoints written "
+                    "so far are intact")
+        else:
+            in_row = 0
+        bad = False
+        last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item(),
+                "skipped_steps": skipped}
         if teacher is not None:
             last["distill"] = float(dist.detach())
         bar.update(**last)

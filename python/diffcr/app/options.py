@@ -115,7 +115,7 @@ class TrainConfig:
     max_bad_steps: int = option(
         5, "a step whose loss or gradient is not finite (NaN/inf) is skipped with a warning; "
         "stop the run after this many such steps in a row, before anything is written from "
-        "them", "optimisation", ("demo", "class"), type=int)
+        "them", "optimisation", ("demo", "class", "captioned"), type=int)
     lr_router: float = option(1e-3, "learning rate of the routers", "optimisation", type=float)
     lr_ratio: float = option(1e-2, "learning rate of the ratios", "optimisation", type=float)
     mixed_precision: str = option("no", "autocast dtype of the training step", "optimisation",
