@@ -33,13 +33,12 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
-from .core import (Progress, atomic_file, find_resume, identical_across_ranks, param_groups,
+from .core import (BadSteps, Progress, atomic_file, find_resume, identical_across_ranks, param_groups,
                    prune_states, write_checkpoints)
 from .image_folder import load_image
 from .options import TrainConfig, TrainError
@@ -408,7 +407,7 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
         f" (LoRA r={lora_rank})" if lora_rank else ""), cfg.progress and acc.is_main_process)
     net.train()
     last = {}
-    skipped = in_row = 0
+    guard = BadSteps(cfg.max_bad_steps)
     bad = False
     loop.world = world
     while loop.step < steps:
@@ -438,21 +437,10 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
                     opt.step()
                 opt.zero_grad(set_to_none=True)
         loop.step += 1
-        if skip:  # nothing was applied from this step
-            skipped += 1
-            in_row += 1
-            warnings.warn(f"diffcr train: step {loop.step}: the loss is not finite; the step "
-                          f"is skipped ({in_row} in a row)", stacklevel=2)
-            if in_row >= cfg.max_bad_steps:
-                raise TrainError(
-                    f"stopped at step {loop.step}: the loss was not finite for {in_row} steps "
-                    "in a row (lower --lr, or raise --max-bad-steps); the checkpoints written "
-                    "so far are intact")
-        else:
-            in_row = 0
+        guard.check(skip, loop.step)  # nothing was applied from a skipped step
         bad = False
         last = {"loss": loss.item(), "kept": diffcr.mean_kept_ratio(model).item(),
-                "skipped_steps": skipped}
+                "skipped_steps": guard.skipped}
         if teacher is not None:
             last["distill"] = float(dist.detach())
         bar.update(**last)

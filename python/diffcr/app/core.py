@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -22,7 +23,7 @@ import torch
 from ..io import atomic_file, fsync_path
 from .options import TrainConfig, TrainError
 
-__all__ = ["Progress", "param_groups", "lr_factor", "ema_update", "write_checkpoints",
+__all__ = ["Progress", "param_groups", "lr_factor", "ema_update", "BadSteps", "write_checkpoints",
            "identical_across_ranks", "atomic_folder", "atomic_file", "find_resume",
            "prune_states"]
 
@@ -94,6 +95,33 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         pe.lerp_(p.detach().to(pe.dtype), 1.0 - d)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
+
+
+class BadSteps:
+    """The divergence guard of every training loop (``--max-bad-steps``): a step whose loss or
+    gradients are not finite is skipped (nothing is applied from it), with a warning; after
+    ``limit`` such steps in a row the run stops with :class:`TrainError`, the checkpoints
+    written so far left intact. ``skipped`` counts every skipped step of the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.skipped, self.in_row = limit, 0, 0
+
+    def check(self, bad: bool, step: int) -> bool:
+        """Whether step ``step`` (1-based) is skipped: ``bad`` says its loss or gradients were
+        not finite (decided alike on every process)."""
+        if not bad:
+            self.in_row = 0
+            return False
+        self.skipped += 1
+        self.in_row += 1
+        warnings.warn(f"diffcr train: step {step}: the loss or a gradient is not finite; the "
+                      f"step is skipped ({self.in_row} in a row)", stacklevel=3)
+        if self.in_row >= self.limit:
+            raise TrainError(
+                f"stopped at step {step}: the loss or gradients were not finite for "
+                f"{self.in_row} steps in a row (lower --lr, or raise --max-bad-steps); the "
+                "checkpoints written so far are intact")
+        return True
 
 
 @contextlib.contextmanager

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .core import Progress, ema_update, lr_factor, param_groups
+from .core import BadSteps, Progress, ema_update, lr_factor, param_groups
 from .options import TrainConfig, TrainError
 
 __all__ = ["scheduler", "diffusion_loss", "step_loss", "heldout_loss", "sample_images",
@@ -201,7 +200,7 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
     bar = Progress(steps - start_step, desc, cfg.progress)
     last = {}
-    skipped = in_row = 0
+    guard = BadSteps(cfg.max_bad_steps)
     base_lr = [g["lr"] for g in opt.param_groups]
     for step in range(start_step, steps):
         f = lr_factor(step, steps, cfg.warmup)
@@ -228,25 +227,15 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
         bad = not math.isfinite(total.item())
         if not scaler.is_enabled():  # fp16: the scaler skips inf gradients and rescales itself
             bad = bad or not math.isfinite(float(norm))
-        if bad:
-            skipped += 1
-            in_row += 1
+        if guard.check(bad, step + 1):
             opt.zero_grad(set_to_none=True)
             scaler.update()
-            warnings.warn(f"diffcr train: step {step + 1}: the loss or a gradient is not "
-                          f"finite; the step is skipped ({in_row} in a row)", stacklevel=2)
-            if in_row >= cfg.max_bad_steps:
-                raise TrainError(
-                    f"stopped at step {step + 1}: the loss or gradients were not finite for "
-                    f"{in_row} steps in a row (lower --lr, or raise --max-bad-steps); the "
-                    "checkpoints written so far are intact")
             continue
-        in_row = 0
         scaler.step(opt)
         scaler.update()
         if ema is not None:
             ema_update(ema, module, cfg.ema_decay, step)
-        last = {"loss": loss.item(), "skipped_steps": skipped}
+        last = {"loss": loss.item(), "skipped_steps": guard.skipped}
         if (ratio_loss and diffcr.is_converted(module)
                 and not diffcr.routing_state(module).frozen):
             last["kept"] = diffcr.mean_kept_ratio(module).item()
