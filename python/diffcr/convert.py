@@ -5,7 +5,9 @@ block to its routed subclass (:func:`diffcr.routing.routed_class`: same weights,
 state-dict keys, the diffusers class as base) and adds two modules per routed block: ``router``
 (:class:`~diffcr.modules.Router`) and ``ratio`` (:class:`~diffcr.modules.DifferentiableRatio`).
 A forward pre-hook on the model captures the raw timestep of each forward and maps each
-sample to its noise level and region. :func:`revert` undoes all of it exactly.
+sample to its noise level and region (a host copy). ``torch.compile(model)`` and
+``model.compile()`` keep that copy outside the compiled graph by construction
+(:class:`_HostTimestepCall`, :func:`compile_model`). :func:`revert` undoes all of it exactly.
 
 Order with diffusers hooks (caches, offloading, layerwise casting): convert first, then apply
 them; remove them before :func:`revert`. Hooks that sit inside blocks (attention-level caches,
@@ -37,6 +39,8 @@ SUPPORTED_MODELS = tuple(c for f in families().values() for c in f.model_classes
 # ------------------------------------------------------------------------ timestep capture
 def _capture_timestep(model, args, kwargs):
     st: RoutingState = routing_state(model)
+    if st.timestep_held:  # recorded before the compiled region (_HostTimestepCall)
+        return None
     t = st.family.timestep_of_call(model, args, kwargs)
     if t is None:
         st.clear_timesteps()
@@ -56,6 +60,71 @@ def set_timestep(model: nn.Module, t) -> None:
     else:
         vals = [float(v) for v in t]
     st.set_timesteps(vals)
+
+
+def _eager_first(st: RoutingState, args, kwargs, call):
+    """``call()`` outside any compiled graph when this call must run so: the first call of each
+    (call slot, input shape) with the token cache on allocates the cache entries; else None."""
+    tc = st.token_cache
+    if tc is None:
+        return None
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    key = (tc.slot, tuple(x.shape) if torch.is_tensor(x) else None)
+    if key in tc.allocated:
+        return None
+    out = call()
+    tc.allocated.add(key)
+    return out
+
+
+class _HostTimestepCall:
+    """The converted model's ``__call__`` as an attribute (``model.__call__``; calling
+    ``model(...)`` still goes through the class): what ``torch.compile(model)`` compiles.
+    It records the timestep on the host in its own frame, which dynamo skips
+    (``torch._dynamo.skip``: that frame runs eagerly, the frames it calls are compiled), and
+    then calls the module, whose frames dynamo compiles (with ``fullgraph=True`` too): the pre-hook sees ``timestep_held`` and does
+    nothing, so the graph holds no host copy. Routing then reads the host regions as guards,
+    as under :func:`compile_model`. A deep copy or pickle of the model carries its own."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        st = find_routing_state(model)
+        if st is None or st.timestep_held:  # reverted, or re-entered: the plain call
+            return nn.Module.__call__(model, *args, **kwargs)
+        _capture_eagerly(model, args, kwargs)
+        st.timestep_held = True
+        try:
+            out = _eager_first(st, args, kwargs, lambda: _eager_call(model, *args, **kwargs))
+            return out if out is not None else nn.Module.__call__(model, *args, **kwargs)
+        finally:
+            st.timestep_held = False
+
+
+def _module_call(model, *args, **kwargs):
+    return nn.Module.__call__(model, *args, **kwargs)
+
+
+import torch._dynamo.decorators  # noqa: E402  (diffusers imports dynamo anyway)
+
+# the frames a skipped frame calls are compiled: what must stay on the host is disabled
+_eager_call = torch.compiler.disable(_module_call)
+_capture_eagerly = torch.compiler.disable(_capture_timestep)
+torch._dynamo.decorators.skip(_HostTimestepCall.__call__)  # its frame eager, callees compiled
+
+
+class _CompileModel:
+    """The converted model's ``compile`` (``model.compile(**kw)``): :func:`compile_model`,
+    whose compiled forward leaves the timestep capture outside the graph (``nn.Module.compile``
+    would compile the pre-hook with it)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, **compile_kwargs):
+        compile_model(self.model, **compile_kwargs)
 
 
 # ------------------------------------------------------------------------ public API
@@ -151,6 +220,11 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
     attach_state(model, state)
     _declare_routed_classes(model, {type(positions[i][1]) for i in idx})
     model.register_forward_pre_hook(_capture_timestep, with_kwargs=True)
+    # bound methods: what torch.compile wraps must be a function (it traces a callable object
+    # from a frame of its own, which would inline the capture), and a deep copy of the model
+    # gets methods of its own copy
+    model.__dict__["__call__"] = _HostTimestepCall(model).__call__
+    model.__dict__["compile"] = _CompileModel(model).__call__
     return model
 
 
@@ -230,7 +304,7 @@ def revert(model: nn.Module) -> nn.Module:
     if model.__dict__.get("_diffcr_compiled", False):
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_diffcr_compiled", None)
-    for attr in _DECLARED:
+    for attr in _DECLARED + ("__call__", "compile"):
         model.__dict__.pop(attr, None)
     detach_state(model)
     return model
@@ -303,15 +377,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        tc = st.token_cache
-        if tc is not None:
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            key = (tc.slot, tuple(x.shape) if torch.is_tensor(x) else None)
-            if key not in tc.allocated:  # allocates the cache entries: not in a graph
-                out = forward(*args, **kwargs)
-                tc.allocated.add(key)
-                return out
-        return compiled(*args, **kwargs)
+        out = _eager_first(st, args, kwargs, lambda: forward(*args, **kwargs))
+        return out if out is not None else compiled(*args, **kwargs)
 
     model.forward = run
     model._diffcr_compiled = True

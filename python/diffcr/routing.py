@@ -295,7 +295,9 @@ class RoutingState:
     token scorer ``scorer(block, x) -> [B, N]`` used instead of the block's router for the
     selection and the gate (None: the router; ``selection="random"`` draws scores at random);
     ``plain``: every routed block runs its own diffusers forward on every token, without the
-    router gate, i.e. the model as it was before conversion (:func:`diffcr.dense_teacher`).
+    router gate, i.e. the model as it was before conversion (:func:`diffcr.dense_teacher`);
+    ``timestep_held``: True while a call of the model recorded its timestep before entering
+    a compiled region (``torch.compile(model)``: the model's pre-hook then does nothing).
     """
 
     config: DiffCRConfig
@@ -310,6 +312,7 @@ class RoutingState:
     kept_override: Optional[float] = None
     scorer: Optional[Callable] = None
     plain: bool = False
+    timestep_held: bool = False
 
     def set_timesteps(self, vals: List[float]) -> None:
         """Record the raw timesteps of the next forward and map them to regions through the

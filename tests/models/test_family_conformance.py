@@ -536,3 +536,38 @@ def test_compile_repeated_blocks_and_declared_modules_see_the_routed_blocks(fami
         diffcr.revert(model)
         assert not {"_repeated_blocks", "_no_split_modules",
                     "_keep_in_fp32_modules"} & set(model.__dict__)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_whole_model_fullgraph(family):
+    """``torch.compile(model, fullgraph=True)`` and ``model.compile(fullgraph=True)`` on a
+    converted, frozen model, as users call them: the timestep's host copy stays outside the
+    graph (no break, so ``fullgraph`` traces), the output equals eager for a batch of two
+    timestep regions, a deep copy carries its own call and compile, and revert removes both
+    attributes. The eager backend checks the tracing without inductor's CPU compile time;
+    ``model.compile`` is compiled on one family (the same code path for all)."""
+    import copy
+
+    factory, inputs = FAMILY_CASES[family]
+    model = factory().eval()
+    diffcr.convert(model, DiffCRConfig(target_kept_ratio=0.5))
+    set_ratios(model, [0.3, 0.5, 0.7, 0.9])
+    diffcr.freeze(model)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        kw = inputs([900, 100])
+        with torch.no_grad():
+            want = _run(model, kw)
+            got = _run(compiled, kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        twin = copy.deepcopy(model)
+        assert twin.__call__.__self__.model is twin and twin.compile.__self__.model is twin
+        if family == "dit":
+            twin.compile(fullgraph=True, backend="eager")
+            with torch.no_grad():
+                torch.testing.assert_close(_run(twin, kw), want, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    diffcr.revert(model)
+    assert not {"__call__", "compile"} & set(model.__dict__)
