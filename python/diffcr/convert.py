@@ -81,9 +81,11 @@ class _HostTimestepCall:
     """The converted model's ``__call__`` as an attribute (``model.__call__``; calling
     ``model(...)`` still goes through the class): what ``torch.compile(model)`` compiles.
     It records the timestep on the host in its own frame, which dynamo skips
-    (``torch._dynamo.skip``: that frame runs eagerly, the frames it calls are compiled), and
-    then calls the module, whose frames dynamo compiles (with ``fullgraph=True`` too): the pre-hook sees ``timestep_held`` and does
-    nothing, so the graph holds no host copy. Routing then reads the host regions as guards,
+    (``torch._dynamo.decorators.skip``: that frame runs eagerly, the frames it calls are
+    compiled), and then calls the module, whose frames dynamo compiles (with ``fullgraph=True``
+    too): the pre-hook sees ``timestep_held`` and does nothing, so the graph holds no host
+    copy. On a torch without that decorator the capture is traced as before (a graph break,
+    or an error under ``fullgraph``), never skipped. Routing then reads the host regions as guards,
     as under :func:`compile_model`. A deep copy or pickle of the model carries its own."""
 
     def __init__(self, model: nn.Module):
@@ -112,18 +114,22 @@ import torch._dynamo.decorators  # noqa: E402  (diffusers imports dynamo anyway)
 # the frames a skipped frame calls are compiled: what must stay on the host is disabled
 _eager_call = torch.compiler.disable(_module_call)
 _capture_eagerly = torch.compiler.disable(_capture_timestep)
-torch._dynamo.decorators.skip(_HostTimestepCall.__call__)  # its frame eager, callees compiled
+_skip = getattr(torch._dynamo.decorators, "skip", None)  # private API: absent -> traced as before
+if _skip is not None:
+    _skip(_HostTimestepCall.__call__)  # its frame eager, callees compiled
 
 
 class _CompileModel:
     """The converted model's ``compile`` (``model.compile(**kw)``): :func:`compile_model`,
     whose compiled forward leaves the timestep capture outside the graph (``nn.Module.compile``
-    would compile the pre-hook with it)."""
+    would compile the pre-hook with it). ``fullgraph`` defaults to False, as in
+    ``nn.Module.compile``."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, **compile_kwargs):
+        compile_kwargs.setdefault("fullgraph", False)
         compile_model(self.model, **compile_kwargs)
 
 

@@ -558,14 +558,16 @@ def test_torch_compile_whole_model_fullgraph(family):
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         kw = inputs([900, 100])
         with torch.no_grad():
-            want = _run(model, kw)
+            _run(model, inputs([100, 900]))  # other regions: a stale capture would show
             got = _run(compiled, kw)
+            want = _run(model, kw)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         twin = copy.deepcopy(model)
         assert twin.__call__.__self__.model is twin and twin.compile.__self__.model is twin
         if family == "dit":
             twin.compile(fullgraph=True, backend="eager")
             with torch.no_grad():
+                _run(twin, inputs([100, 900]))  # compiles and runs other regions first
                 torch.testing.assert_close(_run(twin, kw), want, rtol=1e-5, atol=1e-6)
     finally:
         torch._dynamo.reset()
