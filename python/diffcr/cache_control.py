@@ -14,7 +14,7 @@ from .routing import routing_state
 from .token_cache import TokenCache, TokenCacheConfig
 
 __all__ = ["enable_token_cache", "disable_token_cache", "reset_token_cache", "fill_token_cache",
-           "token_cache_of", "kept_ratio_override", "dense_teacher"]
+           "token_cache_of", "kept_ratio_override", "dense_teacher", "shard_routing"]
 
 
 def token_cache_of(model: nn.Module) -> Optional[TokenCache]:
@@ -77,6 +77,33 @@ def kept_ratio_override(model: nn.Module, kappa: Optional[float]):
         yield
     finally:
         st.kept_override = before
+
+
+@contextmanager
+def shard_routing(model: nn.Module, shards: int):
+    """Inside the context, every routed block of ``model`` routes each of ``shards`` equal,
+    contiguous slices of its tokens on its own: the top ``k`` of each slice, ``k`` the block's
+    kept count for one slice, and the block then runs on all the kept tokens together.
+
+    That is what routing computes under diffusers' context parallelism over ``shards`` ranks
+    (``enable_parallelism(config=ContextParallelConfig(ulysses_degree=shards))``, or ring):
+    each rank routes its local shard, and attention spans the kept tokens of every rank. This
+    context computes it on one process, as the reference the multi-process result is tested
+    against (docs/ecosystem.md, "Several GPUs"). Inference only (one kept count per sample:
+    eval mode or :func:`diffcr.freeze`); the token count must divide by ``shards``."""
+    shards = int(shards)
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    st = routing_state(model)
+    if st.token_cache is not None:
+        raise ValueError("diffcr.shard_routing: switch the token cache off first "
+                         "(diffcr.disable_token_cache)")
+    before = st.shards
+    st.shards = shards
+    try:
+        yield model
+    finally:
+        st.shards = before
 
 
 @contextmanager

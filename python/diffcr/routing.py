@@ -81,6 +81,10 @@ class BlockRouting:
     gating the MLP branch), ``"fused"`` (the family's fused forward over the packed selection)
     or ``"compat"`` (the block's own forward on the gathered tokens), and with the token cache
     on ``"refresh"`` (a refresh step: every token computed and its update cached);
+    ``last_compat_reason``: why the last routed forward took the compat path rather than the
+    fused one (``"path='compat'"``, ``"autocast (mixed precision) is on"``, ``"context
+    parallelism is active ..."``, a diffusers hook, ...; None when it took the fused path or
+    computed every token);
     ``last_selection``: the :class:`~diffcr_kernels.Selection` the last forward routed with
     (None when it computed every token).
     """
@@ -91,6 +95,7 @@ class BlockRouting:
     fused_reason: Optional[str] = None
     frozen_bins: Optional[List[float]] = None
     last_path: Optional[str] = None
+    last_compat_reason: Optional[str] = None
     mlp_gate: MlpGate = field(default_factory=MlpGate)
     _kappa: _Transient = field(default_factory=_Transient)
     _sel: _Transient = field(default_factory=_Transient)
@@ -143,12 +148,23 @@ class BlockRouting:
         return block.router.gate_factor(scores)
 
     def use_fused(self, block: nn.Module, call: dict, inner_hooks) -> bool:
-        """Whether this call runs the family's fused forward (path and block permitting)."""
+        """Whether this call runs the family's fused forward (path and block permitting); when
+        not, the reason is in ``last_compat_reason``."""
+        why = self._compat_reason(block, call, inner_hooks)
+        self.last_compat_reason = why
+        return why is None
+
+    def _compat_reason(self, block: nn.Module, call: dict, inner_hooks) -> Optional[str]:
         st = self.state
         mode = st.config.path
         if mode == "compat":
-            return False
+            return "path='compat'"
         why = self.fused_reason or st.family.call_fused_reason(block, call)
+        if why is None:
+            # the fused path runs its own attention over the local tokens: under diffusers'
+            # context parallelism (Ulysses / ring) that would attend to this rank's shard only,
+            # while the block's own attention processor takes part in the collective
+            why = context_parallel_reason(block)
         if why is None and torch.is_autocast_enabled(call["hidden_states"].device.type):
             # autocast leaves the fused ops' inputs in mixed dtypes (bf16 activations, fp32
             # modulation and norm weights); the compat path runs the block's own modules,
@@ -160,12 +176,10 @@ class BlockRouting:
                 # the fused path calls the block's linears itself, never its attention or
                 # feed-forward modules: hooks on those would be bypassed
                 why = f"diffusers hook {other[0][1]!r} on {other[0][0]}"
-        if why is None:
-            return True
-        if mode == "fused":
+        if why is not None and mode == "fused":
             raise RuntimeError(f"diffcr: path='fused' cannot run this call of {self.name} "
                                f"({why}); use path='auto' or 'compat'")
-        return False
+        return why
 
     # ------------------------------------------------------------------ forward
     def forward(self, block: nn.Module, base_forward: Callable, args, kwargs):
@@ -179,10 +193,22 @@ class BlockRouting:
         B, N, D = x.shape
         if st.plain:  # the block as before conversion (a dense teacher)
             self.last_path = "dense"
+            self.last_compat_reason = None
             self._sel = _Transient(None)
             with family.call_context(block, call):
                 return base_forward(**call)
-        ks, weights, kappa = self.plan(block, B, N)
+        shards = st.shards
+        if shards > 1:  # diffcr.shard_routing: k of each slice, as each rank under CP
+            if N % shards:
+                raise ValueError(f"diffcr.shard_routing: {N} tokens do not split into "
+                                 f"{shards} equal shards")
+            ks, weights, kappa = self.plan(block, B, N // shards)
+            if weights is not None or any(len(k) != 1 for k in ks):
+                raise RuntimeError("diffcr.shard_routing is for inference: put the model in "
+                                   "eval mode or freeze it")
+            ks = [[k[0] * shards] for k in ks]
+        else:
+            ks, weights, kappa = self.plan(block, B, N)
         self._kappa = _Transient(kappa)
         self._sel = _Transient(None)
         if st.config.selection == "random":
@@ -202,6 +228,7 @@ class BlockRouting:
                 # every token kept: the dense block, with the router gating the MLP branch
                 # (a token-cache refresh: the same, or the plain block, and every update cached)
                 self.last_path = "refresh" if refresh else "dense"
+                self.last_compat_reason = None
                 if refresh and tc.config.plain_refresh:
                     out = base_forward(**call)
                 else:
@@ -229,6 +256,14 @@ class BlockRouting:
                 sel = dk.select_topk(scores + tc.config.staleness * stale, ks, weights)
                 sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
                     0, sel.indices))
+            elif shards > 1:
+                # rank within the slice as the score: the top k * shards are the top k of
+                # every slice (each rank level holds one token per slice)
+                r = scores.view(B, shards, N // shards).argsort(dim=-1, descending=True,
+                                                                 stable=True).argsort(dim=-1)
+                sel = dk.select_topk(-r.reshape(B, N).to(scores.dtype), ks, weights)
+                sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
+                    0, sel.indices))
             else:
                 sel = dk.select_topk(scores, ks, weights)
             self._sel = _Transient(sel)
@@ -253,6 +288,21 @@ class BlockRouting:
                 return out
             return apply_token_cache(family, out, entry, sel, x_rows, entry.step_t,
                                      unit_weights=weights is None)
+
+
+def context_parallel_reason(block: nn.Module) -> Optional[str]:
+    """Why ``block`` must not run the fused path under diffusers' context parallelism, or
+    None: an attention module of the block carries an active context-parallel config
+    (``model.enable_parallelism(config=ContextParallelConfig(...))`` gives every attention
+    processor one). The compat path then runs the block's own attention, which does the
+    Ulysses all-to-all / ring exchange over the kept tokens of every rank."""
+    for child in block._modules.values():
+        proc = getattr(child, "processor", None) if child is not None else None
+        cfg = getattr(proc, "_parallel_config", None)
+        if cfg is not None and getattr(cfg, "context_parallel_config", None) is not None:
+            return ("context parallelism is active (enable_parallelism): the fused attention "
+                    "would see this rank's tokens only")
+    return None
 
 
 def _inner_hooks(block: nn.Module):
@@ -296,7 +346,9 @@ class RoutingState:
     selection and the gate (None: the router; ``selection="random"`` draws scores at random);
     ``plain``: every routed block runs its own diffusers forward on every token, without the
     router gate, i.e. the model as it was before conversion (:func:`diffcr.dense_teacher`);
-    ``timestep_held``: True while a call of the model recorded its timestep before entering
+    ``shards``: routing picks the top-k of each of this many equal slices of the tokens on its
+    own (1: of all tokens; :func:`diffcr.shard_routing`, the one-process reference of context
+    parallelism); ``timestep_held``: True while a call of the model recorded its timestep before entering
     a compiled region (``torch.compile(model)``: the model's pre-hook then does nothing).
     """
 
@@ -312,6 +364,7 @@ class RoutingState:
     kept_override: Optional[float] = None
     scorer: Optional[Callable] = None
     plain: bool = False
+    shards: int = 1
     timestep_held: bool = False
 
     def set_timesteps(self, vals: List[float]) -> None:
