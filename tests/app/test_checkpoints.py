@@ -133,3 +133,62 @@ def test_a_diverging_run_stops_with_its_checkpoints_intact(tiny, tmp_path):
     for p in states:
         w = load_file(str(p / "model" / "diffusion_pytorch_model.safetensors"))
         assert all(torch.isfinite(t).all() for t in w.values()), p.name
+
+
+def test_a_used_out_folder_is_refused_unless_resumed_or_overwritten(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    run_class_train(_cfg(tiny, out, steps=4))
+
+    def files():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
+    with pytest.raises(TrainError, match=r"--out .*run holds a previous run's outputs "
+                                         r"\(diffcr, diffcr-frozen, metrics.json, model, "
+                                         r"\.\.\.\): pass --resume latest"):
+        run_class_train(_cfg(tiny, out, steps=4, seed=1))
+    assert files() == before  # nothing was touched
+    with pytest.raises(TrainError, match="--resume and --overwrite contradict"):
+        run_class_train(_cfg(tiny, out, resume="latest", overwrite=True))
+    # --overwrite: the old states go first, so --resume latest can only find the new run's
+    run_class_train(_cfg(tiny, out, steps=2, save_every=0, overwrite=True))
+    assert not list(out.glob("step-*"))
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert not (out / ".diffcr-train.lock").exists()
+    # the command line: one line, exit 2
+    r = subprocess.run([sys.executable, "-m", "diffcr", "train", "--model",
+                        str(tiny / "dit.json"), "--data", str(tiny / "data"), "--out", str(out),
+                        "--steps", "1", "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "holds a previous run's outputs" in r.stderr
+
+
+def test_two_runs_on_one_out_folder_cannot_interleave(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from diffcr.app.core import LOCK_NAME
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    out.mkdir()
+    host = os.uname().nodename
+    (out / LOCK_NAME).write_text(f"{os.getpid()} {host}\n")  # a live run holds it
+    with pytest.raises(TrainError, match=rf"in use by another diffcr train \(pid {os.getpid()}"):
+        run_class_train(_cfg(tiny, out, steps=2, save_every=0))
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+    # a lock left by a killed run (its pid is gone) is taken over with a warning
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(f"{dead.pid} {host}\n")
+    with pytest.warns(UserWarning, match=f"taking over .*left by a run that was killed "
+                                         rf"\(pid {dead.pid} is gone\)"):
+        run_class_train(_cfg(tiny, out, steps=2, save_every=0))
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2

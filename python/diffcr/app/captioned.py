@@ -38,8 +38,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .core import (BadSteps, Progress, atomic_file, find_resume, identical_across_ranks, param_groups,
-                   prune_states, write_checkpoints)
+from .core import (BadSteps, Progress, atomic_file, claim_out, find_resume,
+                   identical_across_ranks, param_groups, prune_states, write_checkpoints)
 from .image_folder import load_image
 from .options import TrainConfig, TrainError
 from .parallel import strategy_for
@@ -286,10 +286,15 @@ def run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     """Captioned DiffCR fine-tuning of a diffusers pipeline's transformer (see the module
     docstring). Returns the metrics (also written to ``OUT/metrics.json``), and the trained
     (unfrozen) model with ``return_model``."""
+    cfg.validate().refuse_unused("captioned")
+    with claim_out(cfg):
+        return _run_captioned_train(cfg, return_model)
+
+
+def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     import diffcr
     import diffusers
 
-    cfg.validate().refuse_unused("captioned")
     folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
     part, levels = expert_of(folder, _json(folder / "model_index.json"), cfg.expert)
     index, tconf, recipe = pipeline_parts(folder, part)

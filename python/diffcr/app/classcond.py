@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .core import (atomic_file, atomic_folder, find_resume, identical_across_ranks, param_groups,
-                   prune_states, write_checkpoints)
+from .core import (atomic_file, atomic_folder, claim_out, find_resume, identical_across_ranks,
+                   param_groups, prune_states, write_checkpoints)
 from .ddpm import load_model, train_loop
 from .image_folder import load_image_folder
 from .options import TrainConfig, TrainError
@@ -74,9 +74,14 @@ def run_class_train(cfg: TrainConfig) -> dict:
     """DiffCR fine-tuning of a class-conditional diffusers DiT (``cfg.model``) on an image
     folder (``cfg.data``, one subfolder per class), single process or one of several under
     ``torchrun`` (DDP). Returns the metrics (also written to ``OUT/metrics.json``)."""
+    cfg.validate().refuse_unused("class")
+    with claim_out(cfg):
+        return _run_class_train(cfg)
+
+
+def _run_class_train(cfg: TrainConfig) -> dict:
     import diffcr
 
-    cfg.validate().refuse_unused("class")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp = None

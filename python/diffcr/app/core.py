@@ -25,7 +25,7 @@ from .options import TrainConfig, TrainError
 
 __all__ = ["Progress", "param_groups", "lr_factor", "ema_update", "BadSteps", "write_checkpoints",
            "identical_across_ranks", "atomic_folder", "atomic_file", "find_resume",
-           "prune_states"]
+           "prune_states", "claim_out", "LOCK_NAME"]
 
 
 class Progress:
@@ -209,6 +209,97 @@ def prune_states(out: Path, marker: str, keep: int) -> None:
         return
     for _, p in _states(Path(out), marker)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+#: the lock file of a run folder while a run writes to it (pid and host inside)
+LOCK_NAME = ".diffcr-train.lock"
+# what a previous run leaves in its --out folder
+_OUTPUTS = ("metrics.json", "diffcr", "lora", "model", "diffcr-frozen")
+
+
+def _used_by(out: Path) -> List[str]:
+    """The previous run's outputs in ``out`` (names, sorted)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in _OUTPUTS or (_STEP.match(p.name) and p.is_dir()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim_out(cfg: TrainConfig) -> Iterator[None]:
+    """The run folder ``cfg.out`` for one training run, held for the duration.
+
+    * A folder that holds a previous run's outputs (``metrics.json``, ``diffcr/``, ``lora/``,
+      ``model/``, ``step-N/``) is refused (:class:`TrainError`, one line) unless ``--resume``
+      continues it or ``--overwrite`` replaces it; ``--overwrite`` removes the old ``step-N``
+      states and ``metrics.json`` first (so ``--resume latest`` can never pick up the old run),
+      and the old final outputs are replaced only once the new ones are complete.
+    * The main process (``RANK`` 0) holds ``OUT/.diffcr-train.lock`` (created exclusively,
+      with its pid and host) until the run ends: a second run on the same folder is refused
+      while the first is alive. A lock left by a killed run (its pid gone on this host) is
+      taken over with a warning. A folder this call created is removed again if the run
+      leaves it empty (refused before it wrote anything)."""
+    out = Path(cfg.out)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if cfg.resume is not None and cfg.overwrite:
+        raise TrainError("--resume and --overwrite contradict each other: --resume continues "
+                         "the run in --out, --overwrite replaces it")
+    used = _used_by(out)
+    if used and cfg.resume is None and not cfg.overwrite:
+        raise TrainError(f"--out {out} holds a previous run's outputs ({', '.join(used[:4])}"
+                         f"{', ...' if len(used) > 4 else ''}): pass --resume latest to "
+                         "continue it, --overwrite to replace it, or another --out")
+    if not main:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_NAME
+    host = os.uname().nodename
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid_s, _, owner = lock.read_text().strip().partition(" ")
+                pid = int(pid_s)
+            except (OSError, ValueError):  # half-written by a run killed right then
+                pid, owner = -1, host
+            if owner != host or (pid > 0 and _alive(pid)):
+                raise TrainError(f"--out {out} is in use by another diffcr train (pid {pid} "
+                                 f"on {owner}; lock file {lock}): wait for it to finish, or "
+                                 "delete the lock file if that run is gone") from None
+            warnings.warn(f"diffcr train: taking over {lock}, left by a run that was killed "
+                          f"(pid {pid} is gone)", stacklevel=2)
+            lock.unlink(missing_ok=True)
+    else:
+        raise TrainError(f"--out {out}: could not create the lock file {lock}")
+    try:
+        os.write(fd, f"{os.getpid()} {host}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if used and cfg.overwrite:
+            for p in out.iterdir():
+                if p.name == "metrics.json" or (_STEP.match(p.name) and p.is_dir()):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # a run refused before it wrote anything
+            out.rmdir()
 
 
 def write_checkpoints(model, out: Path, *, lora: bool = False, frozen: bool = False) -> None:

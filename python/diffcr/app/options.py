@@ -103,6 +103,10 @@ class TrainConfig:
         None, "continue a previous run: a checkpoint folder (OUT/step-N), a run folder (its "
         "newest complete step-N), or 'latest' (the newest complete step-N under --out)", "run",
         TRAINING)
+    overwrite: bool = option(
+        False, "replace the previous run in --out (its step-N states and metrics.json are "
+        "removed at the start; its final checkpoints once the new ones are complete); without "
+        "it or --resume, an --out that holds a run's outputs is refused", "run", TRAINING)
     save_every: int = option(0, "checkpoint every N steps", "run", TRAINING, type=int)
     keep_last: int = option(0, "keep only the K newest step-N checkpoints (each removed only "
                             "after a newer one is complete; 0: keep all)", "run", TRAINING,
