@@ -308,7 +308,8 @@ def test_caches_are_reused(folders, tmp_path, monkeypatch):
 
     monkeypatch.setattr(captioned, "_encode_text", boom)
     monkeypatch.setattr(captioned, "_encode_images", boom)
-    run_captioned_train(_cfg(pipe, data, tmp_path, steps=1))
+    # --overwrite replaces the run's outputs but keeps its feature cache
+    run_captioned_train(_cfg(pipe, data, tmp_path, steps=1, overwrite=True))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
 
 

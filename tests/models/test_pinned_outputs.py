@@ -1,13 +1,17 @@
 """A converted tiny PixArt / DiT computes exactly what it computed when the pins were written
 (``tests/models/pins.py``): outputs of eval, frozen and two-bin training forwards on both execution
-paths, and the router and ratio gradients. Bitwise under the torch version that wrote them
-(the one CI's main stage installs) on a CPU with the same vector capability (torch's CPU
-kernels pick their code by it: AVX2 and AVX-512 round differently); within float32 rounding
-otherwise."""
+paths, and the router and ratio gradients, within float32 rounding (``RTOL``/``ATOL``).
+
+Not bitwise: the same torch on two CPUs that both report AVX-512 rounds differently (oneDNN and
+MKL choose kernels by the CPU model, not only by the capability torch reports); pins written on
+one CI machine differed by 4e-6 on the next. The tolerance is far below what any change to
+routing moves (``test_pins_exercise_routing`` checks that the modes differ by more than it)."""
 import pytest
 import torch
 
 from pins import PIN_FILE, compute_pins
+
+RTOL, ATOL = 1e-4, 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +25,13 @@ def current():
 
 
 def test_pinned_outputs(pins, current):
-    same_torch = (pins["_torch_version"] == str(torch.__version__)
-                  and pins.get("_cpu_capability") == torch.backends.cpu.get_cpu_capability())
     expected = {k: v for k, v in pins.items() if not k.startswith("_")}
     assert sorted(current) == sorted(expected)
     differ = []
     for key, want in expected.items():
         got = current[key]
         assert got.shape == want.shape and got.dtype == want.dtype, key
-        ok = torch.equal(got, want) if same_torch else torch.allclose(got, want, rtol=1e-4,
-                                                                       atol=1e-5)
-        if not ok:
+        if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
             differ.append(f"{key}: max |diff| {(got - want).abs().max().item():.3g}")
     assert not differ, "pinned outputs changed:\n" + "\n".join(differ)
 
@@ -39,8 +39,9 @@ def test_pinned_outputs(pins, current):
 def test_pins_exercise_routing(pins):
     """The pins would catch a change: paths and modes give different values, gradients flow."""
     for kind in ("pixart", "dit"):
-        assert not torch.equal(pins[f"{kind}/kappa1/eval"], pins[f"{kind}/fused/eval"])
-        assert not torch.equal(pins[f"{kind}/fused/eval"], pins[f"{kind}/fused/train"])
+        for a, b in (("kappa1/eval", "fused/eval"), ("fused/eval", "fused/train")):
+            assert not torch.allclose(pins[f"{kind}/{a}"], pins[f"{kind}/{b}"], rtol=RTOL,
+                                      atol=ATOL), (kind, a, b)
         for path in ("fused", "compat"):
             assert pins[f"{kind}/{path}/grad/router0"].abs().sum() > 0
             assert pins[f"{kind}/{path}/grad/ratio1"].abs().sum() > 0
