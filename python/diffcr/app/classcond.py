@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -22,16 +24,38 @@ __all__ = ["run_class_train", "save_train_state", "load_train_state", "STATE_MAR
 
 #: the file that makes a folder a complete resumable state (written last)
 STATE_MARKER = "train_state.json"
+#: the random state of every process, by rank (states written before it have none)
+RNG_FILE = "rng.safetensors"
+
+
+def load_rng_state(path: Path, rank: int, world: int) -> Optional[dict]:
+    """This process's random state in the state folder ``path`` (None, with a warning, when
+    the state has none for it: written before they were saved, or by another world size)."""
+    from safetensors.torch import load_file
+
+    f = path / RNG_FILE
+    tensors = load_file(str(f)) if f.is_file() else {}
+    ranks = {int(k.split("::")[0]) for k in tensors}
+    if len(ranks) != world:
+        warnings.warn(f"--resume {path}: no random state for {world} process(es) in it; the "
+                      "resumed run draws other batches and noise than an uninterrupted one",
+                      stacklevel=2)
+        return None
+    return {k.split("::")[1]: v for k, v in tensors.items() if k.startswith(f"{rank}::")}
 
 
 def save_train_state(out: Path, model, opt, step: int, cfg: TrainConfig,
-                     frozen: bool = False) -> None:
+                     frozen: bool = False, rngs: Optional[List[dict]] = None) -> None:
     """A resumable checkpoint in ``out``: the base model (diffusers) and DiffCR parameters
     (:func:`~diffcr.app.core.write_checkpoints`; ``frozen``: also the frozen form), the
-    optimizer state and the step (safetensors + JSON, no pickle)."""
+    optimizer state, the random state of every process (``rngs``, by rank:
+    :func:`~diffcr.app.ddpm.rng_state_of`) and the step (safetensors + JSON, no pickle)."""
     from safetensors.torch import save_file
 
     write_checkpoints(model, out, frozen=frozen)
+    if rngs is not None:
+        rng = {f"{r}::{k}": v.contiguous() for r, st in enumerate(rngs) for k, v in st.items()}
+        atomic_file(out / RNG_FILE, lambda tmp: save_file(rng, str(tmp)))
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, groups = {}, []
     for gi, g in enumerate(opt.param_groups):
@@ -137,22 +161,37 @@ def _run_class_train(cfg: TrainConfig) -> dict:
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
                                       else None)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
+    rng = None
     if resume is not None:
         start = load_train_state(resume, model, opt)
+        rng = load_rng_state(resume, rank, world)
     steps = cfg.steps or 1000
     out = Path(cfg.out)
 
-    def on_step(step, o):
-        if rank == 0 and cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            # complete or absent: written aside, renamed into place (a kill mid-write leaves
-            # the previous states as they were)
-            with atomic_folder(out / f"step-{step}") as tmp:
-                save_train_state(tmp, model, o, step, cfg)
-            prune_states(out, STATE_MARKER, cfg.keep_last)
+    def all_rngs(rngs):
+        """The random states of every process (a collective under DDP)."""
+        if world == 1:
+            return [rngs()]
+        import torch.distributed as dist
+
+        got = [None] * world
+        dist.all_gather_object(got, rngs())
+        return got
+
+    def on_step(step, o, rngs):
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            states = all_rngs(rngs)
+            if rank == 0:
+                # complete or absent: written aside, renamed into place (a kill mid-write
+                # leaves the previous states as they were)
+                with atomic_folder(out / f"step-{step}") as tmp:
+                    save_train_state(tmp, model, o, step, cfg, rngs=states)
+                prune_states(out, STATE_MARKER, cfg.keep_last)
 
     opt, last = train_loop(model, images, labels, steps, cfg, "DiffCR fine-tuning",
                            ratio_loss=True, gen_seed=cfg.seed + rank, ddp=ddp, opt=opt,
-                           start_step=start, on_step=on_step, teacher=teacher)
+                           start_step=start, on_step=on_step, teacher=teacher,
+                           rng_state=rng)
     metrics = {"steps": steps, "last": last, "world_size": world,
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
                "target_kept_ratio": conv.target_kept_ratio}

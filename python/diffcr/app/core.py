@@ -235,6 +235,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_HIDDEN = re.compile(r"^\.(.+)\.(tmp|old)-\d+$")
+
+
+def _tidy(out: Path) -> None:
+    """What killed runs left in ``out`` (the lock is held): hidden ``.NAME.tmp-PID`` siblings
+    of :func:`atomic_folder` / :func:`atomic_file` are removed; a ``.NAME.old-PID`` whose
+    ``NAME`` is absent (killed between the two renames of a replacement) is put back, as the
+    complete previous version, and removed otherwise."""
+    for p in sorted(out.iterdir()):
+        m = _HIDDEN.match(p.name)
+        if m is None:
+            continue
+        if m.group(2) == "old" and not (out / m.group(1)).exists():
+            os.replace(p, out / m.group(1))
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def claim_out(cfg: TrainConfig) -> Iterator[None]:
     """The run folder ``cfg.out`` for one training run, held for the duration.
@@ -247,7 +267,8 @@ def claim_out(cfg: TrainConfig) -> Iterator[None]:
     * The main process (``RANK`` 0) holds ``OUT/.diffcr-train.lock`` (created exclusively,
       with its pid and host) until the run ends: a second run on the same folder is refused
       while the first is alive. A lock left by a killed run (its pid gone on this host) is
-      taken over with a warning. A folder this call created is removed again if the run
+      taken over with a warning, and the hidden temporary siblings killed runs left are
+      tidied (:func:`_tidy`). A folder this call created is removed again if the run
       leaves it empty (refused before it wrote anything)."""
     out = Path(cfg.out)
     main = int(os.environ.get("RANK", "0")) == 0
@@ -291,6 +312,7 @@ def claim_out(cfg: TrainConfig) -> Iterator[None]:
     finally:
         os.close(fd)
     try:
+        _tidy(out)
         if used and cfg.overwrite:
             for p in out.iterdir():
                 if p.name == "metrics.json" or (_STEP.match(p.name) and p.is_dir()):

@@ -168,17 +168,36 @@ def step_loss(net, module, sched, x0, labels, gen: torch.Generator, cfg: TrainCo
     return loss
 
 
+def rng_state_of(gen: torch.Generator) -> dict:
+    """The random state of a class-conditional run: its data/noise generator and torch's
+    global generators (DiT drops class labels with those), as uint8 tensors by name."""
+    out = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    """Restore what :func:`rng_state_of` returned."""
+    gen.set_state(state["data"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_loss: bool,
            train_base: bool = True, gen_seed: int = 0, ddp=None, opt=None, start_step: int = 0,
            on_step=None, ema: Optional[torch.nn.Module] = None,
-           teacher: Optional[torch.nn.Module] = None):
+           teacher: Optional[torch.nn.Module] = None, rng_state: Optional[dict] = None):
     """The class-conditional training loop (the demo's and ``diffcr train --model DIT``):
     ``steps`` AdamW steps on batches of ``cfg.batch`` drawn from ``x_all``/``y_all`` (from
     ``start_step``), with the diffusion loss plus, with ``ratio_loss`` on a converted, unfrozen
     model, the ratio loss. Returns (optimizer, last losses).
 
-    ``ddp``: the DDP-wrapped model (``model`` is its module); ``on_step(step, opt)``: called
-    after every step.
+    ``ddp``: the DDP-wrapped model (``model`` is its module); ``on_step(step, opt, rngs)``:
+    called after every step, ``rngs`` a callable returning the random state a resumed run
+    needs (:func:`rng_state`); ``rng_state``: such a state to continue from (a resumed run:
+    the same draws as the run that was not interrupted).
 
     ``ema``: a copy of the model (same parameter order) updated after every step with
     ``cfg.ema_decay`` (:func:`ema_update`); ``teacher``: the dense model of ``cfg.distill``
@@ -194,6 +213,8 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
         diffcr.attach_ratio_projection(opt, module)
     net.train()
     g = torch.Generator().manual_seed(gen_seed)
+    if rng_state is not None:
+        set_rng_state(rng_state, g)
     n = x_all.shape[0]
     dev = next(module.parameters()).device
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
@@ -241,7 +262,7 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
             last["kept"] = diffcr.mean_kept_ratio(module).item()
         bar.update(**last)
         if on_step is not None:
-            on_step(step + 1, opt)
+            on_step(step + 1, opt, lambda: rng_state_of(g))
     bar.close()
     for grp, lr in zip(opt.param_groups, base_lr):
         grp["lr"] = lr
