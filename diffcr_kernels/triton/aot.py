@@ -17,7 +17,8 @@ spill (both tools ship with the triton wheel).
 Must run in a process where the kernels were **not** defined under the interpreter, i.e.
 ``TRITON_INTERPRET`` unset or 0 when :mod:`diffcr_kernels` is first imported. Command line::
 
-    TRITON_INTERPRET=0 python -m diffcr_kernels.triton.aot [--arch 80,90] [--full] [--json F]
+    TRITON_INTERPRET=0 python -m diffcr_kernels.triton.aot [--arch 80,90] [--full|--quick]
+        [--json F]
 
 exits 1 when a kernel fails to compile or spills (``--allow-spills`` reports spills without
 failing; float64 kernels may spill up to :data:`FP64_CALL_SPILL_BYTES` around the fp64 sqrt /
@@ -51,6 +52,13 @@ HIDDEN = (72, 1152, 3072, 5120, 12288)
 #: latents; ``full`` adds the slow-to-compile 8192 and 16384
 TOKENS = (256, 1024, 4096)
 TOKENS_FULL = (8192, 16384)
+#: ``quick`` (what the test suite compiles): every kernel with every optional-input
+#: combination, but only these (dtype, hidden size) pairs, which still reach every dtype, the
+#: odd tiny row, the largest unchunked and the chunked row, and only the two smaller token
+#: counts; the whole matrix is about 4x slower to compile
+QUICK_CASES = ((torch.bfloat16, 72), (torch.bfloat16, 5120), (torch.bfloat16, 12288),
+               (torch.float16, 3072), (torch.float32, 1152), (torch.float64, 3072))
+TOKENS_QUICK = (256, 1024)
 
 
 @dataclass
@@ -167,8 +175,9 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _calls(full: bool) -> Iterator[tuple]:
-    """(spec, thunk) pairs; each thunk calls one launcher once."""
+def _calls(full: bool, quick: bool = False) -> Iterator[tuple]:
+    """(spec, thunk) pairs; each thunk calls one launcher once (``quick``: see
+    :data:`QUICK_CASES`)."""
     from . import kernels as K
     from . import select as S
 
@@ -178,6 +187,8 @@ def _calls(full: bool) -> Iterator[tuple]:
     for dt in DTYPES:
         a = _acc(dt)
         for D in HIDDEN:
+            if quick and (dt, D) not in QUICK_CASES:
+                continue
             x = torch.zeros(B, N, D, dtype=dt)
             T = 6
             idx = torch.arange(T, dtype=torch.int64)
@@ -229,7 +240,7 @@ def _calls(full: bool) -> Iterator[tuple]:
                            m=miss if with_miss else None: K.apply_token_cache_(x, c, sl, r, m))
             yield (f"router_scores {name[dt]} D={D}",
                    lambda x=x, p=par: K.router_scores(x, p))
-    for n in TOKENS + (TOKENS_FULL if full else ()):
+    for n in TOKENS_QUICK if quick else TOKENS + (TOKENS_FULL if full else ()):
         scores = torch.zeros(2, n, dtype=torch.float32)
         ks = torch.tensor([1, 1], dtype=torch.int32)
         cu = torch.tensor([0, 1, 2], dtype=torch.int32)
@@ -301,8 +312,8 @@ def _resources(cubin: bytes, tool: Optional[str]):
 # driver
 # --------------------------------------------------------------------------------------------
 def compile_all(archs: Sequence[int] = (80, 90), full: bool = False,
-                progress: Optional[Callable[[CompileRecord], None]] = None
-                ) -> List[CompileRecord]:
+                progress: Optional[Callable[[CompileRecord], None]] = None,
+                quick: bool = False) -> List[CompileRecord]:
     """Compile every Triton kernel of the package, through its launchers, for each target in
     ``archs``. Returns one record per distinct compiled specialisation (a launcher call that
     hits an already-compiled specialisation adds nothing); a launcher call that raises gives a
@@ -333,7 +344,7 @@ def compile_all(archs: Sequence[int] = (80, 90), full: bool = False,
                 progress(rec)
 
         with _aot_mode(arch, sink):
-            for spec, thunk in _calls(full):
+            for spec, thunk in _calls(full, quick):
                 current["spec"] = spec
                 try:
                     thunk()
@@ -374,6 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities")
     ap.add_argument("--full", action="store_true",
                     help="also the N = 8192 / 16384 selection kernels (slow to compile)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the (dtype, hidden size) pairs of QUICK_CASES and the two "
+                         "smaller token counts (what the test suite compiles)")
     ap.add_argument("--json", help="write the records to this file")
     ap.add_argument("--allow-spills", action="store_true",
                     help="report register spills without failing")
@@ -386,9 +400,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     t0 = time.perf_counter()
+    if args.quick and args.full:
+        ap.error("--quick and --full contradict each other")
     recs = compile_all(archs, args.full,
                        progress=None if args.quiet else lambda r: print(_table([r]).split(
-                           "\n")[1], flush=True))
+                           "\n")[1], flush=True), quick=args.quick)
     failed = [r for r in recs if r.error]
     spilled = [r for r in recs if not r.error and r.spill_bytes and not _tolerated(r)]
     unknown = [r for r in recs if not r.error and r.registers is None]

@@ -26,7 +26,7 @@ def test_joint_block_bench_runs_and_states_its_ideal(kind, N):
     assert changed == bench.dk.kept_count(0.5, N)
     assert img(dense).shape == img(routed).shape
     row = bench.bench_blocks(kind, N, 1, kappas=(0.5,), rounds=1, prepack=False,
-                             token_cache=True)[0]
+                             token_cache=True, bench=bb)[0]
     assert row["k"] == N // 2 and row["fraction_of_ideal"] > 0 and "naive_ms" not in row
     assert row["token_cache_ms"] > 0 and row["token_cache_bytes_moved"] == \
         (3 * N + 2 * row["k"]) * bb.D * 4

@@ -19,6 +19,24 @@ def cli(*args, env=None, timeout=600):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def cli_in_process(capsys, *args):
+    """``diffcr ARGS`` through ``diffcr.app.cli.main`` in this process: the same code as
+    :func:`cli` without the seconds of a fresh interpreter (bad-argument tests, which stop
+    before any work). An unexpected exception propagates and fails the test, as a traceback
+    would fail :func:`one_line_error`."""
+    import types
+
+    from diffcr.app.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def one_line_error(r, prog="diffcr"):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
@@ -186,27 +204,27 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["generate", "--model", "m", "--diffcr", "d", "--out", sys.executable], "not a folder"),
     (["generate", "--model", "/nonexistent/m", "--diffcr", "d"], "no such folder"),
 ])
-def test_bad_arguments_give_one_line_errors(args, needle):
-    r = cli(*args)
+def test_bad_arguments_give_one_line_errors(args, needle, capsys):
+    r = cli_in_process(capsys, *args)
     line = one_line_error(r)
     assert needle in line
 
 
-def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path):
+def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path, capsys):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(tiny_setup / "data", data)
     bad = next(data.glob("*/*.png"))
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    r = cli("train", "--model", tiny_setup / "dit.json", "--data", data, "--steps", "1",
-            "--out", tmp_path / "out")
+    r = cli_in_process(capsys, "train", "--model", tiny_setup / "dit.json", "--data", data,
+                       "--steps", "1", "--out", tmp_path / "out")
     line = one_line_error(r)
     assert "cannot read image" in line and bad.name in line
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_inspect_tampered_checkpoint_is_one_line_error(demo_out, tmp_path):
+def test_inspect_tampered_checkpoint_is_one_line_error(demo_out, tmp_path, capsys):
     import shutil
 
     out, _ = demo_out
@@ -215,12 +233,16 @@ def test_inspect_tampered_checkpoint_is_one_line_error(demo_out, tmp_path):
     meta = json.loads((ck / "diffcr.json").read_text())
     meta["model"] = {}
     (ck / "diffcr.json").write_text(json.dumps(meta))
-    assert "model.model_class is missing" in one_line_error(cli("inspect", ck))
+    assert "model.model_class is missing" in one_line_error(cli_in_process(capsys, "inspect", ck))
 
 
-def test_empty_data_folder_is_one_line_error(tiny_setup, tmp_path):
-    r = cli("train", "--model", tiny_setup / "dit.json", "--data", tmp_path, "--steps", "1")
+def test_empty_data_folder_is_one_line_error(tiny_setup, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)  # the default --out is relative
+    r = cli_in_process(capsys, "train", "--model", tiny_setup / "dit.json", "--data",
+                       tmp_path / "empty", "--steps", "1")
     assert "data" in one_line_error(r).lower()
+    assert os.listdir(tmp_path) == ["empty"]  # refused before anything was written
 
 
 def _free_port():

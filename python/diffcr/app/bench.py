@@ -449,9 +449,14 @@ def _token_cache_fn(bb: "BlockBench"):
 
 def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device="cpu",
                  dtype=torch.float32, rounds=3, prepack: Optional[bool] = None,
-                 naive: bool = True, token_cache: bool = False) -> List[dict]:
+                 naive: bool = True, token_cache: bool = False,
+                 bench: Optional[BlockBench] = None) -> List[dict]:
     """Dense vs routed (frozen, fused path) block at each kappa: time, speedup, ideal,
     fraction of ideal, peak memory.
+
+    ``bench``: a :func:`make_block_bench` result for the same ``kind``, ``N``, ``B``, device
+    and dtype, to time instead of building a new one (real-size blocks take seconds to
+    initialise on a CPU).
 
     ``token_cache``: also the routed block with the token cache (order 0, steady state: the
     skipped rows get their cached update), interleaved with the others at kappa < 1:
@@ -470,7 +475,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
     """
     dev = torch.device(device)
     packed = _resolve_prepack(prepack, dev)
-    bb = make_block_bench(kind, N, B, device, dtype)
+    bb = bench if bench is not None else make_block_bench(kind, N, B, device, dtype)
     naive = naive and kind not in JOINT_KINDS  # the control is the PixArt/DiT block's
     if packed:
         from ..cpu import prepack_linears
