@@ -295,6 +295,87 @@ def test_distill_adds_the_dense_teachers_distance(folders, tmp_path, lora_rank, 
         assert not torch.allclose(_forward(model), got)  # outside it: routed, with LoRA
 
 
+CACHE_AWARE = dict(FLOW_PIPELINES, pixart=(None, {}))
+
+
+@pytest.mark.parametrize("family", sorted(CACHE_AWARE))
+def test_cache_aware_fine_tuning_fills_the_cache_at_a_noisier_level(family, folders, tmp_path,
+                                                                    monkeypatch):
+    """``--cache-refresh R`` in every recipe: before each training forward, the model runs
+    without gradient at a noisier level of the same sample and noise (1 to R-1 sampler
+    steps of ``--cache-spacing`` above; a DDPM timestep for PixArt, a shifted sigma for the
+    flow recipes), filling the token cache, and the training forward then routes with the
+    skipped tokens' forecast: the first step's loss differs from the same step without the
+    cache (same level and noise), by the forecast alone."""
+    from diffcr.app.recipes import FlowRecipe
+    from diffcr.app.recipes.pixart import PixArtRecipe
+
+    torch.set_num_threads(1)
+    write, extra = CACHE_AWARE[family]
+    pipe = write(tmp_path / "pipe") if write else folders[0]
+    data = folders[1]
+    real_conf = TrainConfig.diffcr_config
+    monkeypatch.setattr(TrainConfig, "diffcr_config",  # every block starts skipping tokens
+                        lambda self, **k: real_conf(self, init_kept_ratio=0.5, **k))
+    kw = dict(extra, steps=1)
+    plain = run_captioned_train(_cfg(pipe, data, tmp_path / "plain", **kw))
+    drawn, fills = [], []
+    owner = PixArtRecipe if family == "pixart" else FlowRecipe
+    real_noisier, real_fill = owner.noisier, diffcr.fill_token_cache
+
+    def fill(model, **inputs):
+        fills.append(inputs)
+        return real_fill(model, **inputs)
+
+    def noisier(self, b, level, steps):
+        prev = real_noisier(self, b, level, steps)
+        drawn.append((level, steps, prev))
+        return prev
+
+    monkeypatch.setattr(owner, "noisier", noisier)
+    monkeypatch.setattr(diffcr, "fill_token_cache", fill)
+    cached = run_captioned_train(_cfg(pipe, data, tmp_path / "cached", cache_refresh=3, **kw))
+    assert cached["cache_refresh"] == 3 and len(fills) == len(drawn) == 1
+    level, steps, prev = drawn[0]
+    assert set(steps.tolist()) <= {1, 2}
+    if family == "pixart":  # DDPM timesteps, 50 apart per sampler step, at most 999
+        assert torch.equal(prev, (level + 50 * steps).clamp(max=999))
+    else:  # flow sigmas: noisier unless at the top
+        assert bool((prev > level).all() & (prev <= 1.0).all())
+    assert cached["last"]["loss"] != plain["last"]["loss"]
+
+
+def test_cache_aware_fine_tuning_with_a_dense_teacher(folders, tmp_path, monkeypatch):
+    """``--cache-refresh`` with ``--distill``: the teacher is compared on the training forward
+    only, not on the forward that fills the cache."""
+    from diffcr.app import captioned
+
+    torch.set_num_threads(1)
+    pipe, data = folders
+    recorded = []
+    real = captioned._Teacher.loss_of
+
+    def spy(self, recipe, batch):
+        out = real(self, recipe, batch)
+        recorded.append(n_pred[0] // 2)  # one student and one teacher prediction per call
+        n_pred[0] = 0
+        return out
+
+    n_pred = [0]
+    pred = captioned._Teacher._pred
+
+    def counted(out):
+        n_pred[0] += 1
+        return pred(out)
+
+    monkeypatch.setattr(captioned._Teacher, "_pred", staticmethod(counted))
+    monkeypatch.setattr(captioned._Teacher, "loss_of", spy)
+    metrics = run_captioned_train(_cfg(pipe, data, tmp_path, steps=2, distill=1.0,
+                                       cache_refresh=4))
+    assert metrics["cache_refresh"] == 4 and metrics["teacher"] == "adapters off, dense"
+    assert recorded == [1, 1] and metrics["last"]["distill"] > 0
+
+
 def test_caches_are_reused(folders, tmp_path, monkeypatch):
     from diffcr.app import captioned
 

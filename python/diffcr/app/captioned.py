@@ -220,7 +220,7 @@ class _Teacher:
         self.handle = model.register_forward_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs, output):
-        if self._on:
+        if self._on and torch.is_grad_enabled():  # not the token cache's fill
             self.calls.append((args, kwargs, output))
 
     @staticmethod
@@ -369,6 +369,8 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     model = build(True).to(dev)
     if cfg.grad_ckpt:
         model.enable_gradient_checkpointing()
+    if cfg.cache_refresh:  # cache-aware fine-tuning: the token cache in the loop
+        diffcr.enable_token_cache(model, diffcr.TokenCacheConfig(refresh_every=cfg.cache_refresh))
     strategy.shard(model)
     sched = recipe.scheduler(folder)
     if world > 1:  # each process trains on its slice of the data
@@ -425,7 +427,8 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
                 c[k] = v[idx].clone()
                 c[k][dropped] = null[k].to(v.dtype)
             batch = Batch(net=net, model=model, sched=sched, x0=x0, cond=c, gen=g, device=dev,
-                          levels=levels)
+                          levels=levels, cache_refresh=cfg.cache_refresh,
+                          cache_spacing=cfg.cache_spacing)
             with acc.accumulate(net), acc.autocast():
                 if teacher is None:
                     loss = recipe.loss(batch)
@@ -463,7 +466,7 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
                "frames": frames or 1, "mixed_precision": acc.mixed_precision,
                "parallel": strategy.name, "grad_accum": cfg.grad_accum, "images": len(pairs),
-               "distill": cfg.distill, "teacher": None if teacher is None else (
+               "distill": cfg.distill, "cache_refresh": cfg.cache_refresh, "teacher": None if teacher is None else (
                    "frozen copy" if teacher.frozen is not None else "adapters off, dense"),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),
                "expert": cfg.expert, "noise_levels": list(levels), "regions_trained": served,

@@ -153,10 +153,10 @@ class TrainConfig:
         0, "cache-aware fine-tuning: the token cache in the loop, for sampling with a refresh "
         "every R steps (diffcr.TokenCacheConfig(refresh_every=R)): each batch first fills the "
         "cache at a noisier timestep, 1 to R-1 sampler steps back, without gradient (0: off)",
-        "routing", ("class",), type=int)
+        "routing", ("class", "captioned"), type=int)
     cache_spacing: int = option(50, "with --cache-refresh: timesteps between two sampler "
                                 "steps (1000 / sampling steps; default 50)", "routing",
-                                ("class",), type=int)
+                                ("class", "captioned"), type=int)
 
     # ------------------------------------------------------------------------------ parallelism
     fsdp: bool = option(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..core import Progress
 from ..options import TrainError
@@ -38,6 +39,9 @@ class Batch:
         device: the training device.
         levels: the noise levels ``[lo, hi)`` this run trains (one expert's share of a
             two-expert pipeline; ``(0, 1)`` otherwise).
+        cache_refresh: ``--cache-refresh`` R (cache-aware fine-tuning; the token cache is on
+            ``model``), 0: off.
+        cache_spacing: ``--cache-spacing``: timesteps between two sampler steps.
     """
 
     net: torch.nn.Module
@@ -48,6 +52,8 @@ class Batch:
     gen: torch.Generator
     device: torch.device
     levels: Tuple[float, float] = (0.0, 1.0)
+    cache_refresh: int = 0
+    cache_spacing: int = 50
 
 
 def register(cls):
@@ -212,9 +218,53 @@ class Recipe:
     def scheduler(self, folder: Path):
         raise NotImplementedError
 
-    def loss(self, b: "Batch") -> torch.Tensor:
-        """The training loss of one micro-batch (a scalar)."""
+    # -- one training step: what a recipe defines, and the loss every recipe shares ----------
+
+    def draw(self, b: "Batch") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(level [B], noise, x_t)``: each sample's noise level (the recipe's own kind: a
+        DDPM timestep, a flow-matching sigma), drawn from ``b.gen`` within ``b.levels``, the
+        noise, and ``b.x0`` noised to that level."""
         raise NotImplementedError
+
+    def noised(self, b: "Batch", noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """``b.x0`` with ``noise`` at ``level``."""
+        raise NotImplementedError
+
+    def noisier(self, b: "Batch", level: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The level ``steps`` [B] sampler steps (``b.cache_spacing`` timesteps each) above
+        ``level``, at most the top of ``b.levels``."""
+        raise NotImplementedError
+
+    def target(self, b: "Batch", noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """What the model is trained to predict."""
+        raise NotImplementedError
+
+    def inputs(self, b: "Batch", x_t: torch.Tensor, level: torch.Tensor) -> dict:
+        """The transformer's keyword arguments for ``x_t`` at ``level`` (conditioning from
+        ``b.cond``)."""
+        raise NotImplementedError
+
+    def prediction(self, b: "Batch", out) -> torch.Tensor:
+        """The prediction in ``b.x0``'s layout from the transformer's output."""
+        return out.sample
+
+    def loss(self, b: "Batch") -> torch.Tensor:
+        """The training loss of one micro-batch (a scalar): the mean squared error of the
+        prediction at a drawn level. With ``b.cache_refresh`` R (cache-aware fine-tuning), the
+        model first runs without gradient at a noisier level of the same sample and noise,
+        1 to R-1 sampler steps back, as a refresh step that fills the token cache
+        (:func:`diffcr.fill_token_cache`), so the loss sees the skipped tokens' forecast as a
+        sampler's later step would. Without it the draws from ``b.gen`` are the same as with
+        it switched off entirely."""
+        level, noise, xt = self.draw(b)
+        if b.cache_refresh:
+            import diffcr
+
+            back = torch.randint(1, b.cache_refresh, (b.x0.shape[0],), generator=b.gen)
+            prev = self.noisier(b, level, back.to(level.device))
+            diffcr.fill_token_cache(b.model, **self.inputs(b, self.noised(b, noise, prev), prev))
+        pred = self.prediction(b, b.net(**self.inputs(b, xt, level)))
+        return F.mse_loss(pred.float(), self.target(b, noise, level).float())
 
     def pipeline_kwargs(self, pixels: int, max_length) -> dict:
         return dict(height=pixels, width=pixels)
@@ -274,6 +324,31 @@ class FlowRecipe(Recipe):
         index = read_json(folder / "model_index.json")
         cls = (index.get("scheduler") or ["diffusers", "FlowMatchEulerDiscreteScheduler"])[1]
         return getattr(diffusers, cls).from_pretrained(str(folder / "scheduler"))
+
+    def shift_of(self, b: "Batch") -> float:
+        """The shift of the noise levels: the scheduler's ``shift`` (``flow_shift`` for UniPC),
+        1 if it has none."""
+        sched = b.sched
+        return float(getattr(sched.config, "shift", None)
+                     or getattr(sched.config, "flow_shift", None) or 1.0)
+
+    def draw(self, b):
+        return self.noisy(b, self.shift_of(b))
+
+    def noised(self, b, noise, level):
+        s = level.view(-1, *([1] * (b.x0.dim() - 1))).to(b.x0.dtype)
+        return (1 - s) * b.x0 + s * noise
+
+    def noisier(self, b, level, steps):
+        """In the unshifted levels, where a sampler's steps are evenly spaced."""
+        shift = self.shift_of(b)
+        u = level / (shift - (shift - 1) * level)
+        top = b.levels[1] / (shift - (shift - 1) * b.levels[1])
+        u = (u + steps * (b.cache_spacing / 1000.0)).clamp(max=top)
+        return shift * u / (1 + (shift - 1) * u)
+
+    def target(self, b, noise, level):
+        return noise - b.x0
 
     @staticmethod
     def noisy(b: "Batch", shift=None):

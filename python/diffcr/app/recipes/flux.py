@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..options import TrainError
-from .base import Batch, FlowRecipe, check_width, read_json, register, unpack_2x2
+from .base import FlowRecipe, check_width, read_json, register, unpack_2x2
 
 
 @register
@@ -37,23 +36,23 @@ class FluxRecipe(FlowRecipe):
                                      max_sequence_length=max_length)
         return e, p
 
-    def loss(self, b: Batch):
+    def inputs(self, b, x_t, level):
         from diffusers import FluxPipeline
 
-        net, model, x0, cond, dev = b.net, b.model, b.x0, b.cond, b.device
-        B, C, H, W = x0.shape
-        sigma, noise, xt = self.noisy(b)
-        packed = FluxPipeline._pack_latents(xt, B, C, H, W)
-        img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, dev, x0.dtype)
-        emb = cond["emb"].to(dev)
-        txt_ids = torch.zeros(emb.shape[1], 3, device=dev, dtype=x0.dtype)
+        dev = b.device
+        B, C, H, W = x_t.shape
+        emb = b.cond["emb"].to(dev)
         guidance = (torch.full((B,), self.guidance, device=dev)
-                    if model.config.guidance_embeds else None)
-        pred = net(hidden_states=packed, timestep=sigma, guidance=guidance,
-                   pooled_projections=cond["pooled"].to(dev), encoder_hidden_states=emb,
-                   txt_ids=txt_ids, img_ids=img_ids).sample
-        pred = unpack_2x2(pred, B, C, H, W)
-        return F.mse_loss(pred.float(), (noise - x0).float())
+                    if b.model.config.guidance_embeds else None)
+        return dict(hidden_states=FluxPipeline._pack_latents(x_t, B, C, H, W), timestep=level,
+                    guidance=guidance, pooled_projections=b.cond["pooled"].to(dev),
+                    encoder_hidden_states=emb,
+                    txt_ids=torch.zeros(emb.shape[1], 3, device=dev, dtype=x_t.dtype),
+                    img_ids=FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, dev,
+                                                                   x_t.dtype))
+
+    def prediction(self, b, out):
+        return unpack_2x2(out.sample, *b.x0.shape)
 
     def pipeline_kwargs(self, pixels, max_length):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 512))

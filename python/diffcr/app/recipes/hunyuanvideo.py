@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import (Batch, MaskedTextRecipe, VideoPipeline, check_vae_channels, check_width,
+from .base import (MaskedTextRecipe, VideoPipeline, check_vae_channels, check_width,
                    read_json, register)
 
 
@@ -46,15 +45,12 @@ class HunyuanVideoRecipe(VideoPipeline, MaskedTextRecipe):
         x = x if x.dim() == 5 else x.unsqueeze(2)  # an image is a one-frame video
         return vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
 
-    def loss(self, b: Batch):
-        net, model, x0, cond, dev = b.net, b.model, b.x0, b.cond, b.device
-        B = x0.shape[0]
-        sigma, noise, xt = self.noisy(b)
-        kw = dict(hidden_states=xt, timestep=sigma * 1000,
-                  encoder_hidden_states=cond["emb"].to(dev),
-                  encoder_attention_mask=cond["mask"].to(dev).long(),
-                  pooled_projections=cond["pooled"].to(dev))
-        if model.config.guidance_embeds:
-            kw["guidance"] = torch.full((B,), self.guidance * 1000.0, device=dev)
-        pred = net(**kw).sample
-        return F.mse_loss(pred.float(), (noise - x0).float())
+    def inputs(self, b, x_t, level):
+        dev = b.device
+        kw = dict(hidden_states=x_t, timestep=level * 1000,
+                  encoder_hidden_states=b.cond["emb"].to(dev),
+                  encoder_attention_mask=b.cond["mask"].to(dev).long(),
+                  pooled_projections=b.cond["pooled"].to(dev))
+        if b.model.config.guidance_embeds:
+            kw["guidance"] = torch.full((x_t.shape[0],), self.guidance * 1000.0, device=dev)
+        return kw

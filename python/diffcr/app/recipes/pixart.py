@@ -4,11 +4,10 @@ from __future__ import annotations
 import gc
 
 import torch
-import torch.nn.functional as F
 
 from ..core import Progress
 from ..options import TrainError
-from .base import (Batch, Recipe, check_vae_channels, check_width, native_pixels, read_json,
+from .base import (Recipe, check_vae_channels, check_width, native_pixels, read_json,
                    register)
 
 
@@ -61,22 +60,34 @@ class PixArtRecipe(Recipe):
         d = folder / "scheduler"
         return DDPMScheduler.from_pretrained(str(d)) if d.is_dir() else DDPMScheduler()
 
-    def loss(self, b: Batch):
-        net, model, sched, x0, cond = b.net, b.model, b.sched, b.x0, b.cond
-        g, dev = b.gen, b.device
-        B = x0.shape[0]
-        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        xt = sched.add_noise(x0, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" \
-            else sched.get_velocity(x0, noise, t)
-        extra = {}
-        if model.config.use_additional_conditions:
-            extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
-        pred = net(xt, encoder_hidden_states=cond["emb"].to(dev),
-                   encoder_attention_mask=cond["mask"].to(dev), timestep=t,
-                   **extra).sample[:, :x0.shape[1]]
-        return F.mse_loss(pred.float(), target.float())
+    def draw(self, b):
+        sched, g = b.sched, b.gen
+        t = torch.randint(0, sched.config.num_train_timesteps, (b.x0.shape[0],),
+                          generator=g).to(b.device)
+        noise = torch.randn(b.x0.shape, generator=g).to(b.device)
+        return t, noise, self.noised(b, noise, t)
+
+    def noised(self, b, noise, level):
+        return b.sched.add_noise(b.x0, noise, level)
+
+    def noisier(self, b, level, steps):
+        return (level + steps * b.cache_spacing).clamp(
+            max=b.sched.config.num_train_timesteps - 1)
+
+    def target(self, b, noise, level):
+        sched = b.sched
+        return noise if sched.config.prediction_type == "epsilon" \
+            else sched.get_velocity(b.x0, noise, level)
+
+    def inputs(self, b, x_t, level):
+        kw = dict(hidden_states=x_t, encoder_hidden_states=b.cond["emb"].to(b.device),
+                  encoder_attention_mask=b.cond["mask"].to(b.device), timestep=level)
+        if b.model.config.use_additional_conditions:
+            kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        return kw
+
+    def prediction(self, b, out):
+        return out.sample[:, :b.x0.shape[1]]  # a learned-sigma model's variance channels off
 
     def pipeline_kwargs(self, pixels, max_length):
         return dict(height=pixels, width=pixels, use_resolution_binning=False,

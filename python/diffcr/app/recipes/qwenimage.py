@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..options import TrainError
-from .base import (Batch, MaskedTextRecipe, check_width, normalised_latents, read_json, register,
+from .base import (MaskedTextRecipe, check_width, normalised_latents, read_json, register,
                    unpack_2x2)
 
 
@@ -60,25 +59,30 @@ class QwenImageRecipe(MaskedTextRecipe):
         mu = tokens * m + c.base_shift - m * c.base_image_seq_len
         return math.exp(mu)
 
-    def loss(self, b: Batch):
+    def shift_of(self, b):
+        """The pipeline's dynamic shift at the batch's image size."""
+        H, W = b.x0.shape[-2:]
+        return self.dynamic_shift(b.sched, (H // 2) * (W // 2)) or super().shift_of(b)
+
+    def inputs(self, b, x_t, level):
         import inspect
 
         from diffusers import QwenImagePipeline
 
-        net, model, sched, x0, cond, dev = b.net, b.model, b.sched, b.x0, b.cond, b.device
-        B, C, H, W = x0.shape
-        sigma, noise, xt = self.noisy(b, shift=self.dynamic_shift(sched, (H // 2) * (W // 2)))
-        packed = QwenImagePipeline._pack_latents(xt, B, C, H, W)
-        mask = cond["mask"].to(dev).long()
-        kw = dict(hidden_states=packed, timestep=sigma, encoder_hidden_states=cond["emb"].to(dev),
+        model, dev = b.model, b.device
+        B, C, H, W = x_t.shape
+        mask = b.cond["mask"].to(dev).long()
+        kw = dict(hidden_states=QwenImagePipeline._pack_latents(x_t, B, C, H, W),
+                  timestep=level, encoder_hidden_states=b.cond["emb"].to(dev),
                   encoder_hidden_states_mask=mask, img_shapes=[[(1, H // 2, W // 2)]] * B)
         if model.config.guidance_embeds:
             kw["guidance"] = torch.full((B,), 1.0, device=dev)
         if "txt_seq_lens" in inspect.signature(type(model).forward).parameters:
             kw["txt_seq_lens"] = mask.sum(1).tolist()  # diffusers < 0.36
-        pred = net(**kw).sample
-        pred = unpack_2x2(pred, B, C, H, W)
-        return F.mse_loss(pred.float(), (noise - x0).float())
+        return kw
+
+    def prediction(self, b, out):
+        return unpack_2x2(out.sample, *b.x0.shape)
 
     def pipeline_kwargs(self, pixels, max_length):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 1024))

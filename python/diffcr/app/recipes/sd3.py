@@ -1,10 +1,9 @@
 """The captioned fine-tuning recipe of SD3 / SD3.5 pipelines."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from ..options import TrainError
-from .base import (Batch, FlowRecipe, check_vae_channels, check_width, native_pixels, read_json,
+from .base import (FlowRecipe, check_vae_channels, check_width, native_pixels, read_json,
                    register)
 
 
@@ -43,13 +42,10 @@ class SD3Recipe(FlowRecipe):
                                         max_sequence_length=max_length)
         return e, p
 
-    def loss(self, b: Batch):
-        net, x0, cond, dev = b.net, b.x0, b.cond, b.device
-        sigma, noise, xt = self.noisy(b)
-        pred = net(hidden_states=xt, timestep=sigma * 1000,
-                   encoder_hidden_states=cond["emb"].to(dev),
-                   pooled_projections=cond["pooled"].to(dev)).sample
-        return F.mse_loss(pred.float(), (noise - x0).float())
+    def inputs(self, b, x_t, level):
+        return dict(hidden_states=x_t, timestep=level * 1000,
+                    encoder_hidden_states=b.cond["emb"].to(b.device),
+                    pooled_projections=b.cond["pooled"].to(b.device))
 
     def pipeline_kwargs(self, pixels, max_length):
         return dict(height=pixels, width=pixels, max_sequence_length=int(max_length or 256))

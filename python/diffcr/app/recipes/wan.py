@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import (Batch, FlowRecipe, VideoPipeline, check_vae_channels, check_width,
+from .base import (FlowRecipe, VideoPipeline, check_vae_channels, check_width,
                    normalised_latents, read_json, register)
 
 
@@ -44,9 +43,6 @@ class WanRecipe(VideoPipeline, FlowRecipe):
         lat = vae.encode(x).latent_dist.sample(generator=gen)
         return normalised_latents(vae, lat)
 
-    def loss(self, b: Batch):
-        net, x0, cond, dev = b.net, b.x0, b.cond, b.device
-        sigma, noise, xt = self.noisy(b)
-        pred = net(hidden_states=xt, timestep=sigma * 1000,
-                   encoder_hidden_states=cond["emb"].to(dev)).sample
-        return F.mse_loss(pred.float(), (noise - x0).float())
+    def inputs(self, b, x_t, level):
+        return dict(hidden_states=x_t, timestep=level * 1000,
+                    encoder_hidden_states=b.cond["emb"].to(b.device))
