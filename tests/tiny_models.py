@@ -29,13 +29,14 @@ def tiny_dit(layers=2, seed=0, num_classes=10):
         num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes).eval()
 
 
-def tiny_sd3(layers=3, seed=0):
+def tiny_sd3(layers=3, seed=0, channels=4):
     """SD3.5-style: dual attention in block 0, qk RMS-norm, the last block context_pre_only."""
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-        pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
+        sample_size=8, patch_size=2, in_channels=channels, num_layers=layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, pooled_projection_dim=8, out_channels=channels,
+        pos_embed_max_size=8,
         dual_attention_layers=(0,), qk_norm="rms_norm").eval()
 
 
@@ -248,3 +249,35 @@ def dit_pipe():
 def dit_call(pipe):
     return pipe(class_labels=[1, 3], guidance_scale=4.0, num_inference_steps=4,
                 generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def sd3_pipe(channels=4):
+    """A tiny StableDiffusion3Pipeline (``channels``: latent channels; the inpaint pipeline
+    takes 16)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                        layers_per_block=1, latent_channels=channels, norm_num_groups=8,
+                        sample_size=8, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    # prompt embeddings are passed in: no text encoders needed
+    return StableDiffusion3Pipeline(transformer=make("sd3", channels=channels), vae=vae,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def flux_pipe():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(0)
+    # one latent channel: the pipeline packs 2x2 patches into the transformer's 4 channels
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                        layers_per_block=1, latent_channels=1, norm_num_groups=8,
+                        sample_size=8, shift_factor=0.1159, scaling_factor=0.3611,
+                        use_quant_conv=False, use_post_quant_conv=False).eval()
+    return FluxPipeline(transformer=make("flux"), vae=vae,
+                        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)

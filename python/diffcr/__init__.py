@@ -27,8 +27,8 @@ from .io import CheckpointError, load, save
 from .lora import LoraError, add_lora, load_lora, lora_parameters, save_lora
 from .modules import DifferentiableRatio, Router
 from .cache_control import (dense_teacher, disable_token_cache, enable_token_cache,
-                            fill_token_cache, kept_ratio_override, reset_token_cache,
-                            shard_routing, token_cache_of)
+                            fill_token_cache, kept_ratio_override, mask_routing,
+                            reset_token_cache, shard_routing, token_cache_of)
 from .token_cache import TokenCacheConfig, token_cache_bytes
 from .training import (attach_ratio_projection, format_ratio_table, mean_kept_ratio,
                        project_ratios, ratio_loss, ratio_parameters, ratio_table,
@@ -45,5 +45,5 @@ __all__ = [
     "router_parameters", "routing_state", "save", "set_timestep", "unfreeze", "unpack_linears",
     "TokenCacheConfig", "enable_token_cache", "disable_token_cache", "reset_token_cache",
     "fill_token_cache", "kept_ratio_override", "dense_teacher", "token_cache_bytes",
-    "token_cache_of", "shard_routing",
+    "token_cache_of", "shard_routing", "mask_routing",
 ]

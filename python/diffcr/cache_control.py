@@ -1,7 +1,8 @@
 """Turning the token cache of a converted model on and off (:mod:`diffcr.token_cache` has
 how it works), starting a new generation, filling it for cache-aware fine-tuning, a per-call
-override of the kept ratio, and the dense teacher of fine-tuning (the model as before
-conversion, from the same weights)."""
+override of the kept ratio, mask-aware routing (tokens every block computes: an inpainting
+region), and the dense teacher of fine-tuning (the model as before conversion, from the same
+weights)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -10,11 +11,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .keep_mask import KeepMask
 from .routing import routing_state
 from .token_cache import TokenCache, TokenCacheConfig
 
 __all__ = ["enable_token_cache", "disable_token_cache", "reset_token_cache", "fill_token_cache",
-           "token_cache_of", "kept_ratio_override", "dense_teacher", "shard_routing"]
+           "token_cache_of", "kept_ratio_override", "dense_teacher", "shard_routing", "mask_routing"]
 
 
 def token_cache_of(model: nn.Module) -> Optional[TokenCache]:
@@ -134,3 +136,46 @@ def dense_teacher(model: nn.Module, adapters: bool = False):
         for m in layers:
             m.enable_adapters(True)
         st.plain, st.token_cache = before, tc
+
+
+@contextmanager
+def mask_routing(target, mask, margin: int = 1, context_kept_ratio: Optional[float] = None,
+                 bucket: float = 1 / 32):
+    """Mask-aware routing (inpainting): inside the context, every routed block of ``target`` (a
+    converted model, or a pipeline whose ``transformer`` / ``transformer_2`` are converted)
+    computes every token ``mask`` marks, and keeps its learned ratio of the other (context)
+    tokens, as its router ranks them (:mod:`diffcr.keep_mask`).
+
+    Args:
+        mask: the inpainting mask at any resolution with the image's aspect ratio, e.g. the
+            pipeline's own ``mask_image`` (PIL image, numpy array, or tensor ``[H, W]`` /
+            ``[M, H, W]`` / ``[M, 1, H, W]``; white / above half its range = to inpaint), one
+            for the whole batch or one per sample (``M`` = the batch the transformer sees:
+            with classifier-free guidance in one batch, twice the prompts). A token is masked
+            when any pixel of its patch is.
+        margin: dilation of the mask by this many tokens (the context at its edge).
+        context_kept_ratio: kept ratio of the context tokens in every block (None: each
+            block's own learned or frozen ratio).
+        bucket: the masked count is rounded up to a multiple of ``ceil(bucket * N)`` tokens
+            (more tokens computed, fewer distinct kept counts: static shapes for compiled
+            and CUDA-graph runs across masks of about the same size).
+
+    ``kept ratio 1`` blocks stay dense; ``last_kappa`` reports the block's own ratio (the one
+    applied to the context). Not with context parallelism or :func:`shard_routing` (refused);
+    videos are not supported (one mask per image grid)."""
+    keep = KeepMask(mask, margin=margin, context_kept_ratio=context_kept_ratio, bucket=bucket)
+    models = [target] if isinstance(target, nn.Module) else [
+        m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None))
+        if m is not None]
+    states = [routing_state(m) for m in models]
+    if not states:
+        raise ValueError(f"diffcr.mask_routing: {type(target).__name__} is neither a converted "
+                         "model nor a pipeline with a transformer")
+    before = [st.keep_mask for st in states]
+    for st in states:
+        st.keep_mask = keep
+    try:
+        yield target
+    finally:
+        for st, b in zip(states, before):
+            st.keep_mask = b

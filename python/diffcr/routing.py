@@ -41,6 +41,7 @@ from .config import DiffCRConfig
 from .models.base import ForwardParams
 # MlpGate lived here before diffcr.modules; converted models pickled then name it here
 from .modules import MlpGate
+from .keep_mask import KeepMask
 from .token_cache import TokenCache, apply_token_cache
 
 __all__ = ["RoutingState", "BlockRouting", "routed_class", "base_class", "routing_state",
@@ -209,6 +210,13 @@ class BlockRouting:
             ks = [[k[0] * shards] for k in ks]
         else:
             ks, weights, kappa = self.plan(block, B, N)
+        keep = st.keep_mask
+        mask = None
+        if keep is not None:  # mask-aware routing: the masked tokens first, then the context
+            if shards > 1 or context_parallel_reason(block) is not None:
+                raise ValueError("diffcr.mask_routing does not combine with context "
+                                 "parallelism or diffcr.shard_routing yet")
+            mask, ks = keep.plan(ks, N, x.device)
         self._kappa = _Transient(kappa)
         self._sel = _Transient(None)
         if st.config.selection == "random":
@@ -250,10 +258,15 @@ class BlockRouting:
                         "tokens a block processes at every step. With kept ratios below 1 use "
                         "a block-level cache (FirstBlockCache, MagCache), applied after "
                         "diffcr.convert.")
+            rank = scores  # what the selection ranks by; the gate keeps the router's score
             if entry is not None and tc.config.staleness:
-                # a token not computed for long is chosen (the gate keeps the router's score)
+                # a token not computed for long is chosen
                 stale = (entry.step_t - entry.s1).view(B, N).to(scores.dtype)
-                sel = dk.select_topk(scores + tc.config.staleness * stale, ks, weights)
+                rank = scores + tc.config.staleness * stale
+            if mask is not None:
+                rank = KeepMask.ranking(rank, mask)
+            if rank is not scores:
+                sel = dk.select_topk(rank, ks, weights)
                 sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
                     0, sel.indices))
             elif shards > 1:
@@ -348,7 +361,9 @@ class RoutingState:
     router gate, i.e. the model as it was before conversion (:func:`diffcr.dense_teacher`);
     ``shards``: routing picks the top-k of each of this many equal slices of the tokens on its
     own (1: of all tokens; :func:`diffcr.shard_routing`, the one-process reference of context
-    parallelism); ``timestep_held``: True while a call of the model recorded its timestep before entering
+    parallelism); ``keep_mask``: the :class:`~diffcr.keep_mask.KeepMask` of mask-aware
+    routing, tokens every routed block computes (None: off; :func:`diffcr.mask_routing`);
+    ``timestep_held``: True while a call of the model recorded its timestep before entering
     a compiled region (``torch.compile(model)``: the model's pre-hook then does nothing).
     """
 
@@ -365,6 +380,7 @@ class RoutingState:
     scorer: Optional[Callable] = None
     plain: bool = False
     shards: int = 1
+    keep_mask: Optional[KeepMask] = None
     timestep_held: bool = False
 
     def set_timesteps(self, vals: List[float]) -> None:

@@ -6,7 +6,8 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import _randomise_weights, dit_call, dit_pipe, set_ratios, tiny_pixart, tiny_vae
+from tiny_models import (_randomise_weights, dit_call, dit_pipe, flux_pipe, sd3_pipe, set_ratios,
+                         tiny_pixart, tiny_vae)
 
 
 def pixart_pipe():
@@ -31,23 +32,6 @@ def pixart_call(pipe):
                 output_type="np").images
 
 
-def sd3_pipe():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    from tiny_models import make
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                        sample_size=8, shift_factor=0.0609, scaling_factor=1.5035).eval()
-    # prompt embeddings are passed in: no text encoders needed
-    return StableDiffusion3Pipeline(transformer=make("sd3"), vae=vae,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-
-
 def sd3_call(pipe):
     g = torch.Generator().manual_seed(1)
     emb, pooled = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
@@ -56,23 +40,6 @@ def sd3_call(pipe):
                 negative_pooled_prompt_embeds=neg_pooled, height=8, width=8,
                 num_inference_steps=2, guidance_scale=4.0,
                 generator=torch.Generator().manual_seed(0), output_type="np").images
-
-
-def flux_pipe():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    from tiny_models import make
-
-    torch.manual_seed(0)
-    # one latent channel: the pipeline packs 2x2 patches into the transformer's 4 channels
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                        layers_per_block=1, latent_channels=1, norm_num_groups=8,
-                        sample_size=8, shift_factor=0.1159, scaling_factor=0.3611,
-                        use_quant_conv=False, use_post_quant_conv=False).eval()
-    return FluxPipeline(transformer=make("flux"), vae=vae,
-                        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)
 
 
 def flux_call(pipe):

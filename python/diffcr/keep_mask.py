@@ -1,0 +1,162 @@
+"""Mask-aware routing: tokens that every routed block must compute (an inpainting region).
+
+In an inpainting pipeline that blends latents each step (``latents = (1 - mask) * init + mask
+* latents``), the transformer's prediction outside the mask is thrown away: those tokens
+matter only as context. With a :class:`KeepMask` on the routing state
+(:func:`diffcr.mask_routing`), every routed block computes the masked tokens first and spends
+its learned kept ratio on the others:
+
+* the masked tokens of sample ``b`` (``n_b`` of them, rounded up to a multiple of ``bucket *
+  N`` so that ``k`` is the same for masks of about the same size: static shapes for
+  ``torch.compile`` and CUDA graphs) are always selected;
+* of the remaining ``N - n_b`` context tokens the block keeps its usual share: ``k_b = n_b +
+  kept_count(k / N, N - n_b)``, ``k`` the block's own kept count for that sample (per bin in
+  training) or, with ``context_kept_ratio`` r, ``n_b + kept_count(r, N - n_b)`` in every
+  block, as the router ranks them;
+* the router gate on the MLP branch is the router's own score, as for any selected token.
+
+This module holds the mechanics (the mask at token resolution, the kept counts); turning it
+on is :func:`diffcr.mask_routing` (:mod:`diffcr.cache_control`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import diffcr_kernels as dk
+
+__all__ = ["KeepMask", "token_grid", "spatial_mask"]
+
+
+def spatial_mask(mask) -> torch.Tensor:
+    """``[M, H, W]`` bool (on the CPU) from a PIL image, a numpy array or a tensor ``[H, W]``,
+    ``[M, H, W]`` or ``[M, 1, H, W]``: a pixel is masked where its value is above half the
+    value range (0.5 for floats in [0, 1], 127 for 8-bit images; a PIL image in any mode is
+    read as grayscale), ``M`` 1 or one mask per sample."""
+    if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL
+        import numpy as np
+
+        mask = torch.from_numpy(np.asarray(mask.convert("L")).copy())
+    elif not torch.is_tensor(mask):
+        import numpy as np
+
+        mask = torch.from_numpy(np.asarray(mask).copy())
+    m = mask.detach().cpu()
+    if m.dim() == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() == 2:
+        m = m[None]
+    if m.dim() != 3 or m.shape[-1] < 1 or m.shape[-2] < 1 or m.shape[0] < 1:
+        raise ValueError(f"diffcr.mask_routing: the mask must be [H, W], [M, H, W] or "
+                         f"[M, 1, H, W], got shape {tuple(mask.shape)}")
+    if m.dtype == torch.bool:
+        return m
+    if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+        raise ValueError("diffcr.mask_routing: the mask has non-finite values")
+    half = 127 if m.dtype == torch.uint8 else 0.5
+    return m > half
+
+
+def token_grid(n: int, height: int, width: int) -> Tuple[int, int]:
+    """``(gh, gw)`` with ``gh * gw == n`` whose aspect ratio is closest to ``height / width``:
+    the token grid of an image of that shape (row-major tokens, as every image family lays
+    them out). ValueError when no factorisation is within 10 % of the aspect ratio."""
+    want = height / width
+    best = None
+    for gh in range(1, int(math.isqrt(n)) + 1):
+        if n % gh:
+            continue
+        for h, w in ((gh, n // gh), (n // gh, gh)):
+            err = abs(math.log((h / w) / want))
+            if best is None or err < best[0]:
+                best = (err, h, w)
+    if best is None or best[0] > math.log(1.1):
+        raise ValueError(f"diffcr.mask_routing: {n} tokens are no grid of the mask's aspect "
+                         f"ratio {height}x{width} (a video, or a block whose tokens are not "
+                         "the image's)")
+    return best[1], best[2]
+
+
+class KeepMask:
+    """The tokens every routed block computes (see the module docstring).
+
+    Args:
+        mask: anything :func:`spatial_mask` takes, at any resolution with the image's aspect
+            ratio (the pipeline's ``mask_image``), one mask or one per sample.
+        margin: tokens of dilation around the mask at token resolution (the context right at
+            the mask's edge).
+        context_kept_ratio: kept ratio of the context tokens in every block (None: each
+            block's own kept ratio).
+        bucket: the masked count is rounded up to a multiple of ``ceil(bucket * N)`` tokens.
+    """
+
+    def __init__(self, mask, margin: int = 1, context_kept_ratio: Optional[float] = None,
+                 bucket: float = 1 / 32):
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+            raise ValueError(f"diffcr.mask_routing: margin must be an integer >= 0, got "
+                             f"{margin!r}")
+        if context_kept_ratio is not None and not (0.0 < float(context_kept_ratio) <= 1.0):
+            raise ValueError(f"diffcr.mask_routing: context_kept_ratio must be in (0, 1], got "
+                             f"{context_kept_ratio!r}")
+        if not (0.0 < float(bucket) <= 1.0):
+            raise ValueError(f"diffcr.mask_routing: bucket must be in (0, 1], got {bucket!r}")
+        self.pixels = spatial_mask(mask)
+        self.margin = margin
+        self.context_kept_ratio = None if context_kept_ratio is None else \
+            float(context_kept_ratio)
+        self.bucket = float(bucket)
+        self._tokens: Dict[int, torch.Tensor] = {}  # N -> [M, N] bool, CPU
+        self._counts: Dict[int, List[int]] = {}  # N -> masked tokens per mask
+        self._device: Dict[Tuple[int, str], torch.Tensor] = {}
+
+    def tokens(self, n: int) -> torch.Tensor:
+        """``[M, n]`` bool on the CPU: a token is masked when any pixel of its patch is, then
+        dilated by ``margin`` tokens."""
+        if n not in self._tokens:
+            M, H, W = self.pixels.shape
+            gh, gw = token_grid(n, H, W)
+            m = F.adaptive_max_pool2d(self.pixels[:, None].float(), (gh, gw))
+            if self.margin:
+                r = self.margin
+                m = F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
+            self._tokens[n] = m[:, 0].reshape(M, n) > 0
+            self._counts[n] = [int(c) for c in self._tokens[n].sum(1).tolist()]
+        return self._tokens[n]
+
+    def plan(self, ks: List[List[int]], n: int, device) -> Tuple[torch.Tensor, List[List[int]]]:
+        """``(mask [B, n] bool on device, kept counts [B][P])``: the block's kept counts ``ks``
+        (per sample, per bin) spent on the context after the masked tokens."""
+        B = len(ks)
+        tok = self.tokens(n)
+        M = tok.shape[0]
+        if M not in (1, B):
+            raise ValueError(f"diffcr.mask_routing: {M} masks for a batch of {B} (give one, "
+                             f"or one per sample)")
+        key = (n, str(device))
+        if key not in self._device:
+            self._device[key] = tok.to(device)
+        dev_mask = self._device[key]
+        if M == 1:
+            dev_mask = dev_mask.expand(B, n)
+        q = max(1, math.ceil(self.bucket * n))
+        counts = self._counts[n]
+        out = []
+        for b, row in enumerate(ks):
+            c = min(n, -(-counts[b if M > 1 else 0] // q) * q)
+            if c >= n:
+                out.append([n] * len(row))
+                continue
+            rest = n - c
+            out.append([c + dk.kept_count(self.context_kept_ratio or (k / n), rest)
+                        for k in row])
+        return dev_mask, out
+
+    @staticmethod
+    def ranking(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores that rank every masked token above every other (for the selection only)."""
+        s = scores.detach()
+        span = s.nan_to_num(0.0, 0.0, 0.0).abs().amax() * 2 + 1
+        return torch.where(mask, s + span, s)
