@@ -20,7 +20,7 @@
 #   3. compute-sanitizer memcheck over every CUDA op with torch's caching allocator off (no
 #      racecheck: it only sees shared memory, which these kernels do not use). A refusal of the
 #      sanitizer on this machine is recorded, not counted as a failure;
-#   4. `diffcr bench` (block: dense vs routed vs naive vs token cache; N = 4096 B = 8, N = 1024 B = 1), then
+#   4. `diffcr bench` (block: dense vs routed vs naive vs token cache, and mask-aware routing at N = 4096 B = 8; N = 1024 B = 1), then
 #      the modern families' blocks (SD3.5-L, Flux.1 double and single, Wan 1.3B and 14B,
 #      Qwen-Image, HunyuanVideo; N = 4096, B = 1) and Wan 1.3B at 480p, 81 frames (32,760);
 #   5. the benchmark suites (pytest-benchmark JSON) and their table.
@@ -236,7 +236,7 @@ if command -v compute-sanitizer > /dev/null 2>&1 || [ "$DRY" = 1 ]; then
     if [ \$rc != 0 ] && grep -qiE 'not supported|unable to|insufficient|permission' '$OUT/memcheck.txt'; then \
       echo 'compute-sanitizer refused to run on this machine (not a finding)'; exit 0; fi; exit \$rc"
 fi
-run_step bench_b8 120 "cd /tmp && $PY -m diffcr bench --rounds 10 --token-cache --json > '$OUT/diffcr_bench_b8.json'"
+run_step bench_b8 120 "cd /tmp && $PY -m diffcr bench --rounds 10 --token-cache --masked --json > '$OUT/diffcr_bench_b8.json'"
 run_step bench_b1 60 "cd /tmp && $PY -m diffcr bench --tokens 1024 --batch 1 --rounds 20 --json > '$OUT/diffcr_bench_b1.json'"
 # the modern families (SD3.5-L joint, Flux.1 double and single, Wan 1.3B and 14B, Qwen-Image and
 # HunyuanVideo blocks), N = 4096, B = 1; then Wan at 480p, 81 frames (32,760 tokens)

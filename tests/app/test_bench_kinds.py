@@ -99,3 +99,20 @@ def test_bench_kinds_import_without_torch():
     assert (bench.KINDS, bench.VIDEO_KINDS, bench.DESCRIPTIONS) == (
         bench_kinds.KINDS, bench_kinds.VIDEO_KINDS, bench_kinds.DESCRIPTIONS)
     assert set(bench_kinds.DESCRIPTIONS) == set(bench_kinds.KINDS)
+
+
+def test_masked_bench_times_the_box_plus_the_context_share():
+    """``diffcr bench --masked``: the routed block computes the box and ``context`` of the
+    rest, and its ideal is that of routing at k / N."""
+    torch.set_num_threads(1)
+    bb = bench.make_block_bench("dit-demo", 64, 2, "cpu", torch.float32)
+    rows = bench.bench_masked("dit-demo", 64, 2, fractions=(0.25,), contexts=(0.5,), rounds=1,
+                              prepack=False, bench=bb)
+    (row,) = rows
+    assert row["masked"] == 16 == int(bench.box_mask(8, 0.25).sum())
+    # 16 masked tokens are a multiple of the bucket (ceil(64 / 32) = 2): no rounding up
+    assert row["k"] == 16 + bench.dk.kept_count(0.5, 64 - 16) and row["path"] == "fused"
+    assert row["ideal_speedup"] == pytest.approx(bb.ideal(row["k"] / 64))
+    assert diffcr.routing_state(bb.model).keep_mask is None  # off after timing
+    with pytest.raises(ValueError, match="video block"):
+        bench.bench_masked("wan", 16)

@@ -188,6 +188,7 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["bench", "--device", "cuda", "--prepack"], "--prepack is for CPU"),
     (["bench", "--model", "wan", "--tokens", "17"], "multiple of 1560"),
     (["bench", "--model", "flux", "--tokens", "17"], "must be a square number"),
+    (["bench", "--model", "wan", "--masked"], "--masked is for image blocks"),
     (["nonsense"], "invalid choice"),
     (["train", "--lr", "nan"], "--lr must be a finite number"),
     (["train", "--lam", "inf"], "--lam must be a finite number"),

@@ -31,7 +31,8 @@ from ..routing import routing_state
 from .bench_kinds import DESCRIPTIONS, JOINT_KINDS, KINDS, VIDEO_KINDS
 
 __all__ = ["ideal_block_flops", "ideal_speedup", "BlockBench", "make_block_bench", "time_fn",
-           "time_pairs", "bench_blocks", "bench_overhead", "bench_training", "video_shape",
+           "time_pairs", "bench_blocks", "bench_masked", "bench_overhead", "bench_training",
+           "video_shape",
            "KINDS", "JOINT_KINDS", "VIDEO_KINDS", "DESCRIPTIONS"]
 
 XL = dict(num_attention_heads=16, attention_head_dim=72)
@@ -524,6 +525,63 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
                                c / r for c, r in zip(ts["token_cache"], ts["routed"])),
                            token_cache_bytes_moved=B * (3 * N + 2 * k) * bb.D * elt)
             rows.append(row)
+    return rows
+
+
+def box_mask(side: int, fraction: float) -> torch.Tensor:
+    """``[side, side]`` bool: a centred square covering about ``fraction`` of the grid (at
+    least one token), the inpainting region of :func:`bench_masked`."""
+    s = max(1, min(side, round(side * fraction ** 0.5)))
+    m = torch.zeros(side, side, dtype=torch.bool)
+    o = (side - s) // 2
+    m[o:o + s, o:o + s] = True
+    return m
+
+
+def bench_masked(kind="pixart", N=1024, B=1, fractions=(0.1, 0.25, 0.5), contexts=(0.3, 0.5),
+                 device="cpu", dtype=torch.float32, rounds=3, prepack: Optional[bool] = None,
+                 bench: Optional[BlockBench] = None) -> List[dict]:
+    """Mask-aware routing (:func:`diffcr.mask_routing`): dense vs the routed block computing a
+    centred box of ``fraction`` of the image tokens (:func:`box_mask`) plus ``context`` of the
+    rest, for every (fraction, context) pair. ``k`` is what the block computes (the masked
+    count rounded up to the bucket, plus the context's share), the ideal that of routing at
+    ``k / N`` (method §6), the two timed interleaved for ``rounds`` rounds (median of
+    dense/routed). Image kinds only (a video has no single image grid)."""
+    import diffcr
+
+    if kind in VIDEO_KINDS:
+        raise ValueError(f"mask-aware routing is for images; {kind} is a video block")
+    side = _square_side(N)
+    dev = torch.device(device)
+    packed = _resolve_prepack(prepack, dev)
+    bb = bench if bench is not None else make_block_bench(kind, N, B, device, dtype)
+    if packed:
+        from ..cpu import prepack_linears
+
+        prepack_linears(bb.dense)
+        prepack_linears(bb.block)
+    rows = []
+    with torch.no_grad():
+        for frac in fractions:
+            mask = box_mask(side, frac)
+            for ctx in contexts:
+                bb.set_kappa(ctx)
+                with diffcr.mask_routing(bb.model, mask, margin=0,
+                                         context_kept_ratio=ctx):
+                    keep = routing_state(bb.model).keep_mask
+                    k = keep.plan([[N]], N, dev)[1][0][0]
+                    ts = time_pairs({"dense": bb.run_dense, "routed": bb.run_routed}, dev,
+                                    rounds)
+                    path = bb.path()
+                ideal = bb.ideal(k / N)
+                speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
+                rows.append(dict(kind=kind, N=N, B=B, mask_fraction=frac,
+                                 masked=int(mask.sum()), context_kept_ratio=ctx, k=k,
+                                 dense_ms=statistics.median(ts["dense"]) * 1e3,
+                                 routed_ms=statistics.median(ts["routed"]) * 1e3,
+                                 speedup=speedup, ideal_speedup=ideal,
+                                 fraction_of_ideal=speedup / ideal, prepacked=packed,
+                                 rounds=rounds, path=path))
     return rows
 
 

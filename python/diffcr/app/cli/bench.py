@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
     p_b.add_argument("--token-cache", action="store_true",
                      help="also time the routed block with the token cache (steady state: "
                           "skipped rows get their cached update)")
+    p_b.add_argument("--masked", action="store_true",
+                     help="also time mask-aware routing (diffcr.mask_routing, inpainting): a "
+                          "centred box of 10 / 25 / 50 %% of the tokens always computed, plus "
+                          "0.3 / 0.5 of the rest (image kinds)")
     p_b.add_argument("--no-naive", action="store_true",
                      help="skip the plain-torch gather -> block -> scatter control")
     p_b.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
@@ -94,6 +98,10 @@ def _bench(args) -> int:
               file=sys.stderr)
         return 2
     video = args.model in VIDEO_KINDS
+    if args.masked and video:
+        print(f"diffcr bench: --masked is for image blocks; {args.model} is a video block",
+              file=sys.stderr)
+        return 2
     side = int(round(args.tokens ** 0.5))
     if video:
         try:
@@ -114,6 +122,8 @@ def _bench(args) -> int:
     out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds,
                                        prepack=args.prepack, naive=not args.no_naive,
                                        token_cache=args.token_cache, **common)
+    if args.masked:
+        out["masked"] = bench.bench_masked(rounds=args.rounds, prepack=args.prepack, **common)
     if not args.no_overhead:
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
     if not args.no_training:
@@ -154,6 +164,15 @@ def _bench(args) -> int:
     if cache:
         print("cache = the routed block with the token cache (skipped rows get their cached "
               "update); cache/routed: its time over the plain routed block's")
+    if "masked" in out:
+        print("mask-aware routing (a centred box always computed, plus a share of the rest):")
+        print(f"{'mask':>6} {'context':>8} {'k':>6} {'dense ms':>10} {'routed ms':>10} "
+              f"{'speedup':>8} {'ideal':>7} {'of ideal':>9}")
+        for r in out["masked"]:
+            print(f"{100 * r['mask_fraction']:>5.0f}% {r['context_kept_ratio']:>8.2f} "
+                  f"{r['k']:>6d} {r['dense_ms']:>10.2f} {r['routed_ms']:>10.2f} "
+                  f"{r['speedup']:>8.2f} {r['ideal_speedup']:>7.2f} "
+                  f"{100 * r['fraction_of_ideal']:>8.1f}%")
     if "overhead" in out:
         o = out["overhead"]
         print(f"routing overhead (score+select+gather+scatter, kappa {o['kappa']}): "
