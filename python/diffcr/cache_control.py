@@ -6,7 +6,7 @@ weights)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -140,7 +140,7 @@ def dense_teacher(model: nn.Module, adapters: bool = False):
 
 @contextmanager
 def mask_routing(target, mask, margin: int = 1, context_kept_ratio: Optional[float] = None,
-                 bucket: float = 1 / 32):
+                 bucket: float = 1 / 32, grid: Optional[Tuple[int, int]] = None):
     """Mask-aware routing (inpainting): inside the context, every routed block of ``target`` (a
     converted model, or a pipeline whose ``transformer`` / ``transformer_2`` are converted)
     computes every token ``mask`` marks, and keeps its learned ratio of the other (context)
@@ -159,11 +159,19 @@ def mask_routing(target, mask, margin: int = 1, context_kept_ratio: Optional[flo
         bucket: the masked count is rounded up to a multiple of ``ceil(bucket * N)`` tokens
             (more tokens computed, fewer distinct kept counts: static shapes for compiled
             and CUDA-graph runs across masks of about the same size).
+        grid: ``(rows, columns)`` of the image tokens the mask covers when they are not all
+            of a block's tokens: an edit model (``FluxKontextPipeline``, Qwen-Image-Edit)
+            appends its condition image's tokens after the generated image's, so
+            ``grid=(h, w)`` of the generated image (Flux, Qwen-Image: height // 16, width //
+            16) with an all-ones mask computes every generated token and routes the
+            condition tokens as context. None: the grid of all the tokens, from the mask's
+            aspect ratio.
 
     ``kept ratio 1`` blocks stay dense; ``last_kappa`` reports the block's own ratio (the one
     applied to the context). Not with context parallelism or :func:`shard_routing` (refused);
     videos are not supported (one mask per image grid)."""
-    keep = KeepMask(mask, margin=margin, context_kept_ratio=context_kept_ratio, bucket=bucket)
+    keep = KeepMask(mask, margin=margin, context_kept_ratio=context_kept_ratio, bucket=bucket,
+                    grid=grid)
     models = [target] if isinstance(target, nn.Module) else [
         m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None))
         if m is not None]

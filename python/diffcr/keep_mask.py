@@ -76,7 +76,8 @@ def token_grid(n: int, height: int, width: int) -> Tuple[int, int]:
     if best is None or best[0] > math.log(1.1):
         raise ValueError(f"diffcr.mask_routing: {n} tokens are no grid of the mask's aspect "
                          f"ratio {height}x{width} (a video, or a block whose tokens are not "
-                         "the image's)")
+                         "only the image's: pass grid=(rows, columns) of the image tokens "
+                         "that come first, e.g. an edit model's generated image)")
     return best[1], best[2]
 
 
@@ -91,10 +92,14 @@ class KeepMask:
         context_kept_ratio: kept ratio of the context tokens in every block (None: each
             block's own kept ratio).
         bucket: the masked count is rounded up to a multiple of ``ceil(bucket * N)`` tokens.
+        grid: ``(rows, columns)`` of the image tokens the mask covers, the first ``rows *
+            columns`` of a block's tokens; any after them (an edit model's condition-image
+            tokens) are context. None: all of a block's tokens, their grid found from the
+            mask's aspect ratio (:func:`token_grid`).
     """
 
     def __init__(self, mask, margin: int = 1, context_kept_ratio: Optional[float] = None,
-                 bucket: float = 1 / 32):
+                 bucket: float = 1 / 32, grid: Optional[Tuple[int, int]] = None):
         if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
             raise ValueError(f"diffcr.mask_routing: margin must be an integer >= 0, got "
                              f"{margin!r}")
@@ -108,21 +113,38 @@ class KeepMask:
         self.context_kept_ratio = None if context_kept_ratio is None else \
             float(context_kept_ratio)
         self.bucket = float(bucket)
+        if grid is not None:
+            ok = (isinstance(grid, (tuple, list)) and len(grid) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                          for v in grid))
+            if not ok:
+                raise ValueError(f"diffcr.mask_routing: grid must be (rows, columns) of "
+                                 f"positive integers, got {grid!r}")
+            grid = (int(grid[0]), int(grid[1]))
+        self.grid = grid
         self._tokens: Dict[int, torch.Tensor] = {}  # N -> [M, N] bool, CPU
         self._counts: Dict[int, List[int]] = {}  # N -> masked tokens per mask
         self._device: Dict[Tuple[int, str], torch.Tensor] = {}
 
     def tokens(self, n: int) -> torch.Tensor:
         """``[M, n]`` bool on the CPU: a token is masked when any pixel of its patch is, then
-        dilated by ``margin`` tokens."""
+        dilated by ``margin`` tokens (tokens after ``grid``'s: never)."""
         if n not in self._tokens:
             M, H, W = self.pixels.shape
-            gh, gw = token_grid(n, H, W)
+            if self.grid is None:
+                gh, gw = token_grid(n, H, W)
+            else:
+                gh, gw = self.grid
+                if gh * gw > n:
+                    raise ValueError(f"diffcr.mask_routing: grid {gh}x{gw} has more tokens "
+                                     f"than the block's {n}")
             m = F.adaptive_max_pool2d(self.pixels[:, None].float(), (gh, gw))
             if self.margin:
                 r = self.margin
                 m = F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
-            self._tokens[n] = m[:, 0].reshape(M, n) > 0
+            tok = torch.zeros(M, n, dtype=torch.bool)
+            tok[:, :gh * gw] = m[:, 0].reshape(M, gh * gw) > 0
+            self._tokens[n] = tok
             self._counts[n] = [int(c) for c in self._tokens[n].sum(1).tolist()]
         return self._tokens[n]
 

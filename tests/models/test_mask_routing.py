@@ -248,3 +248,51 @@ def _latent_outside(pipe, latents, side):
     grid = torch.ones(h, h, dtype=torch.bool)
     grid[: h // 2, : h // 2] = False
     return grid.expand_as(latents)
+
+
+def test_an_edit_model_computes_every_generated_token_and_routes_the_condition_tokens():
+    """``FluxKontextPipeline`` appends the condition image's tokens after the generated
+    image's: ``grid=(h, w)`` of the generated image with an all-ones mask computes every
+    generated token in every routed block and routes only the condition tokens."""
+    from diffusers import FluxKontextPipeline
+
+    from tiny_models import flux_pipe
+
+    pipe = FluxKontextPipeline(**flux_pipe().components)
+    g = torch.Generator().manual_seed(1)
+    kw = dict(image=torch.rand(1, 3, 16, 16, generator=g),
+              prompt_embeds=torch.randn(1, 5, 32, generator=g),
+              pooled_prompt_embeds=torch.randn(1, 32, generator=g), height=16, width=16,
+              max_area=16 * 16, _auto_resize=False, num_inference_steps=2, guidance_scale=3.5,
+              output_type="latent")
+
+    def run():
+        with torch.no_grad():
+            return pipe(generator=torch.Generator().manual_seed(0), **kw).images
+
+    dense = run()
+    diffcr.convert(pipe.transformer, DiffCRConfig(gate="sigmoid2x"))
+    set_ratios(pipe.transformer, 0.25)
+    diffcr.freeze(pipe.transformer)
+    counts = []
+
+    def spy(mod, args, kwargs, out):
+        idx = mod._diffcr.last_selection.indices
+        n = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        assert n == 128  # 64 generated + 64 condition tokens
+        counts.append((int((idx < 64).sum()), int((idx >= 64).sum())))
+
+    hooks = [b.register_forward_hook(spy, with_kwargs=True)
+             for b in diffcr.routed_blocks(pipe.transformer).values()]
+    with diffcr.mask_routing(pipe, torch.ones(16, 16), margin=0, grid=(8, 8)):
+        routed = run()
+    for h in hooks:
+        h.remove()
+    k = dk.kept_count(0.3, 128)  # the frozen bin of kept 0.25 is 0.3
+    assert counts and all(c == (64, dk.kept_count(k / 128, 64)) for c in counts), counts
+    assert routed.shape == dense.shape and not torch.allclose(routed, dense)
+    with pytest.raises(ValueError, match="grid 12x12 has more tokens"), \
+            diffcr.mask_routing(pipe, torch.ones(16, 16), grid=(12, 12)):
+        run()
+    with pytest.raises(ValueError, match="grid must be"):
+        diffcr.mask_routing(pipe, torch.ones(4, 4), grid=(0, 4)).__enter__()
