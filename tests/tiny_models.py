@@ -281,3 +281,16 @@ def flux_pipe():
     return FluxPipeline(transformer=make("flux"), vae=vae,
                         scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def qwenimage_pipe():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    # prompt embeddings are passed in: no Qwen2.5-VL text encoder (its tokenizer would need a
+    # download)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                             text_encoder=None, tokenizer=None, transformer=make("qwenimage"))

@@ -166,43 +166,57 @@ def test_pipelines_and_bad_input():
             pass
 
 
-def _sd3_inpaint():
+def _sd3_inpaint(g):
     from diffusers import StableDiffusion3InpaintPipeline
 
     from tiny_models import sd3_pipe
 
-    return StableDiffusion3InpaintPipeline(**sd3_pipe(channels=16).components)
+    # classifier-free guidance in one batch
+    return StableDiffusion3InpaintPipeline(**sd3_pipe(channels=16).components), 8, dict(
+        prompt_embeds=torch.randn(1, 5, 16, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+        negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g), guidance_scale=4.0)
 
 
-def _flux_inpaint():
+def _flux_inpaint(g):
     from diffusers import FluxInpaintPipeline
 
     from tiny_models import flux_pipe
 
-    return FluxInpaintPipeline(**flux_pipe().components)
+    return FluxInpaintPipeline(**flux_pipe().components), 16, dict(
+        prompt_embeds=torch.randn(1, 5, 32, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 32, generator=g))
 
 
-@pytest.mark.parametrize("make_pipe,side,width", [(_sd3_inpaint, 8, 16), (_flux_inpaint, 16, 32)],
-                         ids=["StableDiffusion3InpaintPipeline", "FluxInpaintPipeline"])
-def test_inpaint_pipelines_compute_the_mask_and_keep_the_rest(make_pipe, side, width):
+def _qwenimage_inpaint(g):
+    from diffusers import QwenImageInpaintPipeline
+
+    from tiny_models import qwenimage_pipe
+
+    mask = torch.ones(1, 5, dtype=torch.long)
+    # true classifier-free guidance: separate transformer calls, one mask for both
+    return QwenImageInpaintPipeline(**qwenimage_pipe().components), 64, dict(
+        prompt_embeds=torch.randn(1, 5, 32, generator=g), prompt_embeds_mask=mask,
+        negative_prompt_embeds=torch.randn(1, 5, 32, generator=g),
+        negative_prompt_embeds_mask=mask, true_cfg_scale=4.0)
+
+
+@pytest.mark.parametrize("make_pipe", [_sd3_inpaint, _flux_inpaint, _qwenimage_inpaint],
+                         ids=["StableDiffusion3InpaintPipeline", "FluxInpaintPipeline",
+                              "QwenImageInpaintPipeline"])
+def test_inpaint_pipelines_compute_the_mask_and_keep_the_rest(make_pipe):
     """An inpaint pipeline on tiny components, routed at kept 0.25 inside ``mask_routing(pipe,
     mask_image)``: every routed block computes every masked token at every step, the latents
     outside the mask are the unrouted pipeline's own (its blend), and at kept ratio 1 the
     result is the unconverted pipeline's."""
-    pipe = make_pipe()
     g = torch.Generator().manual_seed(2)
+    pipe, side, kw = make_pipe(g)
     image = torch.rand(1, 3, side, side, generator=g)
     mask_image = torch.zeros(1, 1, side, side)
     mask_image[..., : side // 2, : side // 2] = 1.0
-    emb = torch.randn(1, 5, width, generator=g)
-    pooled = torch.randn(1, 8 if width == 16 else 32, generator=g)
-    kw = dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, image=image, mask_image=mask_image,
-              height=side, width=side, strength=1.0, num_inference_steps=3,
-              output_type="latent")
-    if width == 16:  # SD3: classifier-free guidance in one batch
-        kw.update(negative_prompt_embeds=torch.randn(1, 5, width, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g),
-                  guidance_scale=4.0)
+    kw.update(image=image, mask_image=mask_image, height=side, width=side, strength=1.0,
+              num_inference_steps=3, output_type="latent")
 
     def run():
         with torch.no_grad():

@@ -6,8 +6,8 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import (_randomise_weights, dit_call, dit_pipe, flux_pipe, sd3_pipe, set_ratios,
-                         tiny_pixart, tiny_vae)
+from tiny_models import (_randomise_weights, dit_call, dit_pipe, flux_pipe, qwenimage_pipe,
+                         sd3_pipe, set_ratios, tiny_pixart, tiny_vae)
 
 
 def pixart_pipe():
@@ -73,21 +73,6 @@ def wan_call(pipe):
     return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=16, width=16,
                 num_frames=5, num_inference_steps=2, guidance_scale=3.0,
                 generator=torch.Generator().manual_seed(0), output_type="np").frames
-
-
-def qwenimage_pipe():
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-
-    from tiny_models import make
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                                 latents_std=[1.0] * 4).eval()
-    # prompt embeddings are passed in: no Qwen2.5-VL text encoder (its tokenizer would need a
-    # download)
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                             text_encoder=None, tokenizer=None, transformer=make("qwenimage"))
 
 
 def qwenimage_call(pipe):
