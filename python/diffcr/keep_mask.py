@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import diffcr_kernels as dk
 
-__all__ = ["KeepMask", "token_grid", "spatial_mask"]
+__all__ = ["KeepMask", "token_grid", "spatial_mask", "random_box_masks"]
 
 
 def spatial_mask(mask) -> torch.Tensor:
@@ -58,6 +58,26 @@ def spatial_mask(mask) -> torch.Tensor:
         raise ValueError("diffcr.mask_routing: the mask has non-finite values")
     half = 127 if m.dtype == torch.uint8 else 0.5
     return m > half
+
+
+def random_box_masks(n: int, height: int, width: int, generator: torch.Generator,
+                     area: Tuple[float, float] = (0.1, 0.5)) -> torch.Tensor:
+    """``[n, height, width]`` bool: one random box per sample, as inpainting fine-tuning draws
+    them: its area a uniform share of the image in ``area``, its aspect ratio log-uniform in
+    [1/2, 2], its place uniform, every side at least 1 (on the CPU, from ``generator``)."""
+    lo, hi = (float(v) for v in area)
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ValueError(f"area must satisfy 0 < lo <= hi <= 1, got {area!r}")
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    out = torch.zeros(n, height, width, dtype=torch.bool)
+    for i, (a, r, y, x) in enumerate(u.tolist()):
+        frac = lo + (hi - lo) * a
+        aspect = 2.0 ** (2 * r - 1)  # height / width
+        h = min(height, max(1, round((frac * height * width * aspect) ** 0.5)))
+        w = min(width, max(1, round(frac * height * width / h)))
+        top, left = int(y * (height - h + 1)), int(x * (width - w + 1))
+        out[i, top:top + h, left:left + w] = True
+    return out
 
 
 def token_grid(n: int, height: int, width: int) -> Tuple[int, int]:

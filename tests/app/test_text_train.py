@@ -376,6 +376,53 @@ def test_cache_aware_fine_tuning_with_a_dense_teacher(folders, tmp_path, monkeyp
     assert recorded == [1, 1] and metrics["last"]["distill"] > 0
 
 
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_inpaint_fine_tuning_routes_each_box_and_counts_only_its_error(family, folders,
+                                                                       tmp_path, monkeypatch):
+    """``--inpaint``: each sample's training forward runs inside ``diffcr.mask_routing`` with
+    a random box at the latents' resolution (10-50 % of the area), and the loss is the error
+    inside the box only: the same run with the prediction outside the box thrown far off gives
+    the same loss. Video pipelines are refused."""
+    from diffcr.app.recipes.flux import FluxRecipe
+    from diffcr.app.recipes.pixart import PixArtRecipe
+
+    torch.set_num_threads(1)
+    write, extra = CACHE_AWARE[family]
+    pipe = write(tmp_path / "pipe") if write else folders[0]
+    data = folders[1]
+    boxes = []
+    real_routing = diffcr.mask_routing
+
+    def routing(model, mask, **kw):
+        boxes.append(mask.clone())
+        return real_routing(model, mask, **kw)
+
+    monkeypatch.setattr(diffcr, "mask_routing", routing)
+    kw = dict(extra, steps=1, inpaint=True)
+    first = run_captioned_train(_cfg(pipe, data, tmp_path / "a", **kw))
+    assert first["inpaint"] and len(boxes) == 1
+    box = boxes[0]
+    side = 8 if family == "pixart" else 16  # the latents' height and width
+    assert box.shape == (2, side, side)
+    area = box.flatten(1).float().mean(1)
+    assert bool(((area > 0.05) & (area < 0.6)).all()), area
+    owner = PixArtRecipe if family == "pixart" else FluxRecipe
+    real_pred = owner.prediction
+
+    def far_off_outside(self, b, out):
+        pred = real_pred(self, b, out)
+        w = boxes[-1].view(2, 1, side, side).expand_as(pred)
+        return torch.where(w, pred, pred + 100.0)
+
+    monkeypatch.setattr(owner, "prediction", far_off_outside)
+    second = run_captioned_train(_cfg(pipe, data, tmp_path / "b", **kw))
+    assert torch.equal(boxes[0], boxes[1])  # the same draws
+    assert second["last"]["loss"] == pytest.approx(first["last"]["loss"], rel=1e-6)
+    with pytest.raises(TrainError, match="--inpaint is for image pipelines"):
+        run_captioned_train(_cfg(write_wan_pipeline(tmp_path / "wan"), data, tmp_path / "c",
+                                 inpaint=True, resolution=64, max_length=16))
+
+
 def test_caches_are_reused(folders, tmp_path, monkeypatch):
     from diffcr.app import captioned
 

@@ -298,6 +298,9 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     folder, data, out = Path(cfg.model), Path(cfg.data), Path(cfg.out)
     part, levels = expert_of(folder, _json(folder / "model_index.json"), cfg.expert)
     index, tconf, recipe = pipeline_parts(folder, part)
+    if cfg.inpaint and recipe.video:
+        raise TrainError(f"--inpaint is for image pipelines; {recipe.family} is a video "
+                         "pipeline (mask-aware routing needs one image grid)")
     strategy_class = strategy_for(cfg)
     resume = find_resume(cfg.resume, out, STATE_MARKER)
     if resume is not None:
@@ -428,7 +431,7 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
                 c[k][dropped] = null[k].to(v.dtype)
             batch = Batch(net=net, model=model, sched=sched, x0=x0, cond=c, gen=g, device=dev,
                           levels=levels, cache_refresh=cfg.cache_refresh,
-                          cache_spacing=cfg.cache_spacing)
+                          cache_spacing=cfg.cache_spacing, inpaint=cfg.inpaint)
             with acc.accumulate(net), acc.autocast():
                 if teacher is None:
                     loss = recipe.loss(batch)
@@ -466,7 +469,8 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     metrics = {"steps": steps, "last": last, "world_size": world, "lora_rank": lora_rank,
                "frames": frames or 1, "mixed_precision": acc.mixed_precision,
                "parallel": strategy.name, "grad_accum": cfg.grad_accum, "images": len(pairs),
-               "distill": cfg.distill, "cache_refresh": cfg.cache_refresh, "teacher": None if teacher is None else (
+               "distill": cfg.distill, "cache_refresh": cfg.cache_refresh,
+               "inpaint": cfg.inpaint, "teacher": None if teacher is None else (
                    "frozen copy" if teacher.frozen is not None else "adapters off, dense"),
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1][:, served].mean()),
                "expert": cfg.expert, "noise_levels": list(levels), "regions_trained": served,

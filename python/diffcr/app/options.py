@@ -154,6 +154,11 @@ class TrainConfig:
         "every R steps (diffcr.TokenCacheConfig(refresh_every=R)): each batch first fills the "
         "cache at a noisier timestep, 1 to R-1 sampler steps back, without gradient (0: off)",
         "routing", ("class", "captioned"), type=int)
+    inpaint: bool = option(
+        False, "inpainting fine-tuning: each sample gets a random box mask (10-50 %% of the "
+        "image); every routed block computes its tokens (diffcr.mask_routing) and spends its "
+        "kept ratio on the context, and the loss counts the box only, the region an inpaint "
+        "pipeline that blends latents keeps (image pipelines)", "routing", ("captioned",))
     cache_spacing: int = option(50, "with --cache-refresh: timesteps between two sampler "
                                 "steps (1000 / sampling steps; default 50)", "routing",
                                 ("class", "captioned"), type=int)

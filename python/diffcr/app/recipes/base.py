@@ -42,6 +42,9 @@ class Batch:
         cache_refresh: ``--cache-refresh`` R (cache-aware fine-tuning; the token cache is on
             ``model``), 0: off.
         cache_spacing: ``--cache-spacing``: timesteps between two sampler steps.
+        inpaint: ``--inpaint``: a random box mask per sample (:func:`diffcr.keep_mask.
+            random_box_masks`, at the latents' resolution), routed with
+            :func:`diffcr.mask_routing`, the loss over the box only.
     """
 
     net: torch.nn.Module
@@ -54,6 +57,7 @@ class Batch:
     levels: Tuple[float, float] = (0.0, 1.0)
     cache_refresh: int = 0
     cache_spacing: int = 50
+    inpaint: bool = False
 
 
 def register(cls):
@@ -254,17 +258,32 @@ class Recipe:
         model first runs without gradient at a noisier level of the same sample and noise,
         1 to R-1 sampler steps back, as a refresh step that fills the token cache
         (:func:`diffcr.fill_token_cache`), so the loss sees the skipped tokens' forecast as a
-        sampler's later step would. Without it the draws from ``b.gen`` are the same as with
-        it switched off entirely."""
+        sampler's later step would. With ``b.inpaint``, each sample gets a random box
+        (:func:`diffcr.keep_mask.random_box_masks` at the latents' height and width), the
+        training forward runs inside :func:`diffcr.mask_routing` with it (every routed block
+        computes the box's tokens and routes the rest as context), and the error is averaged
+        over the box only: an inpaint pipeline that blends latents keeps the prediction there
+        and nowhere else. Without these options the draws from ``b.gen`` are the same as with
+        them switched off entirely."""
+        import diffcr
+
         level, noise, xt = self.draw(b)
         if b.cache_refresh:
-            import diffcr
-
             back = torch.randint(1, b.cache_refresh, (b.x0.shape[0],), generator=b.gen)
             prev = self.noisier(b, level, back.to(level.device))
             diffcr.fill_token_cache(b.model, **self.inputs(b, self.noised(b, noise, prev), prev))
-        pred = self.prediction(b, b.net(**self.inputs(b, xt, level)))
-        return F.mse_loss(pred.float(), self.target(b, noise, level).float())
+        if not b.inpaint:
+            pred = self.prediction(b, b.net(**self.inputs(b, xt, level)))
+            return F.mse_loss(pred.float(), self.target(b, noise, level).float())
+        from diffcr.keep_mask import random_box_masks
+
+        H, W = b.x0.shape[-2:]
+        box = random_box_masks(b.x0.shape[0], H, W, b.gen)
+        with diffcr.mask_routing(b.model, box, margin=0):
+            pred = self.prediction(b, b.net(**self.inputs(b, xt, level)))
+        err = (pred.float() - self.target(b, noise, level).float()).square()
+        w = box.to(err.device).view(box.shape[0], *([1] * (err.dim() - 3)), H, W).expand_as(err)
+        return (err * w).sum() / w.sum()
 
     def pipeline_kwargs(self, pixels: int, max_length) -> dict:
         return dict(height=pixels, width=pixels)
