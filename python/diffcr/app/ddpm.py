@@ -196,7 +196,7 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
 
     ``ddp``: the DDP-wrapped model (``model`` is its module); ``on_step(step, opt, rngs)``:
     called after every step, ``rngs`` a callable returning the random state a resumed run
-    needs (:func:`rng_state`); ``rng_state``: such a state to continue from (a resumed run:
+    needs (:func:`rng_state_of`); ``rng_state``: such a state to continue from (a resumed run:
     the same draws as the run that was not interrupted).
 
     ``ema``: a copy of the model (same parameter order) updated after every step with
