@@ -167,8 +167,9 @@ def mask_routing(target, mask, margin: int = 1, context_kept_ratio: Optional[flo
             condition tokens as context. None: the grid of all the tokens, from the mask's
             aspect ratio.
 
-    ``kept ratio 1`` blocks stay dense; ``last_kappa`` reports the block's own ratio (the one
-    applied to the context). Not with context parallelism or :func:`shard_routing` (refused);
+    Without ``context_kept_ratio``, a block at kept ratio 1 stays dense; with it, every routed
+    block keeps that share of the context, whatever its own ratio. ``last_kappa`` reports the
+    block's own ratio. Not with context parallelism or :func:`shard_routing` (refused);
     videos are not supported (one mask per image grid)."""
     keep = KeepMask(mask, margin=margin, context_kept_ratio=context_kept_ratio, bucket=bucket,
                     grid=grid)

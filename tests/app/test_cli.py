@@ -63,7 +63,7 @@ def demo_out(tmp_path_factory):
 
 def test_train_demo_quick_writes_every_output(demo_out):
     out, r = demo_out
-    for f in ("ratios.png", "router.png", "samples.png", "tradeoff.png"):
+    for f in ("ratios.png", "router.png", "samples.png", "tradeoff.png", "inpaint.png"):
         data = (out / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     m = json.loads((out / "metrics.json").read_text())
@@ -107,6 +107,21 @@ def test_train_demo_quick_writes_every_output(demo_out):
         assert len(row["class_accuracy_per_seed"]) == 2 and len(row["sampling_s"]) == 2
     assert m["methods"]["dense"]["speedup_vs_dense"] == 1.0
     assert m["methods"]["MoD"]["mean_kept_ratio"] == pytest.approx(0.5)
+    # the inpainting task: dense, DiffCR-LT with and without mask-aware routing, the
+    # token-cache variant with it, the caches
+    from diffcr.app.demo.run import DEMO_INPAINT_CONTEXT
+
+    inp = m["inpainting"]["methods"]
+    ctx = f"DiffCR-LT + mask, context {DEMO_INPAINT_CONTEXT[-1]:g}"
+    want = {"dense", "DiffCR-LT", ctx, f"{DEMO_TC} /{first} + mask"} | {
+        CacheSetting(k, v).label for k, v in DEMO_CACHES if cache_available(k)}
+    assert set(inp) == want
+    for row in inp.values():
+        assert len(row["masked_error_per_seed"]) == 2 and row["masked_error"] >= 0.0
+        assert 0.0 < row["mean_kept_ratio"] <= 1.0
+    # a quarter or more of the tokens are context, half of which the masked rows skip
+    assert inp[ctx]["mean_kept_ratio"] < 1.0
+    assert "inpainting (" in r.stdout and "masked MSE" in r.stdout
     assert (out / "diffcr" / "diffcr.safetensors").exists()
     assert (out / "model" / "config.json").exists()
     sched = json.loads((out / "model" / "scheduler_config.json").read_text())
@@ -115,7 +130,9 @@ def test_train_demo_quick_writes_every_output(demo_out):
     table = (out / "comparison.md").read_text().splitlines()
     assert table[0].startswith("| method |") and table[0].endswith("| on the frontier |")
     assert len(table) >= 2 + len(expected)
-    assert sum(line.startswith("| DiffCR-LT |") for line in table) == 1
+    assert sum(line.startswith("| DiffCR-LT |") for line in table) == 2  # and inpainting
+    assert any(line.startswith("| method | kept ratio | class accuracy | masked-region MSE")
+               for line in table)
     # the dense model came from the shipped checkpoint when the package has one
     from diffcr.app.demo.run import shipped_dense_path
 

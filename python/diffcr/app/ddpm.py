@@ -71,15 +71,30 @@ def heldout_loss(model, x0, labels, seed: int = 123, batch: int = 256,
 @torch.no_grad()
 def sample_images(model, labels, num_classes: int, channels: int, size: int, steps: int = 25,
                   guidance: float = 2.0, seed: int = 0, batch: int = 128,
-                  prediction_type: str = "epsilon") -> torch.Tensor:
+                  prediction_type: str = "epsilon", init: Optional[torch.Tensor] = None,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance (null class = ``num_classes``).
 
     ``labels`` int64 ``[n]``; returns float32 ``[n, channels, size, size]`` in [-1, 1]. Each
     batch of ``batch`` samples is one sampling loop (conditional and unconditional halves in
     one forward): diffusers caches attached to ``model`` are reset and their cache context
-    opened at its start (:func:`start_cache_run`)."""
+    opened at its start (:func:`start_cache_run`).
+
+    Inpainting: with ``init`` (float ``[n, channels, size, size]`` in [-1, 1], the images) and
+    ``mask`` (``[n, size, size]``, true / 1 = to inpaint), the loop blends as diffusers'
+    inpaint pipelines do: after every step the pixels outside the mask are replaced by
+    ``init`` noised to the next timestep (with one fixed noise per sample), and the result is
+    ``init`` there exactly (``mask * x + (1 - mask) * init``)."""
     from diffusers import DDIMScheduler
 
+    if (init is None) != (mask is None):
+        raise ValueError("sample_images: inpainting needs both init and mask")
+    if init is not None:
+        want = (labels.numel(), channels, size, size)
+        if tuple(init.shape) != want or tuple(mask.shape) != (want[0], size, size):
+            raise ValueError(f"sample_images: init must be {list(want)} and mask "
+                             f"{[want[0], size, size]}, got {list(init.shape)} and "
+                             f"{list(mask.shape)}")
     dev = next(model.parameters()).device
     out = []
     for i in range(0, labels.numel(), batch):
@@ -91,14 +106,22 @@ def sample_images(model, labels, num_classes: int, channels: int, size: int, ste
         start_cache_run(model)
         g = torch.Generator().manual_seed(seed + i)
         x = torch.randn(n, channels, size, size, generator=g).to(dev)
+        if init is not None:
+            x0 = init[i:i + batch].float().to(dev)
+            keep = mask[i:i + batch].to(dev, torch.float32)[:, None]
+            fixed = torch.randn(x0.shape, generator=g).to(dev)
         null = torch.full_like(lab, num_classes)
-        for t in sched.timesteps:
+        ts = sched.timesteps
+        for j, t in enumerate(ts):
             inp = torch.cat([x, x])
             tt = torch.full((2 * n,), int(t), device=dev)
             eps = model(inp, timestep=tt, class_labels=torch.cat([lab, null])).sample
             eps = eps[:, :channels]
             e_c, e_u = eps.chunk(2)
             x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+            if init is not None:
+                known = x0 if j + 1 == len(ts) else sched.add_noise(x0, fixed, ts[j + 1:j + 2])
+                x = keep * x + (1 - keep) * known
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 

@@ -74,5 +74,5 @@ def _demo(cfg) -> int:
         return 0
     print(format_summary(metrics))
     print(f"outputs in {cfg.out}: diffcr/ (checkpoint), model/, ratios.png, router.png, "
-          "samples.png, tradeoff.png, metrics.json, comparison.md")
+          "samples.png, tradeoff.png, inpaint.png, metrics.json, comparison.md")
     return 0

@@ -14,7 +14,8 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +39,9 @@ class Method:
         heldout_loss: held-out denoising loss, where it applies (None for caches: they change
             the sampling loop, not the denoiser).
         extra: anything else to carry into the metrics row.
+        context: optional ``context() -> context manager`` entered around every sampling
+            loop of this method (inside the timing), e.g. ``diffcr.mask_routing`` for
+            mask-aware routing.
     """
 
     model: torch.nn.Module
@@ -45,11 +49,14 @@ class Method:
     kept_ratio: float = 1.0
     heldout_loss: Optional[float] = None
     extra: Dict = field(default_factory=dict)
+    context: Optional[Callable[[], ContextManager]] = None
 
 
 def compare_methods(methods: Mapping[str, Method], sampler: Callable[..., Tensor], clf,
                     real_images: Tensor, labels: Tensor, seeds: Sequence[int],
-                    baseline: str = "dense", progress=None) -> Dict[str, dict]:
+                    baseline: str = "dense", progress=None,
+                    scores: Optional[Mapping[str, Callable[[Tensor], float]]] = None
+                    ) -> Dict[str, dict]:
     """Sample every method at every seed and measure speed and quality.
 
     Args:
@@ -62,6 +69,9 @@ def compare_methods(methods: Mapping[str, Method], sampler: Callable[..., Tensor
         seeds: sampling seeds (two or more give a spread).
         baseline: the method the speedups are measured against.
         progress: optional callable ``progress(name, seed, seconds)`` called after each sampling.
+        scores: optional further quality scores, name -> ``score(images) -> float`` (lower or
+            higher is better as the caller says), each reported like the class accuracy
+            (``name`` the mean over seeds, ``name_per_seed`` the list).
 
     Returns:
         name -> row with ``sampling_s`` (per seed), ``sampling_s_total``,
@@ -74,15 +84,22 @@ def compare_methods(methods: Mapping[str, Method], sampler: Callable[..., Tensor
         raise ValueError(f"baseline {baseline!r} is not among the methods {list(methods)}")
     if not seeds:
         raise ValueError("need at least one seed")
+    scores = dict(scores or {})
     rows: Dict[str, dict] = {name: {"sampling_s": [], "class_accuracy_per_seed": [],
-                                    "classifier_fid_per_seed": []} for name in methods}
+                                    "classifier_fid_per_seed": [],
+                                    **{f"{k}_per_seed": [] for k in scores}}
+                             for name in methods}
     first: Dict[str, Tensor] = {}
     for seed in seeds:
         for name, m in methods.items():
+            ctx = m.context() if m.context is not None else contextlib.nullcontext()
             t0 = time.perf_counter()
-            imgs = sampler(m.model, labels, seed=seed)
+            with ctx:
+                imgs = sampler(m.model, labels, seed=seed)
             dt = time.perf_counter() - t0
             r = rows[name]
+            for k, fn in scores.items():
+                r[f"{k}_per_seed"].append(float(fn(imgs)))
             r["sampling_s"].append(dt)
             r["class_accuracy_per_seed"].append(class_accuracy(clf, imgs, labels))
             r["classifier_fid_per_seed"].append(classifier_fid(clf, real_images, imgs))
@@ -103,6 +120,8 @@ def compare_methods(methods: Mapping[str, Method], sampler: Callable[..., Tensor
             "speedup_vs_dense": base_t / tot if tot > 0 else float("nan"),
             "class_accuracy": statistics.fmean(acc), "class_accuracy_per_seed": acc,
             "classifier_fid": statistics.fmean(fid), "classifier_fid_per_seed": fid,
+            **{k: statistics.fmean(r[f"{k}_per_seed"]) for k in scores},
+            **{f"{k}_per_seed": r[f"{k}_per_seed"] for k in scores},
             "samples": first[name], **m.extra}
     return out
 

@@ -4,8 +4,8 @@ A procedurally generated shape data set, a small pixel-space DiT (the shipped de
 or trained here), then DiffCR-LT (timestep regions), DiffCR-L (one region), uniform MoD and
 random token selection fine-tuned from it at the same target compression, compared with the
 diffusers caches by held-out denoising loss, classifier-FID and class accuracy of samples and
-the measured speedup of each sampling loop, with plots (learned ratios, router maps, samples,
-the trade-off).
+the measured speedup of each sampling loop, then an inpainting task with mask-aware routing,
+with plots (learned ratios, router maps, samples, the trade-off, inpainting).
 """
 from __future__ import annotations
 
@@ -139,15 +139,15 @@ DEMO_PRETRAIN_STEPS = 8000
 DEMO_CONTINUE_STEPS = 6000
 DEMO_PRETRAIN_MINUTES = 50
 #: fine-tuning steps of every variant (the 10-minute budget of the demo sets it)
-DEMO_FINETUNE_STEPS = 150
+DEMO_FINETUNE_STEPS = 100
 #: samples per class and sampling seed of the comparison
-DEMO_PER_CLASS = 20
+DEMO_PER_CLASS = 14
 #: DDIM steps and guidance scale of every demo sampling loop
 DEMO_SAMPLING = dict(steps=20, guidance=2.0)
 #: the diffusers caches of the comparison (FirstBlockCache thresholds, TaylorSeer intervals)
-DEMO_CACHES = (("fbc", 0.1), ("fbc", 0.2), ("taylorseer", 2), ("taylorseer", 3))
+DEMO_CACHES = (("fbc", 0.2), ("taylorseer", 3))
 #: DiffCR-LT stacked with these caches
-DEMO_STACKS = (("fbc", 0.1), ("taylorseer", 3))
+DEMO_STACKS = (("taylorseer", 3),)
 #: weight of the dense teacher (``--distill``) of the "+teacher" variant
 DEMO_DISTILL = 1.0
 #: the token-cache variants: their target compression (below DiffCR-LT's: the cache makes up
@@ -162,6 +162,11 @@ DEMO_TC_CACHE = dict(order=0, plain_refresh=True)
 DEMO_LT, DEMO_TEACHER = "DiffCR-LT", "DiffCR-LT +teacher"
 DEMO_LOW = f"DiffCR-LT kept {1 - DEMO_TC_COMPRESSION:.1f}"
 DEMO_TC = f"DiffCR-LT-TC kept {1 - DEMO_TC_COMPRESSION:.1f}"
+#: the inpainting task: held-out images (their shapes erased), the context kept ratios of
+#: DiffCR-LT with mask-aware routing, and the token-dilation of the routing mask
+DEMO_INPAINT_IMAGES = 48
+DEMO_INPAINT_CONTEXT = (None, 0.25)
+DEMO_INPAINT_MARGIN = 0
 
 
 def shipped_dense_path() -> Path:
@@ -217,10 +222,11 @@ def load_shipped_dense():
 def _demo_sampler(quick: bool):
     steps = 4 if quick else DEMO_SAMPLING["steps"]
 
-    def sampler(model, labels, seed: int):
+    def sampler(model, labels, seed: int, init=None, mask=None):
         return sample_images(model, labels, NUM_CLASSES, 3, DEMO_SIZE, steps=steps,
                              guidance=DEMO_SAMPLING["guidance"], seed=seed, batch=256,
-                             prediction_type=DEMO_RECIPE["prediction_type"])
+                             prediction_type=DEMO_RECIPE["prediction_type"], init=init,
+                             mask=mask)
     return sampler
 
 
@@ -242,7 +248,11 @@ def run_demo(cfg: TrainConfig) -> dict:
        the measured speedup of its sampling loop, class accuracy and classifier-FID per seed
        (:func:`~diffcr.app.demo.compare.compare_methods`), and which rows are on the
        quality-vs-speed frontier;
-    5. ``metrics.json``, ``ratios.png``, ``router.png``, ``samples.png``, ``tradeoff.png``.
+    5. inpainting (:func:`_inpainting`): held-out images with their shape erased, drawn again
+       by the dense model, DiffCR-LT with and without mask-aware routing, the cache-aware
+       variant with it, and the caches; class accuracy, masked-region error, speedup;
+    6. ``metrics.json``, ``comparison.md``, ``ratios.png``, ``router.png``, ``samples.png``,
+       ``tradeoff.png``, ``inpaint.png``.
     """
     import diffcr
 
@@ -394,10 +404,6 @@ def run_demo(cfg: TrainConfig) -> dict:
         methods[f"{DEMO_TC} /{refresh}"] = Method(
             with_token_cache(variants[DEMO_TC], refresh), "diffcr+tokencache",
             kept_of(variants[DEMO_TC]))
-    if not quick:  # what storing the cache in bfloat16 (half the memory) costs in quality
-        methods[f"{DEMO_TC} /{first} bf16 cache"] = Method(
-            with_token_cache(variants[DEMO_TC], first, dtype=torch.bfloat16),
-            "diffcr+tokencache", kept_of(variants[DEMO_TC]))
     caches = DEMO_CACHES[::3] if quick else DEMO_CACHES
     skipped = []
     for kind, value in caches:
@@ -414,10 +420,6 @@ def run_demo(cfg: TrainConfig) -> dict:
         methods[f"{DEMO_LT} + {s.label}"] = Method(
             s.apply(copy.deepcopy(variants[DEMO_LT])), "diffcr+cache",
             methods[DEMO_LT].kept_ratio)
-        if kind == "taylorseer":  # the cache-aware variant under TaylorSeer too
-            methods[f"{DEMO_TC} /{first} + {s.label}"] = Method(
-                s.apply(with_token_cache(variants[DEMO_TC], first)), "diffcr+cache",
-                kept_of(variants[DEMO_TC]))
     if skipped:
         log(f"not in this diffusers, left out of the comparison: {sorted(set(skipped))}")
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
@@ -443,12 +445,21 @@ def run_demo(cfg: TrainConfig) -> dict:
         "token_cache_target_kept_ratio": round(1 - DEMO_TC_COMPRESSION, 6),
         "token_cache_kept_ratio": kept_of(variants[DEMO_TC])}
     lt = variants[DEMO_LT]
+    t0 = time.time()
+    n_inp = 8 if quick else DEMO_INPAINT_IMAGES
+    inpaint_rows, inpaint_samples = _inpainting(
+        dense, variants, lt, x_te[:n_inp], y_te[:n_inp], m_te[:n_inp], clf, seeds, quick,
+        with_token_cache, cfg.progress)
+    timings["inpainting_s"] = time.time() - t0
+    metrics["inpainting"] = {"images": n_inp, "methods": inpaint_rows,
+                             "context_kept_ratios": list(DEMO_INPAINT_CONTEXT),
+                             "margin_tokens": DEMO_INPAINT_MARGIN}
     metrics["router_object_focus"] = {
         "DiffCR-LT": _object_focus(lt, x_te[:64], y_te[:64], m_te[:64]),
         "object_token_share": float(F.avg_pool2d(m_te[:64].float().unsqueeze(1), DEMO_PATCH)
                                     .gt(0.25).float().mean())}
 
-    # 5. outputs
+    # 6. outputs
     write_checkpoints(lt, out)
     _save_sampling_config(out / "model", pred)
     idx, _ = diffcr.ratio_table(lt)
@@ -465,6 +476,8 @@ def run_demo(cfg: TrainConfig) -> dict:
     plot_samples({k: samples[k][pick] for k in shown}, out / "samples.png",
                  class_names=CLASS_NAMES, labels=labels[pick])
     plot_tradeoff(rows, out / "tradeoff.png")
+    plot_samples(inpaint_samples, out / "inpaint.png", class_names=CLASS_NAMES,
+                 labels=y_te[:min(n_inp, 10)])
     timings["total_s"] = time.time() - t_start
     metrics["timings_s"] = timings
     metrics["settings"] = {"finetune_steps": ft_steps, "train_images": n_train,
@@ -482,6 +495,68 @@ def run_demo(cfg: TrainConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "comparison.md").write_text(format_markdown(metrics) + "\n")
     return metrics
+
+
+def _inpainting(dense, variants, lt, images, labels, shapes, clf, seeds, quick,
+                with_token_cache, progress: bool):
+    """The inpainting comparison (:mod:`~diffcr.app.demo.inpaint`): each held-out image's
+    shape erased and drawn again, by the dense model, DiffCR-LT with its own routing and with
+    mask-aware routing at each of :data:`DEMO_INPAINT_CONTEXT`, the cache-aware token-cache
+    variant with mask-aware routing, and the diffusers caches on the dense model. Returns
+    (rows, picture rows)."""
+    import contextlib
+
+    import diffcr
+
+    from .inpaint import ComputedShare, inpaint_regions, masked_error, masked_inputs
+
+    regions = inpaint_regions(shapes)
+    cfg_mask = torch.cat([regions, regions])  # the conditional and unconditional halves
+    shares = {}
+
+    def routed(name, model, context=None):
+        def ctx():
+            stack = contextlib.ExitStack()
+            if context is not None:
+                stack.enter_context(diffcr.mask_routing(
+                    model, cfg_mask, margin=DEMO_INPAINT_MARGIN, context_kept_ratio=context))
+            shares.setdefault(name, []).append(stack.enter_context(ComputedShare(model)))
+            return stack
+        return ctx
+
+    methods = {"dense": Method(dense, "dense")}
+    methods[DEMO_LT] = Method(lt, "diffcr", context=routed(DEMO_LT, lt))
+    for r in DEMO_INPAINT_CONTEXT[-1:] if quick else DEMO_INPAINT_CONTEXT:
+        name = f"{DEMO_LT} + mask" + ("" if r is None else f", context {r:g}")
+        methods[name] = Method(lt, "diffcr", context=routed(name, lt, r))
+    tc = with_token_cache(variants[DEMO_TC], DEMO_TC_POINTS[0])
+    name = f"{DEMO_TC} /{DEMO_TC_POINTS[0]} + mask"
+    methods[name] = Method(tc, "diffcr+tokencache", context=routed(name, tc, None))
+    for kind, value in DEMO_CACHES:
+        if cache_available(kind):
+            s = CacheSetting(kind, value)
+            methods[s.label] = Method(s.apply(copy.deepcopy(dense)), "cache")
+    base = _demo_sampler(quick)
+
+    def sampler(model, labs, seed):
+        return base(model, labs, seed, init=images, mask=regions)
+
+    bar = Progress(len(methods) * len(seeds), "inpainting", progress)
+    rows = compare_methods(methods, sampler, clf, images, labels, seeds,
+                           progress=lambda name, seed, dt: bar.update(method=name),
+                           scores={"masked_error": lambda x: masked_error(x, images,
+                                                                          regions)})
+    bar.close()
+    show = min(images.shape[0], 10)
+    pictures = {"original": images[:show], "to inpaint": masked_inputs(images, regions)[:show]}
+    for name, r in rows.items():
+        pictures[name] = r.pop("samples")[:show]
+        if name in shares:  # the share of token-blocks computed, over both seeds
+            r["mean_kept_ratio"] = (sum(c.computed for c in shares[name])
+                                    / sum(c.total for c in shares[name]))
+    for name in frontier(rows):
+        rows[name]["on_frontier"] = True
+    return rows, pictures
 
 
 def _save_sampling_config(folder: Path, prediction_type: str) -> None:
@@ -509,6 +584,20 @@ def format_summary(metrics: dict) -> str:
                      f"{('%.4f' % hl) if hl is not None else '-':>12} {acc:>13} {fid:>13} "
                      f"{r['speedup_vs_dense']:>7.2f}x")
     lines.append("* = on the frontier: no other row is both as accurate and as fast")
+    inp = metrics.get("inpainting")
+    if inp:
+        lines.append("")
+        lines.append(f"inpainting ({inp['images']} held-out images, each shape erased and "
+                     "drawn again; kept = share of token-blocks computed)")
+        lines.append(f"{'method':<{width}} {'kept':>5} {'class acc':>13} "
+                     f"{'masked MSE':>13} {'speedup':>8}")
+        for name, r in inp["methods"].items():
+            acc = f"{r['class_accuracy']:.3f}+-{spread(r['class_accuracy_per_seed']):.3f}"
+            err = f"{r['masked_error']:.3f}+-{spread(r['masked_error_per_seed']):.3f}"
+            mark = "* " if r.get("on_frontier") else "  "
+            lines.append(f"{mark + name:<{width}} {r['mean_kept_ratio']:>5.3f} {acc:>13} "
+                         f"{err:>13} {r['speedup_vs_dense']:>7.2f}x")
+        lines.append("")
     a = metrics["achieved_vs_target"]
     lines.append(f"target kept ratio {a['target_kept_ratio']:.3f}, achieved by DiffCR-LT "
                  f"{a['DiffCR-LT_kept_ratio']:.3f}; token-cache variants: target "
@@ -546,4 +635,20 @@ def format_markdown(metrics: dict) -> str:
                      f"seeds on {st.get('threads')} thread(s). On the frontier: no other row "
                      "has both a class accuracy and a speedup at least as high (one of them "
                      "higher).")
+    inp = metrics.get("inpainting")
+    if inp:
+        lines += ["", f"Inpainting: {inp['images']} held-out images per seed, each image's "
+                  "shape erased (its mask dilated by one pixel) and drawn again; quality "
+                  "inside the mask. Kept ratio: the share of token-blocks the routed blocks "
+                  "computed.", "",
+                  "| method | kept ratio | class accuracy | masked-region MSE | sampling loop | "
+                  "speedup vs dense | on the frontier |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in inp["methods"].items():
+            lines.append(
+                f"| {name} | {r['mean_kept_ratio']:.3f} | "
+                f"{r['class_accuracy']:.3f} ± {spread(r['class_accuracy_per_seed']):.3f} | "
+                f"{r['masked_error']:.3f} ± {spread(r['masked_error_per_seed']):.3f} | "
+                f"{r['sampling_s_total']:.1f} s | {r['speedup_vs_dense']:.2f}× | "
+                f"{'yes' if r.get('on_frontier') else ''} |")
     return "\n".join(lines)
