@@ -121,6 +121,13 @@ def test_train_demo_quick_writes_every_output(demo_out):
         assert 0.0 < row["mean_kept_ratio"] <= 1.0
     # a quarter or more of the tokens are context, half of which the masked rows skip
     assert inp[ctx]["mean_kept_ratio"] < 1.0
+    for name, row in inp.items():  # mask-aware routing computes every masked token-block
+        if "+ mask" in name:
+            assert row["masked_tokens_skipped"] == 0.0, name
+        elif name == "DiffCR-LT":
+            assert 0.0 <= row["masked_tokens_skipped"] <= 1.0
+        else:
+            assert "masked_tokens_skipped" not in row, name
     assert "inpainting (" in r.stdout and "masked MSE" in r.stdout
     assert (out / "diffcr" / "diffcr.safetensors").exists()
     assert (out / "model" / "config.json").exists()
@@ -131,7 +138,7 @@ def test_train_demo_quick_writes_every_output(demo_out):
     assert table[0].startswith("| method |") and table[0].endswith("| on the frontier |")
     assert len(table) >= 2 + len(expected)
     assert sum(line.startswith("| DiffCR-LT |") for line in table) == 2  # and inpainting
-    assert any(line.startswith("| method | kept ratio | class accuracy | masked-region MSE")
+    assert any(line.startswith("| method | kept ratio | masked skipped | class accuracy |")
                for line in table)
     # the dense model came from the shipped checkpoint when the package has one
     from diffcr.app.demo.run import shipped_dense_path

@@ -128,6 +128,21 @@ def test_computed_share_counts_the_routed_rows_with_and_without_a_mask():
             sample_images(conv, labels, NCLS, C, S, steps=2, prediction_type="v_prediction")
     masked = n_tok // 2
     assert share.share == pytest.approx((masked + dk.kept_count(0.25, n_tok - masked)) / n_tok)
+    # `required`: every masked token-block counted, none skipped under mask-aware routing ...
+    # (the bottom half: a fresh router scores every token alike and keeps the first ones)
+    mask = _box(1, S // 2, 0, S // 2, S)
+    rows = mask.expand(4, S, S)  # the two samples' CFG halves
+    with diffcr.mask_routing(conv, mask, margin=0, bucket=1 / 16):
+        with ComputedShare(conv, required=rows) as share:
+            sample_images(conv, labels, NCLS, C, S, steps=2, prediction_type="v_prediction")
+    assert share.required == 2 * 4 * masked * nblocks and share.missed == 0
+    # ... and some skipped by the router alone (half of the tokens kept)
+    with ComputedShare(conv, required=rows) as share:
+        sample_images(conv, labels, NCLS, C, S, steps=2, prediction_type="v_prediction")
+    assert share.required == 2 * 4 * masked * nblocks and share.missed > 0
+    with pytest.raises(ValueError, match="required has 1 rows, the block ran 4"):
+        with ComputedShare(conv, required=mask):
+            sample_images(conv, labels, NCLS, C, S, steps=1, prediction_type="v_prediction")
 
 
 def test_compare_methods_enters_the_context_and_reports_extra_scores():

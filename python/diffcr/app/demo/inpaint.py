@@ -16,7 +16,7 @@ actually computed.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,23 +63,58 @@ class ComputedShare:
     per routed block call, the rows of its last selection (every row when it computed all of
     them). ``share`` is computed / (calls x tokens); reading it does not reset it.
 
+    ``required`` (``[rows, H, W]`` bool, the pixel regions of the sampled batch's rows, CFG
+    halves included): also count the token-blocks that hold a required pixel (a token holds
+    one when any pixel of its patch is in the region, as :func:`diffcr.mask_routing` pools)
+    and ``missed``, those of them a block skipped: 0 when every block computed every token of
+    the region at every call.
+
     Use as a context manager around a sampling loop; the forward hooks come off on exit."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, required: Optional[Tensor] = None):
         import diffcr
 
         self._blocks = [(b, diffcr.routing_state(model).blocks[i])
                         for i, b in diffcr.routed_blocks(model).items()]
+        if required is not None and required.dim() != 3:
+            raise ValueError("ComputedShare: required must be [rows, H, W] bool, got "
+                             f"{tuple(required.shape)}")
+        self._required = required
+        self._tokens: Dict[int, Tensor] = {}  # N -> [rows * N] bool, pooled once
         self._hooks = []
         self.computed = 0
         self.total = 0
+        self.required = 0
+        self.missed = 0
+
+    def _required_tokens(self, rows: int, n: int) -> Tensor:
+        req = self._required
+        if req.shape[0] != rows:
+            raise ValueError(f"ComputedShare: required has {req.shape[0]} rows, the block "
+                             f"ran {rows}")
+        if n not in self._tokens:
+            side = int(round(n ** 0.5))
+            H, W = req.shape[1:]
+            if side * side != n or H % side or W % side:
+                raise ValueError(f"ComputedShare: {n} tokens are not a square grid of the "
+                                 f"{H}x{W} regions")
+            pooled = F.max_pool2d(req.float()[:, None], (H // side, W // side))
+            self._tokens[n] = pooled.reshape(-1) > 0
+        return self._tokens[n]
 
     def _count(self, routing, out) -> None:
         y = out[0] if isinstance(out, (tuple, list)) else out
-        rows = int(y.shape[0]) * int(y.shape[1])
+        b, n = int(y.shape[0]), int(y.shape[1])
         sel = routing.last_selection
-        self.total += rows
-        self.computed += rows if sel is None else int(sum(sel.seqlens))
+        self.total += b * n
+        self.computed += b * n if sel is None else int(sum(sel.seqlens))
+        if self._required is not None:
+            need = self._required_tokens(b, n)
+            self.required += int(need.sum())
+            if sel is not None:
+                hit = torch.zeros(b * n, dtype=torch.bool)
+                hit[sel.indices.cpu()] = True
+                self.missed += int((need & ~hit).sum())
 
     def __enter__(self) -> "ComputedShare":
         for block, routing in self._blocks:
@@ -97,4 +132,5 @@ class ComputedShare:
         return self.computed / self.total if self.total else float("nan")
 
     def summary(self) -> Dict[str, float]:
-        return {"computed": self.computed, "total": self.total, "share": self.share}
+        return {"computed": self.computed, "total": self.total, "share": self.share,
+                "required": self.required, "missed": self.missed}

@@ -514,13 +514,14 @@ def _inpainting(dense, variants, lt, images, labels, shapes, clf, seeds, quick,
     cfg_mask = torch.cat([regions, regions])  # the conditional and unconditional halves
     shares = {}
 
-    def routed(name, model, context=None):
+    def routed(name, model, masked=False, context=None):
         def ctx():
             stack = contextlib.ExitStack()
-            if context is not None:
+            if masked:
                 stack.enter_context(diffcr.mask_routing(
                     model, cfg_mask, margin=DEMO_INPAINT_MARGIN, context_kept_ratio=context))
-            shares.setdefault(name, []).append(stack.enter_context(ComputedShare(model)))
+            shares.setdefault(name, []).append(
+                stack.enter_context(ComputedShare(model, required=cfg_mask)))
             return stack
         return ctx
 
@@ -528,10 +529,10 @@ def _inpainting(dense, variants, lt, images, labels, shapes, clf, seeds, quick,
     methods[DEMO_LT] = Method(lt, "diffcr", context=routed(DEMO_LT, lt))
     for r in DEMO_INPAINT_CONTEXT[-1:] if quick else DEMO_INPAINT_CONTEXT:
         name = f"{DEMO_LT} + mask" + ("" if r is None else f", context {r:g}")
-        methods[name] = Method(lt, "diffcr", context=routed(name, lt, r))
+        methods[name] = Method(lt, "diffcr", context=routed(name, lt, True, r))
     tc = with_token_cache(variants[DEMO_TC], DEMO_TC_POINTS[0])
     name = f"{DEMO_TC} /{DEMO_TC_POINTS[0]} + mask"
-    methods[name] = Method(tc, "diffcr+tokencache", context=routed(name, tc, None))
+    methods[name] = Method(tc, "diffcr+tokencache", context=routed(name, tc, True))
     for kind, value in DEMO_CACHES:
         if cache_available(kind):
             s = CacheSetting(kind, value)
@@ -554,6 +555,9 @@ def _inpainting(dense, variants, lt, images, labels, shapes, clf, seeds, quick,
         if name in shares:  # the share of token-blocks computed, over both seeds
             r["mean_kept_ratio"] = (sum(c.computed for c in shares[name])
                                     / sum(c.total for c in shares[name]))
+            # the share of the masked token-blocks a routed block skipped (0 with the mask)
+            r["masked_tokens_skipped"] = (sum(c.missed for c in shares[name])
+                                          / sum(c.required for c in shares[name]))
     for name in frontier(rows):
         rows[name]["on_frontier"] = True
     return rows, pictures
@@ -588,15 +592,18 @@ def format_summary(metrics: dict) -> str:
     if inp:
         lines.append("")
         lines.append(f"inpainting ({inp['images']} held-out images, each shape erased and "
-                     "drawn again; kept = share of token-blocks computed)")
-        lines.append(f"{'method':<{width}} {'kept':>5} {'class acc':>13} "
+                     "drawn again; kept = share of token-blocks computed, mask skipped = share "
+                     "of the masked ones skipped)")
+        lines.append(f"{'method':<{width}} {'kept':>5} {'mask skipped':>12} {'class acc':>13} "
                      f"{'masked MSE':>13} {'speedup':>8}")
         for name, r in inp["methods"].items():
             acc = f"{r['class_accuracy']:.3f}+-{spread(r['class_accuracy_per_seed']):.3f}"
             err = f"{r['masked_error']:.3f}+-{spread(r['masked_error_per_seed']):.3f}"
             mark = "* " if r.get("on_frontier") else "  "
-            lines.append(f"{mark + name:<{width}} {r['mean_kept_ratio']:>5.3f} {acc:>13} "
-                         f"{err:>13} {r['speedup_vs_dense']:>7.2f}x")
+            skip = r.get("masked_tokens_skipped")
+            skip = "-" if skip is None else f"{100 * skip:.1f} %"
+            lines.append(f"{mark + name:<{width}} {r['mean_kept_ratio']:>5.3f} {skip:>12} "
+                         f"{acc:>13} {err:>13} {r['speedup_vs_dense']:>7.2f}x")
         lines.append("")
     a = metrics["achieved_vs_target"]
     lines.append(f"target kept ratio {a['target_kept_ratio']:.3f}, achieved by DiffCR-LT "
@@ -640,13 +647,16 @@ def format_markdown(metrics: dict) -> str:
         lines += ["", f"Inpainting: {inp['images']} held-out images per seed, each image's "
                   "shape erased (its mask dilated by one pixel) and drawn again; quality "
                   "inside the mask. Kept ratio: the share of token-blocks the routed blocks "
-                  "computed.", "",
-                  "| method | kept ratio | class accuracy | masked-region MSE | sampling loop | "
-                  "speedup vs dense | on the frontier |",
-                  "|---|---|---|---|---|---|---|"]
+                  "computed; masked skipped: the share of the masked token-blocks they "
+                  "skipped.", "",
+                  "| method | kept ratio | masked skipped | class accuracy | masked-region MSE "
+                  "| sampling loop | speedup vs dense | on the frontier |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in inp["methods"].items():
+            skip = r.get("masked_tokens_skipped")
             lines.append(
                 f"| {name} | {r['mean_kept_ratio']:.3f} | "
+                f"{'' if skip is None else f'{100 * skip:.1f} %'} | "
                 f"{r['class_accuracy']:.3f} ± {spread(r['class_accuracy_per_seed']):.3f} | "
                 f"{r['masked_error']:.3f} ± {spread(r['masked_error_per_seed']):.3f} | "
                 f"{r['sampling_s_total']:.1f} s | {r['speedup_vs_dense']:.2f}× | "
