@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import autocast as _ac
 from . import reference as ref
 
 __all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention",
@@ -131,6 +132,9 @@ def varlen_attention(
     cu_seqlens back from the device. Same semantics as
     :func:`diffcr_kernels.reference.varlen_attention`.
     """
+    low = _ac.autocast_dtype(q.device)
+    if low is not None:  # as F.scaled_dot_product_attention under autocast
+        q, k, v = (_ac.cast(t, low) for t in (q, k, v))
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, uniform,
                   seqlens_q, seqlens_k)
     forced = backend or os.environ.get("DIFFCR_ATTENTION") or None

@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from . import _ext
+from . import autocast as _ac
 from . import reference as ref
 from ._schemas import SCHEMAS, mutated_args
 from . import triton as _triton
@@ -366,6 +367,9 @@ def gather_norm_modulate(
     contents = True
     if isinstance(idx, Selection):
         contents, idx = not idx.checked, idx.indices
+    if _ac.autocast_dtype(x.device) is not None:  # the block's eager dtypes (diffcr_kernels.autocast)
+        dt = _ac.promoted(_ac.norm_dtype(x), (shift, scale))
+        x, shift, scale, weight, bias = (_ac.cast(t, dt) for t in (x, shift, scale, weight, bias))
     _check_gather("gather_norm_modulate", x, idx, shift, scale, weight, bias, contents, eps)
     backend = resolve_backend("gather_norm_modulate", x.device)
     if backend == "reference":
@@ -463,6 +467,10 @@ def scatter_back_selection(
 def _scatter(x, idx, cu_seqlens, seg_weight, attn_update, mlp_out, scores, gate, max_seqlen,
              segs_per_sample, *, contents: bool, inplace: bool) -> torch.Tensor:
     op = "scatter_back_" if inplace else "scatter_back"
+    if _ac.autocast_dtype(x.device) is not None:  # eager promotion (diffcr_kernels.autocast)
+        dt = x.dtype if inplace else _ac.promoted(
+            x.dtype, (attn_update, mlp_out, gate, None if mlp_out is None else scores))
+        x, attn_update, mlp_out, gate = (_ac.cast(t, dt) for t in (x, attn_update, mlp_out, gate))
     if inplace:
         tensors = (x, seg_weight, attn_update, mlp_out, scores, gate)
         if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad

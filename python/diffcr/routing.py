@@ -83,9 +83,8 @@ class BlockRouting:
     or ``"compat"`` (the block's own forward on the gathered tokens), and with the token cache
     on ``"refresh"`` (a refresh step: every token computed and its update cached);
     ``last_compat_reason``: why the last routed forward took the compat path rather than the
-    fused one (``"path='compat'"``, ``"autocast (mixed precision) is on"``, ``"context
-    parallelism is active ..."``, a diffusers hook, ...; None when it took the fused path or
-    computed every token);
+    fused one (``"path='compat'"``, ``"context parallelism is active ..."``, a diffusers hook,
+    ...; None when it took the fused path or computed every token);
     ``last_selection``: the :class:`~diffcr_kernels.Selection` the last forward routed with
     (None when it computed every token).
     """
@@ -166,11 +165,8 @@ class BlockRouting:
             # context parallelism (Ulysses / ring) that would attend to this rank's shard only,
             # while the block's own attention processor takes part in the collective
             why = context_parallel_reason(block)
-        if why is None and torch.is_autocast_enabled(call["hidden_states"].device.type):
-            # autocast leaves the fused ops' inputs in mixed dtypes (bf16 activations, fp32
-            # modulation and norm weights); the compat path runs the block's own modules,
-            # which autocast handles
-            why = "autocast (mixed precision) is on"
+        # (autocast runs fused: the ops cast their inputs as the block's eager code would meet
+        # them, diffcr_kernels.autocast)
         if why is None:
             other = [(name, h) for name, h, _ in inner_hooks if h not in _FUSED_SAFE_HOOKS]
             if other:

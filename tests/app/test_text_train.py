@@ -624,7 +624,7 @@ def test_ddp_two_processes_end_with_identical_routers_ratios_and_lora(folders, t
     if launcher == "torchrun":
         metrics, _ = request.getfixturevalue("ddp_lora")
     else:
-        # and bf16 mixed precision (autocast; the routed blocks take the compat path)
+        # and bf16 mixed precision (autocast; the routed blocks take the fused path)
         metrics = _launch(launcher, "29519", *folders, tmp_path / "out", "--steps", "2",
                           "--lora-rank", "4", "--mixed-precision", "bf16")
         assert metrics["mixed_precision"] == "bf16"
