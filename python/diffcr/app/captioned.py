@@ -39,7 +39,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .core import (BadSteps, Progress, atomic_file, claim_out, find_resume,
-                   identical_across_ranks, param_groups, prune_states, write_checkpoints)
+                   param_groups, prune_states, write_checkpoints)
 from .image_folder import load_image
 from .options import TrainConfig, TrainError
 from .parallel import strategy_for
@@ -478,9 +478,9 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
                "trainable_parameters": sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)}
     if strategy.replicated():
-        metrics["ddp_params_identical_across_ranks"] = identical_across_ranks(
+        metrics["ddp_params_identical_across_ranks"] = strategy.identical(
             diffcr.router_parameters(model) + diffcr.ratio_parameters(model)
-            + diffcr.lora_parameters(model), acc.gather)
+            + diffcr.lora_parameters(model))
     save(out, state=False)
     if acc.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

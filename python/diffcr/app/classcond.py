@@ -6,7 +6,6 @@ per class), pixel space or through a VAE, resumable, single process or under ``t
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -14,11 +13,12 @@ from typing import List, Optional
 
 import torch
 
-from .core import (atomic_file, atomic_folder, claim_out, find_resume, identical_across_ranks,
-                   param_groups, prune_states, write_checkpoints)
+from .core import (atomic_file, atomic_folder, claim_out, find_resume, param_groups,
+                   prune_states, write_checkpoints)
 from .ddpm import load_model, train_loop
 from .image_folder import load_image_folder
 from .options import TrainConfig, TrainError
+from .parallel import Torchrun
 
 __all__ = ["run_class_train", "save_train_state", "load_train_state", "STATE_MARKER"]
 
@@ -106,15 +106,8 @@ def run_class_train(cfg: TrainConfig) -> dict:
 def _run_class_train(cfg: TrainConfig) -> dict:
     import diffcr
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    ddp = None
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-        if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    procs = Torchrun()
+    dev, rank, world = procs.device, procs.rank, procs.world
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model).to(dev)
     try:
@@ -155,12 +148,8 @@ def _run_class_train(cfg: TrainConfig) -> dict:
     teacher = None
     if cfg.distill:  # the dense teacher: the model as given, before conversion, frozen
         teacher = load_model(cfg.model).to(dev).eval().requires_grad_(False)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
-                                      else None)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
+    net, opt = procs.prepare(model, opt)
     rng = None
     if resume is not None:
         start = load_train_state(resume, model, opt)
@@ -168,20 +157,10 @@ def _run_class_train(cfg: TrainConfig) -> dict:
     steps = cfg.steps or 1000
     out = Path(cfg.out)
 
-    def all_rngs(rngs):
-        """The random states of every process (a collective under DDP)."""
-        if world == 1:
-            return [rngs()]
-        import torch.distributed as dist
-
-        got = [None] * world
-        dist.all_gather_object(got, rngs())
-        return got
-
     def on_step(step, o, rngs):
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            states = all_rngs(rngs)
-            if rank == 0:
+            states = procs.gather_objects(rngs())  # every process's random state
+            if procs.is_main:
                 # complete or absent: written aside, renamed into place (a kill mid-write
                 # leaves the previous states as they were)
                 with atomic_folder(out / f"step-{step}") as tmp:
@@ -189,28 +168,17 @@ def _run_class_train(cfg: TrainConfig) -> dict:
                 prune_states(out, STATE_MARKER, cfg.keep_last)
 
     opt, last = train_loop(model, images, labels, steps, cfg, "DiffCR fine-tuning",
-                           ratio_loss=True, gen_seed=cfg.seed + rank, ddp=ddp, opt=opt,
+                           ratio_loss=True, gen_seed=cfg.seed + rank, net=net, opt=opt,
                            start_step=start, on_step=on_step, teacher=teacher,
                            rng_state=rng)
     metrics = {"steps": steps, "last": last, "world_size": world,
                "mean_kept_ratio": float(diffcr.ratio_table(model)[1].mean()),
                "target_kept_ratio": conv.target_kept_ratio}
-    if world > 1:
-        import torch.distributed as dist
-
-        def gather(row):
-            rows = [torch.zeros_like(row) for _ in range(world)]
-            dist.all_gather(rows, row)
-            return torch.cat(rows)
-
-        metrics["ddp_params_identical_across_ranks"] = identical_across_ranks(
-            diffcr.router_parameters(model) + diffcr.ratio_parameters(model), gather)
-    if rank == 0:
+    if procs.replicated():
+        metrics["ddp_params_identical_across_ranks"] = procs.identical(
+            diffcr.router_parameters(model) + diffcr.ratio_parameters(model))
+    if procs.is_main:
         save_train_state(out, model, opt, steps, cfg, frozen=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    procs.close()
     return metrics

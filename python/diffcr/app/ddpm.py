@@ -209,7 +209,7 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, ratio_loss: bool,
-           train_base: bool = True, gen_seed: int = 0, ddp=None, opt=None, start_step: int = 0,
+           train_base: bool = True, gen_seed: int = 0, net=None, opt=None, start_step: int = 0,
            on_step=None, ema: Optional[torch.nn.Module] = None,
            teacher: Optional[torch.nn.Module] = None, rng_state: Optional[dict] = None):
     """The class-conditional training loop (the demo's and ``diffcr train --model DIT``):
@@ -217,10 +217,11 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
     ``start_step``), with the diffusion loss plus, with ``ratio_loss`` on a converted, unfrozen
     model, the ratio loss. Returns (optimizer, last losses).
 
-    ``ddp``: the DDP-wrapped model (``model`` is its module); ``on_step(step, opt, rngs)``:
-    called after every step, ``rngs`` a callable returning the random state a resumed run
-    needs (:func:`rng_state_of`); ``rng_state``: such a state to continue from (a resumed run:
-    the same draws as the run that was not interrupted).
+    ``net``: the module the loop calls, ``model`` as its strategy wrapped it
+    (:meth:`~diffcr.app.parallel.Strategy.prepare`; default ``model``);
+    ``on_step(step, opt, rngs)``: called after every step, ``rngs`` a callable returning the
+    random state a resumed run needs (:func:`rng_state_of`); ``rng_state``: such a state to
+    continue from (a resumed run: the same draws as the run that was not interrupted).
 
     ``ema``: a copy of the model (same parameter order) updated after every step with
     ``cfg.ema_decay`` (:func:`ema_update`); ``teacher``: the dense model of ``cfg.distill``
@@ -228,8 +229,8 @@ def train_loop(model, x_all, y_all, steps: int, cfg: TrainConfig, desc: str, rat
     import diffcr
 
     sched = scheduler(cfg.prediction_type)
-    module = ddp.module if ddp is not None else model
-    net = ddp if ddp is not None else model
+    module = model
+    net = model if net is None else net
     if opt is None:
         opt = torch.optim.AdamW(param_groups(module, cfg, train_base), weight_decay=0.0)
     if diffcr.is_converted(module) and any(g.get("name") == "ratio" for g in opt.param_groups):
