@@ -146,6 +146,18 @@ def set_ratios(model, values):
                                .expand_as(b.ratio.kept))
 
 
+def frozen_at(model, kept=0.5):
+    """A converted copy of ``model`` (two regions, the 2·sigmoid gate), every routed block at
+    kept ratio ``kept``, frozen, in eval mode (``model`` itself is left as it is)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    diffcr.convert(m, diffcr.DiffCRConfig(num_regions=2, gate="sigmoid2x"))
+    set_ratios(m, kept)
+    diffcr.freeze(m)
+    return m.eval()
+
+
 # ---- one case per registered family: a tiny model and its inputs for timesteps t ----
 
 def _pixart_inputs(t):

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import diffcr
-from diffcr import DiffCRConfig
 from diffcr.app.demo.compare import Method, compare_methods, spread
 from diffcr.app.ddpm import diffusion_loss, sample_images, scheduler, start_cache_run
 from diffcr.app.core import ema_update, lr_factor
 from diffcr.app.demo.peers import CacheSetting, cache_available
 
-from tiny_models import _randomise_weights, set_ratios, tiny_dit
+from tiny_models import _randomise_weights, frozen_at, tiny_dit
 
 NCLS = 3
 STEPS = 6
@@ -44,14 +43,6 @@ class _BlockCalls:
         self.n += 1
 
 
-def _converted(model, kept=0.5):
-    m = copy.deepcopy(model)
-    diffcr.convert(m, DiffCRConfig(num_regions=2, gate="sigmoid2x"))
-    set_ratios(m, kept)
-    diffcr.freeze(m)
-    return m.eval()
-
-
 CACHE_KINDS = [pytest.param(k, marks=() if cache_available(k) else pytest.mark.skip(
     reason=f"this diffusers has no {k} cache (added in a later release)"))
     for k in ("fbc", "taylorseer")]
@@ -78,7 +69,7 @@ def test_cache_skips_blocks_and_resets_between_runs(kind, converted):
     """The cache skips block calls (on dense and on a converted model), and sampling twice with
     the same seed gives the same images: the sampler resets the cache state per run."""
     base = _model()
-    plain = _converted(base) if converted else copy.deepcopy(base)
+    plain = frozen_at(base) if converted else copy.deepcopy(base)
     cached = CacheSetting(kind, _SETTING[kind]).apply(copy.deepcopy(plain))
     labels = torch.tensor([0, 1, 2])
     calls_plain, calls_cached = _BlockCalls(plain), _BlockCalls(cached)
@@ -107,7 +98,7 @@ def test_compare_methods_rows():
     torch.manual_seed(0)
     base = _model()
     clf = ShapeClassifier(NCLS, in_channels=4).eval()
-    conv = _converted(base)
+    conv = frozen_at(base)
     methods = {
         "dense": Method(base, "dense", 1.0, 0.5),
         "routed": Method(conv, "diffcr", 0.5, 0.6),
@@ -243,7 +234,6 @@ def _tiny_dit_batch():
 def test_step_loss_is_the_diffusion_loss_without_options_and_with_a_teacher_equal_to_it():
     import copy
 
-    import diffcr
     from diffcr.app.ddpm import step_loss
     from diffcr.app.options import TrainConfig
 

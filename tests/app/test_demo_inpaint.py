@@ -1,34 +1,24 @@
 """The demo's inpainting task on a tiny setting (seconds): the sampler's blend, the masked
 error, the inpainting regions, the computed-share counter, and compare_methods' context and
 extra scores."""
-import copy
 
 import pytest
 import torch
 
 import diffcr
 import diffcr_kernels as dk
-from diffcr import DiffCRConfig
 from diffcr.app.ddpm import sample_images
 from diffcr.app.demo.compare import Method, compare_methods
 from diffcr.app.demo.inpaint import (ComputedShare, inpaint_regions, masked_error,
                                      masked_inputs)
 
-from tiny_models import _randomise_weights, set_ratios, tiny_dit
+from tiny_models import _randomise_weights, frozen_at, tiny_dit
 
 NCLS, STEPS, C, S = 3, 5, 4, 8
 
 
 def _model():
     return _randomise_weights(tiny_dit(num_classes=NCLS)).eval()
-
-
-def _converted(model, kept=0.5):
-    m = copy.deepcopy(model)
-    diffcr.convert(m, DiffCRConfig(num_regions=2, gate="sigmoid2x"))
-    set_ratios(m, kept)
-    diffcr.freeze(m)
-    return m.eval()
 
 
 def _box(n, top, left, h, w):
@@ -108,7 +98,7 @@ def test_inpaint_regions_dilate_the_shape():
 
 def test_computed_share_counts_the_routed_rows_with_and_without_a_mask():
     torch.manual_seed(0)
-    conv = _converted(_model(), kept=0.5)
+    conv = frozen_at(_model(), kept=0.5)
     n_tok = (S // conv.config.patch_size) ** 2
     nblocks = len(diffcr.routed_blocks(conv))
     labels = torch.tensor([0, 1])

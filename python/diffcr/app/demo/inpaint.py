@@ -16,7 +16,7 @@ actually computed.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,9 @@ class ComputedShare:
     and ``missed``, those of them a block skipped: 0 when every block computed every token of
     the region at every call.
 
-    Use as a context manager around a sampling loop; the forward hooks come off on exit."""
+    Use as a context manager around a sampling loop; the forward hooks come off on exit. The
+    hooks only keep each call's selection (a reference, no work inside a timed loop); the
+    counting happens when a count is first read after the calls."""
 
     def __init__(self, model: torch.nn.Module, required: Optional[Tensor] = None):
         import diffcr
@@ -82,16 +84,11 @@ class ComputedShare:
         self._required = required
         self._tokens: Dict[int, Tensor] = {}  # N -> [rows * N] bool, pooled once
         self._hooks = []
-        self.computed = 0
-        self.total = 0
-        self.required = 0
-        self.missed = 0
+        self._pending: List[Tuple[object, int, int]] = []  # (selection or None, rows, tokens)
+        self._counts = {"computed": 0, "total": 0, "required": 0, "missed": 0}
 
-    def _required_tokens(self, rows: int, n: int) -> Tensor:
+    def _required_tokens(self, n: int) -> Tensor:
         req = self._required
-        if req.shape[0] != rows:
-            raise ValueError(f"ComputedShare: required has {req.shape[0]} rows, the block "
-                             f"ran {rows}")
         if n not in self._tokens:
             side = int(round(n ** 0.5))
             H, W = req.shape[1:]
@@ -102,24 +99,53 @@ class ComputedShare:
             self._tokens[n] = pooled.reshape(-1) > 0
         return self._tokens[n]
 
-    def _count(self, routing, out) -> None:
+    def _record(self, routing, out) -> None:
         y = out[0] if isinstance(out, (tuple, list)) else out
         b, n = int(y.shape[0]), int(y.shape[1])
-        sel = routing.last_selection
-        self.total += b * n
-        self.computed += b * n if sel is None else int(sum(sel.seqlens))
-        if self._required is not None:
-            need = self._required_tokens(b, n)
-            self.required += int(need.sum())
-            if sel is not None:
-                hit = torch.zeros(b * n, dtype=torch.bool)
-                hit[sel.indices.cpu()] = True
-                self.missed += int((need & ~hit).sum())
+        if self._required is not None and self._required.shape[0] != b:
+            raise ValueError(f"ComputedShare: required has {self._required.shape[0]} rows, "
+                             f"the block ran {b}")
+        self._pending.append((routing.last_selection, b, n))
+
+    def _flush(self) -> Dict[str, int]:
+        c = self._counts
+        for sel, b, n in self._pending:
+            c["total"] += b * n
+            c["computed"] += b * n if sel is None else int(sum(sel.seqlens))
+            if self._required is not None:
+                need = self._required_tokens(n)
+                c["required"] += int(need.sum())
+                if sel is not None:
+                    hit = torch.zeros(b * n, dtype=torch.bool)
+                    hit[sel.indices.cpu()] = True
+                    c["missed"] += int((need & ~hit).sum())
+        self._pending.clear()
+        return c
+
+    @property
+    def computed(self) -> int:
+        """Token-blocks computed."""
+        return self._flush()["computed"]
+
+    @property
+    def total(self) -> int:
+        """Token-blocks of every routed block call (rows x tokens)."""
+        return self._flush()["total"]
+
+    @property
+    def required(self) -> int:
+        """Token-blocks holding a pixel of ``required`` (0 without it)."""
+        return self._flush()["required"]
+
+    @property
+    def missed(self) -> int:
+        """Of :attr:`required`, those a block skipped."""
+        return self._flush()["missed"]
 
     def __enter__(self) -> "ComputedShare":
         for block, routing in self._blocks:
             self._hooks.append(block.register_forward_hook(
-                lambda mod, args, out, r=routing: self._count(r, out)))
+                lambda mod, args, out, r=routing: self._record(r, out)))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -618,22 +618,43 @@ def format_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _markdown_table(methods: dict, columns) -> List[str]:
+    """A Markdown table of one row per method (``methods``: name -> its record); ``columns``:
+    ``(header, cell)`` pairs, ``cell(record)`` the cell's text. The columns every table of the
+    demo shares come first (kept ratio) and last (:data:`_TIMING_COLUMNS`)."""
+    columns = [("kept ratio", lambda r: f"{r['mean_kept_ratio']:.3f}"), *columns,
+               *_TIMING_COLUMNS]
+    lines = ["| method | " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for name, r in methods.items():
+        lines.append(f"| {name} | " + " | ".join(cell(r) for _, cell in columns) + " |")
+    return lines
+
+
+def _spread_cell(key: str, fmt: str):
+    """A quality cell: the mean +- half the range over the sampling seeds."""
+    return lambda r: f"{r[key]:{fmt}} ± {spread(r[key + '_per_seed']):{fmt}}"
+
+
+_TIMING_COLUMNS = [
+    ("sampling loop", lambda r: f"{r['sampling_s_total']:.1f} s"),
+    ("speedup vs dense", lambda r: f"{r['speedup_vs_dense']:.2f}×"),
+    ("on the frontier", lambda r: "yes" if r.get("on_frontier") else ""),
+]
+
+
 def format_markdown(metrics: dict) -> str:
     """The comparison as a Markdown table (written to ``comparison.md`` by the demo): one row
     per method, quality as mean +- half the range over the sampling seeds."""
     st = metrics.get("settings", {})
-    lines = ["| method | kept ratio | held-out loss | class accuracy | classifier-FID | "
-             "sampling loop | speedup vs dense | on the frontier |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in metrics["methods"].items():
+
+    def heldout(r):
         hl = r.get("heldout_denoising_loss")
-        lines.append(
-            f"| {name} | {r['mean_kept_ratio']:.3f} | "
-            f"{('%.4f' % hl) if hl is not None else '-'} | "
-            f"{r['class_accuracy']:.3f} ± {spread(r['class_accuracy_per_seed']):.3f} | "
-            f"{r['classifier_fid']:.1f} ± {spread(r['classifier_fid_per_seed']):.1f} | "
-            f"{r['sampling_s_total']:.1f} s | {r['speedup_vs_dense']:.2f}× | "
-            f"{'yes' if r.get('on_frontier') else ''} |")
+        return "-" if hl is None else f"{hl:.4f}"
+
+    lines = _markdown_table(metrics["methods"], [
+        ("held-out loss", heldout), ("class accuracy", _spread_cell("class_accuracy", ".3f")),
+        ("classifier-FID", _spread_cell("classifier_fid", ".1f"))])
     if st:
         lines.append("")
         lines.append(f"{st.get('samples_per_seed')} samples per seed, seeds {st.get('seeds')}, "
@@ -644,21 +665,17 @@ def format_markdown(metrics: dict) -> str:
                      "higher).")
     inp = metrics.get("inpainting")
     if inp:
+        def skipped(r):
+            skip = r.get("masked_tokens_skipped")
+            return "" if skip is None else f"{100 * skip:.1f} %"
+
         lines += ["", f"Inpainting: {inp['images']} held-out images per seed, each image's "
                   "shape erased (its mask dilated by one pixel) and drawn again; quality "
                   "inside the mask. Kept ratio: the share of token-blocks the routed blocks "
                   "computed; masked skipped: the share of the masked token-blocks they "
-                  "skipped.", "",
-                  "| method | kept ratio | masked skipped | class accuracy | masked-region MSE "
-                  "| sampling loop | speedup vs dense | on the frontier |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, r in inp["methods"].items():
-            skip = r.get("masked_tokens_skipped")
-            lines.append(
-                f"| {name} | {r['mean_kept_ratio']:.3f} | "
-                f"{'' if skip is None else f'{100 * skip:.1f} %'} | "
-                f"{r['class_accuracy']:.3f} ± {spread(r['class_accuracy_per_seed']):.3f} | "
-                f"{r['masked_error']:.3f} ± {spread(r['masked_error_per_seed']):.3f} | "
-                f"{r['sampling_s_total']:.1f} s | {r['speedup_vs_dense']:.2f}× | "
-                f"{'yes' if r.get('on_frontier') else ''} |")
+                  "skipped.", ""]
+        lines += _markdown_table(inp["methods"], [
+            ("masked skipped", skipped),
+            ("class accuracy", _spread_cell("class_accuracy", ".3f")),
+            ("masked-region MSE", _spread_cell("masked_error", ".3f"))])
     return "\n".join(lines)
