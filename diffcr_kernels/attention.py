@@ -256,12 +256,7 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, uniform, seqlens_q, seqlens
         raise ValueError(f"{op}: q and k must have the same head dim, got {q.shape[2]} and "
                          f"{k.shape[2]}")
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if not torch.is_tensor(cu) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
-            raise ValueError(f"{op}: {name} must be a 1-D int32 tensor [S + 1], got "
-                             f"{getattr(cu, 'dtype', type(cu).__name__)} "
-                             f"{tuple(getattr(cu, 'shape', ()))}")
-        if cu.device != q.device:
-            raise ValueError(f"{op}: {name} is on {cu.device} but q is on {q.device}")
+        ref.check_cu_seqlens(op, cu, q.device, "q", name)
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same segments, "
                          f"got shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")

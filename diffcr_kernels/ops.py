@@ -264,13 +264,7 @@ def _check_scatter(x, idx, cu, seg_weight, attn_update, mlp_out, scores, gate, m
     _check_idx(op, x, idx, contents)
     B, N, D = x.shape
     T = idx.numel()
-    if not torch.is_tensor(cu) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
-        raise ValueError(f"{op}: cu_seqlens must be a 1-D int32 tensor [S+1], got "
-                         f"{getattr(cu, 'dtype', type(cu).__name__)} "
-                         f"{tuple(getattr(cu, 'shape', ()))}")
-    if cu.device != x.device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu.device} but x is on {x.device}")
-    S = cu.numel() - 1
+    S = ref.check_cu_seqlens(op, cu, x.device)
     P, derived = _segs_per_sample(op, S, B, P)
     _need(seg_weight, op, "seg_weight", (S,), x)
     _need(attn_update, op, "attn_update", (T, D), x)

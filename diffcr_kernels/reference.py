@@ -42,6 +42,7 @@ import torch.nn.functional as F
 __all__ = [
     "Selection",
     "acc_dtype",
+    "check_cu_seqlens",
     "host_index",
     "kept_count",
     "router_scores",
@@ -146,6 +147,22 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     a = acc_dtype(x.dtype)
     return torch.sigmoid(torch.matmul(x.to(a), weight.to(a)))
+
+
+def check_cu_seqlens(op: str, cu, device: torch.device, against: str = "x",
+                     name: str = "cu_seqlens") -> int:
+    """The argument check every op taking segment offsets runs (the reference itself, the
+    compiled and Triton launchers, varlen attention): ``cu`` must be a 1-D int32 tensor
+    ``[S + 1]`` on ``device`` (the device of the argument named ``against``). Returns S;
+    ValueError naming ``op`` and the argument otherwise. The contents are not read (no
+    device sync)."""
+    if not torch.is_tensor(cu) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
+        raise ValueError(f"{op}: {name} must be a 1-D int32 tensor [S + 1], got "
+                         f"{getattr(cu, 'dtype', type(cu).__name__)} "
+                         f"{tuple(getattr(cu, 'shape', ()))}")
+    if cu.device != device:
+        raise ValueError(f"{op}: {name} is on {cu.device} but {against} is on {device}")
+    return cu.numel() - 1
 
 
 _INDEX_CACHE: dict = {}

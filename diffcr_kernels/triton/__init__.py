@@ -18,32 +18,13 @@ from typing import Optional
 AVAILABLE = False
 IMPORT_ERROR: Optional[str] = None
 
-__all__ = [
-    "AVAILABLE",
-    "IMPORT_ERROR",
-    "INTERPRETED",
-    "apply_token_cache_",
-    "gather_norm_modulate",
-    "gather_norm_modulate_backward",
-    "scatter_back",
-    "scatter_back_",
-    "scatter_back_backward",
-    "router_scores",
-]
+__all__ = ["AVAILABLE", "IMPORT_ERROR"]
 
 try:
-    from .kernels import (  # noqa: F401
-        INTERPRETED,
-        apply_token_cache_,
-        gather_norm_modulate,
-        gather_norm_modulate_backward,
-        router_scores,
-        scatter_back,
-        scatter_back_,
-        scatter_back_backward,
-    )
+    from .kernels import *  # noqa: F401,F403  (the launchers, :mod:`.kernels`'s __all__)
+    from .kernels import __all__ as _launchers
 except ImportError as e:  # triton missing or broken
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
-    __all__ = ["AVAILABLE", "IMPORT_ERROR"]
 else:
     AVAILABLE = True
+    __all__ += _launchers

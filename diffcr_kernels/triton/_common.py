@@ -12,6 +12,9 @@ Conventions of every Triton kernel (as in ``csrc/kernels/diffcr_cuda.h``):
   data and float32 otherwise; loads are upcast to the acc dtype, math is done in it, and results
   are rounded once to the data dtype on store.
 
+Names: a launched kernel is ``_<op>_kernel``; a ``@triton.jit`` helper that kernels call is named
+otherwise (:mod:`.aot` records the launches of the ``*_kernel`` functions only).
+
 Kernel layout: each program handles a tile of ``BLOCK_R`` packed rows (:func:`pick_block_r`); the
 segment-based kernels use the CUDA grid ``(row blocks of max_seqlen, segments)`` and mask the
 rows past the end of each segment. The hidden dimension is walked in chunks of ``BLOCK_D``
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..reference import check_cu_seqlens
 
 #: Largest chunk of the hidden dimension one program holds at a time (a power of two). Rows with
 #: D > MAX_BLOCK_D are processed in several chunks. Module-level so tests can shrink it to
@@ -145,16 +150,7 @@ def check_int(v, op: str, name: str, minimum: int) -> int:
 def check_segments(op: str, x: torch.Tensor, idx: torch.Tensor, cu_seqlens, max_seqlen: int,
                     segs_per_sample: int, xname: str = "x") -> int:
     """Checks cu_seqlens (and, on CPU, its contents); returns the number of segments S."""
-    check_tensor(cu_seqlens, op, "cu_seqlens")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{op}: cu_seqlens must be 1-D [S+1] with S >= 0, got shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{op}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != x.device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but {xname} is on "
-                         f"{x.device}")
-    S = cu_seqlens.numel() - 1
+    S = check_cu_seqlens(op, cu_seqlens, x.device, xname)
     if S % segs_per_sample != 0:
         raise ValueError(f"{op}: the number of segments ({S}) is not a multiple of "
                          f"segs_per_sample ({segs_per_sample})")

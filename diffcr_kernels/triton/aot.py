@@ -153,7 +153,8 @@ def _aot_mode(arch: int, sink) -> Iterator[None]:
     for mod in op_files:
         for name in dir(mod):
             obj = getattr(mod, name)
-            if type(obj).__name__ == "JITFunction":
+            # the launched kernels (``*_kernel``); the jit helpers they call stay as they are
+            if type(obj).__name__ == "JITFunction" and name.endswith("_kernel"):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, sink))
     old_interp, old_active = C.INTERPRETED, driver._active

@@ -67,6 +67,20 @@ def _gnm_fwd_kernel(x_ptr, idx_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, 
 
 
 @triton.jit
+def _grad_xhat(g_rows, x_rows, scale_ptr, weight_ptr, b, d, dm, m, mu, rs, D,
+               HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    # one chunk d of the rows: g = dL/dxhat = gy * (1 + scale) * weight, and xhat (0 where
+    # masked), in the acc dtype
+    g = tl.load(g_rows + d, mask=m, other=0.0).to(ACC)
+    if HAS_SCALE:
+        g = g * (1.0 + tl.load(scale_ptr + b[:, None] * D + d, mask=m, other=0.0).to(ACC))
+    if HAS_WEIGHT:
+        g = g * tl.load(weight_ptr + d, mask=dm, other=0.0).to(ACC)
+    xh = tl.where(m, (tl.load(x_rows + d, mask=m, other=0.0).to(ACC) - mu) * rs, 0.0)
+    return g, xh
+
+
+@triton.jit
 def _gnm_bwd_kernel(gy_ptr, x_ptr, idx_ptr, mean_ptr, rstd_ptr, scale_ptr, weight_ptr, out_ptr,
                     T, N, D,
                     HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -87,12 +101,8 @@ def _gnm_bwd_kernel(gy_ptr, x_ptr, idx_ptr, mean_ptr, rstd_ptr, scale_ptr, weigh
         d = (d0 + offs)[None, :]
         dm = d < D
         m = rm[:, None] & dm
-        g = tl.load(g_rows + d, mask=m, other=0.0).to(ACC)
-        if HAS_SCALE:
-            g = g * (1.0 + tl.load(scale_ptr + b[:, None] * D + d, mask=m, other=0.0).to(ACC))
-        if HAS_WEIGHT:
-            g = g * tl.load(weight_ptr + d, mask=dm, other=0.0).to(ACC)
-        xh = tl.where(m, (tl.load(x_rows + d, mask=m, other=0.0).to(ACC) - mu) * rs, 0.0)
+        g, xh = _grad_xhat(g_rows, x_rows, scale_ptr, weight_ptr, b, d, dm, m, mu, rs, D,
+                           HAS_SCALE, HAS_WEIGHT, ACC)
         a1 += g
         a2 += g * xh
     m1 = (tl.sum(a1, axis=1) / D)[:, None]
@@ -102,12 +112,8 @@ def _gnm_bwd_kernel(gy_ptr, x_ptr, idx_ptr, mean_ptr, rstd_ptr, scale_ptr, weigh
         d = (d0 + offs)[None, :]
         dm = d < D
         m = rm[:, None] & dm
-        g = tl.load(g_rows + d, mask=m, other=0.0).to(ACC)
-        if HAS_SCALE:
-            g = g * (1.0 + tl.load(scale_ptr + b[:, None] * D + d, mask=m, other=0.0).to(ACC))
-        if HAS_WEIGHT:
-            g = g * tl.load(weight_ptr + d, mask=dm, other=0.0).to(ACC)
-        xh = (tl.load(x_rows + d, mask=m, other=0.0).to(ACC) - mu) * rs
+        g, xh = _grad_xhat(g_rows, x_rows, scale_ptr, weight_ptr, b, d, dm, m, mu, rs, D,
+                           HAS_SCALE, HAS_WEIGHT, ACC)
         tl.store(o_rows + d, (rs * (g - m1 - xh * m2)).to(out_ptr.dtype.element_ty), mask=m)
 
 

@@ -16,21 +16,33 @@ from ._common import (check_acc, check_data, check_device, check_idx, check_int,
 __all__ = ["scatter_back", "scatter_back_", "scatter_back_backward"]
 
 @triton.jit
+def _segment_tile(cu_ptr, idx_ptr, w_ptr, scores_ptr, seg, N, HAS_SCORES: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    # this program's tile of segment seg: packed rows r (mask rm: inside the segment), their
+    # flat rows idx[r] and samples, the segment's weight, and the scores as a column (1 when
+    # there are none)
+    start = tl.load(cu_ptr + seg).to(tl.int64)
+    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
+    r = start + tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < end
+    row = tl.load(idx_ptr + r, mask=rm, other=0)
+    w = tl.load(w_ptr + seg)
+    if HAS_SCORES:
+        s = tl.load(scores_ptr + r, mask=rm, other=0.0).to(ACC)[:, None]
+    else:
+        s = tl.full([BLOCK_R, 1], 1.0, ACC)
+    return r, rm, row, row // N, w, s
+
+
+@triton.jit
 def _scatter_fwd_kernel(out_ptr, idx_ptr, cu_ptr, w_ptr, attn_update_ptr, mlp_out_ptr, scores_ptr,
                         gate_ptr, P, p, N, D, HAS_MLP_OUT: tl.constexpr, HAS_SCORES: tl.constexpr,
                         HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     # grid (row blocks of max_seqlen, samples): segment j * P + p, rows of this block
     seg = tl.program_id(1).to(tl.int64) * P + p
-    start = tl.load(cu_ptr + seg).to(tl.int64)
-    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
-    r = start + tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < end
-    dst = tl.load(idx_ptr + r, mask=rm, other=0)
-    b = dst // N
-    w = tl.load(w_ptr + seg)
-    if HAS_SCORES:
-        s = tl.load(scores_ptr + r, mask=rm, other=0.0)[:, None]
+    r, rm, dst, b, w, s = _segment_tile(cu_ptr, idx_ptr, w_ptr, scores_ptr, seg, N, HAS_SCORES,
+                                        ACC, BLOCK_R)
     o_rows = out_ptr + dst[:, None] * D
     offs = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -55,15 +67,8 @@ def _scatter_bwd_kernel(gout_ptr, idx_ptr, cu_ptr, w_ptr, attn_update_ptr, mlp_o
                         HAS_MLP_OUT: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_GATE: tl.constexpr,
                         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     seg = tl.program_id(1).to(tl.int64)
-    start = tl.load(cu_ptr + seg).to(tl.int64)
-    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
-    r = start + tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < end
-    src = tl.load(idx_ptr + r, mask=rm, other=0)
-    b = src // N
-    w = tl.load(w_ptr + seg)
-    if HAS_SCORES:
-        s = tl.load(scores_ptr + r, mask=rm, other=0.0)[:, None]
+    r, rm, src, b, w, s = _segment_tile(cu_ptr, idx_ptr, w_ptr, scores_ptr, seg, N, HAS_SCORES,
+                                        ACC, BLOCK_R)
     g_rows = gout_ptr + src[:, None] * D
     offs = tl.arange(0, BLOCK_D)
     acc_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)

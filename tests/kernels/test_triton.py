@@ -482,7 +482,7 @@ def test_bad_inputs_raise_clear_errors():
         sb(x, idx, cu, ms, 1, sw, attn_update, None, t["scores"][:-1], None)
     with pytest.raises(ValueError, match="gate has shape"):
         sb(x, idx, cu, ms, 1, sw, attn_update, t["mlp_out"], None, t["gate"][:, :-1])
-    with pytest.raises(ValueError, match="cu_seqlens must be int32"):
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32 tensor"):
         sb(x, idx, cu.long(), ms, 1, sw, attn_update, None, None, None)
     cu_bad = cu.clone()
     cu_bad[-1] += 1
