@@ -33,12 +33,13 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
-from .core import (BadSteps, Progress, atomic_file, claim_out, find_resume,
+from .core import (BadSteps, Progress, atomic_file, claim_out, commit_folder, find_resume,
                    param_groups, prune_states, write_checkpoints)
 from .image_folder import load_image
 from .options import TrainConfig, TrainError
@@ -386,15 +387,21 @@ def _run_captioned_train(cfg: TrainConfig, return_model: bool = False):
     net, opt = strategy.prepare(model, opt, loop)
 
     def save(where: Path, state: bool) -> None:
-        if state:
-            if acc.is_main_process and (where / STATE_MARKER).is_file():
-                (where / STATE_MARKER).unlink()  # not a complete state while it is rewritten
+        final = where
+        if state:  # complete or absent: every process writes into a hidden sibling, which
+            # the main process renames into place once all of it is on disk
+            where = where.parent / f".{where.name}.tmp"
+            if acc.is_main_process:
+                shutil.rmtree(where, ignore_errors=True)  # a killed run's leftover
+                where.mkdir(parents=True)
             acc.wait_for_everyone()
             strategy.save_state(where, model, opt, loop)
         whole = strategy.whole_model(model, build)
         if acc.is_main_process:
             _write_outputs(whole, where, lora_rank, strategy.state_kind if state else None,
                            cfg.expert)
+            if state:
+                commit_folder(where, final)
         acc.wait_for_everyone()
 
     if resume is not None:

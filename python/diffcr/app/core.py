@@ -24,7 +24,7 @@ from ..io import atomic_file, fsync_path
 from .options import TrainConfig, TrainError
 
 __all__ = ["Progress", "param_groups", "lr_factor", "ema_update", "BadSteps", "write_checkpoints",
-           "identical_across_ranks", "atomic_folder", "atomic_file", "find_resume",
+           "identical_across_ranks", "atomic_folder", "commit_folder", "atomic_file", "find_resume",
            "prune_states", "claim_out", "LOCK_NAME"]
 
 
@@ -139,22 +139,30 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for root, _, files in os.walk(tmp):
-            for f in files:
-                fsync_path(Path(root) / f)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_path(path.parent)
+        commit_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_folder(tmp: Path, path: Path) -> None:
+    """The end of :func:`atomic_folder`: syncs every file of the written folder ``tmp`` to
+    disk, then renames it to ``path`` (an existing ``path`` is replaced only then). For a
+    folder several processes write into (each its part, then the main process commits)."""
+    tmp, path = Path(tmp), Path(path)
+    for root, _, files in os.walk(tmp):
+        for f in files:
+            fsync_path(Path(root) / f)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 _STEP = re.compile(r"^step-(\d+)$")
