@@ -121,7 +121,8 @@ class TrainConfig:
         "stop the run after this many such steps in a row, before anything is written from "
         "them", "optimisation", ("demo", "class", "captioned"), type=int)
     lr_router: float = option(1e-3, "learning rate of the routers", "optimisation", type=float)
-    lr_ratio: float = option(1e-2, "learning rate of the ratios", "optimisation", type=float)
+    lr_ratio: float = option(1e-2, "learning rate of the ratios (the demo uses its own recipe)",
+                             "optimisation", TRAINING, type=float)
     mixed_precision: str = option("no", "autocast dtype of the training step", "optimisation",
                                   choices=("no", "bf16", "fp16"))
     grad_ckpt: bool = option(False, "gradient checkpointing", "optimisation", TRAINING)
