@@ -1,13 +1,16 @@
 """``python kill_worker.py ARGS...`` runs ``diffcr ARGS...`` and SIGKILLs itself at the
 ``KILL_AT``-th file-system commit event (each ``os.fsync`` and ``os.replace``: inside every
 checkpoint write, between its files and at its rename); ``KILL_AT=0`` never kills and writes
-the number of events to ``KILL_EVENTS_OUT``. Used by tests/app/test_kill.py."""
+the number of events to ``KILL_EVENTS_OUT``. Under ``torchrun`` (one worker per process) only
+the process of rank ``KILL_RANK`` (0) counts, kills itself and writes the count. Used by tests/app/test_kill.py."""
 import os
 import runpy
 import signal
 import sys
 
-_at = int(os.environ.get("KILL_AT", "0"))
+# under torchrun only the process of rank KILL_RANK (default 0) counts and kills
+_mine = os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0")
+_at = int(os.environ.get("KILL_AT", "0")) if _mine else 0
 _n = [0]
 
 
@@ -33,6 +36,6 @@ if __name__ == "__main__":
     try:
         runpy.run_module("diffcr", run_name="__main__")
     finally:
-        if os.environ.get("KILL_EVENTS_OUT"):
+        if os.environ.get("KILL_EVENTS_OUT") and _mine:
             with open(os.environ["KILL_EVENTS_OUT"], "w") as f:
                 f.write(str(_n[0]))

@@ -5,10 +5,10 @@ inside checkpoint writes: the process SIGKILLs itself at its n-th file-system co
 ``--resume latest`` continues the run (taking over the lock the killed run left), and the
 chain of resumed runs ends bit for bit where the uninterrupted run ends.
 
-The same for captioned LoRA fine-tuning of a tiny PixArt pipeline (accelerate's resumable
-state, one process). Not covered here: ``--fsdp`` on two processes (a SIGKILL chain of
-torchrun launches would cost minutes of CI; tests/app/test_text_train.py resumes an FSDP2
-run bit for bit)."""
+The same for captioned LoRA fine-tuning of a tiny PixArt pipeline: one process (accelerate's
+resumable state), and ``--fsdp`` on two processes under torchrun (the sharded state of
+``torch.distributed.checkpoint``), where the main process SIGKILLs itself and torchrun then
+stops the other."""
 import json
 import os
 import subprocess
@@ -25,12 +25,23 @@ WORKER = os.path.join(os.path.dirname(__file__), "kill_worker.py")
 KILLS = (13, 22, 4, 35)
 
 
-def _run(args, out, kill_at=0, resume=False, events=None):
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, out, kill_at=0, resume=False, events=None, procs=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", KILL_AT=str(kill_at),
                PYTHONWARNINGS="ignore")
     if events:
         env["KILL_EVENTS_OUT"] = str(events)
-    cmd = [sys.executable, WORKER, "train", *args, "--threads", "1", "--no-progress",
+    launch = [sys.executable] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd = [*launch, WORKER, "train", *args, "--threads", "1", "--no-progress",
            "--out", str(out)]
     return subprocess.run(cmd + (["--resume", "latest"] if resume else []), env=env,
                           capture_output=True, text=True, timeout=300)
@@ -104,7 +115,10 @@ def _check_visible_captioned(out):
         if p.name.startswith("."):
             continue
         if p.name.startswith("step-") and (p / "loop_state.json").is_file():
-            assert (p / "accelerate").is_dir(), f"{p.name}/accelerate missing"
+            fsdp = p / "fsdp"  # --fsdp: the sharded state and every process's loop state
+            assert (p / "accelerate").is_dir() or (
+                (fsdp / ".metadata").is_file() and (fsdp / "loop-rank0.pt").is_file()
+                and (fsdp / "loop-rank1.pt").is_file()), f"{p.name}: no complete state"
             read_checkpoint(p / "diffcr")
             _tensors(p / "lora" / "adapter_model.safetensors")
         elif p.name in ("diffcr", "diffcr-frozen"):
@@ -118,32 +132,58 @@ def _check_visible_captioned(out):
 CAPTIONED_KILLS = (0.6, 0.45, 0.5)
 
 
-def test_a_chain_of_sigkilled_captioned_lora_runs_ends_bit_for_bit(tmp_path):
+def _killed(r, procs):
+    """The run died of the kill: SIGKILL itself, or torchrun's failure naming it."""
+    if procs == 1:
+        return r.returncode == -9
+    return r.returncode != 0 and ("Signal 9" in r.stderr or "exitcode  : -9" in r.stderr
+                                  or "SIGKILL" in r.stderr)
+
+
+@pytest.mark.parametrize("procs", [1, pytest.param(2, id="fsdp")])
+def test_a_chain_of_sigkilled_captioned_lora_runs_ends_bit_for_bit(tmp_path, procs):
     from text_pipeline import write_captioned_images, write_pipeline
 
+    if procs > 1:
+        pytest.importorskip("accelerate")
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("this torch has no FSDP2 fully_shard")
     pipe = write_pipeline(tmp_path / "pipe")
     data = write_captioned_images(tmp_path / "data")
     args = ["--model", str(pipe), "--data", str(data), "--steps", "6", "--save-every", "2",
-            "--batch", "2", "--lora-rank", "4"]
+            "--batch", "2", "--lora-rank", "4"] + (["--fsdp"] if procs > 1 else [])
+
+    def resumable(folder):
+        return any((p / "loop_state.json").is_file() for p in folder.glob("step-*"))
+
+    def run(folder, **kw):
+        """One launch; ``--resume latest`` when the folder holds a complete state."""
+        r = _run(args, folder, procs=procs, resume=resumable(folder), **kw)
+        # gloo aborts a rank now and then inside c10d on this 2-core machine (as in
+        # test_fsdp2.py): one more run on exactly that abort, then strict
+        if procs > 1 and r.returncode != 0 and not _killed(r, procs) and \
+                "terminate called without an active exception" in r.stderr:
+            r = _run(args, folder, procs=procs, resume=resumable(folder), **kw)
+        return r
+
     whole = tmp_path / "whole"
-    r = _run(args, whole, events=tmp_path / "events")
+    r = run(whole, events=tmp_path / "events")
     assert r.returncode == 0, r.stderr[-3000:]
     total = int((tmp_path / "events").read_text())
 
-    def resumable():
-        return any((p / "loop_state.json").is_file() for p in out.glob("step-*"))
-
     out = tmp_path / "chain"
     killed = 0
-    for i, share in enumerate(CAPTIONED_KILLS):
-        r = _run(args, out, kill_at=max(1, round(share * total)), resume=resumable())
+    for share in CAPTIONED_KILLS:
+        r = run(out, kill_at=max(1, round(share * total)))
         if r.returncode == 0:
             break
-        assert r.returncode == -9, r.stderr[-3000:]
+        assert _killed(r, procs), r.stderr[-3000:]  # killed, not an error
         killed += 1
         _check_visible_captioned(out)
     assert killed >= 2
-    r = _run(args, out, resume=resumable())
+    r = run(out)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_visible_captioned(out)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
