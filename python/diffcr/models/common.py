@@ -12,7 +12,18 @@ import torch.nn.functional as F
 import diffcr_kernels as dk
 
 __all__ = ["segment_groups", "packed_rows", "scatter_pieces", "cross_attention",
-           "rotate_interleaved"]
+           "rotate_interleaved", "plain_weight"]
+
+
+def plain_weight(lin) -> bool:
+    """Whether a fused forward may read ``lin.weight`` / ``lin.bias`` itself (cut them, cast
+    them as layerwise casting's hook would, call ``F.linear``): an ``nn.Linear`` whose weight
+    and bias are plain tensors. False for quantized weights (bitsandbytes ``Params4bit`` /
+    ``Int8Params``, torchao tensor subclasses, GGUF parameters), DTensors and wrappers that are
+    not ``nn.Linear`` (a peft LoRA layer): those are computed by calling the module."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return (isinstance(lin, torch.nn.Linear) and type(lin.weight) in plain
+            and (lin.bias is None or type(lin.bias) in plain))
 
 
 def segment_groups(sel, ks, device):

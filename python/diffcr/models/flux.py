@@ -19,9 +19,10 @@ Paths: fused forwards for both block kinds over the packed joint layout
 varlen call, with the rotary rows of exactly those positions: the double block through
 :func:`._joint.fused_double_stream_block`, the single block through
 :func:`_fused_flux_single_block` (its fused output projection is split into the attention and
-MLP columns so that the router gates the image MLP part alone). Blocks with other attention
-processors, fused QKV projections or a ``proj_out`` that is not an ``nn.Linear`` (e.g. a peft
-LoRA layer), and calls with ``joint_attention_kwargs`` (IP-Adapter), run compat.
+MLP columns so that the router gates the image MLP part alone; a ``proj_out`` whose weight
+cannot be cut, quantized or a peft LoRA layer, is called as a module on ``[attention; router
+gate x MLP]`` instead). Blocks with other attention processors or fused QKV projections, and
+calls with ``joint_attention_kwargs`` (IP-Adapter), run compat.
 """
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ import diffcr_kernels as dk
 
 from ._joint import (JointFamily, JointLayout, fused_double_stream_block, heads,
                      shared_positions, text_stream_out)
-from .common import rotate_interleaved
+from .common import plain_weight, rotate_interleaved
 from .registry import register_family
 
 
@@ -88,10 +89,8 @@ class FluxFamily(JointFamily):
             return f"attn processor {type(attn.processor).__name__}"
         if getattr(attn, "fused_projections", False):
             return "fused QKV projections (fuse_projections)"
-        if self._single(block) and not isinstance(block.proj_out, nn.Linear):
-            # the fused path slices its weight by columns; nn.Linear subclasses (diffcr's
-            # prepacked PackedLinear) keep the weight, a peft LoRA layer does not
-            return f"proj_out is a {type(block.proj_out).__name__}, not an nn.Linear"
+        # (a proj_out that is not a plain linear, e.g. quantized or a peft LoRA layer, is run as
+        # a module by the single block's fused forward: common.plain_weight)
         return None
 
     def call_fused_reason(self, block, call):
@@ -140,17 +139,27 @@ def _fused_flux_single_block(block, x, sel, gate_scores, ctx, temb, rope, *,
                                     heads(attn.to_k(nctx), attn.norm_k, H)), cos, sin, f32)
     v = lay.pack(heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H))
     o = lay.attention(q, k, v).reshape(lay.J, -1).to(q.dtype)  # [J, D]
-    W, bias = block.proj_out.weight, block.proj_out.bias
-    if W.dtype != o.dtype:  # stored in another dtype (layerwise casting): cast as its hook does
-        W = W.to(o.dtype)
-        bias = None if bias is None else bias.to(o.dtype)
-    Wa, Wm = W[:, :D], W[:, D:]
     rows = sel.row_sample()
     g_rows = gate.index_select(0, rows)
-    attn_update = torch.nn.functional.linear(lay.image(o), Wa, bias) * g_rows  # [T, D]
-    mlp_out = torch.nn.functional.linear(block.act_mlp(block.proj_mlp(h)), Wm)  # [T, D]
-    new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, scores=gate_scores,
-                                      inplace=not torch.is_grad_enabled() and inplace_residual)
+    inplace = not torch.is_grad_enabled() and inplace_residual
+    act = block.act_mlp(block.proj_mlp(h))  # [T, Dm]
+    if plain_weight(block.proj_out):
+        W, bias = block.proj_out.weight, block.proj_out.bias
+        if W.dtype != o.dtype:  # stored in another dtype (layerwise casting): cast as its hook does
+            W = W.to(o.dtype)
+            bias = None if bias is None else bias.to(o.dtype)
+        Wa, Wm = W[:, :D], W[:, D:]
+        attn_update = torch.nn.functional.linear(lay.image(o), Wa, bias) * g_rows  # [T, D]
+        mlp_out = torch.nn.functional.linear(act, Wm)  # [T, D]
+        new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, scores=gate_scores,
+                                          inplace=inplace)
+    else:
+        # a quantized or wrapped proj_out (bitsandbytes, torchao, GGUF, ...): its weight cannot
+        # be cut by columns, so the module computes the whole projection; the router gate
+        # multiplies the MLP half before it (the projection is linear: the same value)
+        upd = block.proj_out(torch.cat([lay.image(o), act * gate_scores.to(act.dtype)[:, None]],
+                                       dim=-1)) * g_rows  # [T, D]
+        new_x = dk.scatter_back_selection(x, sel, upd, use_scores=False, inplace=inplace)
     seg = lay.seg
     mlp_txt = block.act_mlp(block.proj_mlp(nctx)).index_select(0, seg)  # [S, L, Dm]
     c_upd = block.proj_out(torch.cat([lay.text(o), mlp_txt], dim=-1))
