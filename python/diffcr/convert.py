@@ -27,7 +27,7 @@ from .models import ModelFamily, display_name, families, family_for, warn_once
 from .modules import DifferentiableRatio, Router
 from .routing import (BlockRouting, RoutingState, attach_block, attach_state, base_class,
                       detach_block, detach_state, find_routing_state, routed_class,
-                      routing_state)
+                      routing_state, static_ratios)
 
 __all__ = ["convert", "convert_pipeline", "revert", "freeze", "unfreeze", "is_converted",
            "routed_blocks",
@@ -343,7 +343,7 @@ def freeze(model: nn.Module, *, inplace_residual: bool = False) -> nn.Module:
     if not isinstance(inplace_residual, bool):
         raise ValueError(f"inplace_residual must be True or False, got {inplace_residual!r}")
     for i, b in routed_blocks(model).items():
-        st.blocks[i].frozen_bins = b.ratio.nearest_bins()
+        st.blocks[i].frozen_bins = static_ratios(b.ratio.nearest_bins())
         b.ratio.kept.requires_grad_(False)  # not used while frozen (e.g. MoD training, DDP)
     st.frozen = True
     st.inplace_residual = inplace_residual

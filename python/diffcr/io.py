@@ -20,7 +20,7 @@ from ._version import __version__
 from .config import DiffCRConfig
 from .convert import convert, is_converted, routed_blocks
 from .models import family_for
-from .routing import routing_state
+from .routing import routing_state, static_ratios
 
 __all__ = ["save", "load", "read_checkpoint", "block_names", "CheckpointError", "atomic_file"]
 
@@ -284,7 +284,7 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     st = routing_state(model)
     if frozen is not None:
         for i in idx:
-            st.blocks[i].frozen_bins = [float(v) for v in frozen[str(i)]]
+            st.blocks[i].frozen_bins = static_ratios(float(v) for v in frozen[str(i)])
             blocks[i].ratio.kept.requires_grad_(False)
         st.frozen = True
     return model

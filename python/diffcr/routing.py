@@ -44,7 +44,7 @@ from .modules import MlpGate
 from .keep_mask import KeepMask
 from .token_cache import TokenCache, apply_token_cache
 
-__all__ = ["RoutingState", "BlockRouting", "routed_class", "base_class", "routing_state",
+__all__ = ["RoutingState", "BlockRouting", "StaticRatio", "static_ratios", "routed_class", "base_class", "routing_state",
            "find_routing_state", "attach_state", "detach_state", "attach_block", "detach_block"]
 
 
@@ -335,6 +335,29 @@ def _inner_hooks(block: nn.Module):
                     out.append((name, hname, bool(getattr(hook, "_is_stateful", False))))
             stack.append((name, child))
     return out
+
+
+class StaticRatio(float):
+    """A kept ratio that compiled code reads as a constant.
+
+    ``torch.compile`` traces a plain Python ``float`` attribute symbolically once its value
+    has changed between compilations of the same code. Regional compilation
+    (``compile_repeated_blocks``) compiles one block class for blocks whose frozen ratios
+    differ, so the second block's ratios would become symbolic floats. The host-side kept
+    count (``ceil(kappa * N)``) cannot be computed from a symbolic float, and
+    ``fullgraph=True`` then fails. Dynamo guards a float *subclass* by value instead and keeps
+    it constant: one graph per distinct set of ratios, as for the timestep regions. Compares,
+    prints and serialises like the float it holds."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (StaticRatio, (float(self),))
+
+
+def static_ratios(values):
+    """``values`` (floats) as a list of :class:`StaticRatio` (None stays None)."""
+    return None if values is None else [StaticRatio(v) for v in values]
 
 
 _FUSED_SAFE_HOOKS = ("layerwise_casting", "peft_autocast_disable")

@@ -538,6 +538,62 @@ def test_compile_repeated_blocks_and_declared_modules_see_the_routed_blocks(fami
                     "_keep_in_fp32_modules"} & set(model.__dict__)
 
 
+def _regionally_compiled_families():
+    import diffusers
+
+    return [f for f in FAMILIES
+            if any(getattr(getattr(diffusers, c, None), "_repeated_blocks", None)
+                   for c in diffcr.families()[f].model_classes)]
+
+
+@pytest.mark.parametrize("family", _regionally_compiled_families())
+def test_compile_repeated_blocks_fullgraph_with_per_block_ratios(family):
+    """diffusers' regional compile with ``fullgraph=True`` on a frozen model whose blocks keep
+    different ratios (as a fine-tuned one does). One block class is compiled for blocks with
+    other frozen ratios, which Dynamo traced as symbolic floats, so ``fullgraph`` failed (the
+    host kept count needs the value). The ratios are now constants guarded by value
+    (``routing.StaticRatio``). Every denoising step equals eager, across region changes; a
+    repeated step compiles nothing new; and there is one graph per distinct (block class,
+    ratios of the regions in the batch) (docs/ecosystem.md#torchcompile)."""
+    factory, inputs = FAMILY_CASES[family]
+    model = factory().eval()
+    diffcr.convert(model, DiffCRConfig(num_regions=4))
+    with torch.no_grad():
+        for i, b in enumerate(diffcr.routed_blocks(model).values()):
+            b.ratio.kept.copy_(torch.tensor([0.3, 0.5, 0.7, 0.9]) - 0.1 * (i % 2))
+    diffcr.freeze(model)
+    st = diffcr.routing_state(model)
+    assert len({tuple(r.frozen_bins) for r in st.blocks.values()}) == 2
+    times = ([900, 900], [600, 600], [100, 900])
+    steps = [inputs(t) for t in times]
+    with torch.no_grad():
+        want = [model(**kw).sample for kw in steps]
+    expected = set()
+    for t in times:
+        regions = [min(3, v * 4 // 1000) for v in t]
+        for name, r in st.blocks.items():
+            cls = type(diffcr.routed_blocks(model)[name])
+            expected.add((cls, tuple(r.frozen_bins[g] for g in regions)))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            model.compile_repeated_blocks(fullgraph=True, backend="eager")
+            with torch.no_grad():
+                got = [model(**kw).sample for kw in steps]
+                graphs = counters["stats"]["unique_graphs"] - before
+                again = model(**steps[0]).sample
+            assert counters["stats"]["unique_graphs"] - before == graphs
+        # diffusers hands HunyuanVideo's blocks inputs of more than one memory layout: stride
+        # guards add two graphs there
+        assert graphs == len(expected) + (2 if family == "hunyuanvideo" else 0)
+        for a, b in zip(got + [again], want + want[:1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_compile_whole_model_fullgraph(family):
     """``torch.compile(model, fullgraph=True)`` and ``model.compile(fullgraph=True)`` on a
