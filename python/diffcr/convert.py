@@ -243,14 +243,21 @@ def convert(model: nn.Module, config: DiffCRConfig = None) -> nn.Module:
 _DECLARED = ("_repeated_blocks", "_no_split_modules", "_keep_in_fp32_modules")
 
 
+def _names(value) -> list:
+    """A diffusers name-list attribute as a list (diffusers also accepts one bare string)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _declare_routed_classes(model: nn.Module, routed: set) -> None:
     renamed = {base_class(c).__name__: c.__name__ for c in routed}
     for attr in _DECLARED[:2]:
-        names = getattr(type(model), attr, None)
+        names = _names(getattr(type(model), attr, None))
         if names:
             extra = [renamed[n] for n in names if n in renamed]
-            model.__dict__[attr] = list(names) + [n for n in extra if n not in names]
-    keep = list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+            model.__dict__[attr] = names + [n for n in extra if n not in names]
+    keep = _names(getattr(type(model), "_keep_in_fp32_modules", None))
     model.__dict__["_keep_in_fp32_modules"] = keep + [n for n in ("router", "ratio")
                                                       if n not in keep]
 

@@ -85,9 +85,10 @@ class DifferentiableRatio(nn.Module):
         bins = [float(b) for b in bins]
         if len(bins) < 2 or sorted(bins) != bins or len(set(bins)) != len(bins):
             raise ValueError(f"bins must be >= 2 ascending distinct kept ratios, got {bins}")
+        # host floats only, no buffer: a non-persistent buffer stays on the meta device when
+        # diffusers loads a model under init_empty_weights (from_pretrained), and the model's
+        # .to() then fails
         self.bins: List[float] = bins
-        self.register_buffer("bin_values", torch.tensor(bins, dtype=torch.float64,
-                                                        device=device), persistent=False)
         self.kept = nn.Parameter(torch.full((num_regions,), float(init), dtype=dtype,
                                             device=device))
 
@@ -123,9 +124,8 @@ class DifferentiableRatio(nn.Module):
         js = [self._bracket(self.bins, kap_host[r]) for r in regions]
         dev = self.kept.device
         reg = torch.as_tensor(list(regions), device=dev, dtype=torch.long)
-        jt = torch.as_tensor(js, device=dev, dtype=torch.long)
-        lo = self.bin_values[jt].to(kap_all.dtype)
-        hi = self.bin_values[jt + 1].to(kap_all.dtype)
+        lo, hi = torch.tensor([[self.bins[j] for j in js], [self.bins[j + 1] for j in js]],
+                              dtype=kap_all.dtype, device=dev)
         kappa = kap_all[reg]
         w_a = (hi - kappa) / (hi - lo)
         weights = torch.stack([w_a, 1 - w_a], dim=1)

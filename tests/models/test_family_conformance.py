@@ -538,6 +538,18 @@ def test_compile_repeated_blocks_and_declared_modules_see_the_routed_blocks(fami
                     "_keep_in_fp32_modules"} & set(model.__dict__)
 
 
+def test_declared_module_names_given_as_one_string(monkeypatch):
+    """diffusers accepts ``_keep_in_fp32_modules`` (and the other name lists) as one bare
+    string; convert extends it as one name, not as its characters."""
+    factory, _ = FAMILY_CASES["wan"]
+    model = factory()
+    monkeypatch.setattr(type(model), "_keep_in_fp32_modules", "time_embedder")
+    monkeypatch.setattr(type(model), "_no_split_modules", "WanTransformerBlock")
+    diffcr.convert(model, DiffCRConfig())
+    assert model._keep_in_fp32_modules == ["time_embedder", "router", "ratio"]
+    assert model._no_split_modules == ["WanTransformerBlock", "RoutedWanTransformerBlock"]
+
+
 def _regionally_compiled_families():
     import diffusers
 
@@ -629,3 +641,28 @@ def test_torch_compile_whole_model_fullgraph(family):
         torch._dynamo.reset()
     diffcr.revert(model)
     assert not {"__call__", "compile"} & set(model.__dict__)
+
+
+def test_convert_on_the_meta_device_then_load_the_weights():
+    """A model built and converted on the meta device (``init_empty_weights``, as
+    ``from_pretrained`` and big-model loading build it), then loaded with ``assign=True``, moves
+    to the CPU and computes what the converted original does. The ratio used to hold a
+    non-persistent buffer, which no checkpoint fills: it stayed on meta and ``.to()`` failed."""
+    accelerate = pytest.importorskip("accelerate")
+    from tiny_models import tiny_flux
+
+    factory, inputs = FAMILY_CASES["flux"]
+    ref = factory()
+    diffcr.convert(ref, DiffCRConfig(num_regions=2))
+    set_ratios(ref, [0.5, 0.8])
+    with accelerate.init_empty_weights(include_buffers=True):
+        model = tiny_flux()
+    diffcr.convert(model, DiffCRConfig(num_regions=2))
+    assert all(p.is_meta for p in model.parameters())
+    model.load_state_dict(ref.state_dict(), assign=True)
+    model.to("cpu")
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    kw = inputs([100, 900])
+    ref.train()
+    model.train()  # two bins: the ratio's bins are read
+    torch.testing.assert_close(model(**kw).sample, ref(**kw).sample)
