@@ -92,14 +92,13 @@ def shard_routing(model: nn.Module, shards: int):
     each rank routes its local shard, and attention spans the kept tokens of every rank. This
     context computes it on one process, as the reference the multi-process result is tested
     against (docs/ecosystem.md, "Several GPUs"). Inference only (one kept count per sample:
-    eval mode or :func:`diffcr.freeze`); the token count must divide by ``shards``."""
+    eval mode or :func:`diffcr.freeze`); the token count must divide by ``shards``. With the
+    token cache on, each slice is ranked with its staleness term too, as each rank ranks its
+    own shard's cached tokens."""
     shards = int(shards)
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     st = routing_state(model)
-    if st.token_cache is not None:
-        raise ValueError("diffcr.shard_routing: switch the token cache off first "
-                         "(diffcr.disable_token_cache)")
     before = st.shards
     st.shards = shards
     try:

@@ -261,16 +261,17 @@ class BlockRouting:
                 rank = scores + tc.config.staleness * stale
             if mask is not None:
                 rank = KeepMask.ranking(rank, mask)
-            if rank is not scores:
-                sel = dk.select_topk(rank, ks, weights)
+            if shards > 1:
+                # rank within the slice as the score: the top k * shards are the top k of
+                # every slice (each rank level holds one token per slice); the ranking
+                # includes the token cache's staleness term, as each rank's would
+                r = rank.view(B, shards, N // shards).argsort(dim=-1, descending=True,
+                                                               stable=True).argsort(dim=-1)
+                sel = dk.select_topk(-r.reshape(B, N).to(scores.dtype), ks, weights)
                 sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
                     0, sel.indices))
-            elif shards > 1:
-                # rank within the slice as the score: the top k * shards are the top k of
-                # every slice (each rank level holds one token per slice)
-                r = scores.view(B, shards, N // shards).argsort(dim=-1, descending=True,
-                                                                 stable=True).argsort(dim=-1)
-                sel = dk.select_topk(-r.reshape(B, N).to(scores.dtype), ks, weights)
+            elif rank is not scores:
+                sel = dk.select_topk(rank, ks, weights)
                 sel = dataclasses.replace(sel, scores=scores.reshape(-1).index_select(
                     0, sel.indices))
             else:

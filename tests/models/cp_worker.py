@@ -15,17 +15,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.accelerator.device_count = lambda: 1  # stand-in: see the module docstring
 
 
-def inputs(fam):
-    """Inputs whose split dims divide by 2 and 4 (the text is split too in Flux's plan)."""
+def inputs(fam, t=(300, 800)):
+    """Inputs whose split dims divide by 2 and 4 (the text is split too in Flux's plan), at
+    timesteps ``t`` (out of 1000)."""
     from tiny_models import FAMILY_CASES, flux_ids, qwenimage_inputs
 
-    kw = FAMILY_CASES[fam][1]([300, 800])
+    kw = FAMILY_CASES[fam][1](list(t))
     if fam == "flux":
         g = torch.Generator().manual_seed(0)
         kw["encoder_hidden_states"] = torch.randn(2, 8, 32, generator=g)
         kw["img_ids"], kw["txt_ids"] = flux_ids(4, 8)
     elif fam == "qwenimage":
-        kw = qwenimage_inputs([0.3, 0.8], text=8)
+        kw = qwenimage_inputs([v / 1000 for v in t], text=8)
     return kw
 
 
@@ -75,6 +76,24 @@ def main():
         for name, y in out.items():
             against = dense if name in ("dense_cp", "kappa1_cp") else ref
             res[f"{fam}/{name}"] = (y - against).abs().max().item()
+        # the token cache: each rank caches the updates of its own shard's tokens, so over
+        # denoising steps (a refresh, then routed steps that reuse it) the ranks together
+        # compute what one process computes when it routes and caches per shard
+        steps = [inputs(fam, t) for t in ((800, 800), (700, 700), (600, 600))]
+        tcc = dict(refresh_every=3, order=1, staleness=0.05)  # staleness: ranked per shard
+        ref_m = model([0.5, 0.75], parallel=False)
+        diffcr.enable_token_cache(ref_m, diffcr.TokenCacheConfig(**tcc))
+        with diffcr.shard_routing(ref_m, shards):
+            ref_tc = [run(ref_m, s_kw) for s_kw in steps]
+        nocache = run(model([0.5, 0.75], parallel=False), steps[-1])
+        m = model([0.5, 0.75])
+        diffcr.enable_token_cache(m, diffcr.TokenCacheConfig(**tcc))
+        got = [run(m, s_kw) for s_kw in steps]
+        res[f"{fam}/tc_paths"] = sorted({b.last_path for b in diffcr.routing_state(m)
+                                         .blocks.values()})
+        res[f"{fam}/tc"] = max((a - b).abs().max().item() for a, b in zip(got, ref_tc))
+        res[f"{fam}/tc_vs_nocache"] = (ref_tc[-1] - nocache).abs().max().item()
+        res[f"{fam}/tc_sum"] = got[-1].double().sum().item()
         res[f"{fam}/global_vs_shard"] = (global_k - ref).abs().max().item()
         res[f"{fam}/scale"] = dense.abs().max().item()
         res[f"{fam}/auto_sum"] = out["auto"].double().sum().item()  # identical on every rank

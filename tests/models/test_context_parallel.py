@@ -6,7 +6,9 @@ Checked on every rank: the dense model and the converted model at kept ratio 1 e
 single-process model; at kept ratios below 1 the result equals the one-process per-shard
 reference (``diffcr.shard_routing(model, 2)``), on the default path (which must not run the
 fused attention: it would attend to the local shard only, the bug this test was written for)
-and on the compat path; both ranks end with the same output.
+and on the compat path; both ranks end with the same output. With the token cache on, three
+denoising steps equal the per-shard reference with the same cache (each rank caches its own
+shard).
 
 Not covered on CPU: ring attention (diffusers' ring needs an attention backend that returns
 the log-sum-exp, which only its CUDA backends do) and 4 processes (Ulysses splits the heads,
@@ -78,6 +80,19 @@ def test_ulysses_routing_equals_the_per_shard_reference(ulysses2, family):
             "context parallelism is active (enable_parallelism): the fused attention would "
             "see this rank's tokens only"]
     assert ulysses2[0][f"{family}/auto_sum"] == ulysses2[1][f"{family}/auto_sum"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_cache_under_ulysses_equals_the_per_shard_reference(ulysses2, family):
+    """Three denoising steps with the token cache (a refresh, then two routed steps whose
+    skipped tokens get their first-order forecast): every rank caches its own shard's tokens,
+    and the result equals one process routing and caching per shard, on every rank."""
+    for r in ulysses2:
+        tol = 1e-5 * r[f"{family}/scale"]
+        assert r[f"{family}/tc"] < tol
+        assert r[f"{family}/tc_vs_nocache"] > 100 * tol  # the cache did change the result
+        assert r[f"{family}/tc_paths"] == ["compat"]
+    assert ulysses2[0][f"{family}/tc_sum"] == ulysses2[1][f"{family}/tc_sum"]
 
 
 def test_shard_routing_picks_the_top_k_of_every_slice_and_refuses_what_it_cannot_do():
