@@ -40,26 +40,27 @@ def tiny_sd3(layers=3, seed=0, channels=4):
         dual_attention_layers=(0,), qk_norm="rms_norm").eval()
 
 
-def tiny_flux(layers=2, single_layers=2, seed=0):
-    """Flux.1-style: double- and single-stream blocks, 3-axis rotary, no guidance embedding."""
+def tiny_flux(layers=2, single_layers=2, seed=0, heads=2):
+    """Flux.1-style: double- and single-stream blocks, 3-axis rotary, no guidance embedding.
+    ``heads``: 4 for Ulysses over 4 ranks (it splits the heads)."""
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)).eval()
 
 
-def tiny_wan(layers=2, seed=0):
+def tiny_wan(layers=2, seed=0, heads=2):
     """Wan-style video DiT: 3-D rotary (head dim 12 = 4 + 4 + 4), qk RMS-norm, 2 frames of
     8x8 latents, patch (1, 2, 2) -> 32 tokens."""
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12, in_channels=4,
         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
 
 
-def tiny_qwenimage(layers=2, seed=0, zero_cond_t=False):
+def tiny_qwenimage(layers=2, seed=0, zero_cond_t=False, heads=2):
     """Qwen-Image-style double-stream model: packed 2x2 latents of 4 channels (in_channels 16),
     2-D rotary over (frame, height, width) = 4 + 6 + 6 = head dim 16. ``zero_cond_t``: the
     edit models' per-token modulation (needs diffusers >= 0.36)."""
@@ -67,7 +68,7 @@ def tiny_qwenimage(layers=2, seed=0, zero_cond_t=False):
     kw = dict(zero_cond_t=True) if zero_cond_t else {}
     return QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), **kw).eval()
+        num_attention_heads=heads, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), **kw).eval()
 
 
 def qwenimage_inputs(t, images=1, side=4, text=5, seed=0):

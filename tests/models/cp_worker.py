@@ -35,7 +35,7 @@ def main():
     torch.set_num_threads(1)
     import diffcr
     from diffusers import ContextParallelConfig
-    from tiny_models import FAMILY_CASES, set_ratios
+    from tiny_models import FAMILY_CASES, make, set_ratios
 
     ulysses, ring = int(os.environ["CP_ULYSSES"]), int(os.environ["CP_RING"])
     shards = ulysses * ring
@@ -46,7 +46,8 @@ def main():
             return m(**kw, return_dict=False)[0]
 
     for fam in os.environ["CP_FAMILIES"].split(","):
-        factory = FAMILY_CASES[fam][0]
+        # Ulysses splits the heads: 4 heads for 4 ranks
+        factory = FAMILY_CASES[fam][0] if ulysses <= 2 else (lambda fam=fam: make(fam, heads=4))
         kw = inputs(fam)
 
         def model(kappa, path="auto", parallel=True):
@@ -79,7 +80,7 @@ def main():
         # the token cache: each rank caches the updates of its own shard's tokens, so over
         # denoising steps (a refresh, then routed steps that reuse it) the ranks together
         # compute what one process computes when it routes and caches per shard
-        steps = [inputs(fam, t) for t in ((800, 800), (700, 700), (600, 600))]
+        steps = [inputs(fam, t) for t in ((400, 400), (300, 300), (200, 200))]  # region 0
         tcc = dict(refresh_every=3, order=1, staleness=0.05)  # staleness: ranked per shard
         ref_m = model([0.5, 0.75], parallel=False)
         diffcr.enable_token_cache(ref_m, diffcr.TokenCacheConfig(**tcc))

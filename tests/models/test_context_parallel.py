@@ -1,5 +1,5 @@
 """Routing under diffusers' context parallelism (``enable_parallelism(ContextParallelConfig(
-ulysses_degree=2))``): two CPU processes (gloo) under torchrun, tiny Flux, Wan and Qwen-Image
+ulysses_degree=2 or 4))``): CPU processes (gloo) under torchrun, tiny Flux, Wan and Qwen-Image
 (the families diffusers' ``_cp_plan`` covers), the worker in ``cp_worker.py``.
 
 Checked on every rank: the dense model and the converted model at kept ratio 1 equal the
@@ -10,9 +10,10 @@ and on the compat path; both ranks end with the same output. With the token cach
 denoising steps equal the per-shard reference with the same cache (each rank caches its own
 shard).
 
-Not covered on CPU: ring attention (diffusers' ring needs an attention backend that returns
-the log-sum-exp, which only its CUDA backends do) and 4 processes (Ulysses splits the heads,
-and the tiny models have 2). Without a GPU the worker stands in 1 for
+Two and four processes (Ulysses 2 and 4; the four-rank models have 4 heads, since Ulysses
+splits the heads). Not covered on CPU: ring attention (diffusers' ring needs an attention
+backend that returns the log-sum-exp, which only its CUDA backends do). Without a GPU the
+worker stands in 1 for
 ``torch.accelerator.device_count()``, which diffusers divides the rank by."""
 import json
 import os
@@ -43,16 +44,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ulysses2():
+def _run_workers(ulysses: int):
     with tempfile.TemporaryDirectory() as out:
         for _ in range(2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                   str(ulysses), "--master_addr", "127.0.0.1", "--master_port",
+                   str(_free_port()), WORKER]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                cwd=tempfile.gettempdir(),
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "CP_ULYSSES": "2",
-                                    "CP_RING": "1", "CP_FAMILIES": ",".join(FAMILIES),
+                               env={**os.environ, "OMP_NUM_THREADS": "1",
+                                    "CP_ULYSSES": str(ulysses), "CP_RING": "1",
+                                    "CP_FAMILIES": ",".join(FAMILIES),
                                     "DIFFCR_RESULT_DIR": out})
             # the gloo teardown abort of tests/app/test_fsdp2.py: one more run, then strict
             if r.returncode == 0 or "terminate called without an active exception" \
@@ -62,9 +64,25 @@ def ulysses2():
         return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
 
 
+@pytest.fixture(scope="module")
+def ulysses2():
+    return _run_workers(2)
+
+
+@pytest.fixture(scope="module")
+def ulysses4():
+    return _run_workers(4)
+
+
+@pytest.mark.parametrize("degree", [2, 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ulysses_routing_equals_the_per_shard_reference(ulysses2, family):
-    assert [r["rank"] for r in ulysses2] == [0, 1]
+def test_ulysses_routing_equals_the_per_shard_reference(request, degree, family):
+    ranks = request.getfixturevalue(f"ulysses{degree}")
+    _check_routing(ranks, family, degree)
+
+
+def _check_routing(ulysses2, family, degree):
+    assert [r["rank"] for r in ulysses2] == list(range(degree))
     for r in ulysses2:
         tol = 1e-5 * r[f"{family}/scale"]
         assert r[f"{family}/dense_cp"] < tol  # diffusers' own CP, unconverted
@@ -79,20 +97,23 @@ def test_ulysses_routing_equals_the_per_shard_reference(ulysses2, family):
         assert ulysses2[0][f"{family}/auto/reasons"] == [
             "context parallelism is active (enable_parallelism): the fused attention would "
             "see this rank's tokens only"]
-    assert ulysses2[0][f"{family}/auto_sum"] == ulysses2[1][f"{family}/auto_sum"]
+    assert len({r[f"{family}/auto_sum"] for r in ulysses2}) == 1
 
 
+@pytest.mark.parametrize("degree", [2, 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_token_cache_under_ulysses_equals_the_per_shard_reference(ulysses2, family):
+def test_token_cache_under_ulysses_equals_the_per_shard_reference(request, degree, family):
     """Three denoising steps with the token cache (a refresh, then two routed steps whose
     skipped tokens get their first-order forecast): every rank caches its own shard's tokens,
     and the result equals one process routing and caching per shard, on every rank."""
-    for r in ulysses2:
+    ranks = request.getfixturevalue(f"ulysses{degree}")
+    assert [r["rank"] for r in ranks] == list(range(degree))
+    for r in ranks:
         tol = 1e-5 * r[f"{family}/scale"]
         assert r[f"{family}/tc"] < tol
         assert r[f"{family}/tc_vs_nocache"] > 100 * tol  # the cache did change the result
         assert r[f"{family}/tc_paths"] == ["compat"]
-    assert ulysses2[0][f"{family}/tc_sum"] == ulysses2[1][f"{family}/tc_sum"]
+    assert len({r[f"{family}/tc_sum"] for r in ranks}) == 1
 
 
 def test_shard_routing_picks_the_top_k_of_every_slice_and_refuses_what_it_cannot_do():
