@@ -206,6 +206,17 @@ class BlockRouting:
             ks = [[k[0] * shards] for k in ks]
         else:
             ks, weights, kappa = self.plan(block, B, N)
+        if context_parallel_reason(block) is not None and not (
+                len(ks[0]) == 1 and all(k[0] == N for k in ks)):
+            cache = data_dependent_cache(block)
+            if cache is not None:
+                # each rank would decide from its own shard's residual: ranks could skip
+                # different steps (a desync, or a result that depends on the split)
+                raise RuntimeError(
+                    f"diffcr: {cache} on {self.name} decides from each rank's own tokens "
+                    "whether to skip; under context parallelism with routing that decision "
+                    "is not made collectively. Remove the cache, or the parallelism, or "
+                    "route at kept ratio 1 (the token cache works under context parallelism)")
         keep = st.keep_mask
         mask = None
         if keep is not None:  # mask-aware routing: the masked tokens first, then the context
@@ -312,6 +323,22 @@ def context_parallel_reason(block: nn.Module) -> Optional[str]:
         if cfg is not None and getattr(cfg, "context_parallel_config", None) is not None:
             return ("context parallelism is active (enable_parallelism): the fused attention "
                     "would see this rank's tokens only")
+    return None
+
+
+#: diffusers block-level caches whose skip decision depends on the data (a residual's change
+#: against a threshold): prefixes of their hook names on a block
+_DATA_DEPENDENT_CACHES = {"fbc_": "FirstBlockCache", "mag_cache_": "MagCache"}
+
+
+def data_dependent_cache(block: nn.Module) -> Optional[str]:
+    """The name of a diffusers cache on ``block`` that decides from the data whether to run
+    the blocks (FirstBlockCache, MagCache), or None."""
+    reg = block.__dict__.get("_diffusers_hook")
+    for hname in (reg.hooks if reg is not None else ()):
+        for prefix, cache in _DATA_DEPENDENT_CACHES.items():
+            if hname.startswith(prefix):
+                return cache
     return None
 
 

@@ -30,6 +30,15 @@ def inputs(fam, t=(300, 800)):
     return kw
 
 
+def _first_block_cache(m):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks import hooks as H
+
+    apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.2))
+    if hasattr(H, "_set_cache_context") and hasattr(H, "CacheContext"):
+        H._set_cache_context(m, H.CacheContext("cond"))
+
+
 def main():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -95,6 +104,14 @@ def main():
         res[f"{fam}/tc"] = max((a - b).abs().max().item() for a, b in zip(got, ref_tc))
         res[f"{fam}/tc_vs_nocache"] = (ref_tc[-1] - nocache).abs().max().item()
         res[f"{fam}/tc_sum"] = got[-1].double().sum().item()
+        # a cache that decides from each rank's data is refused with routing (not collective)
+        m = model([0.5, 0.75])
+        _first_block_cache(m)
+        try:
+            run(m, kw)
+            res[f"{fam}/fbc"] = "ran"
+        except RuntimeError as e:
+            res[f"{fam}/fbc"] = str(e)
         res[f"{fam}/global_vs_shard"] = (global_k - ref).abs().max().item()
         res[f"{fam}/scale"] = dense.abs().max().item()
         res[f"{fam}/auto_sum"] = out["auto"].double().sum().item()  # identical on every rank

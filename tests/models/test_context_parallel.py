@@ -98,6 +98,9 @@ def _check_routing(ulysses2, family, degree):
             "context parallelism is active (enable_parallelism): the fused attention would "
             "see this rank's tokens only"]
     assert len({r[f"{family}/auto_sum"] for r in ulysses2}) == 1
+    for r in ulysses2:  # FirstBlockCache decides per rank: refused with routing, by name
+        assert r[f"{family}/fbc"].startswith("diffcr: FirstBlockCache on ") and \
+            "not made collectively" in r[f"{family}/fbc"], r[f"{family}/fbc"]
 
 
 @pytest.mark.parametrize("degree", [2, 4])
