@@ -62,18 +62,28 @@ def set_timestep(model: nn.Module, t) -> None:
     st.set_timesteps(vals)
 
 
+@torch.compiler.disable  # host bookkeeping: called from eager frames, never traced
 def _eager_first(st: RoutingState, args, kwargs, call):
-    """``call()`` outside any compiled graph when this call must run so: the first call of each
-    (call slot, input shape) with the token cache on allocates the cache entries; else None."""
-    tc = st.token_cache
-    if tc is None:
+    """``call()`` outside any compiled graph when this call must run so, else None: the first
+    call of each (call slot, input shape) with the token cache on allocates the cache entries,
+    and the first call of each input shape under :func:`diffcr.mask_routing` pools the mask to
+    every block's token count (host work, kept per mask; in a graph it would be
+    data-dependent)."""
+    tc, keep = st.token_cache, st.keep_mask
+    if tc is None and keep is None:
         return None
     x = kwargs.get("hidden_states", args[0] if args else None)
-    key = (tc.slot, tuple(x.shape) if torch.is_tensor(x) else None)
-    if key in tc.allocated:
+    shape = tuple(x.shape) if torch.is_tensor(x) else None
+    cache_key = None if tc is None else (tc.slot, shape)
+    first_cache = tc is not None and cache_key not in tc.allocated
+    first_mask = keep is not None and shape not in keep.planned
+    if not (first_cache or first_mask):
         return None
     out = call()
-    tc.allocated.add(key)
+    if first_cache:
+        tc.allocated.add(cache_key)
+    if first_mask:
+        keep.planned.add(shape)
     return out
 
 

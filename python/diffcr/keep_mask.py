@@ -145,6 +145,8 @@ class KeepMask:
         self._tokens: Dict[int, torch.Tensor] = {}  # N -> [M, N] bool, CPU
         self._counts: Dict[int, List[int]] = {}  # N -> masked tokens per mask
         self._device: Dict[Tuple[int, str], torch.Tensor] = {}
+        #: model input shapes already run eagerly under compile (convert._eager_first)
+        self.planned: set = set()
 
     def tokens(self, n: int) -> torch.Tensor:
         """``[M, n]`` bool on the CPU: a token is masked when any pixel of its patch is, then
