@@ -23,7 +23,9 @@
 #   4. `diffcr bench` (block: dense vs routed vs naive vs token cache, and mask-aware routing at N = 4096 B = 8; N = 1024 B = 1), then
 #      the modern families' blocks (SD3.5-L, Flux.1 double and single, Wan 1.3B and 14B,
 #      Qwen-Image, HunyuanVideo; N = 4096, B = 1) and Wan 1.3B at 480p, 81 frames (32,760);
-#   5. the benchmark suites (pytest-benchmark JSON) and their table.
+#   5. on a machine with several GPUs: per-rank block time under context parallelism (Ulysses
+#      over every GPU), dense vs routed (benchmarks/cp_block_time.py);
+#   6. the benchmark suites (pytest-benchmark JSON) and their table.
 # Results go under $OUT step by step (the device tool sets OUT; default
 # benchmarks/results/<date>-<gpu>/): steps.tsv, one log per step, summary.md. On the deadline
 # (GPU_CHECK_DEADLINE, default 540 s), a TERM/INT, or a failed step the summary is still written.
@@ -241,6 +243,13 @@ run_step bench_b1 60 "cd /tmp && $PY -m diffcr bench --tokens 1024 --batch 1 --r
 # the modern families (SD3.5-L joint, Flux.1 double and single, Wan 1.3B and 14B, Qwen-Image and
 # HunyuanVideo blocks), N = 4096, B = 1; then Wan at 480p, 81 frames (32,760 tokens)
 run_step bench_families 200 "cd /tmp && for m in sd3 flux flux-single wan wan-14b qwenimage hunyuanvideo; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --token-cache --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done; $PY -m diffcr bench --model wan --tokens 32760 --batch 1 --rounds 3 --no-training --no-naive --json > '$OUT'/diffcr_bench_wan_480p_81f.json"
+# several GPUs (a machine with more than one): routing under context parallelism, per-rank
+# block time dense vs routed (Ulysses over every GPU, nccl; benchmarks/cp_block_time.py)
+NGPU=$($SMI --query-gpu=name --format=csv,noheader 2>/dev/null | grep -c .)
+if [ "${NGPU:-0}" -ge 2 ]; then
+  run_step cp_multi_gpu 120 "cd /tmp && $PY -m torch.distributed.run --nproc_per_node $NGPU \
+    '$ROOT/benchmarks/cp_block_time.py' --device cuda --tokens 16384 --rounds 10"
+fi
 SEL=""
 [ "$MODE" = quick ] && SEL="-k kernels"
 run_step suites 300 "$PY -P -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider $SEL --benchmark-json '$OUT/bench.json'"

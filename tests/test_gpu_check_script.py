@@ -21,14 +21,14 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils timeout")
 
 
-def _fake_smi(tmp_path: Path) -> Path:
+def _fake_smi(tmp_path: Path, gpus: int = 1) -> Path:
     d = tmp_path / "bin"
     d.mkdir()
     smi = d / "nvidia-smi"
     smi.write_text("#!/bin/sh\n"
                    "case \"$*\" in\n"
                    "  *compute_cap*) echo 9.0 ;;\n"
-                   "  *name*) echo 'NVIDIA H100 80GB HBM3' ;;\n"
+                   f"  *name*) for i in $(seq {gpus}); do echo 'NVIDIA H100 80GB HBM3'; done ;;\n"
                    "  *) echo 'fake nvidia-smi' ;;\n"
                    "esac\n")
     smi.chmod(0o755)
@@ -90,6 +90,18 @@ def test_steps_that_fit_run_in_order(tmp_path):
     assert order == ["preflight"] + STEPS, (order, r.stdout)
     assert all(status[s] == "ok" for s in STEPS), status
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_several_gpus_add_the_context_parallel_step(tmp_path):
+    """With more than one GPU the script also times routing under context parallelism
+    (benchmarks/cp_block_time.py over every GPU), before the benchmark suites."""
+    env = _env(tmp_path, PATH=f"{_fake_smi(tmp_path, gpus=2)}:{os.environ['PATH']}",
+               GPU_CHECK_DRY_RUN=1, GPU_CHECK_DRY_STEP_S=0, GPU_CHECK_DEADLINE=300)
+    r = subprocess.run(["bash", str(SCRIPT), "quick"], env=env, capture_output=True,
+                       text=True, timeout=280)
+    status, order = _steps(tmp_path / "out")
+    assert order == ["preflight"] + STEPS[:-1] + ["cp_multi_gpu", "suites"], (order, r.stdout)
+    assert status["cp_multi_gpu"] == "ok" and r.returncode == 0, r.stdout + r.stderr
 
 
 def test_term_still_writes_the_summary(tmp_path):
