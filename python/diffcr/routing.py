@@ -206,17 +206,16 @@ class BlockRouting:
             ks = [[k[0] * shards] for k in ks]
         else:
             ks, weights, kappa = self.plan(block, B, N)
-        if context_parallel_reason(block) is not None and not (
+        cache = data_dependent_cache(block)  # one dict lookup; the rest only with a cache
+        if cache is not None and context_parallel_reason(block) is not None and not (
                 len(ks[0]) == 1 and all(k[0] == N for k in ks)):
-            cache = data_dependent_cache(block)
-            if cache is not None:
-                # each rank would decide from its own shard's residual: ranks could skip
-                # different steps (a desync, or a result that depends on the split)
-                raise RuntimeError(
-                    f"diffcr: {cache} on {self.name} decides from each rank's own tokens "
-                    "whether to skip; under context parallelism with routing that decision "
-                    "is not made collectively. Remove the cache, or the parallelism, or "
-                    "route at kept ratio 1 (the token cache works under context parallelism)")
+            # each rank would decide from its own shard's residual: ranks could skip
+            # different steps (a desync, or a result that depends on the split)
+            raise RuntimeError(
+                f"diffcr: {cache} on {self.name} decides from each rank's own tokens "
+                "whether to skip; under context parallelism with routing that decision "
+                "is not made collectively. Remove the cache, or the parallelism, or "
+                "route at kept ratio 1 (the token cache works under context parallelism)")
         keep = st.keep_mask
         mask = None
         if keep is not None:  # mask-aware routing: the masked tokens first, then the context

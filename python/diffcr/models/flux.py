@@ -25,7 +25,6 @@ gate x MLP]`` instead). Blocks with other attention processors or fused QKV proj
 calls with ``joint_attention_kwargs`` (IP-Adapter), run compat.
 """
 import torch
-from torch import nn
 
 import diffcr_kernels as dk
 
