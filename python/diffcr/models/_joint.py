@@ -16,7 +16,7 @@ import torch
 import diffcr_kernels as dk
 
 from .base import ModelFamily
-from .common import rotate_interleaved, scatter_pieces, segment_groups
+from .common import plain_weight, rotate_interleaved, scatter_pieces, segment_groups
 
 
 class JointFamily(ModelFamily):
@@ -149,12 +149,53 @@ class JointLayout:
         out = out.index_copy(0, self.img_pos, img)
         return out.index_copy(0, self.txt_pos, txt.reshape(-1, *img.shape[1:]).to(img.dtype))
 
-    def attention(self, q, k, v):
-        """Varlen attention over every joint segment: ``[J, H, Dh]`` each -> ``[J, H, Dh]``."""
+    def attention(self, q, k, v, img_valid=None, txt_valid=None):
+        """Attention over every joint segment: ``[J, H, Dh]`` each -> ``[J, H, Dh]``.
+
+        Without a key mask: one varlen call (FlashAttention's varlen kernels on a GPU). With
+        one (``img_valid`` bool ``[T]`` for the packed image rows, ``txt_valid`` bool ``[B, L]``
+        for each sample's text, either may be None = all valid): every query of a segment
+        attends to the segment's valid keys, as diffusers' joint attention with its boolean
+        mask ``[B, 1, 1, N + L]`` does, through one SDPA call over the segments padded to
+        the longest (no padding when they are equal: one segment per sample at inference).
+        No host sync either way."""
         m = max(self.seqlens)
-        return dk.varlen_attention(q, k, v, self.cu, self.cu, m, m,
-                                   uniform=len(set(self.seqlens)) == 1,
-                                   seqlens_q=self.seqlens, seqlens_k=self.seqlens)
+        uniform = len(set(self.seqlens)) == 1
+        if img_valid is None and txt_valid is None:
+            return dk.varlen_attention(q, k, v, self.cu, self.cu, m, m, uniform=uniform,
+                                       seqlens_q=self.seqlens, seqlens_k=self.seqlens)
+        dev = q.device
+        T = self.J - self.S * self.L
+        if img_valid is None:
+            img_valid = torch.ones(T, dtype=torch.bool, device=dev)
+        if txt_valid is None:
+            txt_valid = torch.ones(self.L, dtype=torch.bool, device=dev)
+        valid = self.pack(img_valid.bool(), txt_valid.bool())  # [J]
+        S, H = self.S, q.shape[1]
+        if uniform:
+            def seg(t):
+                return t.view(S, m, *t.shape[1:])
+            keys = seg(valid)
+        else:  # pad every segment to m rows; padded rows are masked keys, dropped queries
+            j = torch.arange(m, device=dev)
+            lens = dk.host_index(self.seqlens, dev)
+            inside = j[None] < lens[:, None]  # [S, m]
+            idx = torch.minimum(self.cu[:-1].long()[:, None] + j[None],
+                                torch.tensor(self.J - 1, device=dev))
+
+            def seg(t):
+                return t[idx]
+            keys = valid[idx] & inside
+        o = torch.nn.functional.scaled_dot_product_attention(
+            seg(q).transpose(1, 2), seg(k).transpose(1, 2), seg(v).transpose(1, 2),
+            attn_mask=keys[:, None, None, :]).transpose(1, 2)  # [S, m, H, Dv]
+        o = o.reshape(S * m, H, o.shape[-1])
+        if uniform:
+            return o
+        seg_of_row = torch.repeat_interleave(torch.arange(S, device=dev), lens,
+                                             output_size=self.J)
+        flat = torch.arange(self.J, device=dev) + seg_of_row * m - self.cu[:-1].long()[seg_of_row]
+        return o.index_select(0, flat)
 
     def image(self, o):
         """The image rows ``[T, ...]`` of a joint tensor ``o`` ``[J, ...]``."""
@@ -181,8 +222,59 @@ def text_stream_out(ctx, c_out, lay, sel):
     return ctx.index_add(0, lay.seg, upd)
 
 
+class Rotary:
+    """A rotary embedding of the fused joint forwards, as the family's attention processor
+    applies it: :meth:`image` rotates the packed image rows ``[T, H, Dh]``, :meth:`text` the
+    text rows ``[B, L, H, Dh]`` (unchanged where the family rotates the image tokens only).
+    Build one with :meth:`joint_table` (Flux: a real ``(cos, sin)`` table ``[text; image]``),
+    :meth:`image_table` (HunyuanVideo: a real table of the image tokens only) or
+    :meth:`complex_tables` (Qwen-Image: complex image and text tables)."""
+
+    def __init__(self, image, text=None):
+        self._image, self._text = image, text
+
+    def image(self, t):
+        return self._image(t)
+
+    def text(self, t):
+        return t if self._text is None else self._text(t)
+
+    @classmethod
+    def joint_table(cls, rope, pos, L):
+        """``rope`` = ``(cos, sin)`` ``[L + N, Dh]`` (text rows first), interleaved pairs,
+        computed in float32 as diffusers' ``apply_rotary_emb``; ``pos`` the kept positions
+        ``[T]``."""
+        cos, sin = rope
+        ci, si = cos.index_select(0, L + pos), sin.index_select(0, L + pos)
+        f32 = torch.float32
+        return cls(lambda t: rotate_interleaved(t, ci, si, f32),
+                   lambda t: rotate_interleaved(t, cos[:L], sin[:L], f32))
+
+    @classmethod
+    def image_table(cls, rope, pos):
+        """``rope`` = ``(cos, sin)`` ``[N, Dh]`` of the image tokens; the text is not
+        rotated."""
+        ci, si = (r.index_select(0, pos) for r in rope)
+        return cls(lambda t: rotate_interleaved(t, ci, si, torch.float32))
+
+    @classmethod
+    def complex_tables(cls, img_freqs, txt_freqs, pos):
+        """Complex ``img_freqs`` ``[N, Dh / 2]`` and ``txt_freqs`` ``[L, Dh / 2]``
+        (``apply_rotary_emb_qwen(..., use_real=False)``: pairs as complex numbers, float32)."""
+        fi = img_freqs.index_select(0, pos)
+        return cls(lambda t: _rotate_complex(t, fi), lambda t: _rotate_complex(t, txt_freqs))
+
+
+def _rotate_complex(t, freqs):
+    """``t`` ``[..., R, H, Dh]`` times ``freqs`` ``[R, Dh / 2]`` (complex), pairs as complex
+    numbers in float32, returned in ``t``'s dtype (as diffusers' ``apply_rotary_emb_qwen``)."""
+    c = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
+    return torch.view_as_real(c * freqs.unsqueeze(-2)).flatten(-2).type_as(t)
+
+
 def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, *,
-                              inplace_residual=False):
+                              inplace_residual=False, rotary=None, img_valid=None,
+                              txt_valid=None):
     """One routed MMDiT double-stream block (SD3 / SD3.5 ``JointTransformerBlock``, Flux
     ``FluxTransformerBlock``) over a packed selection (docs/method.md §7).
 
@@ -191,7 +283,10 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     per sample. Joint attention runs over ``[segment rows; its sample's text]`` for every
     segment in one varlen call (both training bins included) (:class:`JointLayout`), with the
     rotary rows of exactly those positions when ``rope`` = ``(cos, sin)`` ``[L + N, Dh]`` is
-    given (Flux: table ``[text; image]``). SD3.5's ``attn2`` runs over the segment rows alone.
+    given (Flux: table ``[text; image]``) or as ``rotary`` (:class:`Rotary`) says
+    (HunyuanVideo: the image tokens only), and the key mask ``img_valid`` ``[T]`` /
+    ``txt_valid`` ``[B, L]`` (bool) when one is given (HunyuanVideo's text padding).
+    SD3.5's ``attn2`` runs over the segment rows alone.
     The image update is scattered back with the router-gated MLP and the bin weights; the text
     update follows :func:`text_stream_out`. Returns ``(encoder_hidden_states or None,
     hidden_states)`` as the block does."""
@@ -216,14 +311,12 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
     tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
     tv = heads(attn.add_v_proj(nctx), None, H)
-    lay = JointLayout(sel, L)
-    jq, jk = lay.pack(q, tq), lay.pack(k, tk)
     if rope is not None:
-        pos = sel.indices % N
-        cos, sin = (lay.pack(r.index_select(0, L + pos), r[:L]) for r in rope)  # [J, Dh]
-        jq = rotate_interleaved(jq, cos, sin, torch.float32)  # as Flux's apply_rotary_emb
-        jk = rotate_interleaved(jk, cos, sin, torch.float32)
-    o = lay.attention(jq, jk, lay.pack(v, tv))
+        rotary = Rotary.joint_table(rope, sel.indices % N, L)
+    if rotary is not None:
+        q, k, tq, tk = rotary.image(q), rotary.image(k), rotary.text(tq), rotary.text(tk)
+    lay = JointLayout(sel, L)
+    o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), img_valid, txt_valid)
     o = o.reshape(lay.J, -1).to(q.dtype)
     rows = sel.row_sample()
     a = attn.to_out[1](attn.to_out[0](lay.image(o)))
@@ -253,6 +346,71 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     nc = block.norm2_context(c_in) * (1 + c_scale_mlp.index_select(0, seg).unsqueeze(1)) + \
         c_shift_mlp.index_select(0, seg).unsqueeze(1)
     c_out = c_in + c_gate_mlp.index_select(0, seg).unsqueeze(1) * block.ff_context(nc)
+    if c_out.dtype == torch.float16:
+        c_out = c_out.clip(-65504, 65504)
+    return text_stream_out(ctx, c_out, lay, sel), new_x
+
+
+def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, *,
+                              inplace_residual=False, rotary=None, img_valid=None,
+                              txt_valid=None):
+    """One routed single-stream block (Flux ``FluxSingleTransformerBlock``, HunyuanVideo
+    ``HunyuanVideoSingleTransformerBlock``: one attention and one MLP over ``[image; text]``
+    rows, a fused output projection) over a packed selection.
+
+    The kept image rows are gathered, normalised and modulated in one pass; the text rows are
+    normalised once per sample. Attention (qk RMS-norm, the rotary rows of exactly the kept
+    positions and of the text: ``rope`` or ``rotary`` as in :func:`fused_double_stream_block`,
+    and its key mask) runs over ``[segment rows; its sample's text]`` for every segment in one
+    call. The output projection ``proj_out`` over ``[attention; MLP]``
+    is split by columns: the attention part (with the bias) is the image rows' attention
+    update, the MLP part their router-gated MLP output, both scaled by the block's gate in the
+    scatter-back. The text rows take the whole projection (ungated by the router), per
+    segment, combined as :func:`._joint.text_stream_out`. Returns ``(text, image)``."""
+    B, N, D = x.shape
+    L = ctx.shape[1]
+    norm = block.norm
+    shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    ln = norm.norm
+    h = dk.gather_norm_modulate(x, sel, shift, scale, ln.weight, ln.bias, ln.eps)  # [T, D]
+    nctx = ln(ctx) * (1 + scale[:, None]) + shift[:, None]  # [B, L, D]
+    attn = block.attn
+    H = attn.heads
+    lay = JointLayout(sel, L)
+    if rope is not None:
+        rotary = Rotary.joint_table(rope, sel.indices % N, L)
+    q, k = heads(attn.to_q(h), attn.norm_q, H), heads(attn.to_k(h), attn.norm_k, H)
+    tq, tk = heads(attn.to_q(nctx), attn.norm_q, H), heads(attn.to_k(nctx), attn.norm_k, H)
+    if rotary is not None:
+        q, k, tq, tk = rotary.image(q), rotary.image(k), rotary.text(tq), rotary.text(tk)
+    q, k = lay.pack(q, tq), lay.pack(k, tk)
+    v = lay.pack(heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H))
+    o = lay.attention(q, k, v, img_valid, txt_valid).reshape(lay.J, -1).to(q.dtype)  # [J, D]
+    rows = sel.row_sample()
+    g_rows = gate.index_select(0, rows)
+    inplace = not torch.is_grad_enabled() and inplace_residual
+    act = block.act_mlp(block.proj_mlp(h))  # [T, Dm]
+    if plain_weight(block.proj_out):
+        W, bias = block.proj_out.weight, block.proj_out.bias
+        if W.dtype != o.dtype:  # stored in another dtype (layerwise casting): cast as its hook does
+            W = W.to(o.dtype)
+            bias = None if bias is None else bias.to(o.dtype)
+        Wa, Wm = W[:, :D], W[:, D:]
+        attn_update = torch.nn.functional.linear(lay.image(o), Wa, bias) * g_rows  # [T, D]
+        mlp_out = torch.nn.functional.linear(act, Wm)  # [T, D]
+        new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, scores=gate_scores,
+                                          inplace=inplace)
+    else:
+        # a quantized or wrapped proj_out (bitsandbytes, torchao, GGUF, ...): its weight cannot
+        # be cut by columns, so the module computes the whole projection; the router gate
+        # multiplies the MLP half before it (the projection is linear: the same value)
+        upd = block.proj_out(torch.cat([lay.image(o), act * gate_scores.to(act.dtype)[:, None]],
+                                       dim=-1)) * g_rows  # [T, D]
+        new_x = dk.scatter_back_selection(x, sel, upd, use_scores=False, inplace=inplace)
+    seg = lay.seg
+    mlp_txt = block.act_mlp(block.proj_mlp(nctx)).index_select(0, seg)  # [S, L, Dm]
+    c_upd = block.proj_out(torch.cat([lay.text(o), mlp_txt], dim=-1))
+    c_out = ctx.index_select(0, seg) + gate.index_select(0, seg).unsqueeze(1) * c_upd
     if c_out.dtype == torch.float16:
         c_out = c_out.clip(-65504, 65504)
     return text_stream_out(ctx, c_out, lay, sel), new_x

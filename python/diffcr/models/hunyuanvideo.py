@@ -19,12 +19,20 @@ that enters the fused output projection. The token-replace blocks of the I2V mod
 (``image_condition_type="token_replace"``) are not routed (convert refuses them).
 
 Timesteps: the pipeline passes the scheduler's ``t`` in [0, 1000] (flow matching, ``sigma *
-1000``): noise level ``t / T`` with ``T = 1000``. There is no fused path yet: ``path="auto"``
-runs compat.
+1000``): noise level ``t / T`` with ``T = 1000``.
+
+Paths: fused forwards for both block kinds over the packed joint layout ``[segment rows; its
+sample's text]`` (:class:`._joint.JointLayout`; the order of rows inside a segment does not
+change attention), through :func:`._joint.fused_double_stream_block` and
+:func:`._joint.fused_single_stream_block`, with the rotary rows of exactly the kept video
+positions (the text is not rotated) and the joint attention mask as a key mask: the columns of
+the kept video tokens and every text token. Blocks with another attention processor or fused
+projections run compat.
 """
 import torch
 
-from ._joint import JointFamily, shared_positions
+from ._joint import (JointFamily, Rotary, fused_double_stream_block, fused_single_stream_block,
+                     shared_positions)
 from .registry import register_family
 
 
@@ -90,3 +98,53 @@ class HunyuanVideoFamily(JointFamily):
                               torch.arange(N, N + L, device=tok.device)])
             out["attention_mask"] = mask.index_select(-1, cols)
         return out
+
+    has_fused = True
+
+    def fused_unsupported_reason(self, block):
+        from diffusers.models.transformers.transformer_hunyuan_video import (
+            HunyuanVideoAttnProcessor2_0)
+
+        attn = block.attn
+        if type(attn.processor) is not HunyuanVideoAttnProcessor2_0:
+            return f"attn processor {type(attn.processor).__name__}"
+        if getattr(attn, "fused_projections", False):
+            return "fused QKV projections (fuse_projections)"
+        return None
+
+    def call_fused_reason(self, block, call):
+        rope = call.get(self._rope_name(block))
+        if rope is not None and not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+            return "rotary embeddings not given as (cos, sin)"
+        mask = call.get("attention_mask")
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 4
+                                     and mask.shape[1] == mask.shape[2] == 1):
+            return "an attention mask that is not a key mask [B, 1, 1, N + L]"
+        return self.fused_unsupported_reason(block)
+
+    def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        x, ctx = call["hidden_states"], call["encoder_hidden_states"]
+        N, L = x.shape[1], ctx.shape[1]
+        pos = sel.indices % N
+        rope = call.get(self._rope_name(block))
+        rotary = None
+        if rope is not None:
+            if rope[0].shape[0] != N:
+                raise ValueError(f"diffcr: the rotary table has {rope[0].shape[0]} rows but the "
+                                 f"block input has {N} video tokens")
+            rotary = Rotary.image_table(rope, pos)
+        img_valid = txt_valid = None
+        mask = call.get("attention_mask")
+        if mask is not None:
+            if mask.shape[-1] != N + L:
+                raise ValueError(f"diffcr: the attention mask has {mask.shape[-1]} columns but "
+                                 f"the block has {N} video + {L} text tokens")
+            keys = mask.reshape(mask.shape[0], N + L).bool()  # [B or 1, N + L]
+            keys = keys.expand(x.shape[0], N + L)
+            img_valid = keys[:, :N].reshape(-1).index_select(0, sel.indices)  # [T]
+            txt_valid = keys[:, N:]
+        fn = fused_single_stream_block if self._single(block) else fused_double_stream_block
+        new_x, new_ctx = fn(block, x, sel, gate_scores, ctx, call["temb"], None,
+                            inplace_residual=inplace_residual, rotary=rotary,
+                            img_valid=img_valid, txt_valid=txt_valid)[::-1]
+        return new_x, new_ctx

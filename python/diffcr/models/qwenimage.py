@@ -13,11 +13,21 @@ text padding mask (``encoder_hidden_states_mask``) is per sample and selected wi
 router gates the image feed-forward (``img_mlp``); ``txt_mlp`` is dense.
 
 Timesteps: the pipelines pass ``t / 1000`` in [0, 1] (flow matching: the sigma), which is the
-noise level. There is no fused path yet: ``path="auto"`` runs compat.
+noise level.
+
+Paths: the fused forward (:func:`fused_qwenimage_block`, both training bins in one packed pass)
+over the joint layout ``[segment rows; its sample's text]`` (:class:`._joint.JointLayout`):
+the kept rows gathered, normalised and modulated in one pass (per token with
+``modulate_index``), one GEMM per projection, the complex rotary rows of exactly the kept
+positions, the text padding mask (``encoder_hidden_states_mask``) as a key mask, and the
+gated scatter-back. Blocks with another attention processor or fused projections, and calls
+with ``joint_attention_kwargs``, run compat.
 """
 import torch
 
-from ._joint import JointFamily, shared_positions
+import diffcr_kernels as dk
+
+from ._joint import JointFamily, JointLayout, Rotary, heads, shared_positions, text_stream_out
 from .base import take_samples
 from .registry import register_family
 
@@ -80,3 +90,121 @@ class QwenImageFamily(JointFamily):
         else:
             out["image_rotary_emb"] = None
         return out
+
+    has_fused = True
+
+    def fused_unsupported_reason(self, block):
+        from diffusers.models.transformers.transformer_qwenimage import (
+            QwenDoubleStreamAttnProcessor2_0)
+
+        attn = block.attn
+        if type(attn.processor) is not QwenDoubleStreamAttnProcessor2_0:
+            return f"attn processor {type(attn.processor).__name__}"
+        if getattr(attn, "fused_projections", False):
+            return "fused QKV projections (fuse_projections)"
+        return None
+
+    def call_fused_reason(self, block, call):
+        if call.get("joint_attention_kwargs"):
+            return f"joint_attention_kwargs {sorted(call['joint_attention_kwargs'])}"
+        rope = call.get("image_rotary_emb")
+        if not (isinstance(rope, (tuple, list)) and len(rope) == 2
+                and all(torch.is_tensor(r) and r.is_complex() for r in rope)):
+            return "rotary embeddings not given as complex (image, text) tables"
+        index = call.get("modulate_index")
+        if index is not None and not torch.is_tensor(index):
+            return "modulate_index not given as a tensor"
+        return self.fused_unsupported_reason(block)
+
+    def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        return fused_qwenimage_block(
+            block, call["hidden_states"], sel, gate_scores, call["encoder_hidden_states"],
+            call.get("encoder_hidden_states_mask"), call["temb"], call["image_rotary_emb"],
+            call.get("modulate_index"), inplace_residual=inplace_residual)
+
+
+def fused_qwenimage_block(block, x, sel, gate_scores, ctx, ctx_mask, temb, rope,
+                          modulate_index=None, *, inplace_residual=False):
+    """One routed ``QwenImageTransformerBlock`` over a packed selection (docs/method.md §7).
+
+    x ``[B, N, D]``; ctx ``[B, L, D]`` (the text stream); ctx_mask ``[B, L]`` (nonzero: a
+    valid text token) or None; temb ``[B, D]``, or ``[2B, D]`` with ``modulate_index``
+    ``[B, N]`` or ``[1, N]`` (edit models, ``zero_cond_t``: rows of index 1 are modulated by
+    the second half); rope ``(img_freqs [N, Dh / 2], txt_freqs [L, Dh / 2])`` complex.
+
+    The image rows of every segment are gathered, normalised and modulated in one pass and
+    projected with one GEMM per projection; the text stream is normalised, modulated and
+    projected once per sample. Joint attention runs over ``[segment rows; its sample's text]``
+    for every segment (both training bins included) with the complex rotary rows of exactly
+    those positions and the text mask as a key mask. The image update is scattered back with
+    the router-gated ``img_mlp`` and the bin weights; the text update follows
+    :func:`._joint.text_stream_out`. Returns ``(encoder_hidden_states, hidden_states)`` as the
+    block does."""
+    B, N, D = x.shape
+    L = ctx.shape[1]
+    rows = sel.row_sample()
+    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)  # [B or 2B, 3D] each
+    txt_temb = temb.chunk(2, dim=0)[0] if block.zero_cond_t else temb
+    txt_mod1, txt_mod2 = block.txt_mod(txt_temb).chunk(2, dim=-1)
+    eps = block.img_norm1.eps
+
+    if modulate_index is None:
+        def per_row(mod):  # (shift, scale, gate) of each packed row: [T, D] each
+            return tuple(m.index_select(0, rows) for m in mod.chunk(3, dim=-1))
+        shift1, scale1, _ = img_mod1.chunk(3, dim=-1)
+        h = dk.gather_norm_modulate(x, sel, shift1, scale1, None, None, eps)
+    else:
+        if modulate_index.shape[-1] != N:
+            raise ValueError(f"diffcr: modulate_index has {modulate_index.shape[-1]} tokens but "
+                             f"the block input has {N}")
+        second = (modulate_index.expand(B, N).reshape(-1).index_select(0, sel.indices)
+                  != 0)[:, None]  # [T, 1]: modulated by temb(0)
+
+        def per_row(mod):
+            return tuple(torch.where(second, m[B:].index_select(0, rows),
+                                     m[:B].index_select(0, rows)) for m in mod.chunk(3, dim=-1))
+        shift1, scale1, _ = per_row(img_mod1)
+        h = dk.gather_norm_modulate(x, sel, None, None, None, None, eps) * (1 + scale1) + shift1
+    _, _, gate1 = per_row(img_mod1)
+    shift2, scale2, gate2 = per_row(img_mod2)
+    t_shift1, t_scale1, t_gate1 = txt_mod1.chunk(3, dim=-1)  # [B, D] each
+    t_shift2, t_scale2, t_gate2 = txt_mod2.chunk(3, dim=-1)
+    nctx = block.txt_norm1(ctx) * (1 + t_scale1[:, None]) + t_shift1[:, None]
+
+    attn = block.attn
+    H = attn.heads
+    q, k = heads(attn.to_q(h), attn.norm_q, H), heads(attn.to_k(h), attn.norm_k, H)
+    v = heads(attn.to_v(h), None, H)  # [T, H, Dh]
+    tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
+    tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
+    tv = heads(attn.add_v_proj(nctx), None, H)
+    rot = Rotary.complex_tables(rope[0], rope[1], sel.indices % N)
+    q, k, tq, tk = rot.image(q), rot.image(k), rot.text(tq), rot.text(tk)
+    lay = JointLayout(sel, L)
+    o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), None,
+                      None if ctx_mask is None else ctx_mask.bool())
+    o = o.reshape(lay.J, -1).to(q.dtype)
+
+    attn_update = attn.to_out[1](attn.to_out[0](lay.image(o))) * gate1  # [T, D]
+    hid = dk.gather_rows(x, sel.indices) + attn_update
+    mlp_out = block.img_mlp(block.img_norm2(hid) * (1 + scale2) + shift2)
+    inplace = not torch.is_grad_enabled() and inplace_residual
+    if modulate_index is None:
+        new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, img_mod2.chunk(3, -1)[2],
+                                          scores=gate_scores, inplace=inplace)
+    else:  # per-row gates: applied before the scatter-back, which then gates by 1
+        new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out * gate2,
+                                          scores=gate_scores, inplace=inplace)
+    if new_x.dtype == torch.float16:
+        new_x = new_x.clip(-65504, 65504)
+
+    # the text stream of each segment (it attended to that segment's rows)
+    seg = lay.seg
+    c_in = ctx.index_select(0, seg) + t_gate1.index_select(0, seg).unsqueeze(1) * \
+        attn.to_add_out(lay.text(o))
+    nc = block.txt_norm2(c_in) * (1 + t_scale2.index_select(0, seg).unsqueeze(1)) + \
+        t_shift2.index_select(0, seg).unsqueeze(1)
+    c_out = c_in + t_gate2.index_select(0, seg).unsqueeze(1) * block.txt_mlp(nc)
+    if c_out.dtype == torch.float16:
+        c_out = c_out.clip(-65504, 65504)
+    return text_stream_out(ctx, c_out, lay, sel), new_x

@@ -1,0 +1,106 @@
+"""The fused paths of Qwen-Image and HunyuanVideo against their compat paths (the blocks' own
+diffusers forwards on the gathered tokens), in float64 so that the two must agree to rounding:
+the text padding mask (a key mask over joint segments), Qwen-Image's edit models
+(``zero_cond_t``: per-token modulation, doubled ``temb``), complex rotary tables, and both
+training bins with their gradients. The family conformance tests run the same families at
+float32 on the common inputs; these add the inputs those do not vary."""
+import copy
+import inspect
+
+import pytest
+import torch
+
+import diffcr
+from diffcr import DiffCRConfig
+
+from tiny_models import (_randomise_weights, hunyuanvideo_inputs, qwenimage_inputs,
+                         set_ratios, tiny_hunyuanvideo, tiny_qwenimage)
+
+
+def _f64(kw):
+    return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in kw.items()}
+
+
+def _both_paths(base, kw, train):
+    """``{path: (output, router and ratio gradients, last_path of every block)}``."""
+    out = {}
+    for path in ("fused", "compat"):
+        m = copy.deepcopy(base).double()
+        diffcr.convert(m, DiffCRConfig(num_regions=4, path=path, param_dtype="float64"))
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for b in diffcr.routed_blocks(m).values():
+                b.router.weight.copy_(torch.randn(b.router.weight.shape, generator=g))
+        set_ratios(m, [0.35, 0.55, 0.75, 0.95] if train else [0.3, 0.5, 0.8, 1.0])
+        m.train(train)
+        y = m(**_f64(kw)).sample
+        grads = {}
+        if train:
+            (y.square().mean() + diffcr.ratio_loss(m)).backward()
+            for i, b in diffcr.routed_blocks(m).items():
+                grads[f"router{i}"] = b.router.weight.grad
+                grads[f"ratio{i}"] = b.ratio.kept.grad
+        paths = [b.last_path for b in diffcr.routing_state(m).blocks.values()]
+        out[path] = (y.detach(), grads, paths)
+    return out
+
+
+def _check(out):
+    (yf, gf, pf), (yc, gc, pc) = out["fused"], out["compat"]
+    assert set(pf) == {"fused"} and set(pc) == {"compat"}, (pf, pc)
+    torch.testing.assert_close(yf, yc, rtol=1e-10, atol=1e-10 * max(1.0, yc.abs().max().item()))
+    assert sorted(gf) == sorted(gc)
+    for key, g in gc.items():
+        assert g.abs().sum() > 0, key
+        torch.testing.assert_close(gf[key], g, rtol=1e-8,
+                                   atol=1e-8 * max(1.0, g.abs().max().item()), msg=key)
+
+
+def _has_zero_cond_t():
+    from diffusers import QwenImageTransformer2DModel
+
+    return "zero_cond_t" in inspect.signature(QwenImageTransformer2DModel).parameters
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mask", ["none", "padded"])
+@pytest.mark.parametrize("edit", [False, True], ids=["t2i", "edit"])
+def test_qwenimage_fused_equals_compat(edit, mask, train):
+    if edit and not _has_zero_cond_t():
+        pytest.skip("this diffusers has no Qwen-Image zero_cond_t (added in 0.36)")
+    base = _randomise_weights(tiny_qwenimage(zero_cond_t=edit))
+    kw = qwenimage_inputs([0.1, 0.9], images=2 if edit else 1)
+    if mask == "none":  # what the pipelines pass when no prompt is padded
+        kw.pop("encoder_hidden_states_mask")
+    else:
+        kw["encoder_hidden_states_mask"][1, 3:] = 0
+    _check(_both_paths(base, kw, train))
+
+
+def test_qwenimage_fused_path_honours_the_text_padding_mask():
+    """Padding sample 1's text changes sample 1's output and not sample 0's, on the fused
+    path (a mask that the fused attention ignored would change nothing)."""
+    base = _randomise_weights(tiny_qwenimage())
+    outs = []
+    for pad in (False, True):
+        m = copy.deepcopy(base)
+        diffcr.convert(m, DiffCRConfig(num_regions=1, path="fused"))
+        set_ratios(m, 0.5)
+        diffcr.freeze(m)
+        kw = qwenimage_inputs([0.5, 0.5])
+        if pad:
+            kw["encoder_hidden_states_mask"][1, 3:] = 0
+        with torch.no_grad():
+            outs.append(m(**kw).sample)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert not torch.allclose(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("t", [(100, 900), (500,)], ids=["padded-text", "one-sample"])
+def test_hunyuanvideo_fused_equals_compat(t, train):
+    """Double and single blocks; with two samples the second one's text is padded (the joint
+    attention mask the model builds)."""
+    base = _randomise_weights(tiny_hunyuanvideo())
+    _check(_both_paths(base, hunyuanvideo_inputs(t), train))
