@@ -76,65 +76,77 @@ def scatter_pieces(x, sel, pieces, inplace=False):
     return dk.scatter_back_selection(x, sel, delta, use_scores=False, inplace=inplace)
 
 
-def cross_attention(attn, h, sel, text, text_bias, qk_norm=False):
+def cross_attention(attn, h, sel, text, text_bias, qk_norm=False, *, image_context=None):
     """Queries: the packed rows; keys/values: the text of each segment's sample, with
     diffusers' additive text mask (bias [B, 1, L] or None). ``qk_norm``: the attention's
-    ``norm_q`` / ``norm_k`` follow the projections (Wan)."""
+    ``norm_q`` / ``norm_k`` follow the projections (Wan). ``image_context`` ``[B, L_img, C]``
+    (Wan I2V; None otherwise): the same queries also attend, without a mask, to their sample's
+    image keys ``norm_added_k(add_k_proj(image_context))`` and values
+    ``add_v_proj(image_context)``; the two attention outputs, each in the queries' dtype, are
+    summed before ``to_out``, as diffusers' ``WanAttnProcessor`` does."""
     T = h.shape[0]
     H = attn.heads
     q = attn.to_q(h)
     kt, vt = attn.to_k(text), attn.to_v(text)  # [B, L, D] once per sample
     if qk_norm:
         q, kt = attn.norm_q(q), attn.norm_k(kt)
-    Dh = kt.shape[-1] // H
-    L = kt.shape[1]
     lens = list(sel.seqlens)
     P = sel.segs_per_sample
     B = len(lens) // P if P else 0
-    if (not sel.uniform and B == kt.shape[0] and B * P == len(lens)
-            and all(lens[i] == lens[i - P] for i in range(P, len(lens)))):
-        # every sample has the same P slot lengths: [B, rows per sample, H, Dh], split the
-        # slots along dim 1 (views), keys/values are the sample's own text (no gather)
-        q4 = q.view(B, sum(lens[:P]), H, Dh)
-        kg = kt.view(B, L, H, Dh).transpose(1, 2)
-        vg = vt.view(B, L, H, Dh).transpose(1, 2)
-        mask = None if text_bias is None else text_bias.view(B, 1, -1, L).to(q.dtype)
-        outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kg, vg, attn_mask=mask
-                                               ).transpose(1, 2)
-                for qp in q4.split(lens[:P], dim=1)]
-        out = torch.cat(outs, 1).reshape(T, H * Dh).to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
-    groups = {}
-    for s, n in enumerate(sel.seqlens):
-        groups.setdefault(n, []).append(s)
-    # segments are contiguous row ranges: split views (backward: one concatenation), stack
-    # only groups of several equal-length segments, concatenate the outputs once
-    qs = None if len(groups) == 1 else torch.split(q, list(sel.seqlens))
-    outs = [None] * len(sel.seqlens)
-    for n, segs in groups.items():
-        G = len(segs)
-        if qs is None:
-            samp = sel.seg_sample
-            qg = q.view(G, n, H, Dh)
-        else:
-            samp = dk.host_index([s // sel.segs_per_sample for s in segs], q.device)
-            qg = (qs[segs[0]].unsqueeze(0) if G == 1 else
-                  torch.stack([qs[s] for s in segs])).view(G, n, H, Dh)
-        kg = kt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
-        vg = vt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
-        mask = None
-        if text_bias is not None:
-            mask = text_bias.index_select(0, samp).view(G, 1, -1, L).to(qg.dtype)
-        o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask)
-        o = o.transpose(1, 2)  # [G, n, H, Dh]
-        if qs is None:
-            out = o.reshape(-1, H * Dh)
-        else:
-            for s, os_ in zip(segs, o.unbind(0)):
-                outs[s] = os_.reshape(n, H * Dh)
-    if qs is not None:
-        out = torch.cat(outs, 0)
-    out = out.to(q.dtype)
+
+    def attend(kt, vt, bias):
+        # the packed queries over the keys/values [B, L, H * Dh] of each segment's sample
+        # -> [T, H * Dh] in q's dtype (before the output projection)
+        Dh = kt.shape[-1] // H
+        L = kt.shape[1]
+        if (not sel.uniform and B == kt.shape[0] and B * P == len(lens)
+                and all(lens[i] == lens[i - P] for i in range(P, len(lens)))):
+            # every sample has the same P slot lengths: [B, rows per sample, H, Dh], split the
+            # slots along dim 1 (views), keys/values are the sample's own (no gather)
+            q4 = q.view(B, sum(lens[:P]), H, Dh)
+            kg = kt.view(B, L, H, Dh).transpose(1, 2)
+            vg = vt.view(B, L, H, Dh).transpose(1, 2)
+            mask = None if bias is None else bias.view(B, 1, -1, L).to(q.dtype)
+            outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kg, vg, attn_mask=mask
+                                                   ).transpose(1, 2)
+                    for qp in q4.split(lens[:P], dim=1)]
+            return torch.cat(outs, 1).reshape(T, H * Dh).to(q.dtype)
+        groups = {}
+        for s, n in enumerate(lens):
+            groups.setdefault(n, []).append(s)
+        # segments are contiguous row ranges: split views (backward: one concatenation), stack
+        # only groups of several equal-length segments, concatenate the outputs once
+        qs = None if len(groups) == 1 else torch.split(q, lens)
+        outs = [None] * len(lens)
+        for n, segs in groups.items():
+            G = len(segs)
+            if qs is None:
+                samp = sel.seg_sample
+                qg = q.view(G, n, H, Dh)
+            else:
+                samp = dk.host_index([s // P for s in segs], q.device)
+                qg = (qs[segs[0]].unsqueeze(0) if G == 1 else
+                      torch.stack([qs[s] for s in segs])).view(G, n, H, Dh)
+            kg = kt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
+            vg = vt.index_select(0, samp).view(G, L, H, Dh).transpose(1, 2)
+            mask = None
+            if bias is not None:
+                mask = bias.index_select(0, samp).view(G, 1, -1, L).to(qg.dtype)
+            o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask)
+            o = o.transpose(1, 2)  # [G, n, H, Dh]
+            if qs is None:
+                out = o.reshape(-1, H * Dh)
+            else:
+                for s, os_ in zip(segs, o.unbind(0)):
+                    outs[s] = os_.reshape(n, H * Dh)
+        if qs is not None:
+            out = torch.cat(outs, 0)
+        return out.to(q.dtype)
+
+    out = attend(kt, vt, text_bias)
+    if image_context is not None:
+        ki = attn.norm_added_k(attn.add_k_proj(image_context))  # [B, L_img, D], no mask
+        out = out + attend(ki, attn.add_v_proj(image_context), None)
     return attn.to_out[1](attn.to_out[0](out))
 
 

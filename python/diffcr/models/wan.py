@@ -14,9 +14,12 @@ Timesteps: the pipelines pass the scheduler's ``t`` in [0, 1000) (``T = 1000``, 
 routers and ratios (:func:`diffcr.convert_pipeline`).
 
 Paths: the fused forward (:func:`_fused_wan_block`, both training bins in one packed pass) for
-T2V blocks with ``(cos, sin)`` rotary tables and a per-sample ``temb``; the compat path for
-I2V blocks (image K/V in the cross-attention), fused QKV projections, other attention
-processors and Wan 2.2 TI2V's per-token ``temb`` (``path="auto"`` picks per block and call).
+T2V and I2V blocks with ``(cos, sin)`` rotary tables, with a per-sample ``temb`` (modulation
+fused into the gather) or Wan 2.2 TI2V's per-token one (each kept row's shift, scale and gates
+gathered with it); in I2V blocks the packed queries attend to their sample's text and image
+K/V, as ``WanAttnProcessor`` (the last 512 context tokens are the text). The compat path for
+fused QKV projections, other attention processors and rotary embeddings not given as
+``(cos, sin)`` (``path="auto"`` picks per block and call).
 """
 import torch
 
@@ -25,6 +28,25 @@ import diffcr_kernels as dk
 from .base import ModelFamily
 from .common import cross_attention, rotate_interleaved, scatter_pieces, segment_groups
 from .registry import register_family
+
+#: diffusers' ``WanAttnProcessor``: in an I2V block the last 512 tokens of
+#: ``encoder_hidden_states`` are the text (the text encoder's context length, hardcoded there),
+#: the tokens before them the image embedding
+_TEXT_LEN = 512
+
+
+def _split_image_context(block, context):
+    """``(image, text)`` of an I2V block's ``encoder_hidden_states`` as ``WanAttnProcessor``
+    splits them; ``(None, context)`` for a T2V block."""
+    if block.attn2.add_k_proj is None:
+        return None, context
+    L = context.shape[1]
+    if L < _TEXT_LEN:
+        raise ValueError(f"diffcr: an image-to-video Wan block (attn2.add_k_proj) takes the "
+                         f"image embedding followed by {_TEXT_LEN} text tokens in "
+                         f"encoder_hidden_states, got {L} tokens (fewer than the "
+                         f"{_TEXT_LEN} text tokens diffusers' WanAttnProcessor splits off)")
+    return context[:, :L - _TEXT_LEN], context[:, L - _TEXT_LEN:]
 
 
 def _gather_rows(t, tok, N):
@@ -72,20 +94,16 @@ class WanFamily(ModelFamily):
                 return f"{name} processor {type(attn.processor).__name__}"
             if getattr(attn, "fused_projections", False):
                 return f"{name} has fused projections (call unfuse_qkv_projections())"
-        if block.attn2.add_k_proj is not None:
-            return "image-to-video cross-attention (image K/V)"
         return None
 
     def call_fused_reason(self, block, call):
-        temb = call.get("temb")
-        if torch.is_tensor(temb) and temb.dim() == 4:
-            return "a per-token temb (Wan 2.2 TI2V)"
         rope = call.get("rotary_emb")
         if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
             return "rotary embeddings not given as (cos, sin)"
         return None
 
     def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        self._check_temb(call)
         return _fused_wan_block(block, call["hidden_states"], sel, gate_scores,
                                 call["encoder_hidden_states"], call["temb"], call["rotary_emb"],
                                 inplace_residual=inplace_residual)
@@ -116,8 +134,9 @@ class WanFamily(ModelFamily):
     def compat_forward(self, block, base_forward, call, sel, ks, gate, mlp_gate, *,
                        inplace_residual=False):
         self._check_temb(call)
+        _split_image_context(block, call["encoder_hidden_states"])  # (refuses a short context)
         x = call["hidden_states"]
-        B, N, _ = x.shape
+        N = x.shape[1]
         pieces = []
         for rows, idx, samp, _ in segment_groups(sel, ks, x.device):
             gcall = self.gathered_call(block, call, samp, idx - samp[:, None] * N)
@@ -127,21 +146,40 @@ class WanFamily(ModelFamily):
         return scatter_pieces(x, sel, pieces, inplace_residual)
 
 
-def _fused_wan_block(block, x, sel, gate_scores, text, temb, rope, *, inplace_residual=False):
+def _fused_wan_block(block, x, sel, gate_scores, context, temb, rope, *, inplace_residual=False):
     """One routed ``WanTransformerBlock`` over a packed selection (docs/method.md §7, as the
     PixArt block): gather + LayerNorm + modulate of the kept rows, one GEMM per projection for
     every segment (both training bins included), qk RMS-norm, the rotary rows of the kept
     positions, self-attention over each segment, cross-attention of each segment over its
-    sample's text, the FFN, and the gated scatter-back. Returns the new ``[B, N, D]``."""
-    B, N, D = x.shape
+    sample's text (and image, I2V), the FFN, and the gated scatter-back. ``temb``: ``[B, 6, D]``
+    (one modulation per sample) or ``[B, N, 6, D]`` (Wan 2.2 TI2V, one per token: the kept
+    rows' own). Returns the new ``[B, N, D]``."""
+    B, N = x.shape[:2]
     T = sel.total
-    mods = block.scale_shift_table + temb.float()  # [B, 6, D], float32 as diffusers
-    shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(1)
     dt = x.dtype
     norm1 = block.norm1
-    h = dk.gather_norm_modulate(x, sel, shift.to(dt), scale.to(dt), norm1.weight, norm1.bias,
-                                norm1.eps)
-    rows = sel.row_sample()
+    per_token = temb.dim() == 4
+    if per_token:
+        # [B, N, 6, D] -> the kept rows' [T, 6, D] (flat rows b * N + n), then diffusers'
+        # scale_shift_table + temb.float() on those rows: every modulation is per row
+        mods = block.scale_shift_table + temb.reshape(B * N, *temb.shape[2:]).index_select(
+            0, sel.indices).float()
+        shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(1)  # [T, D], float32
+        xp = dk.gather_rows(x, sel.indices)
+        h = (norm1(xp.float()) * (1 + scale) + shift).type_as(x)  # as diffusers, per row
+
+        def row(t):  # already one row per packed row
+            return t
+    else:
+        mods = block.scale_shift_table + temb.float()  # [B, 6, D], float32 as diffusers
+        shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(1)
+        h = dk.gather_norm_modulate(x, sel, shift.to(dt), scale.to(dt), norm1.weight,
+                                    norm1.bias, norm1.eps)
+        xp = None  # gathered after the self-attention
+        rows = sel.row_sample()
+
+        def row(t):  # [B, D] -> the sample's row of each packed row, [T, D]
+            return t.index_select(0, rows)
     # 1. self-attention over each segment, with the rotary rows of the kept positions
     attn = block.attn1
     H = attn.heads
@@ -153,19 +191,24 @@ def _fused_wan_block(block, x, sel, gate_scores, text, temb, rope, *, inplace_re
     q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)  # as WanAttnProcessor
     o = dk.selection_attention(q, k, v, sel)
     a = attn.to_out[1](attn.to_out[0](o.reshape(T, H * Dh).type_as(q)))
-    xp = dk.gather_rows(x, sel.indices)
-    attn_update = (a * gate.index_select(0, rows)).type_as(x)  # [T, D]
-    hid = (xp.float() + a * gate.index_select(0, rows)).type_as(x)
-    # 2. cross-attention of each segment over its sample's text
+    if xp is None:
+        xp = dk.gather_rows(x, sel.indices)
+    attn_update = (a * row(gate)).type_as(x)  # [T, D]
+    hid = (xp.float() + a * row(gate)).type_as(x)
+    # 2. cross-attention of each segment over its sample's text (and its image, I2V)
+    image, text = _split_image_context(block, context)
     n2 = block.norm2(hid.float()).type_as(hid)
-    c = cross_attention(block.attn2, n2, sel, text, None, qk_norm=True)
+    c = cross_attention(block.attn2, n2, sel, text, None, qk_norm=True, image_context=image)
     attn_update = attn_update + c
     hid = hid + c
     # 3. feed-forward on the modulated rows
-    n3 = (block.norm3(hid.float()) * (1 + c_scale.index_select(0, rows))
-          + c_shift.index_select(0, rows)).type_as(hid)
+    n3 = (block.norm3(hid.float()) * (1 + row(c_scale)) + row(c_shift)).type_as(hid)
     mlp_out = block.ffn(n3)
+    inplace = not torch.is_grad_enabled() and inplace_residual
+    if per_token:
+        # the per-row gate on the MLP output here; the scatter-back adds the router's factor
+        mlp_out = (mlp_out.float() * c_gate).type_as(x)
+        return dk.scatter_back_selection(x, sel, attn_update, mlp_out, None, scores=gate_scores,
+                                         inplace=inplace)
     return dk.scatter_back_selection(x, sel, attn_update, mlp_out, c_gate.to(dt),
-                                     scores=gate_scores,
-                                     inplace=not torch.is_grad_enabled() and inplace_residual)
-
+                                     scores=gate_scores, inplace=inplace)
