@@ -20,7 +20,8 @@
 #   3. compute-sanitizer memcheck over every CUDA op with torch's caching allocator off (no
 #      racecheck: it only sees shared memory, which these kernels do not use). A refusal of the
 #      sanitizer on this machine is recorded, not counted as a failure;
-#   4. `diffcr bench` (block: dense vs routed vs naive vs token cache, and mask-aware routing at N = 4096 B = 8; N = 1024 B = 1), then
+#   4. `diffcr bench` (block: dense vs routed vs naive vs token cache, and mask-aware routing at N = 4096 B = 8; N = 1024 B = 1;
+#      Flux.1's training step under bf16 autocast and its regionally compiled forward), then
 #      the modern families' blocks (SD3.5-L, Flux.1 double and single, Wan 1.3B and 14B,
 #      Qwen-Image, HunyuanVideo; N = 4096, B = 1) and Wan 1.3B at 480p, 81 frames (32,760);
 #   5. on a machine with several GPUs: per-rank block time under context parallelism (Ulysses
@@ -240,6 +241,11 @@ if command -v compute-sanitizer > /dev/null 2>&1 || [ "$DRY" = 1 ]; then
 fi
 run_step bench_b8 120 "cd /tmp && $PY -m diffcr bench --rounds 10 --token-cache --masked --json > '$OUT/diffcr_bench_b8.json'"
 run_step bench_b1 60 "cd /tmp && $PY -m diffcr bench --tokens 1024 --batch 1 --rounds 20 --json > '$OUT/diffcr_bench_b1.json'"
+# what users switch on (#26): the two-bin training step under bf16 autocast over fp32 weights
+# (diffcr train --mixed-precision bf16), and the inference rows with both blocks compiled
+# regionally (torch.compile fullgraph per block, as compile_repeated_blocks), Flux.1 at N = 4096
+run_step bench_autocast 90 "cd /tmp && $PY -m diffcr bench --model flux --tokens 4096 --batch 1 --rounds 5 --kappas 1.0,0.5 --autocast bf16 --no-naive --json > '$OUT/diffcr_bench_flux_autocast.json'"
+run_step bench_compile 120 "cd /tmp && $PY -m diffcr bench --model flux --tokens 4096 --batch 1 --rounds 5 --kappas 1.0,0.8,0.5,0.3 --compile --no-training --no-overhead --json > '$OUT/diffcr_bench_flux_compile.json'"
 # the modern families (SD3.5-L joint, Flux.1 double and single, Wan 1.3B and 14B, Qwen-Image and
 # HunyuanVideo blocks), N = 4096, B = 1; then Wan at 480p, 81 frames (32,760 tokens)
 run_step bench_families 200 "cd /tmp && for m in sd3 flux flux-single wan wan-14b qwenimage hunyuanvideo; do $PY -m diffcr bench --model \$m --tokens 4096 --batch 1 --rounds 5 --no-training --no-naive --token-cache --json > '$OUT'/diffcr_bench_\$m.json || exit 1; done; $PY -m diffcr bench --model wan --tokens 32760 --batch 1 --rounds 3 --no-training --no-naive --json > '$OUT'/diffcr_bench_wan_480p_81f.json"

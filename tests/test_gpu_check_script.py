@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["build", "gpu_tests", "triton_tests", "memcheck", "bench_b8", "bench_b1",
-         "bench_families", "suites"]
+         "bench_autocast", "bench_compile", "bench_families", "suites"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")

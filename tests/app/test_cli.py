@@ -213,6 +213,7 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["bench", "--model", "wan", "--tokens", "17"], "multiple of 1560"),
     (["bench", "--model", "flux", "--tokens", "17"], "must be a square number"),
     (["bench", "--model", "wan", "--masked"], "--masked is for image blocks"),
+    (["bench", "--autocast", "bf16", "--dtype", "bf16"], "--autocast bf16 runs over fp32"),
     (["nonsense"], "invalid choice"),
     (["train", "--lr", "nan"], "--lr must be a finite number"),
     (["train", "--lam", "inf"], "--lam must be a finite number"),
@@ -233,6 +234,22 @@ def test_bad_arguments_give_one_line_errors(args, needle, capsys):
     r = cli_in_process(capsys, *args)
     line = one_line_error(r)
     assert needle in line
+
+
+def test_bench_under_autocast_keeps_the_fused_path(capsys):
+    """``diffcr bench --autocast bf16``: fp32 weights, every timed call under autocast (what
+    ``--mixed-precision bf16`` trains with); the routed block and the training step run
+    fused there, and the JSON says which autocast dtype ran."""
+    import json
+
+    r = cli_in_process(capsys, "bench", "--model", "dit-demo", "--tokens", "16", "--rounds",
+                       "1", "--kappas", "0.5", "--autocast", "bf16", "--no-naive",
+                       "--no-overhead", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["config"]["autocast"] == "bf16" and out["config"]["dtype"] == "fp32"
+    assert [b["path"] for b in out["blocks"]] == ["fused"]
+    assert out["training"]["path"] == "fused"
 
 
 def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path, capsys):

@@ -349,8 +349,11 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
                 num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=64)
             D, L = c["D"], c["text"]
             rope = model.rope(torch.zeros(1, 16, frames, 2 * th, 2 * tw))
+            # the joint key mask [B, 1, 1, N + L] the model always passes (every text token
+            # valid here): dense and routed blocks both run masked attention, as in a pipeline
+            mask = torch.ones(B, 1, 1, N + L, dtype=torch.bool)
             inputs = dict(hidden_states=rnd(B, N, D), encoder_hidden_states=rnd(B, L, D),
-                          temb=rnd(B, D, scale=0.1), attention_mask=None, freqs_cis=rope)
+                          temb=rnd(B, D, scale=0.1), attention_mask=mask, freqs_cis=rope)
             cost, shared = _joint_cost(D, L)
             blocks_attr, routed = "transformer_blocks", 0
         elif kind in ("wan", "wan-14b"):
@@ -451,7 +454,7 @@ def _token_cache_fn(bb: "BlockBench"):
 def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device="cpu",
                  dtype=torch.float32, rounds=3, prepack: Optional[bool] = None,
                  naive: bool = True, token_cache: bool = False,
-                 bench: Optional[BlockBench] = None) -> List[dict]:
+                 bench: Optional[BlockBench] = None, compile: bool = False) -> List[dict]:
     """Dense vs routed (frozen, fused path) block at each kappa: time, speedup, ideal,
     fraction of ideal, peak memory.
 
@@ -473,16 +476,24 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
     ideal is the median over rounds of (dense / routed) / ideal. ``prepack`` (default: on for
     CPU when MKL is there) gives the dense, routed and naive blocks alike MKL-prepacked
     weights (:mod:`diffcr.cpu`); the rows record it.
+
+    ``compile``: the dense and the routed block each compiled with
+    ``torch.compile(fullgraph=True)``, as diffusers' regional compile
+    (``compile_repeated_blocks``) compiles every block (one graph per kept ratio, compiled in
+    the warm-up round); no prepacking then, and no naive control.
     """
     dev = torch.device(device)
-    packed = _resolve_prepack(prepack, dev)
+    packed = _resolve_prepack(prepack, dev) and not compile
     bb = bench if bench is not None else make_block_bench(kind, N, B, device, dtype)
-    naive = naive and kind not in JOINT_KINDS  # the control is the PixArt/DiT block's
+    naive = naive and kind not in JOINT_KINDS and not compile  # the PixArt/DiT block's control
     if packed:
         from ..cpu import prepack_linears
 
         prepack_linears(bb.dense)
         prepack_linears(bb.block)
+    if compile:
+        bb.dense.compile(fullgraph=True)
+        bb.block.compile(fullgraph=True)
     rows = []
     with torch.no_grad():
         m_dense = _peak_mem(bb.run_dense, dev)
@@ -507,7 +518,7 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
                        routed_ms=med["routed"] * 1e3, speedup=speedup,
                        ideal_speedup=ideal, fraction_of_ideal=speedup / ideal,
                        peak_mem_MB=_peak_mem(bb.run_routed, dev), dense_peak_mem_MB=m_dense,
-                       prepacked=packed, rounds=rounds, path=bb.path())
+                       prepacked=packed, rounds=rounds, path=bb.path(), compiled=compile)
             if naive:
                 row["naive_ms"] = med["naive"] * 1e3
                 row["naive_fraction_of_ideal"] = statistics.median(

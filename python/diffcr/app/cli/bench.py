@@ -38,7 +38,11 @@ def add_parser(sub) -> None:
                      help="kept ratios, comma-separated (default 1.0,0.8,0.5,0.3)")
     p_b.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p_b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                     help="default fp32 on CPU, bf16 on GPU")
+                     help="default fp32 on CPU or with --autocast, bf16 on GPU")
+    p_b.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                     help="run every timed call (dense, routed, naive, training step) under "
+                          "torch.autocast in this dtype, weights in fp32: what "
+                          "--mixed-precision does in diffcr train (needs --dtype fp32)")
     p_b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p_b.add_argument("--rounds", type=int, default=6,
                      help="interleaved timed rounds per point (median; default 6)")
@@ -52,6 +56,11 @@ def add_parser(sub) -> None:
                      help="also time mask-aware routing (diffcr.mask_routing, inpainting): a "
                           "centred box of 10 / 25 / 50 %% of the tokens always computed, plus "
                           "0.3 / 0.5 of the rest (image kinds)")
+    p_b.add_argument("--compile", action="store_true",
+                     help="compile the dense and the routed block with torch.compile("
+                          "fullgraph=True), as diffusers' regional compile "
+                          "(compile_repeated_blocks) does; inference rows only (no prepacking, "
+                          "no naive control)")
     p_b.add_argument("--no-naive", action="store_true",
                      help="skip the plain-torch gather -> block -> scatter control")
     p_b.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
@@ -66,7 +75,7 @@ def run(args, parser) -> int:
     args.device = args.device or ("cuda" if gpu else "cpu")
     args.tokens = args.tokens or (4096 if gpu else 1024)
     args.batch = args.batch or (8 if gpu else 1)
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.dtype = args.dtype or ("bf16" if gpu and not args.autocast else "fp32")
     for name in ("tokens", "batch", "threads", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -113,15 +122,32 @@ def _bench(args) -> int:
         print(f"diffcr bench: --tokens must be a square number, got {args.tokens}",
               file=sys.stderr)
         return 2
+    if args.autocast and args.dtype != "fp32":
+        print(f"diffcr bench: --autocast {args.autocast} runs over fp32 weights; got --dtype "
+              f"{args.dtype} (drop it or pass --dtype fp32)", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[args.dtype]
+    if args.autocast:
+        with torch.autocast(args.device, dtype=dtypes[args.autocast]):
+            return _measure(args, dtype)
+    return _measure(args, dtype)
+
+
+def _measure(args, dtype) -> int:
+    import torch
+
+    from .. import bench
+
     common = dict(kind=args.model, N=args.tokens, B=args.batch, device=args.device, dtype=dtype)
     out = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "threads": args.threads, "torch": torch.__version__, "config": vars(args).copy()}
     out["config"].pop("func", None)
     out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds,
                                        prepack=args.prepack, naive=not args.no_naive,
-                                       token_cache=args.token_cache, **common)
+                                       token_cache=args.token_cache,
+                                       compile=args.compile, **common)
     if args.masked:
         out["masked"] = bench.bench_masked(rounds=args.rounds, prepack=args.prepack, **common)
     if not args.no_overhead:
@@ -134,9 +160,14 @@ def _bench(args) -> int:
         return 0
     routed = [r for r in out["blocks"] if r["kappa"] < 1] or out["blocks"]
     print(f"diffcr bench: {bench.DESCRIPTIONS[args.model]}, {routed[0]['path']} path, "
-          f"N={args.tokens}, B={args.batch}, {args.dtype}, {out['device']}"
+          f"N={args.tokens}, B={args.batch}, {args.dtype}"
+          + (f" weights under {args.autocast} autocast" if args.autocast else "")
+          + f", {out['device']}"
           + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
     blocks = out["blocks"]
+    if blocks and blocks[0].get("compiled"):
+        print("dense and routed blocks compiled with torch.compile(fullgraph=True) (regional "
+              "compile)")
     if blocks and blocks[0]["prepacked"]:
         print("linear layers: MKL-prepacked weights in the dense, routed and naive blocks alike "
               "(--prepack off to compare without)")
