@@ -214,6 +214,7 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["bench", "--model", "flux", "--tokens", "17"], "must be a square number"),
     (["bench", "--model", "wan", "--masked"], "--masked is for image blocks"),
     (["bench", "--autocast", "bf16", "--dtype", "bf16"], "--autocast bf16 runs over fp32"),
+    (["bench", "--autocast", "bf16", "--prepack"], "not use"),
     (["nonsense"], "invalid choice"),
     (["train", "--lr", "nan"], "--lr must be a finite number"),
     (["train", "--lam", "inf"], "--lam must be a finite number"),

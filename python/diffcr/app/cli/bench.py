@@ -122,6 +122,12 @@ def _bench(args) -> int:
         print(f"diffcr bench: --tokens must be a square number, got {args.tokens}",
               file=sys.stderr)
         return 2
+    if args.autocast and args.prepack:
+        print("diffcr bench: --prepack packs fp32 weights, which torch.autocast does not use "
+              "(drop --prepack)", file=sys.stderr)
+        return 2
+    if args.autocast:
+        args.prepack = False  # autocast casts the fp32 weights at every call instead
     if args.autocast and args.dtype != "fp32":
         print(f"diffcr bench: --autocast {args.autocast} runs over fp32 weights; got --dtype "
               f"{args.dtype} (drop it or pass --dtype fp32)", file=sys.stderr)
