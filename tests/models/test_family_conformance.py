@@ -148,6 +148,12 @@ def _gathered_by_hand(family, block, call, s, pos):
     elif family == "qwenimage":  # image rotary [N, hd / 2] without batch dim; text unchanged
         img, txt = call["image_rotary_emb"]
         out["image_rotary_emb"] = (img[pos], txt)
+        joint = (call.get("joint_attention_kwargs") or {}).get("attention_mask")
+        if joint is not None:  # diffusers 0.37-0.41: the model's [B, L + N] mask, text first
+            L = call["encoder_hidden_states"].shape[1]
+            out["joint_attention_kwargs"] = dict(call["joint_attention_kwargs"],
+                                                 attention_mask=joint[s:s + 1][:, torch.cat(
+                                                     [torch.arange(L), L + pos])])
         if torch.is_tensor(call.get("modulate_index")):  # edit models: [B, N], temb [2B, D]
             out["modulate_index"] = call["modulate_index"][s:s + 1, pos]
             out["temb"] = call["temb"][[s, B + s]]

@@ -78,23 +78,29 @@ def test_qwenimage_fused_equals_compat(edit, mask, train):
     _check(_both_paths(base, kw, train))
 
 
-def test_qwenimage_fused_path_honours_the_text_padding_mask():
-    """Padding sample 1's text changes sample 1's output and not sample 0's, on the fused
-    path (a mask that the fused attention ignored would change nothing)."""
+def test_qwenimage_fused_path_honours_the_text_padding_mask_as_diffusers_does():
+    """Padding sample 1's text changes sample 1's output on the fused path exactly when it
+    changes the unconverted model's (diffusers 0.35-0.36 ignore the mask in the attention,
+    later releases apply it), and never sample 0's. A mask that the fused attention ignored
+    where diffusers applies it would change nothing."""
     base = _randomise_weights(tiny_qwenimage())
-    outs = []
+    routed, dense = [], []
     for pad in (False, True):
-        m = copy.deepcopy(base)
-        diffcr.convert(m, DiffCRConfig(num_regions=1, path="fused"))
-        set_ratios(m, 0.5)
-        diffcr.freeze(m)
         kw = qwenimage_inputs([0.5, 0.5])
         if pad:
             kw["encoder_hidden_states_mask"][1, 3:] = 0
+        m = copy.deepcopy(base)
         with torch.no_grad():
-            outs.append(m(**kw).sample)
-    assert torch.equal(outs[0][0], outs[1][0])
-    assert not torch.allclose(outs[0][1], outs[1][1])
+            dense.append(m(**kw).sample)
+        diffcr.convert(m, DiffCRConfig(num_regions=1, path="fused"))
+        set_ratios(m, 0.5)
+        diffcr.freeze(m)
+        with torch.no_grad():
+            routed.append(m(**kw).sample)
+        assert {b.last_path for b in diffcr.routing_state(m).blocks.values()} == {"fused"}
+    applies = not torch.allclose(dense[0][1], dense[1][1])
+    assert torch.equal(routed[0][0], routed[1][0])
+    assert (not torch.allclose(routed[0][1], routed[1][1])) == applies
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -11,6 +11,8 @@ is the bin-weighted sum of the two calls' updates, like the image tokens'
 (``ctx + w_a * d_a + w_b * d_b``); with one segment per sample (eval, frozen) it is the call's
 text output itself.
 """
+import importlib
+
 import torch
 
 import diffcr_kernels as dk
@@ -47,8 +49,37 @@ class JointFamily(ModelFamily):
     def _output(self, ctx, x):
         return (x, ctx) if self.image_first else (ctx, x)
 
+    #: ``(module, class name)`` of the attention processor that the family's fused forward
+    #: reproduces; a block with another processor runs compat (None: no fused forward)
+    fused_processor = None
+
     def fused_unsupported_reason(self, block):
-        return f"no fused forward for {type(block).__mro__[0].__name__} yet (compat runs)"
+        if self.fused_processor is None:
+            return f"no fused forward for {type(block).__mro__[0].__name__} yet (compat runs)"
+        attn = block.attn
+        if type(attn.processor) is not self._fused_processor_class():
+            return f"attn processor {type(attn.processor).__name__}"
+        if getattr(attn, "fused_projections", False):
+            return "fused QKV projections (fuse_projections)"
+        return None
+
+    def _fused_processor_class(self):
+        # imported once, eagerly (convert asks for every block's reason), so that a compiled
+        # forward only reads the cached class (Dynamo does not trace importlib)
+        cls = self.__dict__.get("_fused_processor_cls")
+        if cls is None:
+            module, name = self.fused_processor
+            cls = self.__dict__["_fused_processor_cls"] = getattr(
+                importlib.import_module(module), name)
+        return cls
+
+    @staticmethod
+    def attention_kwargs_reason(call):
+        """Why a call with ``joint_attention_kwargs`` (IP-Adapter and the like) runs compat,
+        None without them."""
+        if call.get("joint_attention_kwargs"):
+            return f"joint_attention_kwargs {sorted(call['joint_attention_kwargs'])}"
+        return None
 
     def call_fused_reason(self, block, call):
         return self.fused_unsupported_reason(block)

@@ -77,21 +77,14 @@ class FluxFamily(JointFamily):
 
     has_fused = True
 
-    def fused_unsupported_reason(self, block):
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        attn = block.attn
-        if type(attn.processor) is not FluxAttnProcessor:
-            return f"attn processor {type(attn.processor).__name__}"
-        if getattr(attn, "fused_projections", False):
-            return "fused QKV projections (fuse_projections)"
-        # (a proj_out that is not a plain linear, e.g. quantized or a peft LoRA layer, is run as
-        # a module by the single block's fused forward: common.plain_weight)
-        return None
+    # (a proj_out that is not a plain linear, e.g. quantized or a peft LoRA layer, is run as a
+    # module by the single block's fused forward: common.plain_weight)
+    fused_processor = ("diffusers.models.transformers.transformer_flux", "FluxAttnProcessor")
 
     def call_fused_reason(self, block, call):
-        if call.get("joint_attention_kwargs"):
-            return f"joint_attention_kwargs {sorted(call['joint_attention_kwargs'])}"
+        why = self.attention_kwargs_reason(call)
+        if why:
+            return why
         rope = call.get("image_rotary_emb")
         if rope is None or not (isinstance(rope, (tuple, list)) and len(rope) == 2):
             return "rotary embeddings not given as (cos, sin)"

@@ -101,16 +101,8 @@ class HunyuanVideoFamily(JointFamily):
 
     has_fused = True
 
-    def fused_unsupported_reason(self, block):
-        from diffusers.models.transformers.transformer_hunyuan_video import (
-            HunyuanVideoAttnProcessor2_0)
-
-        attn = block.attn
-        if type(attn.processor) is not HunyuanVideoAttnProcessor2_0:
-            return f"attn processor {type(attn.processor).__name__}"
-        if getattr(attn, "fused_projections", False):
-            return "fused QKV projections (fuse_projections)"
-        return None
+    fused_processor = ("diffusers.models.transformers.transformer_hunyuan_video",
+                       "HunyuanVideoAttnProcessor2_0")
 
     def call_fused_reason(self, block, call):
         rope = call.get(self._rope_name(block))

@@ -19,8 +19,10 @@ Paths: the fused forward (:func:`fused_qwenimage_block`, both training bins in o
 over the joint layout ``[segment rows; its sample's text]`` (:class:`._joint.JointLayout`):
 the kept rows gathered, normalised and modulated in one pass (per token with
 ``modulate_index``), one GEMM per projection, the complex rotary rows of exactly the kept
-positions, the text padding mask (``encoder_hidden_states_mask``) as a key mask, and the
-gated scatter-back. Blocks with another attention processor or fused projections, and calls
+positions, the text padding mask as a key mask (as the installed diffusers applies it:
+diffusers 0.35-0.36 ignore ``encoder_hidden_states_mask`` in the attention, 0.37-0.41 pass the
+model's joint mask ``[B, L + N]`` in ``joint_attention_kwargs["attention_mask"]``, 0.42 builds
+it from ``encoder_hidden_states_mask`` in the processor), and the gated scatter-back. Blocks with another attention processor or fused projections, and calls
 with ``joint_attention_kwargs``, run compat.
 """
 import torch
@@ -79,6 +81,17 @@ class QwenImageFamily(JointFamily):
                                      f"the block input has {N}")
                 index = index.expand(B, N)[samp[:, None], tok]
             out["modulate_index"] = index
+        jak = call.get("joint_attention_kwargs") or {}
+        joint = jak.get("attention_mask")
+        if torch.is_tensor(joint) and joint.dim() == 2:  # diffusers 0.37-0.41: [B, L + N]
+            L = call["encoder_hidden_states"].shape[1]
+            if joint.shape[-1] != L + N:
+                raise ValueError(f"diffcr: the joint attention mask has {joint.shape[-1]} "
+                                 f"columns but the block has {L} text + {N} image tokens")
+            cols = torch.cat([torch.arange(L, device=tok.device),
+                              L + shared_positions(tok, "Qwen-Image")])
+            out["joint_attention_kwargs"] = dict(
+                jak, attention_mask=take_samples(joint, samp, B).index_select(-1, cols))
         rope = call.get("image_rotary_emb")
         if rope is not None:
             img, txt = rope
@@ -93,20 +106,16 @@ class QwenImageFamily(JointFamily):
 
     has_fused = True
 
-    def fused_unsupported_reason(self, block):
-        from diffusers.models.transformers.transformer_qwenimage import (
-            QwenDoubleStreamAttnProcessor2_0)
-
-        attn = block.attn
-        if type(attn.processor) is not QwenDoubleStreamAttnProcessor2_0:
-            return f"attn processor {type(attn.processor).__name__}"
-        if getattr(attn, "fused_projections", False):
-            return "fused QKV projections (fuse_projections)"
-        return None
+    fused_processor = ("diffusers.models.transformers.transformer_qwenimage",
+                       "QwenDoubleStreamAttnProcessor2_0")
 
     def call_fused_reason(self, block, call):
-        if call.get("joint_attention_kwargs"):
-            return f"joint_attention_kwargs {sorted(call['joint_attention_kwargs'])}"
+        jak = dict(call.get("joint_attention_kwargs") or {})
+        joint_mask = jak.pop("attention_mask", None)
+        if jak:
+            return f"joint_attention_kwargs {sorted(jak)}"
+        if joint_mask is not None and not (torch.is_tensor(joint_mask) and joint_mask.dim() == 2):
+            return "an attention mask that is not the model's joint key mask [B, L + N]"
         rope = call.get("image_rotary_emb")
         if not (isinstance(rope, (tuple, list)) and len(rope) == 2
                 and all(torch.is_tensor(r) and r.is_complex() for r in rope)):
@@ -117,18 +126,55 @@ class QwenImageFamily(JointFamily):
         return self.fused_unsupported_reason(block)
 
     def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
+        x, ctx = call["hidden_states"], call["encoder_hidden_states"]
+        img_valid, txt_valid = self._key_mask(block, call, sel.indices, x.shape[1], ctx.shape[1])
         return fused_qwenimage_block(
-            block, call["hidden_states"], sel, gate_scores, call["encoder_hidden_states"],
-            call.get("encoder_hidden_states_mask"), call["temb"], call["image_rotary_emb"],
-            call.get("modulate_index"), inplace_residual=inplace_residual)
+            block, x, sel, gate_scores, ctx, call["temb"], call["image_rotary_emb"],
+            call.get("modulate_index"), img_valid=img_valid, txt_valid=txt_valid,
+            inplace_residual=inplace_residual)
+
+    def _key_mask(self, block, call, indices, N, L):
+        """``(img_valid [T] or None, txt_valid [B, L] or None)``: the keys the block's own
+        attention masks, read where the installed diffusers passes them."""
+        joint = (call.get("joint_attention_kwargs") or {}).get("attention_mask")
+        if joint is not None:  # diffusers 0.37-0.41: [B, L + N], text columns first
+            if joint.shape[-1] != L + N:
+                raise ValueError(f"diffcr: the joint attention mask has {joint.shape[-1]} "
+                                 f"columns but the block has {L} text + {N} image tokens")
+            joint = joint.bool().expand(call["hidden_states"].shape[0], L + N)
+            return joint[:, L:].reshape(-1).index_select(0, indices), joint[:, :L]
+        mask = call.get("encoder_hidden_states_mask")
+        if mask is None or not _reads(type(block.attn.processor).__call__,
+                                      "encoder_hidden_states_mask"):
+            return None, None  # (diffusers 0.35-0.36: the processor ignores the mask)
+        return None, mask.bool()
 
 
-def fused_qwenimage_block(block, x, sel, gate_scores, ctx, ctx_mask, temb, rope,
-                          modulate_index=None, *, inplace_residual=False):
+def _reads(fn, name) -> bool:
+    """Whether the code of ``fn`` reads its local ``name`` (a processor that takes an argument
+    and ignores it, as diffusers 0.35's Qwen-Image processor does the text mask)."""
+    import dis
+
+    key = (fn, name)
+    hit = _READS.get(key)
+    if hit is None:
+        hit = _READS[key] = any(
+            ins.opname.startswith("LOAD_FAST") and (
+                ins.argval == name or (isinstance(ins.argval, tuple) and name in ins.argval))
+            for ins in dis.get_instructions(fn))
+    return hit
+
+
+_READS = {}
+
+
+def fused_qwenimage_block(block, x, sel, gate_scores, ctx, temb, rope, modulate_index=None, *,
+                          img_valid=None, txt_valid=None, inplace_residual=False):
     """One routed ``QwenImageTransformerBlock`` over a packed selection (docs/method.md §7).
 
-    x ``[B, N, D]``; ctx ``[B, L, D]`` (the text stream); ctx_mask ``[B, L]`` (nonzero: a
-    valid text token) or None; temb ``[B, D]``, or ``[2B, D]`` with ``modulate_index``
+    x ``[B, N, D]``; ctx ``[B, L, D]`` (the text stream); ``img_valid`` bool ``[T]`` /
+    ``txt_valid`` bool ``[B, L]``: the key mask of the packed image rows and of each sample's
+    text (None: every key valid); temb ``[B, D]``, or ``[2B, D]`` with ``modulate_index``
     ``[B, N]`` or ``[1, N]`` (edit models, ``zero_cond_t``: rows of index 1 are modulated by
     the second half); rope ``(img_freqs [N, Dh / 2], txt_freqs [L, Dh / 2])`` complex.
 
@@ -144,7 +190,7 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, ctx_mask, temb, rope,
     L = ctx.shape[1]
     rows = sel.row_sample()
     img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)  # [B or 2B, 3D] each
-    txt_temb = temb.chunk(2, dim=0)[0] if block.zero_cond_t else temb
+    txt_temb = temb.chunk(2, dim=0)[0] if getattr(block, "zero_cond_t", False) else temb
     txt_mod1, txt_mod2 = block.txt_mod(txt_temb).chunk(2, dim=-1)
     eps = block.img_norm1.eps
 
@@ -181,8 +227,7 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, ctx_mask, temb, rope,
     rot = Rotary.complex_tables(rope[0], rope[1], sel.indices % N)
     q, k, tq, tk = rot.image(q), rot.image(k), rot.text(tq), rot.text(tk)
     lay = JointLayout(sel, L)
-    o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), None,
-                      None if ctx_mask is None else ctx_mask.bool())
+    o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), img_valid, txt_valid)
     o = o.reshape(lay.J, -1).to(q.dtype)
 
     attn_update = attn.to_out[1](attn.to_out[0](lay.image(o))) * gate1  # [T, D]
