@@ -251,6 +251,8 @@ def test_bench_under_autocast_keeps_the_fused_path(capsys):
     assert out["config"]["autocast"] == "bf16" and out["config"]["dtype"] == "fp32"
     assert [b["path"] for b in out["blocks"]] == ["fused"]
     assert out["training"]["path"] == "fused"
+    casts = out["autocast_weight_casts"]  # the per-call fixed cost autocast adds to both
+    assert casts["weights"] > 0 and casts["cast_ms"] > 0 and "bfloat16" in casts["dtype"]
 
 
 def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path, capsys):

@@ -628,6 +628,21 @@ def bench_overhead(kind="pixart", N=1024, B=1, kappa=0.5, device="cpu", dtype=to
                 routing_ms=t_route * 1e3, overhead_fraction=share)
 
 
+def bench_weight_casts(kind="pixart", device="cpu", low=torch.bfloat16, rounds=3) -> dict:
+    """What ``torch.autocast`` pays at every call of a block with fp32 weights that need no
+    gradient (inference): casting each linear weight to ``low`` (autocast caches casts only
+    of weights that require grad). The dense and the routed block pay it alike and the flop
+    ideal does not count it, so under autocast it is a fixed cost of every routed call.
+    Returns ``weights`` (count) and ``cast_ms`` (median over ``rounds``)."""
+    bb = make_block_bench(kind, 16, 1, device, torch.float32)
+    ws = [m.weight for m in bb.dense.modules() if isinstance(m, torch.nn.Linear)]
+    dev = torch.device(device)
+    with torch.no_grad():
+        ts = time_pairs({"cast": lambda: [w.to(low) for w in ws]}, dev, rounds)["cast"]
+    return dict(kind=kind, weights=sum(w.numel() for w in ws), dtype=str(low),
+                cast_ms=statistics.median(ts) * 1e3)
+
+
 def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=torch.float32,
                    rounds=3, lora_rank: int = 0) -> dict:
     """One training step of a block (forward + backward): dense vs DiffCR two-bin (both

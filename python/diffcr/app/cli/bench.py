@@ -158,6 +158,9 @@ def _measure(args, dtype) -> int:
         out["masked"] = bench.bench_masked(rounds=args.rounds, prepack=args.prepack, **common)
     if not args.no_overhead:
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
+    if args.autocast:
+        out["autocast_weight_casts"] = bench.bench_weight_casts(
+            args.model, args.device, torch.get_autocast_dtype(args.device))
     if not args.no_training:
         out["training"] = bench.bench_training(rounds=max(3, args.rounds - 1),
                                                lora_rank=args.lora_rank, **common)
@@ -214,6 +217,12 @@ def _measure(args, dtype) -> int:
         o = out["overhead"]
         print(f"routing overhead (score+select+gather+scatter, kappa {o['kappa']}): "
               f"{o['routing_ms']:.2f} ms = {100 * o['overhead_fraction']:.2f} % of the dense block")
+    if "autocast_weight_casts" in out:
+        c = out["autocast_weight_casts"]
+        print(f"autocast weight casts: {c['cast_ms']:.1f} ms per block call "
+              f"({c['weights'] / 1e6:.1f} M linear weights to {args.autocast}), paid by the "
+              "dense and the routed block alike and not in the flop ideal (inference; a "
+              "training step's weights are cast once per autocast region)")
     if "training" in out:
         t = out["training"]
         how = "fused, in one pass" if t["path"] == "fused" else "compat, one diffusers call per bin"
