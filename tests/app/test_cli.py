@@ -253,6 +253,7 @@ def test_bench_under_autocast_keeps_the_fused_path(capsys):
     assert out["training"]["path"] == "fused"
     casts = out["autocast_weight_casts"]  # the per-call fixed cost autocast adds to both
     assert casts["weights"] > 0 and casts["cast_ms"] > 0 and "bfloat16" in casts["dtype"]
+    assert out["blocks"][0]["fraction_of_ideal_casts_fixed"] > 0
 
 
 def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path, capsys):
