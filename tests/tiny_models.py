@@ -239,6 +239,40 @@ def run_model(model, kw, seed=3):
     return model(**kw).sample
 
 
+def fused_and_compat(factory, kw, ratios, train, dtype=None, **config):
+    """The model from ``factory()`` converted twice, ``path="fused"`` and ``"compat"``, with
+    the same random routers (the zero init ties every score) and kept ratios ``ratios``, run
+    on ``kw`` in train or eval mode: ``{path: (output, grads, last_path of every block)}``,
+    ``grads`` the router and ratio gradients of ``output² + ratio_loss`` in training.
+    ``dtype``: model, parameters of the routing and floating inputs in that dtype."""
+    out = {}
+    for path in ("fused", "compat"):
+        model = factory()
+        inputs = kw
+        if dtype is not None:
+            model = model.to(dtype)
+            config = dict(config, param_dtype=str(dtype).replace("torch.", ""))
+            inputs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                      for k, v in kw.items()}
+        diffcr.convert(model, diffcr.DiffCRConfig(**{"num_regions": 4, **config}, path=path))
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for b in diffcr.routed_blocks(model).values():
+                b.router.weight.copy_(torch.randn(b.router.weight.shape, generator=g))
+        set_ratios(model, ratios)
+        model.train(train)
+        y = run_model(model, inputs)
+        grads = {}
+        if train:
+            (y.square().mean() + diffcr.ratio_loss(model)).backward()
+            for i, b in diffcr.routed_blocks(model).items():
+                grads[f"router{i}"] = b.router.weight.grad
+                grads[f"ratio{i}"] = b.ratio.kept.grad
+        paths = [r.last_path for r in diffcr.routing_state(model).blocks.values()]
+        out[path] = (y.detach(), grads, paths)
+    return out
+
+
 # ---- a tiny DiT pipeline (shared by the pipeline and cache tests) ----
 
 def tiny_vae():

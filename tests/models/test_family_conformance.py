@@ -19,7 +19,8 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import FAMILIES, FAMILY_CASES, FUSED_FAMILIES, make, qwenimage_inputs, set_ratios
+from tiny_models import (FAMILIES, FAMILY_CASES, FUSED_FAMILIES, fused_and_compat, make,
+                         qwenimage_inputs, set_ratios)
 from tiny_models import run_model as _run
 
 
@@ -57,25 +58,9 @@ def test_kappa_one_equals_the_original(family, mode):
 
 
 def _paths(family, ratios, train, **config):
-    out = {}
-    for path in ("fused", "compat"):
-        model, inputs = _case(family)
-        diffcr.convert(model, DiffCRConfig(**{"num_regions": 4, **config}, path=path))
-        g = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for b in diffcr.routed_blocks(model).values():
-                b.router.weight.copy_(torch.randn(b.router.weight.shape, generator=g))
-        set_ratios(model, ratios)
-        model.train(train)
-        y = _run(model, inputs((100, 900)))
-        grads = {}
-        if train:
-            (y.square().mean() + diffcr.ratio_loss(model)).backward()
-            for i, b in diffcr.routed_blocks(model).items():
-                grads[f"router{i}"] = b.router.weight.grad
-                grads[f"ratio{i}"] = b.ratio.kept.grad
-        out[path] = (y.detach(), grads)
-    return out
+    factory, inputs = FAMILY_CASES[family]
+    out = fused_and_compat(factory, inputs((100, 900)), ratios, train, **config)
+    return {path: (y, grads) for path, (y, grads, _) in out.items()}
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)

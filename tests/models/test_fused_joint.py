@@ -13,37 +13,15 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import (_randomise_weights, hunyuanvideo_inputs, qwenimage_inputs,
-                         set_ratios, tiny_hunyuanvideo, tiny_qwenimage)
-
-
-def _f64(kw):
-    return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
-            for k, v in kw.items()}
+from tiny_models import (_randomise_weights, fused_and_compat, hunyuanvideo_inputs,
+                         qwenimage_inputs, set_ratios, tiny_hunyuanvideo, tiny_qwenimage)
 
 
 def _both_paths(base, kw, train):
-    """``{path: (output, router and ratio gradients, last_path of every block)}``."""
-    out = {}
-    for path in ("fused", "compat"):
-        m = copy.deepcopy(base).double()
-        diffcr.convert(m, DiffCRConfig(num_regions=4, path=path, param_dtype="float64"))
-        g = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for b in diffcr.routed_blocks(m).values():
-                b.router.weight.copy_(torch.randn(b.router.weight.shape, generator=g))
-        set_ratios(m, [0.35, 0.55, 0.75, 0.95] if train else [0.3, 0.5, 0.8, 1.0])
-        m.train(train)
-        y = m(**_f64(kw)).sample
-        grads = {}
-        if train:
-            (y.square().mean() + diffcr.ratio_loss(m)).backward()
-            for i, b in diffcr.routed_blocks(m).items():
-                grads[f"router{i}"] = b.router.weight.grad
-                grads[f"ratio{i}"] = b.ratio.kept.grad
-        paths = [b.last_path for b in diffcr.routing_state(m).blocks.values()]
-        out[path] = (y.detach(), grads, paths)
-    return out
+    """``{path: (output, router and ratio gradients, last_path of every block)}``, float64."""
+    return fused_and_compat(lambda: copy.deepcopy(base), kw,
+                            [0.35, 0.55, 0.75, 0.95] if train else [0.3, 0.5, 0.8, 1.0], train,
+                            dtype=torch.float64)
 
 
 def _check(out):

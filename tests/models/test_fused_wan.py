@@ -14,7 +14,7 @@ import torch
 import diffcr
 from diffcr import DiffCRConfig
 
-from tiny_models import _randomise_weights, _wan_inputs, make, set_ratios
+from tiny_models import _randomise_weights, _wan_inputs, fused_and_compat, make, set_ratios
 from tiny_models import run_model as _run
 
 N = 32  # tokens of the tiny Wan models: 2 frames of 8x8 latents, patch (1, 2, 2)
@@ -100,27 +100,10 @@ def _paths(case, ratios, train, **config):
     """Output (and router / ratio gradients in training) of the fused and the compat path,
     same non-zero routers, four timestep regions, samples at t = 100 and 900."""
     factory, inputs = CASES[case]
-    out = {}
-    for path in ("fused", "compat"):
-        model = factory()
-        diffcr.convert(model, DiffCRConfig(**{"num_regions": 4, **config}, path=path))
-        g = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for b in diffcr.routed_blocks(model).values():
-                b.router.weight.copy_(torch.randn(b.router.weight.shape, generator=g))
-        set_ratios(model, ratios)
-        model.train(train)
-        y = _run(model, inputs((100, 900)))
-        grads = {}
-        if train:
-            (y.square().mean() + diffcr.ratio_loss(model)).backward()
-            for i, b in diffcr.routed_blocks(model).items():
-                grads[f"router{i}"] = b.router.weight.grad
-                grads[f"ratio{i}"] = b.ratio.kept.grad
-        paths = [r.last_path for r in diffcr.routing_state(model).blocks.values()]
+    out = fused_and_compat(factory, inputs((100, 900)), ratios, train, **config)
+    for path, (_, _, paths) in out.items():
         assert paths == [path, path], (path, paths)
-        out[path] = (y.detach(), grads)
-    return out
+    return {path: (y, grads) for path, (y, grads, _) in out.items()}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

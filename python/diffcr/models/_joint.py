@@ -370,16 +370,27 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
                                       inplace=not torch.is_grad_enabled() and inplace_residual)
     if pre_only:
         return None, new_x
-    # the text stream of each segment (it attended to that segment's rows)
+    return text_stream_update(ctx, attn.to_add_out(lay.text(o)), lay, sel, c_gate_msa,
+                              block.norm2_context, c_scale_mlp, c_shift_mlp, c_gate_mlp,
+                              block.ff_context), new_x
+
+
+def text_stream_update(ctx, c_att, lay, sel, gate_msa, norm2, scale_mlp, shift_mlp, gate_mlp,
+                       ff):
+    """The text stream of a double-stream block after joint attention, per segment (each
+    attended to its own rows): ``c_att`` ``[S, L, D]`` the segments' projected attention
+    output, the modulation ``[B, D]`` per sample; the residual, norm, modulated feed-forward
+    and fp16 clip of the block, combined as :func:`text_stream_out`."""
     seg = lay.seg
-    c_att = attn.to_add_out(lay.text(o))
-    c_in = ctx.index_select(0, seg) + c_gate_msa.index_select(0, seg).unsqueeze(1) * c_att
-    nc = block.norm2_context(c_in) * (1 + c_scale_mlp.index_select(0, seg).unsqueeze(1)) + \
-        c_shift_mlp.index_select(0, seg).unsqueeze(1)
-    c_out = c_in + c_gate_mlp.index_select(0, seg).unsqueeze(1) * block.ff_context(nc)
+
+    def per_segment(m):
+        return m.index_select(0, seg).unsqueeze(1)
+    c_in = ctx.index_select(0, seg) + per_segment(gate_msa) * c_att
+    nc = norm2(c_in) * (1 + per_segment(scale_mlp)) + per_segment(shift_mlp)
+    c_out = c_in + per_segment(gate_mlp) * ff(nc)
     if c_out.dtype == torch.float16:
         c_out = c_out.clip(-65504, 65504)
-    return text_stream_out(ctx, c_out, lay, sel), new_x
+    return text_stream_out(ctx, c_out, lay, sel)
 
 
 def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, *,

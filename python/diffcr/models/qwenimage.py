@@ -29,7 +29,8 @@ import torch
 
 import diffcr_kernels as dk
 
-from ._joint import JointFamily, JointLayout, Rotary, heads, shared_positions, text_stream_out
+from ._joint import (JointFamily, JointLayout, Rotary, heads, shared_positions,
+                     text_stream_update)
 from .base import take_samples
 from .registry import register_family
 
@@ -243,13 +244,5 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, temb, rope, modulate_
     if new_x.dtype == torch.float16:
         new_x = new_x.clip(-65504, 65504)
 
-    # the text stream of each segment (it attended to that segment's rows)
-    seg = lay.seg
-    c_in = ctx.index_select(0, seg) + t_gate1.index_select(0, seg).unsqueeze(1) * \
-        attn.to_add_out(lay.text(o))
-    nc = block.txt_norm2(c_in) * (1 + t_scale2.index_select(0, seg).unsqueeze(1)) + \
-        t_shift2.index_select(0, seg).unsqueeze(1)
-    c_out = c_in + t_gate2.index_select(0, seg).unsqueeze(1) * block.txt_mlp(nc)
-    if c_out.dtype == torch.float16:
-        c_out = c_out.clip(-65504, 65504)
-    return text_stream_out(ctx, c_out, lay, sel), new_x
+    return text_stream_update(ctx, attn.to_add_out(lay.text(o)), lay, sel, t_gate1,
+                              block.txt_norm2, t_scale2, t_shift2, t_gate2, block.txt_mlp), new_x
