@@ -88,3 +88,33 @@ def test_hunyuanvideo_fused_equals_compat(t, train):
     attention mask the model builds)."""
     base = _randomise_weights(tiny_hunyuanvideo())
     _check(_both_paths(base, hunyuanvideo_inputs(t), train))
+
+
+def test_hunyuanvideo_float_attention_mask_runs_compat():
+    """A float attention mask holds additive biases, not keep/drop: the fused path (a key
+    mask) cannot take it, so the block runs compat, with the same result as the boolean mask
+    it encodes (-1e9 where a key is dropped)."""
+    m = _randomise_weights(tiny_hunyuanvideo())
+    diffcr.convert(m, DiffCRConfig(num_regions=1))
+    set_ratios(m, 0.5)
+    diffcr.freeze(m)
+    blk = diffcr.routed_blocks(m)[0]
+    calls = []
+    h = blk.register_forward_pre_hook(lambda mod, a, k: calls.append((a, dict(k))),
+                                      with_kwargs=True)
+    with torch.no_grad():
+        m(**hunyuanvideo_inputs((100, 900)))
+    h.remove()
+    args, kw = calls[0]
+    names = ("hidden_states", "encoder_hidden_states", "temb", "attention_mask", "freqs_cis")
+    kw = {**dict(zip(names, args)), **kw}  # (the model passes the double blocks positionally)
+    args = ()
+    state = diffcr.routing_state(m).blocks[0]
+    assert state.last_path == "fused" and not kw["attention_mask"].is_floating_point()
+    with torch.no_grad():
+        want = blk(*args, **kw)
+        bias = torch.zeros(kw["attention_mask"].shape).masked_fill(~kw["attention_mask"], -1e9)
+        got = blk(*args, **dict(kw, attention_mask=bias))
+    assert state.last_path == "compat"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -436,7 +436,8 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     # gradient each cut's backward writes a zero-filled weight-sized tensor and the two are
     # summed (about 4 % of Flux's single-block training step on CPU): then, as for a weight
     # that cannot be cut, the whole projection runs once on the concatenation
-    weight_grad = torch.is_grad_enabled() and block.proj_out.weight.requires_grad
+    w = getattr(block.proj_out, "weight", None)
+    weight_grad = torch.is_grad_enabled() and w is not None and w.requires_grad
     if plain_weight(block.proj_out) and not weight_grad:
         W, bias = block.proj_out.weight, block.proj_out.bias
         if W.dtype != o.dtype:  # stored in another dtype (layerwise casting): cast as its hook does

@@ -112,6 +112,8 @@ class HunyuanVideoFamily(JointFamily):
         if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 4
                                      and mask.shape[1] == mask.shape[2] == 1):
             return "an attention mask that is not a key mask [B, 1, 1, N + L]"
+        if mask is not None and mask.is_floating_point():  # additive biases, not keep/drop
+            return "a float (additive) attention mask"
         return self.fused_unsupported_reason(block)
 
     def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):

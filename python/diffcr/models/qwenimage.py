@@ -117,6 +117,8 @@ class QwenImageFamily(JointFamily):
             return f"joint_attention_kwargs {sorted(jak)}"
         if joint_mask is not None and not (torch.is_tensor(joint_mask) and joint_mask.dim() == 2):
             return "an attention mask that is not the model's joint key mask [B, L + N]"
+        if joint_mask is not None and joint_mask.is_floating_point():  # additive biases
+            return "a float (additive) attention mask"
         rope = call.get("image_rotary_emb")
         if not (isinstance(rope, (tuple, list)) and len(rope) == 2
                 and all(torch.is_tensor(r) and r.is_complex() for r in rope)):
