@@ -193,8 +193,9 @@ def _fused_wan_block(block, x, sel, gate_scores, context, temb, rope, *, inplace
     a = attn.to_out[1](attn.to_out[0](o.reshape(T, H * Dh).type_as(q)))
     if xp is None:
         xp = dk.gather_rows(x, sel.indices)
-    attn_update = (a * row(gate)).type_as(x)  # [T, D]
-    hid = (xp.float() + a * row(gate)).type_as(x)
+    ga = a * row(gate)  # [T, D], float32 as diffusers (the table is float32)
+    attn_update = ga.type_as(x)
+    hid = (xp.float() + ga).type_as(x)
     # 2. cross-attention of each segment over its sample's text (and its image, I2V)
     image, text = _split_image_context(block, context)
     n2 = block.norm2(hid.float()).type_as(hid)
