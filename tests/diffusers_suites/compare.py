@@ -7,7 +7,7 @@ not by CI::
 
     python tests/diffusers_suites/compare.py DIFFUSERS_SOURCE [--family flux ...] [--out DIR]
 
-Each family's suite runs twice under pytest (``-n 2``): as it is, then with
+Each family's suite runs twice under pytest (``-n 2``; ``--workers``): as it is, then with
 ``convert_plugin`` (every model of the family that a test builds or loads is converted at
 kept ratio 1). Writes ``DIR/<family>-{plain,converted}.xml`` (JUnit) and ``DIR/summary.md``,
 and exits 1 when a test that passes unconverted fails or errors converted (the contract:
@@ -43,9 +43,9 @@ def outcomes(xml: Path) -> dict:
     return out
 
 
-def run(source: Path, family: str, converted: bool, out: Path) -> dict:
+def run(source: Path, family: str, converted: bool, out: Path, workers: int = 2) -> dict:
     xml = out / f"{family}-{'converted' if converted else 'plain'}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers),
            f"--junitxml={xml}", f"tests/models/transformers/{SUITES[family]}"]
     env = None
     if converted:
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", action="append", choices=sorted(SUITES),
                     help="families to run (default: all seven)")
     ap.add_argument("--out", type=Path, default=Path("diffusers-suites"))
+    ap.add_argument("--workers", type=int, default=2,
+                    help="pytest-xdist workers per suite run (default 2)")
     a = ap.parse_args(argv)
     if not (a.source / "tests" / "models" / "transformers").is_dir():
         ap.error(f"{a.source} has no tests/models/transformers (a diffusers source checkout?)")
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
 
     rows, broken = [], []
     for fam in a.family or list(SUITES):
-        plain, conv = run(a.source, fam, False, a.out), run(a.source, fam, True, a.out)
+        plain = run(a.source, fam, False, a.out, a.workers)
+        conv = run(a.source, fam, True, a.out, a.workers)
         count = {k: sum(v == k for v in plain.values()) for k in ("passed", "skipped")}
         lost = sorted(t for t, v in plain.items() if v == "passed" and conv.get(t) != "passed")
         extra = sorted(t for t, v in conv.items() if plain.get(t) == "skipped" and v != "skipped")
