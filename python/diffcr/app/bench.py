@@ -518,7 +518,9 @@ def bench_blocks(kind="pixart", N=1024, B=1, kappas=(1.0, 0.8, 0.5, 0.3), device
                        routed_ms=med["routed"] * 1e3, speedup=speedup,
                        ideal_speedup=ideal, fraction_of_ideal=speedup / ideal,
                        peak_mem_MB=_peak_mem(bb.run_routed, dev), dense_peak_mem_MB=m_dense,
-                       prepacked=packed, rounds=rounds, path=bb.path(), compiled=compile)
+                       prepacked=packed, rounds=rounds, path=bb.path(), compiled=compile,
+                       dense_rounds_ms=[t * 1e3 for t in ts["dense"]],
+                       routed_rounds_ms=[t * 1e3 for t in ts["routed"]])
             if naive:
                 row["naive_ms"] = med["naive"] * 1e3
                 row["naive_fraction_of_ideal"] = statistics.median(
