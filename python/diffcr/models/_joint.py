@@ -176,9 +176,12 @@ class JointLayout:
         if not per_segment:
             txt = (txt.unsqueeze(0).expand(self.S, *txt.shape) if txt.dim() == img.dim()
                    else txt.index_select(0, self.seg))
+        # in place into one fresh buffer: each row written once (out-of-place index_copy
+        # would copy the whole [J, ...] buffer twice first)
         out = img.new_empty(self.J, *img.shape[1:])
-        out = out.index_copy(0, self.img_pos, img)
-        return out.index_copy(0, self.txt_pos, txt.reshape(-1, *img.shape[1:]).to(img.dtype))
+        out.index_copy_(0, self.img_pos, img)
+        out.index_copy_(0, self.txt_pos, txt.reshape(-1, *img.shape[1:]).to(img.dtype))
+        return out
 
     def attention(self, q, k, v, img_valid=None, txt_valid=None):
         """Attention over every joint segment: ``[J, H, Dh]`` each -> ``[J, H, Dh]``.
