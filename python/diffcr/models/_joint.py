@@ -190,9 +190,9 @@ class JointLayout:
         one (``img_valid`` bool ``[T]`` for the packed image rows, ``txt_valid`` bool ``[B, L]``
         for each sample's text, either may be None = all valid): every query of a segment
         attends to the segment's valid keys, as diffusers' joint attention with its boolean
-        mask ``[B, 1, 1, N + L]`` does, through one SDPA call over the segments padded to
-        the longest (no padding when they are equal: one segment per sample at inference).
-        No host sync either way."""
+        mask ``[B, 1, 1, N + L]`` does, through one SDPA call per segment length (one call
+        at inference, where every sample has one segment of the same length; one per bin
+        length in training), never padded. No host sync either way."""
         m = max(self.seqlens)
         uniform = len(set(self.seqlens)) == 1
         if img_valid is None and txt_valid is None:
@@ -209,27 +209,30 @@ class JointLayout:
         if uniform:
             def seg(t):
                 return t.view(S, m, *t.shape[1:])
-            keys = seg(valid)
-        else:  # pad every segment to m rows; padded rows are masked keys, dropped queries
-            j = torch.arange(m, device=dev)
-            lens = dk.host_index(self.seqlens, dev)
-            inside = j[None] < lens[:, None]  # [S, m]
-            idx = torch.minimum(self.cu[:-1].long()[:, None] + j[None],
-                                torch.tensor(self.J - 1, device=dev))
+            o = torch.nn.functional.scaled_dot_product_attention(
+                seg(q).transpose(1, 2), seg(k).transpose(1, 2), seg(v).transpose(1, 2),
+                attn_mask=seg(valid)[:, None, None, :]).transpose(1, 2)  # [S, m, H, Dv]
+            return o.reshape(S * m, H, o.shape[-1])
+        # ragged (both training bins): one SDPA call per segment length, over the segments of
+        # that length gathered as [G, length] (no padding, so no attention work is wasted)
+        starts, groups = [0], {}
+        for s_, n in enumerate(self.seqlens):
+            groups.setdefault(n, []).append(s_)
+            starts.append(starts[-1] + n)
+        out = None
+        for n, segs in groups.items():
+            idx = (dk.host_index([starts[s_] for s_ in segs], dev)[:, None]
+                   + torch.arange(n, device=dev)[None]).reshape(-1)  # [G * n]
 
             def seg(t):
-                return t[idx]
-            keys = valid[idx] & inside
-        o = torch.nn.functional.scaled_dot_product_attention(
-            seg(q).transpose(1, 2), seg(k).transpose(1, 2), seg(v).transpose(1, 2),
-            attn_mask=keys[:, None, None, :]).transpose(1, 2)  # [S, m, H, Dv]
-        o = o.reshape(S * m, H, o.shape[-1])
-        if uniform:
-            return o
-        seg_of_row = torch.repeat_interleave(torch.arange(S, device=dev), lens,
-                                             output_size=self.J)
-        flat = torch.arange(self.J, device=dev) + seg_of_row * m - self.cu[:-1].long()[seg_of_row]
-        return o.index_select(0, flat)
+                return t.index_select(0, idx).view(len(segs), n, *t.shape[1:])
+            o = torch.nn.functional.scaled_dot_product_attention(
+                seg(q).transpose(1, 2), seg(k).transpose(1, 2), seg(v).transpose(1, 2),
+                attn_mask=seg(valid)[:, None, None, :]).transpose(1, 2)  # [G, n, H, Dv]
+            if out is None:
+                out = o.new_empty(self.J, H, o.shape[-1])
+            out.index_copy_(0, idx, o.reshape(len(segs) * n, H, o.shape[-1]))
+        return out
 
     def image(self, o):
         """The image rows ``[T, ...]`` of a joint tensor ``o`` ``[J, ...]``."""
