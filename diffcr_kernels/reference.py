@@ -137,6 +137,56 @@ class Selection:
         """int64 ``[T]``: the sample of each packed row (``indices // N``)."""
         return torch.div(self.indices, self.num_tokens, rounding_mode="floor")
 
+    def shared_rows(self) -> Optional[Tuple["Selection", torch.Tensor]]:
+        """The rows that a selection with several segments per sample holds more than once.
+
+        :func:`select_topk` cuts every segment of a sample from one ranking, so a smaller
+        segment is a subset of a larger one (the two bins of training, method §2): the same
+        token of the same sample appears in both. Work on a packed row that depends only on
+        its token and its sample (gather, norm, modulation, the Q/K/V and other projections
+        before attention, rotary) can run once per such token and be copied to the other
+        segment's row, with the same values.
+
+        Returns ``(union, src)``: ``union``, a selection of the largest segment of every sample
+        (``[U]`` rows, one segment per sample), and ``src`` int64 ``[T]``, the union row of
+        every packed row (``t_union.index_select(0, src)`` is the per-row tensor of this
+        selection). None when no row repeats (one segment per sample) or the selection was not
+        made by :func:`select_topk` (nesting not known). Static shapes, no device sync."""
+        P = self.segs_per_sample
+        if P == 1 or not self.checked or not self.seqlens:
+            return None
+        lens = self.seqlens
+        B = len(lens) // P
+        dev = self.indices.device
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        keep = [max(range(b * P, b * P + P), key=lambda s: lens[s]) for b in range(B)]
+        ulens = [lens[s] for s in keep]
+        rows = host_index([r for s in keep for r in range(starts[s], starts[s] + lens[s])], dev)
+        uidx = self.indices.index_select(0, rows)
+        cu = [0]
+        for n in ulens:
+            cu.append(cu[-1] + n)
+        union = Selection(
+            indices=uidx,
+            cu_seqlens=host_index(cu, dev, torch.int32),
+            max_seqlen=max(ulens),
+            scores=self.scores.index_select(0, rows),
+            seg_weight=self.seg_weight.index_select(0, host_index(keep, dev)),
+            seg_sample=host_index(list(range(B)), dev),
+            num_tokens=self.num_tokens,
+            segs_per_sample=1,
+            uniform=len(set(ulens)) == 1,
+            seqlens=tuple(ulens),
+            checked=True,
+        )
+        # the union row of every token: a [B * N] map written at the union's tokens, read at
+        # every packed row's (each packed token is in its sample's largest segment)
+        pos = torch.empty(B * self.num_tokens, dtype=torch.int64, device=dev)
+        pos.index_copy_(0, uidx, torch.arange(uidx.numel(), device=dev))
+        return union, pos.index_select(0, self.indices)
+
 
 def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router scores ``s = sigmoid(x . w)`` (method §1: a linear map to one logit, no bias).

@@ -215,6 +215,7 @@ def test_real_training_and_resume(tiny_setup, tmp_path):
     (["bench", "--model", "wan", "--masked"], "--masked is for image blocks"),
     (["bench", "--autocast", "bf16", "--dtype", "bf16"], "--autocast bf16 runs over fp32"),
     (["bench", "--autocast", "bf16", "--prepack"], "not use"),
+    (["bench", "--training-only", "--no-training"], "leave nothing to time"),
     (["nonsense"], "invalid choice"),
     (["train", "--lr", "nan"], "--lr must be a finite number"),
     (["train", "--lam", "inf"], "--lam must be a finite number"),
@@ -254,6 +255,31 @@ def test_bench_under_autocast_keeps_the_fused_path(capsys):
     casts = out["autocast_weight_casts"]  # the per-call fixed cost autocast adds to both
     assert casts["weights"] > 0 and casts["cast_ms"] > 0 and "bfloat16" in casts["dtype"]
     assert out["blocks"][0]["fraction_of_ideal_casts_fixed"] > 0
+
+
+def test_bench_training_only_times_the_training_step_alone(capsys):
+    """``diffcr bench --training-only``: the two-bin training step, no inference rows; its
+    ideal counts what the two bins share once (method §6)."""
+    import json
+
+    from diffcr.app import bench
+
+    r = cli_in_process(capsys, "bench", "--model", "dit-demo", "--tokens", "16", "--rounds",
+                       "1", "--training-only", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["blocks"] == [] and "overhead" not in out
+    t = out["training"]
+    assert t["path"] == "fused"
+    ka, kb = t["bins"]
+    D = 128  # the demo block
+    both = bench.ideal_block_flops(ka * 16, D, 0) + bench.ideal_block_flops(kb * 16, D, 0)
+    shared = 6 * D * D * min(ka, kb) * 16  # the smaller bin's q/k/v projections, once
+    assert t["ideal_speedup"] == pytest.approx(bench.ideal_block_flops(16, D, 0)
+                                               / (both - shared))
+    r = cli_in_process(capsys, "bench", "--model", "dit-demo", "--tokens", "16", "--rounds",
+                       "1", "--training-only")
+    assert r.returncode == 0 and "training step" in r.stdout and "kappa" not in r.stdout
 
 
 def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path, capsys):

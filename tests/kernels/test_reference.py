@@ -4,6 +4,7 @@ docs/method.md.
 These naive versions loop over samples, segments and rows in Python and share no code with
 ``diffcr_kernels.reference``; if the vectorised reference drifts from the spec, these fail.
 """
+import itertools
 import math
 
 import pytest
@@ -112,6 +113,40 @@ def test_select_ties_go_to_lower_index_and_nested_bins():
     a = set(sel.indices[:2].tolist())
     b = set(sel.indices[2:].tolist())
     assert a <= b
+
+
+@pytest.mark.parametrize("ks", [[[3, 5], [6, 2], [4, 4]], [[2, 7], [2, 7]], [[1, 3, 2], [5, 5, 4]]])
+def test_shared_rows_maps_every_packed_row_to_its_token_in_the_largest_segment(ks):
+    torch.manual_seed(0)
+    B, N = len(ks), 9
+    scores = torch.rand(B, N)
+    scores[0, 3] = scores[0, 5]  # a tie: decided the same way in every segment
+    sel = ref.select_topk(scores, ks, seg_weight=torch.rand(B, len(ks[0])))
+    union, src = sel.shared_rows()
+    big = [max(range(len(row)), key=lambda p: row[p]) for row in ks]
+    assert union.seqlens == tuple(max(row) for row in ks)
+    assert union.segs_per_sample == 1 and union.seg_sample.tolist() == list(range(B))
+    assert union.cu_seqlens.tolist() == [0] + list(itertools.accumulate(union.seqlens))
+    assert union.uniform == (len(set(union.seqlens)) == 1)
+    expect = torch.cat([ref.select_topk(scores[b:b + 1], ks[b][big[b]]).indices + b * N
+                        for b in range(B)])
+    assert torch.equal(union.indices, expect)
+    torch.testing.assert_close(union.scores, scores.reshape(-1)[union.indices])
+    torch.testing.assert_close(union.seg_weight, sel.seg_weight.view(B, -1)[range(B), big])
+    # every packed row reads its own token from the union
+    assert src.dtype == torch.int64 and src.shape == sel.indices.shape
+    assert torch.equal(union.indices.index_select(0, src), sel.indices)
+
+
+def test_shared_rows_is_none_without_repeated_rows():
+    scores = torch.rand(2, 6)
+    assert ref.select_topk(scores, [3, 4]).shared_rows() is None  # one segment per sample
+    sel = ref.select_topk(scores, [[2, 3], [3, 4]])
+    hand = ref.Selection(**{f: getattr(sel, f) for f in ("indices", "cu_seqlens", "max_seqlen",
+                                                          "scores", "seg_weight", "seg_sample",
+                                                          "num_tokens", "segs_per_sample",
+                                                          "uniform", "seqlens")})
+    assert hand.shared_rows() is None  # not made by select_topk: nesting not known
 
 
 def test_select_nan_scores_rank_last():

@@ -48,13 +48,15 @@ def ideal_block_flops(n: float, d: int, text: int) -> float:
 def ideal_speedup(kappa: float, n: int, d: int, text: int, two_bin: Optional[tuple] = None
                   ) -> float:
     """Dense cost over routed cost at kept ratio kappa (linear parts x kappa, attention x
-    kappa^2). ``two_bin=(ka, kb)``: the training pass runs both branches."""
+    kappa^2). ``two_bin=(ka, kb)``: the training pass runs both branches; what they share
+    is counted once (method §6): the text K/V projection, and the Q/K/V projections of the
+    smaller bin's tokens, which are also the larger bin's."""
     dense = ideal_block_flops(n, d, text)
     if two_bin is None:
         return dense / ideal_block_flops(kappa * n, d, text)
     ka, kb = two_bin
     routed = ideal_block_flops(ka * n, d, text) + ideal_block_flops(kb * n, d, text) \
-        - 4 * text * d * d  # the text projection is shared by both branches
+        - 4 * text * d * d - 6 * d * d * min(ka, kb) * n
     return dense / routed
 
 
@@ -101,8 +103,9 @@ class BlockBench:
     text: int
     #: FLOPs of the block with n routed tokens (None: method §6's PixArt/DiT formula)
     cost: Optional[Callable[[float], float]] = None
-    #: the FLOPs the two bins of a training pass share (counted once)
-    shared_cost: Optional[float] = None
+    #: the FLOPs the two bins of a training pass share (counted once), given the smaller
+    #: bin's token count
+    shared_cost: Optional[Callable[[float], float]] = None
 
     @property
     def block(self):
@@ -125,7 +128,8 @@ class BlockBench:
         if two_bin is None:
             return dense / self.flops(kappa * self.N)
         ka, kb = two_bin
-        return dense / (self.flops(ka * self.N) + self.flops(kb * self.N) - self.shared_cost)
+        return dense / (self.flops(ka * self.N) + self.flops(kb * self.N)
+                        - self.shared_cost(min(ka, kb) * self.N))
 
     @staticmethod
     def loss_of(out) -> torch.Tensor:
@@ -220,30 +224,35 @@ HUNYUAN_VIDEO = dict(D=3072, heads=24, head_dim=128, text=256)
 def _joint_cost(D, L):
     """MMDiT block (SD3 joint block, Flux double block): 24 D^2 per token of either stream
     (q, k, v, out and a 4x MLP), the text stream fixed, joint attention over [text; image].
-    Shared by the two bins of a training pass: only the text q/k/v projections (6 D^2 L); the
-    text stream after attention depends on the kept image tokens, so each bin pays for it."""
+    Shared by the two bins of a training pass (``shared(n_a)``, n_a the smaller bin's tokens,
+    all of them also the larger bin's): the text q/k/v projections (6 D^2 L) and the image
+    q/k/v projections of the n_a tokens; the text stream after attention depends on the kept
+    image tokens, so each bin pays for it."""
     def cost(n):
         return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
-    return cost, 6 * D * D * L
+    return cost, lambda n_a: 6 * D * D * (L + n_a)
 
 
 def _flux_single_cost(D, L):
     """Flux single-stream block: per token of [text; image] q, k, v (3 D^2), the MLP input
     projection (4 D^2) and the fused output projection (5 D^2): 24 D^2 flops, attention over
-    [text; image]. Shared by two bins: the text rows' q/k/v and MLP input projections
-    (14 D^2 L); their output projection sees the attention output, which depends on the bin."""
+    [text; image]. Shared by two bins: the q/k/v and MLP input projections (14 D^2) of the text
+    rows and of the smaller bin's tokens (all of them also the larger bin's); the output
+    projection sees the attention output, which depends on the bin."""
     def cost(n):
         return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
-    return cost, 14 * D * D * L
+    return cost, lambda n_a: 14 * D * D * (L + n_a)
 
 
 def _wan_cost(D, L, F):
     """Wan block: per video token self-attention projections (4 D^2), cross-attention q and
     out (2 D^2), FFN (2 D F); the text K/V projections are fixed; self-attention over the
-    kept tokens, cross-attention of each kept token over the text."""
+    kept tokens, cross-attention of each kept token over the text. Shared by two bins: the text
+    K/V projections and the self-attention q/k/v projections (6 D^2) of the smaller bin's
+    tokens (all of them also the larger bin's)."""
     def cost(n):
         return 2 * n * (6 * D * D + 2 * D * F) + 4 * L * D * D + 4 * n * n * D + 4 * n * L * D
-    return cost, 4 * L * D * D
+    return cost, lambda n_a: 4 * L * D * D + 6 * D * D * n_a
 
 
 #: tokens per latent frame of a 480 x 832 video with 16-pixel tokens (VAE 8x, patch 2):

@@ -7,6 +7,8 @@ Fused forward, per routed block (docs/method.md §7):
    block's ``norm1.emb`` + ``norm1.linear``), ``[B, D]`` each, broadcast per sample (expanded
    per row only when samples keep different numbers of rows);
 2. ``gather_norm_modulate``: packed rows ``LN(x[idx]) * (1 + scale) + shift`` in one pass;
+   with the two training bins, once per token of each sample's larger bin (the smaller bin's
+   tokens are a subset: :func:`.common.shared_rows`), and so the Q/K/V projections below;
 3. one GEMM per projection for all segments of all samples (both training bins included),
    self-attention over the segments (:func:`diffcr_kernels.selection_attention`: batched SDPA when
    uniform, FlashAttention varlen on GPU, split-view SDPA per slot or per group otherwise),
@@ -32,7 +34,8 @@ import diffcr_kernels as dk
 
 from ..modules import MlpGate
 from .base import ModelFamily, take_samples
-from .common import cross_attention, scatter_pieces, segment_groups
+from .common import cross_attention, scatter_pieces, segment_groups, shared_rows
+from .common import apply_layout as _apply, per_row as _per_row, row_layout as _row_layout
 
 __all__ = ["BasicBlockFamily", "fused_unsupported_reason", "fused_block_forward"]
 
@@ -91,38 +94,11 @@ def _ln_params(norm):
     return norm.weight, norm.bias, norm.eps
 
 
-def _row_layout(sel):
-    """How a ``[B, D]`` per-sample vector reaches the packed rows: ``(S, rows)`` when every
-    segment has the same length (uniform), ``(B, rows)`` when every sample has the same row
-    total (a sample's rows are contiguous, sample-major), else None (expanded per row)."""
-    if sel.uniform:
-        return sel.num_segments, sel.max_seqlen
-    P = sel.segs_per_sample
-    lens = sel.seqlens
-    totals = {sum(lens[i:i + P]) for i in range(0, len(lens), P)}
-    if len(totals) == 1:
-        return len(lens) // P, totals.pop()
-    return None
-
-
-def _per_row(v, sel, layout):
-    """[B, D] -> per packed row for ``layout`` (:func:`_row_layout`): a broadcastable
-    ``[S or B, 1, D]`` view, or ``[T, D]`` materialised when samples differ in row count."""
-    if layout is None:
-        return v.index_select(0, sel.row_sample())
-    if sel.uniform:
-        return v.index_select(0, sel.seg_sample).unsqueeze(1)
-    return v.unsqueeze(1)
-
-
-def _apply(t, shape):
-    """[T, D] -> [S or B, rows, D] for a :func:`_row_layout` (None: unchanged)."""
-    return t.view(shape[0], shape[1], -1) if shape is not None else t
-
-
-def _self_attention(attn, h, sel):
-    T = h.shape[0]
-    q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+def _self_attention(attn, h, sel, expand):
+    """Self-attention of each segment; ``h`` holds the rows that :func:`shared_rows` computes
+    once, ``expand`` copies the projections to every packed row of ``sel``."""
+    T = sel.total
+    q, k, v = expand(attn.to_q(h)), expand(attn.to_k(h)), expand(attn.to_v(h))
     H = attn.heads
     Dh = k.shape[-1] // H
     o = dk.selection_attention(q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh), sel)
@@ -179,9 +155,10 @@ def fused_block_forward(block, x, sel, gate_scores, encoder_hidden_states,
     idx = sel.indices
     norm1 = block.norm1 if block.norm_type == "ada_norm_single" else block.norm1.norm
     w1, b1, eps1 = _ln_params(norm1)
-    h_in = dk.gather_norm_modulate(x, sel, shift_msa, scale_msa, w1, b1, eps1)
+    rows_in, expand = shared_rows(sel)  # training: each token of both bins normalised once
+    h_in = dk.gather_norm_modulate(x, rows_in, shift_msa, scale_msa, w1, b1, eps1)
     xp = dk.gather_rows(x, idx)
-    a = _self_attention(block.attn1, h_in, sel)
+    a = _self_attention(block.attn1, h_in, sel, expand)
     shape = _row_layout(sel)
     g = _per_row(gate_msa, sel, shape)
     if inplace:  # a, xp, c, n2 below are fresh outputs of this function's own calls

@@ -18,7 +18,8 @@ import torch
 import diffcr_kernels as dk
 
 from .base import ModelFamily
-from .common import plain_weight, rotate_interleaved, scatter_pieces, segment_groups
+from .common import (plain_weight, rotate_interleaved, row_layout, rows_modulate, rows_times,
+                     scatter_pieces, segment_groups, shared_rows)
 
 
 class JointFamily(ModelFamily):
@@ -316,12 +317,14 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     ``FluxTransformerBlock``) over a packed selection (docs/method.md §7).
 
     The image rows of every segment are gathered, normalised and modulated in one pass and
-    projected with one GEMM per projection; the text stream is normalised and projected once
+    projected with one GEMM per projection (with the two training bins, once per token:
+    :func:`.common.shared_rows`); the text stream is normalised and projected once
     per sample. Joint attention runs over ``[segment rows; its sample's text]`` for every
     segment in one varlen call (both training bins included) (:class:`JointLayout`), with the
     rotary rows of exactly those positions when ``rope`` = ``(cos, sin)`` ``[L + N, Dh]`` is
-    given (Flux: table ``[text; image]``) or as ``rotary`` (:class:`Rotary`) says
-    (HunyuanVideo: the image tokens only), and the key mask ``img_valid`` ``[T]`` /
+    given (Flux: table ``[text; image]``) or as ``rotary`` says (a function of the positions
+    ``[U]`` of the rows it rotates, returning a :class:`Rotary`; HunyuanVideo: the image
+    tokens only), and the key mask ``img_valid`` ``[T]`` /
     ``txt_valid`` ``[B, L]`` (bool) when one is given (HunyuanVideo's text padding).
     SD3.5's ``attn2`` runs over the segment rows alone.
     The image update is scattered back with the router-gated MLP and the bin weights; the text
@@ -334,7 +337,9 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     mods = block.norm1.linear(block.norm1.silu(temb)).chunk(9 if dual else 6, dim=1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
     ln = block.norm1.norm
-    h = dk.gather_norm_modulate(x, sel, shift_msa, scale_msa, ln.weight, ln.bias, ln.eps)
+    # training: each token of both bins normalised, projected and rotated once
+    rows_in, expand = shared_rows(sel)
+    h = dk.gather_norm_modulate(x, rows_in, shift_msa, scale_msa, ln.weight, ln.bias, ln.eps)
     if pre_only:
         nctx = block.norm1_context(ctx, temb)
     else:
@@ -342,34 +347,36 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
             ctx, emb=temb)
     attn = block.attn
     H, L = attn.heads, ctx.shape[1]
-    q = heads(attn.to_q(h), attn.norm_q, H)  # [T, H, Dh]
+    q = heads(attn.to_q(h), attn.norm_q, H)  # [U, H, Dh]
     k = heads(attn.to_k(h), attn.norm_k, H)
-    v = heads(attn.to_v(h), None, H)
+    v = expand(heads(attn.to_v(h), None, H))  # [T, H, Dh]
     tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
     tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
     tv = heads(attn.add_v_proj(nctx), None, H)
     if rope is not None:
-        rotary = Rotary.joint_table(rope, sel.indices % N, L)
+        rotary = Rotary.joint_table(rope, rows_in.indices % N, L)
+    elif rotary is not None:
+        rotary = rotary(rows_in.indices % N)
     if rotary is not None:
         q, k, tq, tk = rotary.image(q), rotary.image(k), rotary.text(tq), rotary.text(tk)
+    q, k = expand(q), expand(k)
     lay = JointLayout(sel, L)
     o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), img_valid, txt_valid)
     o = o.reshape(lay.J, -1).to(q.dtype)
-    rows = sel.row_sample()
+    shape = row_layout(sel)  # per-sample vectors broadcast over their rows
     a = attn.to_out[1](attn.to_out[0](lay.image(o)))
-    attn_update = a * gate_msa.index_select(0, rows)
+    attn_update = rows_times(a, gate_msa, sel, shape)
     if dual:  # SD3.5: self-attention of each segment's rows alone
-        h2 = dk.gather_norm_modulate(x, sel, mods[6], mods[7], ln.weight, ln.bias, ln.eps)
+        h2 = dk.gather_norm_modulate(x, rows_in, mods[6], mods[7], ln.weight, ln.bias, ln.eps)
         a2n = block.attn2
-        q2 = heads(a2n.to_q(h2), a2n.norm_q, H)
-        k2 = heads(a2n.to_k(h2), a2n.norm_k, H)
-        v2 = heads(a2n.to_v(h2), None, H)
+        q2 = expand(heads(a2n.to_q(h2), a2n.norm_q, H))
+        k2 = expand(heads(a2n.to_k(h2), a2n.norm_k, H))
+        v2 = expand(heads(a2n.to_v(h2), None, H))
         o2 = dk.selection_attention(q2, k2, v2, sel)
         a2 = a2n.to_out[1](a2n.to_out[0](o2.reshape(T, -1).to(q2.dtype)))
-        attn_update = attn_update + a2 * mods[8].index_select(0, rows)
+        attn_update = attn_update + rows_times(a2, mods[8], sel, shape)
     hid = dk.gather_rows(x, sel.indices) + attn_update
-    n2 = block.norm2(hid) * (1 + scale_mlp.index_select(0, rows)) + \
-        shift_mlp.index_select(0, rows)
+    n2 = rows_modulate(block.norm2(hid), scale_mlp, shift_mlp, sel, shape)
     mlp_out = block.ff(n2)
     new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate_mlp,
                                       scores=gate_scores,
@@ -420,24 +427,28 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     norm = block.norm
     shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
     ln = norm.norm
-    h = dk.gather_norm_modulate(x, sel, shift, scale, ln.weight, ln.bias, ln.eps)  # [T, D]
+    # training: each token of both bins normalised, projected (Q/K/V and the MLP's input
+    # projection) and rotated once
+    rows_in, expand = shared_rows(sel)
+    h = dk.gather_norm_modulate(x, rows_in, shift, scale, ln.weight, ln.bias, ln.eps)  # [U, D]
     nctx = ln(ctx) * (1 + scale[:, None]) + shift[:, None]  # [B, L, D]
     attn = block.attn
     H = attn.heads
     lay = JointLayout(sel, L)
     if rope is not None:
-        rotary = Rotary.joint_table(rope, sel.indices % N, L)
+        rotary = Rotary.joint_table(rope, rows_in.indices % N, L)
+    elif rotary is not None:
+        rotary = rotary(rows_in.indices % N)
     q, k = heads(attn.to_q(h), attn.norm_q, H), heads(attn.to_k(h), attn.norm_k, H)
     tq, tk = heads(attn.to_q(nctx), attn.norm_q, H), heads(attn.to_k(nctx), attn.norm_k, H)
     if rotary is not None:
         q, k, tq, tk = rotary.image(q), rotary.image(k), rotary.text(tq), rotary.text(tk)
-    q, k = lay.pack(q, tq), lay.pack(k, tk)
-    v = lay.pack(heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H))
+    q, k = lay.pack(expand(q), tq), lay.pack(expand(k), tk)
+    v = lay.pack(expand(heads(attn.to_v(h), None, H)), heads(attn.to_v(nctx), None, H))
     o = lay.attention(q, k, v, img_valid, txt_valid).reshape(lay.J, -1).to(q.dtype)  # [J, D]
-    rows = sel.row_sample()
-    g_rows = gate.index_select(0, rows)
+    shape = row_layout(sel)  # the block's gate per sample, broadcast over its rows
     inplace = not torch.is_grad_enabled() and inplace_residual
-    act = block.act_mlp(block.proj_mlp(h))  # [T, Dm]
+    act = expand(block.act_mlp(block.proj_mlp(h)))  # [T, Dm]
     # cutting the weight by columns needs no [T, 5D] concatenation, but when the weight takes a
     # gradient each cut's backward writes a zero-filled weight-sized tensor and the two are
     # summed (about 4 % of Flux's single-block training step on CPU): then, as for a weight
@@ -450,7 +461,8 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
             W = W.to(o.dtype)
             bias = None if bias is None else bias.to(o.dtype)
         Wa, Wm = W[:, :D], W[:, D:]
-        attn_update = torch.nn.functional.linear(lay.image(o), Wa, bias) * g_rows  # [T, D]
+        attn_update = rows_times(torch.nn.functional.linear(lay.image(o), Wa, bias), gate, sel,
+                                 shape)  # [T, D]
         mlp_out = torch.nn.functional.linear(act, Wm)  # [T, D]
         new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, scores=gate_scores,
                                           inplace=inplace)
@@ -459,8 +471,9 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
         # cannot be cut by columns, or one being trained: the module computes the whole
         # projection; the router gate multiplies the MLP half before it (the projection is
         # linear: the same value)
-        upd = block.proj_out(torch.cat([lay.image(o), act * gate_scores.to(act.dtype)[:, None]],
-                                       dim=-1)) * g_rows  # [T, D]
+        upd = rows_times(block.proj_out(torch.cat(
+            [lay.image(o), act * gate_scores.to(act.dtype)[:, None]], dim=-1)), gate, sel,
+            shape)  # [T, D]
         new_x = dk.scatter_back_selection(x, sel, upd, use_scores=False, inplace=inplace)
     seg = lay.seg
     mlp_txt = block.act_mlp(block.proj_mlp(nctx)).index_select(0, seg)  # [S, L, Dm]

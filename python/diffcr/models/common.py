@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import diffcr_kernels as dk
 
 __all__ = ["segment_groups", "packed_rows", "scatter_pieces", "cross_attention",
-           "rotate_interleaved", "plain_weight"]
+           "rotate_interleaved", "plain_weight", "shared_rows", "row_layout", "per_row",
+           "apply_layout", "rows_times", "rows_modulate"]
 
 
 def plain_weight(lin) -> bool:
@@ -24,6 +25,69 @@ def plain_weight(lin) -> bool:
     plain = (torch.Tensor, torch.nn.Parameter)
     return (isinstance(lin, torch.nn.Linear) and type(lin.weight) in plain
             and (lin.bias is None or type(lin.bias) in plain))
+
+
+def shared_rows(sel):
+    """``(rows, expand)`` for the per-row work before attention in a fused forward: with two
+    segments per sample (the training bins) the smaller is a subset of the larger
+    (:meth:`~diffcr_kernels.Selection.shared_rows`), so the gather, norm, modulation, Q/K/V
+    (and the other input projections) and rotary of a token run once, on ``rows`` (a
+    selection of each sample's largest segment), and ``expand(t)`` copies a ``[U, ...]``
+    result to every packed row ``[T, ...]`` of ``sel`` (the gradients of both copies summed
+    by autograd). With one segment per sample: ``(sel, identity)``. The values are those of
+    computing every packed row (method §7)."""
+    sh = sel.shared_rows()
+    if sh is None:
+        return sel, _same
+    union, src = sh
+    return union, lambda t: t.index_select(0, src)
+
+
+def _same(t):
+    return t
+
+
+def row_layout(sel):
+    """How a ``[B, D]`` per-sample vector reaches the packed rows: ``(S, rows)`` when every
+    segment has the same length (uniform), ``(B, rows)`` when every sample has the same row
+    total (a sample's rows are contiguous, sample-major), else None (expanded per row)."""
+    if sel.uniform:
+        return sel.num_segments, sel.max_seqlen
+    P = sel.segs_per_sample
+    lens = sel.seqlens
+    totals = {sum(lens[i:i + P]) for i in range(0, len(lens), P)}
+    if len(totals) == 1:
+        return len(lens) // P, totals.pop()
+    return None
+
+
+def per_row(v, sel, layout):
+    """[B, D] -> per packed row for ``layout`` (:func:`row_layout`): a broadcastable
+    ``[S or B, 1, D]`` view, or ``[T, D]`` materialised when samples differ in row count."""
+    if layout is None:
+        return v.index_select(0, sel.row_sample())
+    if sel.uniform:
+        return v.index_select(0, sel.seg_sample).unsqueeze(1)
+    return v.unsqueeze(1)
+
+
+def apply_layout(t, shape):
+    """[T, D] -> [S or B, rows, D] for a :func:`row_layout` (None: unchanged)."""
+    return t.view(shape[0], shape[1], -1) if shape is not None else t
+
+
+def rows_times(t, v, sel, layout):
+    """``t`` ``[T, D]`` times the ``[B, D]`` vector ``v`` of each row's sample, broadcast per
+    :func:`row_layout` ``layout`` (no ``[T, D]`` copy of ``v`` unless samples differ in row
+    count) -> ``[T, D]``."""
+    return (apply_layout(t, layout) * per_row(v, sel, layout)).reshape(t.shape)
+
+
+def rows_modulate(t, scale, shift, sel, layout):
+    """adaLN modulation ``t * (1 + scale) + shift`` of packed rows ``t`` ``[T, D]`` with the
+    ``[B, D]`` vectors of each row's sample, broadcast as :func:`rows_times` -> ``[T, D]``."""
+    return (apply_layout(t, layout) * (1 + per_row(scale, sel, layout))
+            + per_row(shift, sel, layout)).reshape(t.shape)
 
 
 def segment_groups(sel, ks, device):

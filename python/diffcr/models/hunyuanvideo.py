@@ -119,14 +119,14 @@ class HunyuanVideoFamily(JointFamily):
     def fused_forward(self, block, call, sel, gate_scores, *, inplace_residual=False):
         x, ctx = call["hidden_states"], call["encoder_hidden_states"]
         N, L = x.shape[1], ctx.shape[1]
-        pos = sel.indices % N
         rope = call.get(self._rope_name(block))
         rotary = None
         if rope is not None:
             if rope[0].shape[0] != N:
                 raise ValueError(f"diffcr: the rotary table has {rope[0].shape[0]} rows but the "
                                  f"block input has {N} video tokens")
-            rotary = Rotary.image_table(rope, pos)
+            def rotary(p):  # the rows the fused forward rotates (shared_rows)
+                return Rotary.image_table(rope, p)
         img_valid = txt_valid = None
         mask = call.get("attention_mask")
         if mask is not None:

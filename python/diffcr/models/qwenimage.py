@@ -32,6 +32,7 @@ import diffcr_kernels as dk
 from ._joint import (JointFamily, JointLayout, Rotary, heads, shared_positions,
                      text_stream_update)
 from .base import take_samples
+from .common import row_layout, rows_modulate, rows_times, shared_rows
 from .registry import register_family
 
 
@@ -191,17 +192,27 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, temb, rope, modulate_
     block does."""
     B, N, D = x.shape
     L = ctx.shape[1]
-    rows = sel.row_sample()
     img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)  # [B or 2B, 3D] each
     txt_temb = temb.chunk(2, dim=0)[0] if getattr(block, "zero_cond_t", False) else temb
     txt_mod1, txt_mod2 = block.txt_mod(txt_temb).chunk(2, dim=-1)
     eps = block.img_norm1.eps
 
     if modulate_index is None:
-        def per_row(mod):  # (shift, scale, gate) of each packed row: [T, D] each
-            return tuple(m.index_select(0, rows) for m in mod.chunk(3, dim=-1))
+        # (shift, scale, gate) per sample [B, D], broadcast over each sample's rows
+        shape = row_layout(sel)
+
+        def per_row(mod):
+            return mod.chunk(3, dim=-1)
+
+        def mul(t, v):
+            return rows_times(t, v, sel, shape)
+
+        def modulate(t, scale, shift):
+            return rows_modulate(t, scale, shift, sel, shape)
         shift1, scale1, _ = img_mod1.chunk(3, dim=-1)
-        h = dk.gather_norm_modulate(x, sel, shift1, scale1, None, None, eps)
+        # training: each token of both bins normalised, projected and rotated once
+        rows_in, expand = shared_rows(sel)
+        h = dk.gather_norm_modulate(x, rows_in, shift1, scale1, None, None, eps)
     else:
         if modulate_index.shape[-1] != N:
             raise ValueError(f"diffcr: modulate_index has {modulate_index.shape[-1]} tokens but "
@@ -209,11 +220,20 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, temb, rope, modulate_
         second = (modulate_index.expand(B, N).reshape(-1).index_select(0, sel.indices)
                   != 0)[:, None]  # [T, 1]: modulated by temb(0)
 
-        def per_row(mod):
+        rows = sel.row_sample()
+
+        def per_row(mod):  # (shift, scale, gate) of each packed row: [T, D] each
             return tuple(torch.where(second, m[B:].index_select(0, rows),
                                      m[:B].index_select(0, rows)) for m in mod.chunk(3, dim=-1))
+
+        def mul(t, v):
+            return t * v
+
+        def modulate(t, scale, shift):
+            return t * (1 + scale) + shift
         shift1, scale1, _ = per_row(img_mod1)
         h = dk.gather_norm_modulate(x, sel, None, None, None, None, eps) * (1 + scale1) + shift1
+        rows_in, expand = sel, (lambda t: t)
     _, _, gate1 = per_row(img_mod1)
     shift2, scale2, gate2 = per_row(img_mod2)
     t_shift1, t_scale1, t_gate1 = txt_mod1.chunk(3, dim=-1)  # [B, D] each
@@ -223,19 +243,19 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, temb, rope, modulate_
     attn = block.attn
     H = attn.heads
     q, k = heads(attn.to_q(h), attn.norm_q, H), heads(attn.to_k(h), attn.norm_k, H)
-    v = heads(attn.to_v(h), None, H)  # [T, H, Dh]
+    v = expand(heads(attn.to_v(h), None, H))  # [T, H, Dh]
     tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
     tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
     tv = heads(attn.add_v_proj(nctx), None, H)
-    rot = Rotary.complex_tables(rope[0], rope[1], sel.indices % N)
-    q, k, tq, tk = rot.image(q), rot.image(k), rot.text(tq), rot.text(tk)
+    rot = Rotary.complex_tables(rope[0], rope[1], rows_in.indices % N)
+    q, k, tq, tk = expand(rot.image(q)), expand(rot.image(k)), rot.text(tq), rot.text(tk)
     lay = JointLayout(sel, L)
     o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), img_valid, txt_valid)
     o = o.reshape(lay.J, -1).to(q.dtype)
 
-    attn_update = attn.to_out[1](attn.to_out[0](lay.image(o))) * gate1  # [T, D]
+    attn_update = mul(attn.to_out[1](attn.to_out[0](lay.image(o))), gate1)  # [T, D]
     hid = dk.gather_rows(x, sel.indices) + attn_update
-    mlp_out = block.img_mlp(block.img_norm2(hid) * (1 + scale2) + shift2)
+    mlp_out = block.img_mlp(modulate(block.img_norm2(hid), scale2, shift2))
     inplace = not torch.is_grad_enabled() and inplace_residual
     if modulate_index is None:
         new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, img_mod2.chunk(3, -1)[2],

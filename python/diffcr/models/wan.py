@@ -26,7 +26,8 @@ import torch
 import diffcr_kernels as dk
 
 from .base import ModelFamily
-from .common import cross_attention, rotate_interleaved, scatter_pieces, segment_groups
+from .common import (cross_attention, rotate_interleaved, row_layout, rows_modulate, rows_times,
+                     scatter_pieces, segment_groups, shared_rows)
 from .registry import register_family
 
 #: diffusers' ``WanAttnProcessor``: in an I2V block the last 512 tokens of
@@ -167,33 +168,45 @@ def _fused_wan_block(block, x, sel, gate_scores, context, temb, rope, *, inplace
         shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(1)  # [T, D], float32
         xp = dk.gather_rows(x, sel.indices)
         h = (norm1(xp.float()) * (1 + scale) + shift).type_as(x)  # as diffusers, per row
+        rows_in, expand = sel, (lambda t: t)
 
-        def row(t):  # already one row per packed row
-            return t
+        def mul(t, v):  # v is already one row per packed row
+            return t * v
+
+        def modulate(t, sc, sh):
+            return t * (1 + sc) + sh
     else:
         mods = block.scale_shift_table + temb.float()  # [B, 6, D], float32 as diffusers
         shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(1)
-        h = dk.gather_norm_modulate(x, sel, shift.to(dt), scale.to(dt), norm1.weight,
+        # training: each token of both bins normalised, projected and rotated once
+        rows_in, expand = shared_rows(sel)
+        h = dk.gather_norm_modulate(x, rows_in, shift.to(dt), scale.to(dt), norm1.weight,
                                     norm1.bias, norm1.eps)
         xp = None  # gathered after the self-attention
-        rows = sel.row_sample()
+        # a sample's [B, D] vector broadcast over its rows, materialised per row only when
+        # samples keep different numbers of rows (as the PixArt block)
+        shape = row_layout(sel)
 
-        def row(t):  # [B, D] -> the sample's row of each packed row, [T, D]
-            return t.index_select(0, rows)
+        def mul(t, v):
+            return rows_times(t, v, sel, shape)
+
+        def modulate(t, sc, sh):
+            return rows_modulate(t, sc, sh, sel, shape)
     # 1. self-attention over each segment, with the rotary rows of the kept positions
     attn = block.attn1
     H = attn.heads
     q, k, v = attn.norm_q(attn.to_q(h)), attn.norm_k(attn.to_k(h)), attn.to_v(h)
+    U = q.shape[0]
     Dh = q.shape[-1] // H
-    q, k, v = q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh)
-    pos = sel.indices % N
-    cos, sin = (r.reshape(r.shape[1], -1)[pos] for r in rope)  # [T, Dh]
+    q, k, v = q.view(U, H, Dh), k.view(U, H, Dh), v.view(U, H, Dh)
+    pos = rows_in.indices % N
+    cos, sin = (r.reshape(r.shape[1], -1)[pos] for r in rope)  # [U, Dh]
     q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)  # as WanAttnProcessor
-    o = dk.selection_attention(q, k, v, sel)
+    o = dk.selection_attention(expand(q), expand(k), expand(v), sel)
     a = attn.to_out[1](attn.to_out[0](o.reshape(T, H * Dh).type_as(q)))
     if xp is None:
         xp = dk.gather_rows(x, sel.indices)
-    ga = a * row(gate)  # [T, D], float32 as diffusers (the table is float32)
+    ga = mul(a, gate)  # [T, D], float32 as diffusers (the table is float32)
     attn_update = ga.type_as(x)
     hid = (xp.float() + ga).type_as(x)
     # 2. cross-attention of each segment over its sample's text (and its image, I2V)
@@ -203,7 +216,7 @@ def _fused_wan_block(block, x, sel, gate_scores, context, temb, rope, *, inplace
     attn_update = attn_update + c
     hid = hid + c
     # 3. feed-forward on the modulated rows
-    n3 = (block.norm3(hid.float()) * (1 + row(c_scale)) + row(c_shift)).type_as(hid)
+    n3 = modulate(block.norm3(hid.float()), c_scale, c_shift).type_as(hid)
     mlp_out = block.ffn(n3)
     inplace = not torch.is_grad_enabled() and inplace_residual
     if per_token:

@@ -66,6 +66,9 @@ def add_parser(sub) -> None:
                      help="skip the plain-torch gather -> block -> scatter control")
     p_b.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
     p_b.add_argument("--no-training", action="store_true", help="skip the training step")
+    p_b.add_argument("--training-only", action="store_true",
+                     help="time the training step alone (no inference rows, overhead or "
+                          "weight casts)")
     p_b.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -102,6 +105,10 @@ def _bench(args) -> int:
         return 2
     if args.lora_rank < 0:
         print(f"diffcr bench: --lora-rank must be >= 0, got {args.lora_rank}", file=sys.stderr)
+        return 2
+    if args.training_only and args.no_training:
+        print("diffcr bench: --training-only and --no-training leave nothing to time",
+              file=sys.stderr)
         return 2
     if args.lora_rank and args.no_training:
         print("diffcr bench: --lora-rank applies to the training step (drop --no-training)",
@@ -151,15 +158,14 @@ def _measure(args, dtype) -> int:
     out = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "threads": args.threads, "torch": torch.__version__, "config": vars(args).copy()}
     out["config"].pop("func", None)
-    out["blocks"] = bench.bench_blocks(kappas=args.kappas, rounds=args.rounds,
-                                       prepack=args.prepack, naive=not args.no_naive,
-                                       token_cache=args.token_cache,
-                                       compile=args.compile, **common)
-    if args.masked:
+    out["blocks"] = [] if args.training_only else bench.bench_blocks(
+        kappas=args.kappas, rounds=args.rounds, prepack=args.prepack, naive=not args.no_naive,
+        token_cache=args.token_cache, compile=args.compile, **common)
+    if args.masked and not args.training_only:
         out["masked"] = bench.bench_masked(rounds=args.rounds, prepack=args.prepack, **common)
-    if not args.no_overhead:
+    if not (args.no_overhead or args.training_only):
         out["overhead"] = bench.bench_overhead(rounds=max(3, args.rounds), **common)
-    if args.autocast:
+    if args.autocast and not args.training_only:
         casts = out["autocast_weight_casts"] = bench.bench_weight_casts(
             args.model, args.device, torch.get_autocast_dtype(args.device))
         for r in out["blocks"]:  # the ideal with the casts as a fixed cost of both blocks
@@ -174,7 +180,8 @@ def _measure(args, dtype) -> int:
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    routed = [r for r in out["blocks"] if r["kappa"] < 1] or out["blocks"]
+    routed = [r for r in out["blocks"] if r["kappa"] < 1] or out["blocks"] \
+        or [out["training"]]
     print(f"diffcr bench: {bench.DESCRIPTIONS[args.model]}, {routed[0]['path']} path, "
           f"N={args.tokens}, B={args.batch}, {args.dtype}"
           + (f" weights under {args.autocast} autocast" if args.autocast else "")
@@ -198,7 +205,8 @@ def _measure(args, dtype) -> int:
     casts_fixed = bool(blocks) and "fraction_of_ideal_casts_fixed" in blocks[0]
     if casts_fixed:
         hdr += f" {'casts fixed':>12}"
-    print(hdr)
+    if blocks:
+        print(hdr)
     for r in blocks:
         mem = "-" if r["peak_mem_MB"] is None else f"{r['peak_mem_MB']:.0f}"
         line = (f"{r['kappa']:>6.2f} {r['k']:>6d} {r['dense_ms']:>10.2f} {r['routed_ms']:>10.2f} "
@@ -211,8 +219,9 @@ def _measure(args, dtype) -> int:
         if casts_fixed:
             line += f" {100 * r['fraction_of_ideal_casts_fixed']:>11.1f}%"
         print(line)
-    print(f"(speedup and fraction of ideal: median over {args.rounds} interleaved rounds of "
-          "dense/routed; naive = gather -> diffusers block -> scatter in plain torch)")
+    if blocks:
+        print(f"(speedup and fraction of ideal: median over {args.rounds} interleaved rounds "
+              "of dense/routed; naive = gather -> diffusers block -> scatter in plain torch)")
     if cache:
         print("cache = the routed block with the token cache (skipped rows get their cached "
               "update); cache/routed: its time over the plain routed block's")
@@ -244,5 +253,6 @@ def _measure(args, dtype) -> int:
             how += f", LoRA rank {t['lora_rank']} on frozen base weights"
         print(f"training step (fwd+bwd, two bins {t['bins'][0]:.2f}/{t['bins'][1]:.2f} {how}): "
               f"dense {t['dense_ms']:.1f} ms, DiffCR {t['routed_ms']:.1f} ms, "
-              f"{100 * t['fraction_of_ideal']:.1f} % of the ideal for both branches")
+              f"{100 * t['fraction_of_ideal']:.1f} % of the ideal for both branches (their "
+              "shared projections counted once, method §6)")
     return 0
