@@ -165,16 +165,15 @@ def cross_attention(attn, h, sel, text, text_bias, qk_norm=False, *, image_conte
         L = kt.shape[1]
         if (not sel.uniform and B == kt.shape[0] and B * P == len(lens)
                 and all(lens[i] == lens[i - P] for i in range(P, len(lens)))):
-            # every sample has the same P slot lengths: [B, rows per sample, H, Dh], split the
-            # slots along dim 1 (views), keys/values are the sample's own (no gather)
+            # every sample has the same P slot lengths: its rows are contiguous, and every
+            # row of a sample attends to the same keys (its text) whatever its segment, so
+            # one call over [B, rows per sample, H, Dh] (a view), keys/values the sample's own
             q4 = q.view(B, sum(lens[:P]), H, Dh)
             kg = kt.view(B, L, H, Dh).transpose(1, 2)
             vg = vt.view(B, L, H, Dh).transpose(1, 2)
             mask = None if bias is None else bias.view(B, 1, -1, L).to(q.dtype)
-            outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kg, vg, attn_mask=mask
-                                                   ).transpose(1, 2)
-                    for qp in q4.split(lens[:P], dim=1)]
-            return torch.cat(outs, 1).reshape(T, H * Dh).to(q.dtype)
+            o = F.scaled_dot_product_attention(q4.transpose(1, 2), kg, vg, attn_mask=mask)
+            return o.transpose(1, 2).reshape(T, H * Dh).to(q.dtype)
         groups = {}
         for s, n in enumerate(lens):
             groups.setdefault(n, []).append(s)
