@@ -158,22 +158,14 @@ class Selection:
         lens = self.seqlens
         B = len(lens) // P
         dev = self.indices.device
-        starts = [0]
-        for n in lens:
-            starts.append(starts[-1] + n)
-        keep = [max(range(b * P, b * P + P), key=lambda s: lens[s]) for b in range(B)]
-        ulens = [lens[s] for s in keep]
-        rows = host_index([r for s in keep for r in range(starts[s], starts[s] + lens[s])], dev)
+        rows, keep, cu, ulens = _shared_rows_tables(lens, P, dev)
         uidx = self.indices.index_select(0, rows)
-        cu = [0]
-        for n in ulens:
-            cu.append(cu[-1] + n)
         union = Selection(
             indices=uidx,
-            cu_seqlens=host_index(cu, dev, torch.int32),
+            cu_seqlens=cu,
             max_seqlen=max(ulens),
             scores=self.scores.index_select(0, rows),
-            seg_weight=self.seg_weight.index_select(0, host_index(keep, dev)),
+            seg_weight=self.seg_weight.index_select(0, keep),
             seg_sample=host_index(list(range(B)), dev),
             num_tokens=self.num_tokens,
             segs_per_sample=1,
@@ -186,6 +178,36 @@ class Selection:
         pos = torch.empty(B * self.num_tokens, dtype=torch.int64, device=dev)
         pos.index_copy_(0, uidx, torch.arange(uidx.numel(), device=dev))
         return union, pos.index_select(0, self.indices)
+
+
+_SHARED_CACHE: dict = {}
+
+
+def _shared_rows_tables(lens, P: int, device):
+    """For :meth:`Selection.shared_rows`: the packed rows of each sample's largest segment
+    (int64 ``[U]``), those segments (int64 ``[B]``), the union's ``cu_seqlens`` (int32) and
+    its host lengths, cached by the segment lengths (a training step asks for the same tables
+    in every block: built once, not a U-long host list per call)."""
+    key = (tuple(lens), P, str(device))
+    got = None if torch.compiler.is_compiling() else _SHARED_CACHE.get(key)
+    if got is not None:
+        return got
+    B = len(lens) // P
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    keep = [max(range(b * P, b * P + P), key=lambda s: lens[s]) for b in range(B)]
+    ulens = [lens[s] for s in keep]
+    cu = [0]
+    for n in ulens:
+        cu.append(cu[-1] + n)
+    got = (host_index([r for s in keep for r in range(starts[s], starts[s] + lens[s])], device),
+           host_index(keep, device), host_index(cu, device, torch.int32), tuple(ulens))
+    if not torch.compiler.is_compiling():
+        if len(_SHARED_CACHE) >= _INDEX_CACHE_MAX:
+            _SHARED_CACHE.clear()
+        _SHARED_CACHE[key] = got
+    return got
 
 
 def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
