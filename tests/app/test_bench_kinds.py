@@ -116,3 +116,30 @@ def test_masked_bench_times_the_box_plus_the_context_share():
     assert diffcr.routing_state(bb.model).keep_mask is None  # off after timing
     with pytest.raises(ValueError, match="video block"):
         bench.bench_masked("wan", 16)
+
+
+def _counted_flops(bb) -> int:
+    """FLOPs of one dense block call as torch's FlopCounterMode counts them (matmuls, and the
+    CPU flash attention through the counter's own SDPA formula, which it does not map)."""
+    import torch.utils.flop_counter as fc
+
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    with torch.no_grad(), fc.FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}) as counter:
+        bb.run_dense()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", ["pixart", "dit", "sd3", "flux", "flux-single", "wan",
+                                  "qwenimage", "hunyuanvideo"])
+def test_the_ideal_cost_model_counts_every_per_token_flop_of_the_block(kind):
+    """The cost model behind every fraction of ideal (method §6): what the dense block costs
+    per image token (and in attention) is what torch's flop counter counts on the block
+    itself. Differences of two token counts cancel what is paid once per sample (the adaLN
+    modulation linears), which the model leaves out."""
+    torch.set_num_threads(1)
+    small, large = (bench.make_block_bench(kind, n, 1, "cpu", torch.float32) for n in (16, 64))
+    counted = _counted_flops(large) - _counted_flops(small)
+    assert large.flops(64) - large.flops(16) == pytest.approx(counted, rel=1e-9)

@@ -41,8 +41,11 @@ TEXT_TOKENS = 120
 
 
 def ideal_block_flops(n: float, d: int, text: int) -> float:
-    """method §6: N (24 D^2 + 4 L D) + 4 N^2 D + 4 L D^2 (the text K/V projection is fixed)."""
-    return n * (24 * d * d + 4 * text * d) + 4 * n * n * d + 4 * text * d * d
+    """FLOPs of a PixArt/DiT block with n image tokens (method §6): N (24 D^2 + 4 D^2 + 4 L D)
+    + 4 N^2 D + 4 L D^2 with L > 0 text tokens (the cross-attention's Q and O projections are
+    the second term; the text K/V projection is fixed), N · 24 D^2 + 4 N^2 D without text."""
+    cross_qo = 4 * d * d if text else 0
+    return n * (24 * d * d + cross_qo + 4 * text * d) + 4 * n * n * d + 4 * text * d * d
 
 
 def ideal_speedup(kappa: float, n: int, d: int, text: int, two_bin: Optional[tuple] = None
