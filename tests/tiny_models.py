@@ -239,11 +239,13 @@ def run_model(model, kw, seed=3):
     return model(**kw).sample
 
 
-def fused_and_compat(factory, kw, ratios, train, dtype=None, **config):
+def fused_and_compat(factory, kw, ratios, train, dtype=None, weights=False, **config):
     """The model from ``factory()`` converted twice, ``path="fused"`` and ``"compat"``, with
     the same random routers (the zero init ties every score) and kept ratios ``ratios``, run
     on ``kw`` in train or eval mode: ``{path: (output, grads, last_path of every block)}``,
-    ``grads`` the router and ratio gradients of ``output² + ratio_loss`` in training.
+    ``grads`` the router and ratio gradients of ``output² + ratio_loss`` in training
+    (``weights=True``: and every other parameter's gradient, keyed ``"param <name>"``, as a
+    full fine-tune computes them; None where a parameter got none).
     ``dtype``: model, parameters of the routing and floating inputs in that dtype."""
     out = {}
     for path in ("fused", "compat"):
@@ -268,6 +270,9 @@ def fused_and_compat(factory, kw, ratios, train, dtype=None, **config):
             for i, b in diffcr.routed_blocks(model).items():
                 grads[f"router{i}"] = b.router.weight.grad
                 grads[f"ratio{i}"] = b.ratio.kept.grad
+            if weights:
+                grads.update({f"param {n}": p.grad for n, p in model.named_parameters()
+                              if ".router." not in n and ".ratio." not in n})
         paths = [r.last_path for r in diffcr.routing_state(model).blocks.values()]
         out[path] = (y.detach(), grads, paths)
     return out

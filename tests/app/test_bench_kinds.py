@@ -118,9 +118,9 @@ def test_masked_bench_times_the_box_plus_the_context_share():
         bench.bench_masked("wan", 16)
 
 
-def _counted_flops(bb) -> int:
-    """FLOPs of one dense block call as torch's FlopCounterMode counts them (matmuls, and the
-    CPU flash attention through the counter's own SDPA formula, which it does not map)."""
+def _counted_flops(fn) -> int:
+    """FLOPs of ``fn()`` as torch's FlopCounterMode counts them (matmuls, and the CPU flash
+    attention through the counter's own SDPA formula, which it does not map)."""
     import torch.utils.flop_counter as fc
 
     def sdpa(q, k, v, *args, out_shape=None, **kwargs):
@@ -128,18 +128,37 @@ def _counted_flops(bb) -> int:
 
     with torch.no_grad(), fc.FlopCounterMode(display=False, custom_mapping={
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}) as counter:
-        bb.run_dense()
+        fn()
     return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("kind", ["pixart", "dit", "sd3", "flux", "flux-single", "wan",
                                   "qwenimage", "hunyuanvideo"])
-def test_the_ideal_cost_model_counts_every_per_token_flop_of_the_block(kind):
-    """The cost model behind every fraction of ideal (method §6): what the dense block costs
-    per image token (and in attention) is what torch's flop counter counts on the block
-    itself. Differences of two token counts cancel what is paid once per sample (the adaLN
-    modulation linears), which the model leaves out."""
+def test_the_ideal_cost_model_counts_what_the_blocks_compute(kind):
+    """The cost model behind every fraction of ideal (method §6), against torch's flop counter
+    run on the blocks themselves:
+
+    - what the dense block costs per image token (and in attention) is what the model says.
+      Differences of two token counts cancel what is paid once per sample (the adaLN
+      modulation linears), which the model leaves out;
+    - the two-bin training pass of the fused routed block computes what the ideal counts for
+      both bins with their shared work once: no more (work computed twice that the ideal
+      shares) and no less (sharing the ideal claims and the block does not do), up to the
+      per-sample modulation and the router."""
+    from diffcr.convert import unfreeze
+
     torch.set_num_threads(1)
     small, large = (bench.make_block_bench(kind, n, 1, "cpu", torch.float32) for n in (16, 64))
-    counted = _counted_flops(large) - _counted_flops(small)
+    counted = _counted_flops(large.run_dense) - _counted_flops(small.run_dense)
     assert large.flops(64) - large.flops(16) == pytest.approx(counted, rel=1e-9)
+
+    unfreeze(large.model)
+    with torch.no_grad():
+        large.block.ratio.kept.fill_(0.55)
+    large.model.train()
+    two_bin = _counted_flops(large.run_routed)
+    assert large.path() == "fused"
+    ka, kb = (k / 64 for k in large.block.ratio.two_bin([0], 64).k[0])
+    assert ka != kb
+    ideal_cost = large.flops(64) / large.ideal(0.55, two_bin=(ka, kb))
+    assert two_bin == pytest.approx(ideal_cost, rel=1.5e-2)

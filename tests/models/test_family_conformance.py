@@ -81,6 +81,25 @@ def test_fused_equals_compat_in_training_with_gradients(family):
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_equals_compat_in_full_fine_tuning(family):
+    """Every weight of the model takes a gradient (a full fine-tune): the fused path's
+    gradient of each equals the compat path's (the block's own diffusers forward), including
+    the projections the fused path cuts by columns or computes once for both bins."""
+    factory, inputs = FAMILY_CASES[family]
+    out = fused_and_compat(factory, inputs((100, 900)), [0.35, 0.55, 0.75, 0.95], True,
+                           weights=True)
+    (_, gf), (_, gc) = ((y, g) for y, g, _ in out.values())
+    params = [k for k in gf if k.startswith("param ")]
+    assert sorted(gf) == sorted(gc) and params
+    assert sum(gf[k] is not None for k in params) > len(params) // 2
+    for key in params:
+        if gc[key] is None:
+            assert gf[key] is None or not gf[key].any(), key
+            continue
+        torch.testing.assert_close(gf[key], gc[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_fused_equals_compat_when_a_block_keeps_one_token(family, train):
     """k = 1, the smallest segment: bins (0.01, 1) give k = 1 in eval, and in training each

@@ -118,3 +118,44 @@ def test_hunyuanvideo_float_attention_mask_runs_compat():
     assert state.last_path == "compat"
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_linear_is_one_linear_over_both_column_halves(bias):
+    """``common.split_linear`` (single-stream blocks' output projection, each half on its own
+    rows): values and every gradient, weight and bias included, are those of one linear over
+    ``[a; m]`` columns (gradcheck in float64); the weight's gradient is one tensor."""
+    from diffcr.models.common import split_linear
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ya, ym = split_linear(a, m, w, b)
+    torch.testing.assert_close(ya + ym, torch.nn.functional.linear(torch.cat([a, m], 1), w, b))
+    torch.testing.assert_close(ya, torch.nn.functional.linear(a, w[:, :3], b))
+    # the halves on different row counts, as a training pass uses them (m: the shared rows)
+    m2 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: split_linear(*t), (a, m2, w, b))
+    (ya.sum() + 2 * split_linear(a, m2, w, b)[1].sum()).backward()
+    assert w.grad.shape == w.shape and w.grad.is_contiguous()
+
+
+def test_split_linear_under_autocast_computes_in_autocasts_dtype():
+    """As ``F.linear`` under ``torch.autocast``: outputs in the low precision, equal to the
+    linear of the cast operands; gradients in each operand's own dtype."""
+    from diffcr.models.common import split_linear
+
+    g = torch.Generator().manual_seed(1)
+    a, m = torch.randn(6, 8, generator=g), torch.randn(4, 16, generator=g)
+    w = torch.randn(8, 24, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        ya, ym = split_linear(a, m, w, b)
+        ra = torch.nn.functional.linear(a, w[:, :8], b)
+    assert ya.dtype == ym.dtype == torch.bfloat16
+    torch.testing.assert_close(ya, ra)
+    torch.testing.assert_close(ym, m.bfloat16() @ w[:, 8:].bfloat16().t())
+    (ya.float().sum() + ym.float().sum()).backward()
+    assert w.grad.dtype == b.grad.dtype == torch.float32

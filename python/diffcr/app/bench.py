@@ -239,12 +239,13 @@ def _joint_cost(D, L):
 def _flux_single_cost(D, L):
     """Flux single-stream block: per token of [text; image] q, k, v (3 D^2), the MLP input
     projection (4 D^2) and the fused output projection (5 D^2): 24 D^2 flops, attention over
-    [text; image]. Shared by two bins: the q/k/v and MLP input projections (14 D^2) of the text
-    rows and of the smaller bin's tokens (all of them also the larger bin's); the output
-    projection sees the attention output, which depends on the bin."""
+    [text; image]. Shared by two bins: of the text rows and of the smaller bin's tokens (all
+    of them also the larger bin's), the q/k/v and MLP input projections (14 D^2) and the MLP
+    half of the output projection (8 D^2), which sees only the token's own MLP activations;
+    the attention half sees the attention output, which depends on the bin."""
     def cost(n):
         return 24 * D * D * (n + L) + 4 * (n + L) ** 2 * D
-    return cost, lambda n_a: 14 * D * D * (L + n_a)
+    return cost, lambda n_a: 22 * D * D * (L + n_a)
 
 
 def _wan_cost(D, L, F):

@@ -19,7 +19,7 @@ import diffcr_kernels as dk
 
 from .base import ModelFamily
 from .common import (plain_weight, rotate_interleaved, row_layout, rows_modulate, rows_times,
-                     scatter_pieces, segment_groups, shared_rows)
+                     scatter_pieces, segment_groups, shared_rows, split_linear)
 
 
 class JointFamily(ModelFamily):
@@ -417,11 +417,16 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     normalised once per sample. Attention (qk RMS-norm, the rotary rows of exactly the kept
     positions and of the text: ``rope`` or ``rotary`` as in :func:`fused_double_stream_block`,
     and its key mask) runs over ``[segment rows; its sample's text]`` for every segment in one
-    call. The output projection ``proj_out`` over ``[attention; MLP]``
-    is split by columns: the attention part (with the bias) is the image rows' attention
-    update, the MLP part their router-gated MLP output, both scaled by the block's gate in the
-    scatter-back. The text rows take the whole projection (ungated by the router), per
-    segment, combined as :func:`._joint.text_stream_out`. Returns ``(text, image)``."""
+    call. The MLP input projection runs once per token and once per sample's text (in
+    training a token of both bins is computed once, :func:`.common.shared_rows`). The output
+    projection ``proj_out`` over ``[attention; MLP]`` is split by columns
+    (:func:`.common.split_linear`): the attention half (with the bias) on every joint row, the
+    MLP half on those once-per-token rows. The image rows take the attention half as their
+    attention update and the MLP half as their router-gated MLP output, both scaled by the
+    block's gate in the scatter-back; the text rows take both halves (ungated by the router),
+    per segment, combined as :func:`._joint.text_stream_out`. A ``proj_out`` that is not a
+    plain linear (quantized, a peft layer) is called as a module on ``[attention; MLP]``
+    rows instead. Returns ``(text, image)``."""
     B, N, D = x.shape
     L = ctx.shape[1]
     norm = block.norm
@@ -448,36 +453,39 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     o = lay.attention(q, k, v, img_valid, txt_valid).reshape(lay.J, -1).to(q.dtype)  # [J, D]
     shape = row_layout(sel)  # the block's gate per sample, broadcast over its rows
     inplace = not torch.is_grad_enabled() and inplace_residual
-    act = expand(block.act_mlp(block.proj_mlp(h)))  # [T, Dm]
-    # cutting the weight by columns needs no [T, 5D] concatenation, but when the weight takes a
-    # gradient each cut's backward writes a zero-filled weight-sized tensor and the two are
-    # summed (about 4 % of Flux's single-block training step on CPU): then, as for a weight
-    # that cannot be cut, the whole projection runs once on the concatenation
-    w = getattr(block.proj_out, "weight", None)
-    weight_grad = torch.is_grad_enabled() and w is not None and w.requires_grad
-    if plain_weight(block.proj_out) and not weight_grad:
-        W, bias = block.proj_out.weight, block.proj_out.bias
-        if W.dtype != o.dtype:  # stored in another dtype (layerwise casting): cast as its hook does
-            W = W.to(o.dtype)
-            bias = None if bias is None else bias.to(o.dtype)
-        Wa, Wm = W[:, :D], W[:, D:]
-        attn_update = rows_times(torch.nn.functional.linear(lay.image(o), Wa, bias), gate, sel,
-                                 shape)  # [T, D]
-        mlp_out = torch.nn.functional.linear(act, Wm)  # [T, D]
-        new_x = dk.scatter_back_selection(x, sel, attn_update, mlp_out, gate, scores=gate_scores,
-                                          inplace=inplace)
-    else:
-        # a quantized or wrapped proj_out (bitsandbytes, torchao, GGUF, ...), whose weight
-        # cannot be cut by columns, or one being trained: the module computes the whole
-        # projection; the router gate multiplies the MLP half before it (the projection is
-        # linear: the same value)
-        upd = rows_times(block.proj_out(torch.cat(
-            [lay.image(o), act * gate_scores.to(act.dtype)[:, None]], dim=-1)), gate, sel,
-            shape)  # [T, D]
-        new_x = dk.scatter_back_selection(x, sel, upd, use_scores=False, inplace=inplace)
+    # the MLP input projection of each token once (training: once for both bins) and of each
+    # sample's text, in one call
+    U = h.shape[0]
+    act_all = block.act_mlp(block.proj_mlp(torch.cat([h, nctx.reshape(B * L, D).to(h.dtype)])))
     seg = lay.seg
-    mlp_txt = block.act_mlp(block.proj_mlp(nctx)).index_select(0, seg)  # [S, L, Dm]
-    c_upd = block.proj_out(torch.cat([lay.text(o), mlp_txt], dim=-1))
+    if plain_weight(block.proj_out):
+        # the projection of [attention; MLP] split by columns, in one call: the attention half
+        # (with the bias) on every joint row, the MLP half on the rows above (a token of both
+        # bins has the same MLP half in both), then copied to the packed rows; the router gate
+        # and the block's gate are applied in the scatter-back (the projection is linear: the
+        # same value)
+        W, bias = block.proj_out.weight, block.proj_out.bias
+        dev = o.device.type
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else o.dtype
+        if W.dtype != low:  # autocast, or stored in another dtype (layerwise casting)
+            W = W.to(low)
+            bias = None if bias is None else bias.to(low)
+        o_attn, o_mlp = split_linear(o, act_all, W, bias)  # [J, D], [U + B L, D]
+        attn_update = rows_times(lay.image(o_attn), gate, sel, shape)  # [T, D]
+        new_x = dk.scatter_back_selection(x, sel, attn_update, expand(o_mlp[:U]), gate,
+                                          scores=gate_scores, inplace=inplace)
+        c_upd = lay.text(o_attn) + o_mlp[U:].view(B, L, D).index_select(0, seg)  # [S, L, D]
+    else:
+        # a quantized or wrapped proj_out (bitsandbytes, torchao, GGUF, a peft LoRA layer...),
+        # whose weight cannot be cut by columns: the module computes the whole projection on
+        # every row; the router gate multiplies the MLP half before it (the projection is
+        # linear: the same value)
+        act, mlp_txt = act_all[:U], act_all[U:].view(B, L, -1)
+        upd = rows_times(block.proj_out(torch.cat(
+            [lay.image(o), expand(act) * gate_scores.to(act.dtype)[:, None]], dim=-1)), gate,
+            sel, shape)  # [T, D]
+        new_x = dk.scatter_back_selection(x, sel, upd, use_scores=False, inplace=inplace)
+        c_upd = block.proj_out(torch.cat([lay.text(o), mlp_txt.index_select(0, seg)], dim=-1))
     c_out = ctx.index_select(0, seg) + gate.index_select(0, seg).unsqueeze(1) * c_upd
     if c_out.dtype == torch.float16:
         c_out = c_out.clip(-65504, 65504)

@@ -13,7 +13,7 @@ import diffcr_kernels as dk
 
 __all__ = ["segment_groups", "packed_rows", "scatter_pieces", "cross_attention",
            "rotate_interleaved", "plain_weight", "shared_rows", "row_layout", "per_row",
-           "apply_layout", "rows_times", "rows_modulate"]
+           "apply_layout", "rows_times", "rows_modulate", "split_linear"]
 
 
 def plain_weight(lin) -> bool:
@@ -25,6 +25,73 @@ def plain_weight(lin) -> bool:
     plain = (torch.Tensor, torch.nn.Parameter)
     return (isinstance(lin, torch.nn.Linear) and type(lin.weight) in plain
             and (lin.bias is None or type(lin.bias) in plain))
+
+
+class _SplitLinear(torch.autograd.Function):
+    """``(a @ W[:, :Da]^T + bias, m @ W[:, Da:]^T)``: one linear over ``[a; m]`` columns,
+    each half on its own rows. The backward writes the weight's gradient once, as the two
+    column blocks of one tensor, where cutting ``W`` by columns in autograd would write a
+    zero-filled weight-sized gradient per cut and sum them."""
+
+    @staticmethod
+    def forward(ctx, a, m, weight, bias):
+        da = a.shape[-1]
+        wa, wm = weight[:, :da], weight[:, da:]
+        ctx.save_for_backward(a, m, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(a, wa, bias), F.linear(m, wm)
+
+    @staticmethod
+    def backward(ctx, ga, gm):
+        a, m, weight = ctx.saved_tensors
+        da = a.shape[-1]
+        if ga is None:
+            ga = torch.zeros(*a.shape[:-1], weight.shape[0], dtype=a.dtype, device=a.device)
+        if gm is None:
+            gm = torch.zeros(*m.shape[:-1], weight.shape[0], dtype=m.dtype, device=m.device)
+        ga2, gm2 = ga.reshape(-1, ga.shape[-1]), gm.reshape(-1, gm.shape[-1])
+        grad_a = grad_m = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (ga2 @ weight[:, :da]).view(a.shape)
+        if ctx.needs_input_grad[1]:
+            grad_m = (gm2 @ weight[:, da:]).view(m.shape)
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.cat([ga2.t() @ a.reshape(-1, da),
+                                gm2.t() @ m.reshape(-1, m.shape[-1])], dim=1)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = ga2.sum(0)
+        return grad_a, grad_m, grad_w, grad_b
+
+
+def split_linear(a, m, weight, bias=None):
+    """The linear ``y = [a, m] @ weight^T + bias`` computed as its two column halves on
+    different rows: returns ``(a @ weight[:, :Da]^T + bias, m @ weight[:, Da:]^T)``.
+
+    Flux's single-stream blocks project ``[attention; MLP]`` with one weight; in a training
+    pass the MLP half of a token shared by both bins is the same in both, so it runs once per
+    token (``m``: ``[U, Dm]`` rows) while the attention half runs per bin (``a``: ``[T, Da]``
+    rows).
+
+    Args:
+        a: ``[..., Da]`` rows of the first ``Da`` input columns.
+        m: ``[..., Dm]`` rows of the other ``Dm`` columns (any row count).
+        weight: ``[Dout, Da + Dm]``, a plain tensor (:func:`plain_weight`).
+        bias: ``[Dout]`` or None, added to the first output.
+
+    Under ``torch.autocast`` every operand is cast to autocast's dtype, as ``F.linear``
+    would be, and the gradients come back in each operand's own dtype. The weight's gradient
+    is one ``[Dout, Da + Dm]`` tensor (see :class:`_SplitLinear`)."""
+    dev = a.device.type
+    if torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _SplitLinear.apply(a.to(low), m.to(low), weight.to(low),
+                                      None if bias is None else bias.to(low))
+    dt = a.dtype
+    if weight.dtype != dt:  # stored in another dtype (layerwise casting): as its hook casts
+        weight = weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    return _SplitLinear.apply(a, m.to(dt), weight, bias)
 
 
 def shared_rows(sel):
