@@ -464,13 +464,8 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
         # bins has the same MLP half in both), then copied to the packed rows; the router gate
         # and the block's gate are applied in the scatter-back (the projection is linear: the
         # same value)
-        W, bias = block.proj_out.weight, block.proj_out.bias
-        dev = o.device.type
-        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else o.dtype
-        if W.dtype != low:  # autocast, or stored in another dtype (layerwise casting)
-            W = W.to(low)
-            bias = None if bias is None else bias.to(low)
-        o_attn, o_mlp = split_linear(o, act_all, W, bias)  # [J, D], [U + B L, D]
+        o_attn, o_mlp = split_linear(o, act_all, block.proj_out.weight,
+                                     block.proj_out.bias)  # [J, D], [U + B L, D]
         attn_update = rows_times(lay.image(o_attn), gate, sel, shape)  # [T, D]
         new_x = dk.scatter_back_selection(x, sel, attn_update, expand(o_mlp[:U]), gate,
                                           scores=gate_scores, inplace=inplace)

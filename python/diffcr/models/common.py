@@ -29,38 +29,44 @@ def plain_weight(lin) -> bool:
 
 class _SplitLinear(torch.autograd.Function):
     """``(a @ W[:, :Da]^T + bias, m @ W[:, Da:]^T)``: one linear over ``[a; m]`` columns,
-    each half on its own rows. The backward writes the weight's gradient once, as the two
+    each half on its own rows, computed in ``dtype``. Casting to ``dtype`` (autocast's, or
+    the compute dtype of a weight stored in another) makes each half contiguous at no extra
+    cost. The backward writes the weight's gradient once, in the weight's dtype, as the two
     column blocks of one tensor, where cutting ``W`` by columns in autograd would write a
     zero-filled weight-sized gradient per cut and sum them."""
 
     @staticmethod
-    def forward(ctx, a, m, weight, bias):
+    def forward(ctx, a, m, weight, bias, dtype):
         da = a.shape[-1]
-        wa, wm = weight[:, :da], weight[:, da:]
-        ctx.save_for_backward(a, m, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(a, wa, bias), F.linear(m, wm)
+        wa, wm = weight[:, :da].to(dtype), weight[:, da:].to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(a, m, wa, wm)
+        ctx.w_meta = (weight.shape, weight.dtype)
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return F.linear(a, wa, b), F.linear(m, wm)
 
     @staticmethod
     def backward(ctx, ga, gm):
-        a, m, weight = ctx.saved_tensors
+        a, m, wa, wm = ctx.saved_tensors
         da = a.shape[-1]
         if ga is None:
-            ga = torch.zeros(*a.shape[:-1], weight.shape[0], dtype=a.dtype, device=a.device)
+            ga = torch.zeros(*a.shape[:-1], wa.shape[0], dtype=a.dtype, device=a.device)
         if gm is None:
-            gm = torch.zeros(*m.shape[:-1], weight.shape[0], dtype=m.dtype, device=m.device)
+            gm = torch.zeros(*m.shape[:-1], wm.shape[0], dtype=m.dtype, device=m.device)
         ga2, gm2 = ga.reshape(-1, ga.shape[-1]), gm.reshape(-1, gm.shape[-1])
         grad_a = grad_m = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = (ga2 @ weight[:, :da]).view(a.shape)
+            grad_a = (ga2 @ wa).view(a.shape)
         if ctx.needs_input_grad[1]:
-            grad_m = (gm2 @ weight[:, da:]).view(m.shape)
+            grad_m = (gm2 @ wm).view(m.shape)
         if ctx.needs_input_grad[2]:
-            grad_w = torch.cat([ga2.t() @ a.reshape(-1, da),
-                                gm2.t() @ m.reshape(-1, m.shape[-1])], dim=1)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = ga2.sum(0)
-        return grad_a, grad_m, grad_w, grad_b
+            shape, dtype = ctx.w_meta
+            grad_w = torch.empty(shape, dtype=dtype, device=a.device)
+            grad_w[:, :da].copy_(ga2.t() @ a.reshape(-1, da))
+            grad_w[:, da:].copy_(gm2.t() @ m.reshape(-1, m.shape[-1]))
+        if ctx.b_dtype is not None and ctx.needs_input_grad[3]:
+            grad_b = ga2.sum(0).to(ctx.b_dtype)
+        return grad_a, grad_m, grad_w, grad_b, None
 
 
 def split_linear(a, m, weight, bias=None):
@@ -75,23 +81,19 @@ def split_linear(a, m, weight, bias=None):
     Args:
         a: ``[..., Da]`` rows of the first ``Da`` input columns.
         m: ``[..., Dm]`` rows of the other ``Dm`` columns (any row count).
-        weight: ``[Dout, Da + Dm]``, a plain tensor (:func:`plain_weight`).
+        weight: ``[Dout, Da + Dm]``, a plain tensor (:func:`plain_weight`), in any dtype.
         bias: ``[Dout]`` or None, added to the first output.
 
-    Under ``torch.autocast`` every operand is cast to autocast's dtype, as ``F.linear``
-    would be, and the gradients come back in each operand's own dtype. The weight's gradient
+    Computed in autocast's dtype under ``torch.autocast`` (as ``F.linear`` would be), else in
+    ``a``'s dtype (a weight stored in another dtype, as layerwise casting stores it, is cast
+    as its hook would cast it). Gradients come back in each operand's own dtype; the weight's
     is one ``[Dout, Da + Dm]`` tensor (see :class:`_SplitLinear`)."""
     dev = a.device.type
     if torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _SplitLinear.apply(a.to(low), m.to(low), weight.to(low),
-                                      None if bias is None else bias.to(low))
-    dt = a.dtype
-    if weight.dtype != dt:  # stored in another dtype (layerwise casting): as its hook casts
-        weight = weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-    return _SplitLinear.apply(a, m.to(dt), weight, bias)
+            return _SplitLinear.apply(a.to(low), m.to(low), weight, bias, low)
+    return _SplitLinear.apply(a, m.to(a.dtype), weight, bias, a.dtype)
 
 
 def shared_rows(sel):
