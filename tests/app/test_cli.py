@@ -255,6 +255,47 @@ def test_bench_under_autocast_keeps_the_fused_path(capsys):
     casts = out["autocast_weight_casts"]  # the per-call fixed cost autocast adds to both
     assert casts["weights"] > 0 and casts["cast_ms"] > 0 and "bfloat16" in casts["dtype"]
     assert out["blocks"][0]["fraction_of_ideal_casts_fixed"] > 0
+    t = out["training"]
+    assert "bfloat16" in t["autocast"] and t["casts_ms"] > 0
+    assert t["fraction_of_ideal_casts_fixed"] > 0
+
+
+def test_bench_training_steps_each_open_their_own_autocast_region(capsys, monkeypatch):
+    """A training loop under ``--mixed-precision`` runs each forward in its own autocast region
+    (autocast's cache of weight casts dies with it) and the loss and backward outside: the
+    bench's training step does the same, also when ``diffcr bench --autocast`` runs the
+    inference rows in one region, and sets the gradients to None before each step."""
+    import json
+
+    import torch
+
+    from diffcr.app import bench
+
+    seen = {"forward": [], "loss": [], "grad": []}
+    make = bench.make_block_bench
+
+    def spied(*a, **k):
+        bb = make(*a, **k)
+        def record(mod, args):
+            seen["forward"].append(torch.is_autocast_enabled("cpu"))
+            seen["grad"].append(all(p.grad is None for p in mod.parameters()))
+
+        for m in (bb.dense, bb.block):
+            m.register_forward_pre_hook(record)
+        return bb
+
+    loss_of = bench.BlockBench.loss_of
+    monkeypatch.setattr(bench, "make_block_bench", spied)
+    monkeypatch.setattr(bench.BlockBench, "loss_of", staticmethod(
+        lambda out: seen["loss"].append(torch.is_autocast_enabled("cpu")) or loss_of(out)))
+    r = cli_in_process(capsys, "bench", "--model", "dit-demo", "--tokens", "16", "--rounds",
+                       "1", "--kappas", "0.5", "--autocast", "bf16", "--no-naive",
+                       "--no-overhead", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["training"]["casts_ms"] > 0
+    # the training bench's calls are the last ones: warm-up + one round, dense and routed
+    assert seen["forward"][-4:] == [True] * 4 and seen["grad"][-4:] == [True] * 4
+    assert seen["loss"][-4:] == [False] * 4
 
 
 def test_bench_training_only_times_the_training_step_alone(capsys):

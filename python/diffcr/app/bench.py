@@ -659,11 +659,21 @@ def bench_weight_casts(kind="pixart", device="cpu", low=torch.bfloat16, rounds=3
 
 
 def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=torch.float32,
-                   rounds=3, lora_rank: int = 0) -> dict:
+                   rounds=3, lora_rank: int = 0, autocast: Optional[torch.dtype] = None
+                   ) -> dict:
     """One training step of a block (forward + backward): dense vs DiffCR two-bin (both
     branches in one packed pass), with the ideal for the two branches together.
     ``lora_rank`` > 0: the paper's recipe, peft LoRA of that rank on the block's attention and
-    feed-forward layers of both (base weights frozen; LoRA, router and ratio trained)."""
+    feed-forward layers of both (base weights frozen; LoRA, router and ratio trained).
+
+    Each step is what a training loop does: gradients set to None
+    (``zero_grad(set_to_none=True)``), the forward under its own ``torch.autocast(autocast)``
+    region when ``autocast`` is given (as accelerate's ``--mixed-precision`` wraps every
+    forward; autocast's cache of weight casts is cleared when the region closes), the loss
+    and the backward outside it. Under autocast the weights' casts (each linear weight to
+    ``autocast`` in the forward, the gradient of a trained one back to its dtype) do not
+    depend on the tokens: they are timed on their own in the same rounds (``casts_ms``) and
+    ``fraction_of_ideal_casts_fixed`` counts them as a fixed cost of both blocks (method §6)."""
     bb = make_block_bench(kind, N, B, device, dtype)
     dev = torch.device(device)
     from ..convert import unfreeze
@@ -683,21 +693,56 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     inputs = dict(bb.inputs, hidden_states=x)
 
     def step(mod):
+        params = [p for p in mod.parameters() if p.requires_grad]
+
         def f():
             torch.manual_seed(0)
-            BlockBench.loss_of(mod(**inputs)).backward()
+            for p in params + [x]:
+                p.grad = None
+            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+                out = mod(**inputs)
+            BlockBench.loss_of(out).backward()
         return f
 
-    ts = time_pairs({"dense": step(bb.dense), "routed": step(bb.block)}, dev, rounds)
+    fns = {"dense": step(bb.dense), "routed": step(bb.block)}
+    if autocast is not None:
+        fns["casts"] = _training_casts_fn(bb.dense, autocast)
+    ts = time_pairs(fns, dev, rounds)
     t_dense = statistics.median(ts["dense"])
     t_route = statistics.median(ts["routed"])
     speedup = statistics.median(d / r for d, r in zip(ts["dense"], ts["routed"]))
     plan = bb.block.ratio.two_bin([0], N)
     ka, kb = (v / N for v in plan.k[0])
     ideal = bb.ideal(kappa, two_bin=(ka, kb))
-    return dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
-                routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
-                fraction_of_ideal=speedup / ideal, lora_rank=lora_rank, path=bb.path())
+    out = dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
+               routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
+               fraction_of_ideal=speedup / ideal, lora_rank=lora_rank, path=bb.path(),
+               autocast=None if autocast is None else str(autocast))
+    if autocast is not None:
+        out["casts_ms"] = statistics.median(ts["casts"]) * 1e3
+        out["fraction_of_ideal_casts_fixed"] = statistics.median(
+            (min(c, d) + (d - min(c, d)) / ideal) / r
+            for d, r, c in zip(ts["dense"], ts["routed"], ts["casts"]))
+    return out
+
+
+def _training_casts_fn(block: torch.nn.Module, low: torch.dtype) -> Callable:
+    """What autocast's weight casts cost one training step of ``block``, whatever its tokens:
+    every linear weight cast to ``low`` once, as the dense block casts it (autocast caches
+    the cast of a weight that requires grad for the rest of its region; a frozen weight is
+    cast at each call, so a routed block that calls one twice pays the second cast as its
+    own cost), and the gradient of each trained one cast back to its dtype
+    (``ToCopyBackward``)."""
+    ws = [m.weight for m in block.modules()
+          if isinstance(m, torch.nn.Linear) and m.weight.dtype != low]
+
+    def casts():
+        with torch.no_grad():
+            for w in ws:
+                c = w.to(low)
+                if w.requires_grad:
+                    c.to(w.dtype)
+    return casts
 
 
 def _lora_pair(bb: BlockBench, rank: int) -> None:
