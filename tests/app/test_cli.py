@@ -258,6 +258,9 @@ def test_bench_under_autocast_keeps_the_fused_path(capsys):
     t = out["training"]
     assert "bfloat16" in t["autocast"] and t["casts_ms"] > 0
     assert t["fraction_of_ideal_casts_fixed"] > 0
+    rounds = len(t["dense_rounds_ms"])  # the median's rounds, recorded
+    assert rounds == len(t["routed_rounds_ms"]) == len(t["casts_rounds_ms"]) == 3
+    assert t["casts_ms"] == pytest.approx(sorted(t["casts_rounds_ms"])[1])
 
 
 def test_bench_training_steps_each_open_their_own_autocast_region(capsys, monkeypatch):
@@ -321,6 +324,7 @@ def test_bench_training_only_times_the_training_step_alone(capsys):
     r = cli_in_process(capsys, "bench", "--model", "dit-demo", "--tokens", "16", "--rounds",
                        "1", "--training-only")
     assert r.returncode == 0 and "training step" in r.stdout and "kappa" not in r.stdout
+    assert "median of 3 interleaved rounds; single rounds" in r.stdout
 
 
 def test_corrupt_image_is_one_line_error_naming_the_file(tiny_setup, tmp_path, capsys):

@@ -717,9 +717,12 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     out = dict(kind=kind, N=N, B=B, kappa=kappa, bins=(ka, kb), dense_ms=t_dense * 1e3,
                routed_ms=t_route * 1e3, speedup=speedup, ideal_speedup=ideal,
                fraction_of_ideal=speedup / ideal, lora_rank=lora_rank, path=bb.path(),
-               autocast=None if autocast is None else str(autocast))
+               autocast=None if autocast is None else str(autocast),
+               dense_rounds_ms=[t * 1e3 for t in ts["dense"]],
+               routed_rounds_ms=[t * 1e3 for t in ts["routed"]])
     if autocast is not None:
         out["casts_ms"] = statistics.median(ts["casts"]) * 1e3
+        out["casts_rounds_ms"] = [t * 1e3 for t in ts["casts"]]
         out["fraction_of_ideal_casts_fixed"] = statistics.median(
             (min(c, d) + (d - min(c, d)) / ideal) / r
             for d, r, c in zip(ts["dense"], ts["routed"], ts["casts"]))

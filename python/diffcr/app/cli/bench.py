@@ -269,6 +269,10 @@ def _report(args, out) -> int:
               f"dense {t['dense_ms']:.1f} ms, DiffCR {t['routed_ms']:.1f} ms, "
               f"{100 * t['fraction_of_ideal']:.1f} % of the ideal for both branches (their "
               "shared projections counted once, method §6)")
+        fr = [d / r / t["ideal_speedup"]
+              for d, r in zip(t["dense_rounds_ms"], t["routed_rounds_ms"])]
+        print(f"  median of {len(fr)} interleaved rounds; single rounds "
+              f"{100 * min(fr):.1f}-{100 * max(fr):.1f} %")
         if "fraction_of_ideal_casts_fixed" in t:
             print(f"  each step in its own {args.autocast} autocast region: weight casts "
                   f"(forward, and trained weights' gradients back) {t['casts_ms']:.1f} ms per "
