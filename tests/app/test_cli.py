@@ -279,6 +279,7 @@ def test_bench_training_steps_each_open_their_own_autocast_region(capsys, monkey
 
     def spied(*a, **k):
         bb = make(*a, **k)
+
         def record(mod, args):
             seen["forward"].append(torch.is_autocast_enabled("cpu"))
             seen["grad"].append(all(p.grad is None for p in mod.parameters()))
@@ -296,7 +297,8 @@ def test_bench_training_steps_each_open_their_own_autocast_region(capsys, monkey
                        "--no-overhead", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["training"]["casts_ms"] > 0
-    # the training bench's calls are the last ones: warm-up + one round, dense and routed
+    # the training bench's calls come last (a warm-up and three rounds of the dense and the
+    # routed step): its last four forwards
     assert seen["forward"][-4:] == [True] * 4 and seen["grad"][-4:] == [True] * 4
     assert seen["loss"][-4:] == [False] * 4
 
