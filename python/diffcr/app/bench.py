@@ -650,11 +650,9 @@ def bench_weight_casts(kind="pixart", device="cpu", low=torch.bfloat16, rounds=3
     ideal does not count it, so under autocast it is a fixed cost of every routed call.
     Returns ``weights`` (count) and ``cast_ms`` (median over ``rounds``)."""
     bb = make_block_bench(kind, 16, 1, device, torch.float32)
-    ws = [m.weight for m in bb.dense.modules() if isinstance(m, torch.nn.Linear)]
-    dev = torch.device(device)
-    with torch.no_grad():
-        ts = time_pairs({"cast": lambda: [w.to(low) for w in ws]}, dev, rounds)["cast"]
-    return dict(kind=kind, weights=sum(w.numel() for w in ws), dtype=str(low),
+    casts = _weight_casts_fn(bb.dense, low)  # its weights need no grad: the forward casts
+    ts = time_pairs({"cast": casts}, torch.device(device), rounds)["cast"]
+    return dict(kind=kind, weights=sum(w.numel() for w in casts.weights), dtype=str(low),
                 cast_ms=statistics.median(ts) * 1e3)
 
 
@@ -706,7 +704,7 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
 
     fns = {"dense": step(bb.dense), "routed": step(bb.block)}
     if autocast is not None:
-        fns["casts"] = _training_casts_fn(bb.dense, autocast)
+        fns["casts"] = _weight_casts_fn(bb.dense, autocast)
     ts = time_pairs(fns, dev, rounds)
     t_dense = statistics.median(ts["dense"])
     t_route = statistics.median(ts["routed"])
@@ -729,13 +727,13 @@ def bench_training(kind="pixart", N=1024, B=1, kappa=0.55, device="cpu", dtype=t
     return out
 
 
-def _training_casts_fn(block: torch.nn.Module, low: torch.dtype) -> Callable:
-    """What autocast's weight casts cost one training step of ``block``, whatever its tokens:
-    every linear weight cast to ``low`` once, as the dense block casts it (autocast caches
-    the cast of a weight that requires grad for the rest of its region; a frozen weight is
-    cast at each call, so a routed block that calls one twice pays the second cast as its
-    own cost), and the gradient of each trained one cast back to its dtype
-    (``ToCopyBackward``)."""
+def _weight_casts_fn(block: torch.nn.Module, low: torch.dtype) -> Callable:
+    """What autocast's weight casts cost one call (inference) or one training step of
+    ``block``, whatever its tokens: every linear weight cast to ``low`` once, as the dense
+    block casts it (autocast caches the cast of a weight that requires grad for the rest of
+    its region; a frozen weight is cast at each call, so a routed block that calls one twice
+    pays the second cast as its own cost), and the gradient of each trained one cast back to
+    its dtype (``ToCopyBackward``). The returned function's ``weights`` lists the weights."""
     ws = [m.weight for m in block.modules()
           if isinstance(m, torch.nn.Linear) and m.weight.dtype != low]
 
@@ -745,6 +743,7 @@ def _training_casts_fn(block: torch.nn.Module, low: torch.dtype) -> Callable:
                 c = w.to(low)
                 if w.requires_grad:
                     c.to(w.dtype)
+    casts.weights = ws
     return casts
 
 
