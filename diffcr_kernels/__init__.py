@@ -8,7 +8,9 @@ kernels, compiled C++ CPU kernels, or the pure-torch reference that defines them
 * :func:`gather_rows`            packed rows of the residual stream
 * :func:`gather_norm_modulate`   gather + LayerNorm + adaLN modulate
 * :func:`varlen_attention`       self/cross attention over packed segments
-  (:func:`selection_attention`: self-attention in each segment of a :class:`Selection`)
+  (:func:`selection_attention`: self-attention in each segment of a :class:`Selection`;
+  :func:`shared_bins_attention`: the same for the two nested training bins, from the larger
+  bin's rows)
 * :func:`scatter_back`           gated, bin-weighted scatter-back into the residual stream
   (:func:`scatter_back_`: the same, in place, for inference)
 * :func:`apply_token_cache_`     the token cache of a routed block: skipped rows receive their
@@ -24,7 +26,9 @@ import torch
 
 from . import _ext, reference
 from ._schemas import SCHEMAS
-from .attention import available_attention_backends, selection_attention, varlen_attention
+from .attention import (available_attention_backends, nested_attention, nested_plan,
+                        nested_tables, selection_attention, shared_bins_attention,
+                        varlen_attention)
 from .ops import (
     apply_token_cache_,
     current_backend,
@@ -61,6 +65,10 @@ __all__ = [
     "scatter_back_selection",
     "select_topk",
     "selection_attention",
+    "shared_bins_attention",
+    "nested_attention",
+    "nested_plan",
+    "nested_tables",
     "token_cache_slots",
     "use_backend",
     "varlen_attention",

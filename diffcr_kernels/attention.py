@@ -34,7 +34,8 @@ from . import autocast as _ac
 from . import reference as ref
 
 __all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention",
-           "selection_attention"]
+           "selection_attention", "nested_attention", "shared_bins_attention", "nested_plan",
+           "nested_tables"]
 
 ATTENTION_BACKENDS = ("flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_grouped",
                       "sdpa_segments", "reference")
@@ -368,3 +369,354 @@ def _grouped(q, k, v, lq: List[int], lk: List[int], scale):
     if S == 0:
         return q.new_zeros(q.shape[0], H, v.shape[-1])
     return torch.cat(outs, 0)
+
+
+# ------------------------------------------------------------------ nested segments (training)
+def nested_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    union_lens: Sequence[int],
+    lo_idx: torch.Tensor,
+    lo_lens: Sequence[int],
+    out_map: torch.Tensor,
+    out_lens: Sequence[int],
+    softmax_scale: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Self-attention of two nested segments per sample, from the rows of the larger one.
+
+    The two bins of a training pass (method §2) hold, per sample, a larger segment and a
+    smaller one whose rows are a subset of it. This computes both segments' self-attention
+    from the projections of the larger segments' rows only, as :func:`varlen_attention` over
+    the rows expanded to both segments would. On CPU (no backend forced) the smaller segment's
+    attention is not computed twice: the larger segment's attention runs over two key blocks,
+    the smaller segment's keys and the rest, merged by log-sum-exp, and the first block's
+    rows of the smaller segment's queries are that segment's own attention (one attention
+    forward of the larger segment in all). The backward runs the two key blocks with each
+    segment's final output and log-sum-exp, both segments' queries stacked over the smaller
+    segment's keys (FlashAttention's backward over a split of the keys). Elsewhere (another
+    device, a value head dim other than the query's, under ``torch.compile``) and with a
+    forced backend: :func:`varlen_attention` on the expanded rows.
+
+    Arguments:
+
+    * ``q``, ``k``, ``v``: ``[U, H, Dh]`` (``v``: ``[U, H, Dv]``), the rows of every sample's
+      larger segment, sample after sample (``union_lens``: host lengths, one per sample);
+      float32, float64, float16 or bfloat16, one dtype and device;
+    * ``lo_idx``: int64 ``[A]``, the row of ``q`` of every row of the smaller segments, in
+      that segment's order, sample after sample (``lo_lens``: host lengths); within a sample,
+      distinct rows of that sample's larger segment;
+    * ``out_map``: int64 ``[A + U]``, a permutation: output row t is row ``out_map[t]`` of
+      ``[smaller segments' rows; larger segments' rows]`` (the packed order of the caller's
+      two-segment layout);
+    * ``out_lens``: host lengths of the output's segments in order (each a smaller or a larger
+      segment of one sample);
+    * ``softmax_scale``: None for ``1 / sqrt(Dh)``; ``backend``: as :func:`varlen_attention`.
+
+    Returns ``[A + U, H, Dv]`` in ``q``'s dtype (the autocast dtype under autocast)."""
+    low = _ac.autocast_dtype(q.device)
+    if low is not None:  # as F.scaled_dot_product_attention under autocast
+        q, k, v = (_ac.cast(t, low) for t in (q, k, v))
+    union_lens, lo_lens, out_lens = list(union_lens), list(lo_lens), list(out_lens)
+    _check_nested(q, k, v, union_lens, lo_idx, lo_lens, out_map, out_lens)
+    forced = backend or os.environ.get("DIFFCR_ATTENTION") or None
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if forced is None and q.device.type == "cpu" and q.numel() and \
+            v.shape[-1] == q.shape[-1] and not torch.compiler.is_compiling():
+        plan = _NestedPlan(union_lens, lo_lens, lo_idx, q.device)
+        with torch.autocast("cpu", enabled=False):
+            o = _NestedAttention.apply(q, k, v, plan, scale)
+        o = o.index_select(0, out_map)
+        qrow = torch.cat([lo_idx, torch.arange(q.shape[0], device=q.device)]).index_select(
+            0, out_map)
+        return o + (q.sum(-1, keepdim=True) * 0).index_select(0, qrow).to(o.dtype)
+    rows = torch.cat([lo_idx, torch.arange(q.shape[0], device=q.device)]).index_select(
+        0, out_map)
+    cu = ref.host_index([0] + _cumsum(out_lens), q.device, torch.int32)
+    m = max(out_lens, default=0)
+    return varlen_attention(q.index_select(0, rows), k.index_select(0, rows),
+                            v.index_select(0, rows), cu, cu, m, m, softmax_scale,
+                            backend=forced, seqlens_q=out_lens, seqlens_k=out_lens)
+
+
+def _cumsum(xs):
+    out, s = [], 0
+    for x in xs:
+        s += x
+        out.append(s)
+    return out
+
+
+def _check_nested(q, k, v, union_lens, lo_idx, lo_lens, out_map, out_lens) -> None:
+    op = "nested_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dim() != 3 or t.dtype not in _FLOATS:
+            raise ValueError(f"{op}: {name} must be a float [U, H, Dh] tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{op}: {name} is {t.dtype} on {t.device} but q is {q.dtype} on "
+                             f"{q.device}")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0] or q.shape[1:] != k.shape[1:] \
+            or v.shape[1] != q.shape[1]:
+        raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)} must have the same rows, heads and (q, k) head dim")
+    U = q.shape[0]
+    for name, t, n in (("lo_idx", lo_idx, sum(lo_lens)), ("out_map", out_map, U + sum(lo_lens))):
+        if not torch.is_tensor(t) or t.dim() != 1 or t.dtype != torch.int64 or \
+                t.device != q.device or t.numel() != n:
+            raise ValueError(f"{op}: {name} must be an int64 [{n}] tensor on {q.device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if sum(union_lens) != U:
+        raise ValueError(f"{op}: union_lens sum to {sum(union_lens)} but q has {U} rows")
+    if len(lo_lens) != len(union_lens) or any(a > u or a < 0 for a, u in
+                                               zip(lo_lens, union_lens)):
+        raise ValueError(f"{op}: lo_lens {lo_lens} must give one length per sample, each at "
+                         f"most that sample's union length {union_lens}")
+    if sum(out_lens) != U + sum(lo_lens) or min(out_lens, default=0) < 0:
+        raise ValueError(f"{op}: out_lens sum to {sum(out_lens)}, not the {U + sum(lo_lens)} "
+                         "output rows")
+
+
+class _NestedPlan:
+    """Host and index tables of one :func:`nested_attention` call: samples grouped by
+    (larger, smaller) length; per group the row ranges of the union, of the smaller segments'
+    rows in ``lo_idx`` and of the remaining ("extra") rows, and the extra rows themselves
+    (the complement of ``lo_idx`` within each sample, in ascending order)."""
+
+    def __init__(self, ulens, alens, lo_idx, device):
+        U = sum(ulens)
+        keep = torch.ones(U, dtype=torch.bool, device=device)
+        keep[lo_idx] = False
+        self.ex_idx = keep.nonzero().squeeze(1)   # CPU only: no device sync to pay
+        self.lo_idx = lo_idx
+        self.ulens, self.alens = ulens, alens
+        self.elens = [u - a for u, a in zip(ulens, alens)]
+        if self.ex_idx.numel() != sum(self.elens):
+            raise ValueError("nested_attention: lo_idx repeats a row of its sample's larger "
+                             "segment")
+        groups: Dict[tuple, List[int]] = {}
+        for b, (u, a) in enumerate(zip(ulens, alens)):
+            groups.setdefault((u, a), []).append(b)
+        self.groups = list(groups.items())
+        self.U, self.A = U, sum(alens)
+
+
+def _stack(parts, lens_b: List[int], samples: List[int], splits):
+    """The rows of ``samples`` as one ``[G, n, ...]`` batch (a view when the group is every
+    sample in order)."""
+    if len(samples) == len(lens_b) and all(s == i for i, s in enumerate(samples)):
+        t = parts
+        return t.view(len(samples), lens_b[0], *t.shape[1:])
+    return torch.stack([splits[s] for s in samples])
+
+
+def _unstack_into(dst, src, samples, offsets):
+    """``dst[offsets[s]:offsets[s + 1]] = src[g]`` for the g-th sample s of a group."""
+    for g, s in enumerate(samples):
+        dst[offsets[s]:offsets[s + 1]] = src[g]
+
+
+def _bhld(t):
+    return t.transpose(1, 2)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _NestedAttention(torch.autograd.Function):
+    """Forward and backward of :func:`nested_attention` on CPU, over torch's CPU flash kernels
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward, which takes an output
+    and its log-sum-exp: here each segment's final ones). Returns ``[A + U, H, Dv]``: the
+    smaller segments' rows, then the larger segments' rows."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        fa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        ul, al, el = plan.ulens, plan.alens, plan.elens
+        uoff = [0] + _cumsum(ul)
+        kl, vl = k.index_select(0, plan.lo_idx), v.index_select(0, plan.lo_idx)
+        ke, ve = k.index_select(0, plan.ex_idx), v.index_select(0, plan.ex_idx)
+        sq, skl, svl, ske, sve = (torch.split(t, lens) for t, lens in (
+            (q, ul), (kl, al), (vl, al), (ke, el), (ve, el)))
+        H, Dv = q.shape[1], v.shape[-1]
+        ld = _lse_dtype(q.dtype)
+        o_u, l_u = q.new_empty(plan.U, H, Dv), q.new_empty(plan.U, H, dtype=ld)
+        oA_u, lA_u = q.new_empty(plan.U, H, Dv), q.new_empty(plan.U, H, dtype=ld)
+        for (u, a), samples in plan.groups:
+            qg = _bhld(_stack(q, ul, samples, sq))
+            oA, lA = fa(qg, _bhld(_stack(kl, al, samples, skl)),
+                        _bhld(_stack(vl, al, samples, svl)), scale=scale)  # [G, H, u, Dv]
+            _unstack_into(oA_u, oA.transpose(1, 2), samples, uoff)
+            _unstack_into(lA_u, lA.transpose(1, 2), samples, uoff)
+            if u > a:
+                oB, lB = fa(qg, _bhld(_stack(ke, el, samples, ske)),
+                            _bhld(_stack(ve, el, samples, sve)), scale=scale)
+                lse = torch.logaddexp(lA, lB)
+                wA, wB = (lA - lse).exp().unsqueeze(-1), (lB - lse).exp().unsqueeze(-1)
+                o = (oA.to(ld) * wA + oB.to(ld) * wB).to(q.dtype)
+            else:
+                o, lse = oA, lA
+            _unstack_into(o_u, o.transpose(1, 2), samples, uoff)
+            _unstack_into(l_u, lse.transpose(1, 2), samples, uoff)
+        # the smaller segments' own attention: the first key block's rows of their queries
+        o_lo = oA_u.index_select(0, plan.lo_idx)
+        l_lo = lA_u.index_select(0, plan.lo_idx)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v, o_u, l_u, o_lo, l_lo)
+        return torch.cat([o_lo, o_u])
+
+    @staticmethod
+    def backward(ctx, dout):
+        fb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, k, v, o_u, l_u, o_lo, l_lo = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        ul, al, el = plan.ulens, plan.alens, plan.elens
+        uoff, aoff, eoff = ([0] + _cumsum(ul)), ([0] + _cumsum(al)), ([0] + _cumsum(el))
+        dout = dout.to(q.dtype)
+        d_lo, d_u = dout[:plan.A], dout[plan.A:]
+        q_lo = q.index_select(0, plan.lo_idx)
+        kl, vl = k.index_select(0, plan.lo_idx), v.index_select(0, plan.lo_idx)
+        ke, ve = k.index_select(0, plan.ex_idx), v.index_select(0, plan.ex_idx)
+        S = {name: torch.split(t, lens) for name, t, lens in (
+            ("q", q, ul), ("q_lo", q_lo, al), ("kl", kl, al), ("vl", vl, al), ("ke", ke, el),
+            ("ve", ve, el), ("d_lo", d_lo, al), ("d_u", d_u, ul), ("o_lo", o_lo, al),
+            ("o_u", o_u, ul), ("l_lo", l_lo, al), ("l_u", l_u, ul))}
+        src = {"q": q, "q_lo": q_lo, "kl": kl, "vl": vl, "ke": ke, "ve": ve, "d_lo": d_lo,
+               "d_u": d_u, "o_lo": o_lo, "o_u": o_u, "l_lo": l_lo, "l_u": l_u}
+        lens = {"q": ul, "d_u": ul, "o_u": ul, "l_u": ul, "ke": el, "ve": el}
+
+        def g(name, samples):
+            return _stack(src[name], lens.get(name, al), samples, S[name])
+
+        dq_u, dq_lo = torch.empty_like(q), torch.empty_like(q_lo)
+        dkl, dvl = torch.empty_like(kl), torch.empty_like(vl)
+        dke, dve = torch.empty_like(ke), torch.empty_like(ve)
+        for (u, a), samples in plan.groups:
+            # key block A (the smaller segment's keys): the queries of both segments stacked,
+            # each with its own segment's output and log-sum-exp
+            qs = torch.cat([g("q_lo", samples), g("q", samples)], 1)
+            dqA, dkA, dvA = fb(
+                _bhld(torch.cat([g("d_lo", samples), g("d_u", samples)], 1)), _bhld(qs),
+                _bhld(g("kl", samples)), _bhld(g("vl", samples)),
+                _bhld(torch.cat([g("o_lo", samples), g("o_u", samples)], 1)),
+                torch.cat([g("l_lo", samples), g("l_u", samples)], 1).transpose(1, 2)
+                .contiguous(), 0.0, False, scale=scale)
+            dqA = dqA.transpose(1, 2)
+            _unstack_into(dq_lo, dqA[:, :a], samples, aoff)
+            _unstack_into(dkl, dkA.transpose(1, 2), samples, aoff)
+            _unstack_into(dvl, dvA.transpose(1, 2), samples, aoff)
+            dq = dqA[:, a:]
+            if u > a:  # key block B (the larger segment's other keys)
+                dqB, dkB, dvB = fb(
+                    _bhld(g("d_u", samples)), _bhld(g("q", samples)), _bhld(g("ke", samples)),
+                    _bhld(g("ve", samples)), _bhld(g("o_u", samples)),
+                    g("l_u", samples).transpose(1, 2).contiguous(), 0.0, False, scale=scale)
+                dq = dq + dqB.transpose(1, 2)
+                _unstack_into(dke, dkB.transpose(1, 2), samples, eoff)
+                _unstack_into(dve, dvB.transpose(1, 2), samples, eoff)
+            _unstack_into(dq_u, dq, samples, uoff)
+        dq_u.index_add_(0, plan.lo_idx, dq_lo)
+        dk = torch.empty_like(k)
+        dk.index_copy_(0, plan.lo_idx, dkl)
+        dk.index_copy_(0, plan.ex_idx, dke)
+        dv = torch.empty_like(v)
+        dv.index_copy_(0, plan.lo_idx, dvl)
+        dv.index_copy_(0, plan.ex_idx, dve)
+        return dq_u, dk, dv, None, None
+
+
+def shared_bins_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: "ref.Selection",
+    softmax_scale: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """:func:`selection_attention` for a selection whose rows repeat (the two bins of a
+    training pass, :meth:`~diffcr_kernels.Selection.shared_rows`), from the projections of
+    the rows of each sample's larger segment only.
+
+    * ``q``, ``k``, ``v``: ``[U, H, Dh]`` (``v``: ``[U, H, Dv]``), the rows of ``union`` in
+      ``(union, src) = sel.shared_rows()``;
+    * ``sel``: a :class:`~diffcr_kernels.Selection` with two segments per sample made by
+      :func:`~diffcr_kernels.select_topk` (else: ValueError).
+
+    Returns ``[T, H, Dv]``, equal to ``selection_attention(q[src], k[src], v[src], sel)``
+    (:func:`nested_attention`: on CPU the smaller bin's attention forward is not computed
+    twice)."""
+    plan = nested_plan(sel)
+    if plan is None:
+        raise ValueError("shared_bins_attention: the selection must have two segments per "
+                         "sample and come from select_topk")
+    src, union_lens, lo_rows, lo_lens, out_map = plan
+    return nested_attention(q, k, v, union_lens, src.index_select(0, lo_rows), lo_lens,
+                            out_map, sel.seqlens, softmax_scale, backend=backend)
+
+
+def nested_plan(sel: "ref.Selection"):
+    """For a two-segments-per-sample selection from :func:`~diffcr_kernels.select_topk`:
+    ``(src, union_lens, lo_rows, lo_lens, out_map)`` where ``src`` is
+    :meth:`~diffcr_kernels.Selection.shared_rows`' union row of every packed row, ``lo_rows``
+    int64 the packed rows of every sample's smaller segment (so ``src[lo_rows]`` is
+    :func:`nested_attention`'s ``lo_idx``), and ``out_map`` the permutation from
+    ``[smaller segments' rows; union rows]`` to the packed order of ``sel``. None for any
+    other selection."""
+    if sel.segs_per_sample != 2:
+        return None
+    sh = sel.shared_rows()
+    if sh is None:
+        return None
+    union, src = sh
+    lo_rows, lo_lens, out_map = nested_tables(sel.seqlens, sel.indices.device)
+    return src, list(union.seqlens), lo_rows, lo_lens, out_map
+
+
+_NESTED_CACHE: dict = {}
+
+
+def nested_tables(lens: Sequence[int], device):
+    """For a packed layout of two segments per sample (host lengths ``lens``, sample-major)
+    whose smaller segment is a subset of the larger: ``(lo_rows, lo_lens, out_map)``, the
+    packed rows of every sample's smaller segment (int64), their host lengths, and the
+    :func:`nested_attention` ``out_map`` from ``[smaller segments' rows; larger segments'
+    rows]`` to the packed order. Cached by the lengths (every block of a training step asks
+    for the same ones). The larger segment of a sample is the one
+    :meth:`Selection.shared_rows` keeps (the first of equal lengths)."""
+    lens = tuple(lens)
+    if len(lens) % 2:
+        raise ValueError(f"nested_tables: two segments per sample, got {len(lens)} segments")
+    key = (lens, str(device))
+    got = None if torch.compiler.is_compiling() else _NESTED_CACHE.get(key)
+    if got is not None:
+        return got
+    B = len(lens) // 2
+    starts = [0] + _cumsum(lens)
+    lo_rows, lo_lens, out_map = [], [], []
+    A = sum(min(lens[2 * b], lens[2 * b + 1]) for b in range(B))
+    a_pos, u_pos = 0, 0
+    for b in range(B):
+        s0, s1 = 2 * b, 2 * b + 1
+        hi = s0 if lens[s0] >= lens[s1] else s1
+        lo = s1 if hi == s0 else s0
+        lo_rows.extend(range(starts[lo], starts[lo] + lens[lo]))
+        lo_lens.append(lens[lo])
+        for s in (s0, s1):
+            if s == lo:
+                out_map.extend(range(a_pos, a_pos + lens[lo]))
+            else:
+                out_map.extend(range(A + u_pos, A + u_pos + lens[hi]))
+        a_pos += lens[lo]
+        u_pos += lens[hi]
+    got = (ref.host_index(lo_rows, device), lo_lens, ref.host_index(out_map, device))
+    if not torch.compiler.is_compiling():
+        if len(_NESTED_CACHE) >= 64:
+            _NESTED_CACHE.clear()
+        _NESTED_CACHE[key] = got
+    return got

@@ -169,7 +169,7 @@ def test_the_ideal_cost_model_counts_what_the_blocks_compute(kind):
     assert large.path() == "fused"
     ka, kb = (k / 64 for k in large.block.ratio.two_bin([0], 64).k[0])
     assert ka != kb
-    ideal_cost = large.flops(64) / large.ideal(0.55, two_bin=(ka, kb))
+    ideal_cost = large.two_bin_forward_flops(ka, kb)
     del large
     gc.collect()
     assert two_bin == pytest.approx(ideal_cost, rel=1.5e-2)

@@ -76,7 +76,9 @@ def _train_step(model, kw, dtype):
 def test_fused_path_runs_under_autocast_as_close_to_compat_as_autocast_moves_compat(family,
                                                                                    dtype):
     """Measured (bf16): fused vs compat 0.4-1.2 % of the output's range, where autocast moves
-    the compat output 0.5-1.8 % from its float32 run; router gradients 1-4 % against 1-5 %."""
+    the compat output 0.5-1.8 % from its float32 run; router gradients 1-4 % against 1-5 %.
+    DiT bf16 with the nested bins' attention (2026-12-07): fused vs compat 0.68 %, compat vs
+    float32 0.64 %, fused vs float32 0.60 % (0.51 %, 0.64 %, 0.60 % before it)."""
     torch.set_num_threads(1)
     factory, inputs = FAMILY_CASES[family]
     base = factory()
@@ -98,7 +100,10 @@ def test_fused_path_runs_under_autocast_as_close_to_compat_as_autocast_moves_com
     y32, g32, _ = res["compat", None]
     assert yf.dtype == yc.dtype and torch.isfinite(yf).all() and torch.isfinite(gf).all()
     assert gf.abs().sum() > 0
-    assert _rel(yf, yc) <= max(_rel(yc, y32), 1e-3), (_rel(yf, yc), _rel(yc, y32))
+    # two results each within autocast's error of the float32 one differ by up to twice it;
+    # the paths round differently (on CPU the training bins' nested attention merges two
+    # bf16 key blocks: one more rounding of the larger bin's attention output)
+    assert _rel(yf, yc) <= max(2 * _rel(yc, y32), 1e-3), (_rel(yf, yc), _rel(yc, y32))
     assert _rel(gf, gc) <= max(2 * _rel(gc, g32), 1e-3), (_rel(gf, gc), _rel(gc, g32))
 
 

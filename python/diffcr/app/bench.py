@@ -48,19 +48,32 @@ def ideal_block_flops(n: float, d: int, text: int) -> float:
     return n * (24 * d * d + cross_qo + 4 * text * d) + 4 * n * n * d + 4 * text * d * d
 
 
-def ideal_speedup(kappa: float, n: int, d: int, text: int, two_bin: Optional[tuple] = None
-                  ) -> float:
+def ideal_speedup(kappa: float, n: int, d: int, text: int, two_bin: Optional[tuple] = None,
+                  nested_attention: bool = False) -> float:
     """Dense cost over routed cost at kept ratio kappa (linear parts x kappa, attention x
-    kappa^2). ``two_bin=(ka, kb)``: the training pass runs both branches; what they share
-    is counted once (method §6): the text K/V projection, and the Q/K/V projections of the
-    smaller bin's tokens, which are also the larger bin's."""
+    kappa^2). ``two_bin=(ka, kb)``: the training step (forward and backward) runs both
+    branches; what they share is counted once (method §6): the text K/V projection, and the
+    Q/K/V projections of the smaller bin's tokens, which are also the larger bin's; with
+    ``nested_attention`` also the smaller bin's self-attention forward (:func:`training_ideal`).
+    """
     dense = ideal_block_flops(n, d, text)
     if two_bin is None:
         return dense / ideal_block_flops(kappa * n, d, text)
     ka, kb = two_bin
-    routed = ideal_block_flops(ka * n, d, text) + ideal_block_flops(kb * n, d, text) \
+    both = ideal_block_flops(ka * n, d, text) + ideal_block_flops(kb * n, d, text) \
         - 4 * text * d * d - 6 * d * d * min(ka, kb) * n
-    return dense / routed
+    shared_attn = 4 * (min(ka, kb) * n) ** 2 * d if nested_attention else 0.0
+    return training_ideal(dense, both, shared_attn)
+
+
+def training_ideal(dense: float, both: float, shared_attn: float = 0.0) -> float:
+    """Dense over routed cost of a training step (method §6), from forward FLOPs: ``dense``
+    of the dense block, ``both`` of the two bins with their shared projections once, and
+    ``shared_attn`` of the smaller bin's self-attention forward, which the nested bins'
+    attention computes inside the larger bin's (0 where it does not run). A backward costs
+    twice its forward (model FLOPs); the attention's backward is not shared:
+    ``3 dense / (3 both - shared_attn)``."""
+    return 3 * dense / (3 * both - shared_attn)
 
 
 def _sync(device):
@@ -109,6 +122,10 @@ class BlockBench:
     #: the FLOPs the two bins of a training pass share (counted once), given the smaller
     #: bin's token count
     shared_cost: Optional[Callable[[float], float]] = None
+    #: the forward FLOPs of the smaller bin's self-attention (given its token count) where the
+    #: training pass computes it inside the larger bin's (the nested bins' attention: CPU,
+    #: no text key mask); None where the bins' attention runs separately
+    nested_attn: Optional[Callable[[float], float]] = None
 
     @property
     def block(self):
@@ -124,15 +141,31 @@ class BlockBench:
         return self.cost(n) if self.cost is not None else ideal_block_flops(n, self.D, self.text)
 
     def ideal(self, kappa: float, two_bin: Optional[tuple] = None) -> float:
-        """Dense cost over routed cost (two_bin: both branches, the shared part once)."""
-        if self.cost is None:
-            return ideal_speedup(kappa, self.N, self.D, self.text, two_bin)
-        dense = self.flops(self.N)
+        """Dense cost over routed cost; two_bin: of a training step, both branches with the
+        shared part once (:func:`training_ideal`)."""
         if two_bin is None:
-            return dense / self.flops(kappa * self.N)
+            if self.cost is None:
+                return ideal_speedup(kappa, self.N, self.D, self.text)
+            return self.flops(self.N) / self.flops(kappa * self.N)
         ka, kb = two_bin
-        return dense / (self.flops(ka * self.N) + self.flops(kb * self.N)
-                        - self.shared_cost(min(ka, kb) * self.N))
+        n_a = min(ka, kb) * self.N
+        shared_attn = self.nested_attn(n_a) if self.nested_attn is not None else 0.0
+        return training_ideal(self.flops(self.N), self.two_bin_forward_flops(ka, kb)
+                              + shared_attn, shared_attn)
+
+    def two_bin_forward_flops(self, ka: float, kb: float) -> float:
+        """Forward FLOPs of the fused two-bin training pass at bins ``(ka, kb)``: both bins,
+        less what they share (the shared projections; with :attr:`nested_attn` the smaller
+        bin's self-attention forward)."""
+        n_a = min(ka, kb) * self.N
+        if self.cost is None:
+            D, L = self.D, self.text
+            shared = 4 * L * D * D + 6 * D * D * n_a
+        else:
+            shared = self.shared_cost(n_a)
+        if self.nested_attn is not None:
+            shared += self.nested_attn(n_a)
+        return self.flops(ka * self.N) + self.flops(kb * self.N) - shared
 
     @staticmethod
     def loss_of(out) -> torch.Tensor:
@@ -212,7 +245,8 @@ def make_block_bench(kind: str = "pixart", N: int = 1024, B: int = 1, device="cp
     dense = copy.deepcopy(blk)
     convert(model, DiffCRConfig(num_regions=1, param_dtype="float32"))
     set_timestep(model, [500.0] * B)
-    return BlockBench(kind, model, dense, inputs, N, D, text)
+    return BlockBench(kind, model, dense, inputs, N, D, text,
+                      nested_attn=_nested_self_attn(D, 0, device))
 
 
 # real block sizes of the families after PixArt and DiT (random weights, nothing downloaded)
@@ -222,6 +256,15 @@ WAN_1_3B = dict(D=1536, heads=12, head_dim=128, text=512, ffn=8960)
 WAN_14B = dict(D=5120, heads=40, head_dim=128, text=512, ffn=13824)
 QWEN_IMAGE = dict(D=3072, heads=24, head_dim=128, text=256)
 HUNYUAN_VIDEO = dict(D=3072, heads=24, head_dim=128, text=256)
+
+
+def _nested_self_attn(D, L, device):
+    """Forward FLOPs of a bin's self-attention over its n rows and L text rows, which the
+    nested bins' attention shares on CPU (:func:`diffcr_kernels.nested_attention`; on a GPU
+    both bins run in one varlen call: None)."""
+    if torch.device(device).type != "cpu":
+        return None
+    return lambda n: 4 * (n + L) ** 2 * D
 
 
 def _joint_cost(D, L):
@@ -397,7 +440,11 @@ def _make_joint_bench(kind, N, B, device, dtype, seed) -> BlockBench:
     dense = copy.deepcopy(blk)
     convert(model, DiffCRConfig(num_regions=1, param_dtype="float32", routed_blocks=[routed]))
     set_timestep(model, [0.5 if kind in ("flux", "flux-single", "qwenimage") else 500.0] * B)
-    return BlockBench(kind, model, dense, inputs, N, D, L, cost=cost, shared_cost=shared)
+    # HunyuanVideo passes a text key mask: its bins' joint attention runs separately
+    nested = None if kind == "hunyuanvideo" else _nested_self_attn(
+        D, 0 if kind in ("wan", "wan-14b") else L, device)
+    return BlockBench(kind, model, dense, inputs, N, D, L, cost=cost, shared_cost=shared,
+                      nested_attn=nested)
 
 
 def time_pairs(fns: Dict[str, Callable], device, rounds: int = 5, warmup: int = 1

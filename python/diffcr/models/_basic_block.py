@@ -34,7 +34,8 @@ import diffcr_kernels as dk
 
 from ..modules import MlpGate
 from .base import ModelFamily, take_samples
-from .common import cross_attention, scatter_pieces, segment_groups, shared_rows
+from .common import cross_attention, rows_self_attention, scatter_pieces, segment_groups
+from .common import shared_rows
 from .common import apply_layout as _apply, per_row as _per_row, row_layout as _row_layout
 
 __all__ = ["BasicBlockFamily", "fused_unsupported_reason", "fused_block_forward"]
@@ -98,10 +99,10 @@ def _self_attention(attn, h, sel, expand):
     """Self-attention of each segment; ``h`` holds the rows that :func:`shared_rows` computes
     once, ``expand`` copies the projections to every packed row of ``sel``."""
     T = sel.total
-    q, k, v = expand(attn.to_q(h)), expand(attn.to_k(h)), expand(attn.to_v(h))
+    q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
     H = attn.heads
-    Dh = k.shape[-1] // H
-    o = dk.selection_attention(q.view(T, H, Dh), k.view(T, H, Dh), v.view(T, H, Dh), sel)
+    U, Dh = q.shape[0], k.shape[-1] // H
+    o = rows_self_attention(q.view(U, H, Dh), k.view(U, H, Dh), v.view(U, H, Dh), sel, expand)
     o = o.reshape(T, H * Dh).to(q.dtype)
     return attn.to_out[1](attn.to_out[0](o))
 

@@ -18,8 +18,9 @@ import torch
 import diffcr_kernels as dk
 
 from .base import ModelFamily
-from .common import (plain_weight, rotate_interleaved, row_layout, rows_modulate, rows_times,
-                     scatter_pieces, segment_groups, shared_rows, split_linear)
+from .common import (plain_weight, rotate_interleaved, row_layout, rows_modulate,
+                     rows_self_attention, rows_times, scatter_pieces, segment_groups,
+                     shared_rows, split_linear)
 
 
 class JointFamily(ModelFamily):
@@ -235,6 +236,25 @@ class JointLayout:
             out.index_copy_(0, idx, o.reshape(len(segs) * n, H, o.shape[-1]))
         return out
 
+    def shared_attention(self, sel, union, src, q, k, v, tq, tk, tv):
+        """:meth:`attention` without a key mask for the two training bins, from the image
+        rows of each sample's larger bin only (``union``, ``src`` from
+        :func:`.common.shared_rows`: ``q``, ``k``, ``v`` ``[U, H, Dh]``) and the text rows
+        ``tq``, ``tk``, ``tv`` ``[B, L, H, Dh]``: the larger bin's joint segment holds the
+        smaller one's rows (its image rows and the same text), so
+        :func:`diffcr_kernels.nested_attention` computes both (on CPU the smaller segment's
+        attention forward is not computed twice). Returns ``[J, H, Dv]`` in this layout's
+        order, equal to :meth:`attention` over the rows expanded to both bins."""
+        lay_u = JointLayout(union, self.L)
+        B = union.num_segments
+        # the union joint row of every row of this layout: image rows through src, text rows
+        # to their sample's text in the union layout
+        jsrc = self.pack(lay_u.img_pos.index_select(0, src), lay_u.txt_pos.view(B, self.L))
+        lo_rows, lo_lens, out_map = dk.nested_tables(self.seqlens, q.device)
+        return dk.nested_attention(lay_u.pack(q, tq), lay_u.pack(k, tk), lay_u.pack(v, tv),
+                                   lay_u.seqlens, jsrc.index_select(0, lo_rows), lo_lens,
+                                   out_map, self.seqlens)
+
     def image(self, o):
         """The image rows ``[T, ...]`` of a joint tensor ``o`` ``[J, ...]``."""
         return o.index_select(0, self.img_pos)
@@ -242,6 +262,19 @@ class JointLayout:
     def text(self, o):
         """The text rows ``[S, L, ...]`` of a joint tensor ``o`` ``[J, ...]``."""
         return o.index_select(0, self.txt_pos).view(self.S, self.L, *o.shape[1:])
+
+
+def fused_joint_attention(lay, sel, rows_in, expand, q, k, v, tq, tk, tv, img_valid, txt_valid):
+    """The joint attention of a fused block from the image rows its projections were computed
+    on (``rows_in``, ``expand`` from :func:`.common.shared_rows`) and the text rows: with the
+    two training bins and no key mask, :meth:`JointLayout.shared_attention`; otherwise
+    :meth:`JointLayout.attention` over the expanded rows. ``[J, H, Dv]``."""
+    src = getattr(expand, "src", None)
+    if src is not None and sel.segs_per_sample == 2 and img_valid is None and \
+            txt_valid is None:
+        return lay.shared_attention(sel, rows_in, src, q, k, v, tq, tk, tv)
+    return lay.attention(lay.pack(expand(q), tq), lay.pack(expand(k), tk),
+                         lay.pack(expand(v), tv), img_valid, txt_valid)
 
 
 def heads(t, norm, n_heads):
@@ -349,7 +382,7 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     H, L = attn.heads, ctx.shape[1]
     q = heads(attn.to_q(h), attn.norm_q, H)  # [U, H, Dh]
     k = heads(attn.to_k(h), attn.norm_k, H)
-    v = expand(heads(attn.to_v(h), None, H))  # [T, H, Dh]
+    v = heads(attn.to_v(h), None, H)  # [U, H, Dh]
     tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
     tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
     tv = heads(attn.add_v_proj(nctx), None, H)
@@ -359,9 +392,8 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
         rotary = rotary(rows_in.indices % N)
     if rotary is not None:
         q, k, tq, tk = rotary.image(q), rotary.image(k), rotary.text(tq), rotary.text(tk)
-    q, k = expand(q), expand(k)
     lay = JointLayout(sel, L)
-    o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), img_valid, txt_valid)
+    o = fused_joint_attention(lay, sel, rows_in, expand, q, k, v, tq, tk, tv, img_valid, txt_valid)
     o = o.reshape(lay.J, -1).to(q.dtype)
     shape = row_layout(sel)  # per-sample vectors broadcast over their rows
     a = attn.to_out[1](attn.to_out[0](lay.image(o)))
@@ -369,10 +401,9 @@ def fused_double_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     if dual:  # SD3.5: self-attention of each segment's rows alone
         h2 = dk.gather_norm_modulate(x, rows_in, mods[6], mods[7], ln.weight, ln.bias, ln.eps)
         a2n = block.attn2
-        q2 = expand(heads(a2n.to_q(h2), a2n.norm_q, H))
-        k2 = expand(heads(a2n.to_k(h2), a2n.norm_k, H))
-        v2 = expand(heads(a2n.to_v(h2), None, H))
-        o2 = dk.selection_attention(q2, k2, v2, sel)
+        q2 = heads(a2n.to_q(h2), a2n.norm_q, H)
+        k2 = heads(a2n.to_k(h2), a2n.norm_k, H)
+        o2 = rows_self_attention(q2, k2, heads(a2n.to_v(h2), None, H), sel, expand)
         a2 = a2n.to_out[1](a2n.to_out[0](o2.reshape(T, -1).to(q2.dtype)))
         attn_update = attn_update + rows_times(a2, mods[8], sel, shape)
     hid = dk.gather_rows(x, sel.indices) + attn_update
@@ -448,9 +479,9 @@ def fused_single_stream_block(block, x, sel, gate_scores, ctx, temb, rope=None, 
     tq, tk = heads(attn.to_q(nctx), attn.norm_q, H), heads(attn.to_k(nctx), attn.norm_k, H)
     if rotary is not None:
         q, k, tq, tk = rotary.image(q), rotary.image(k), rotary.text(tq), rotary.text(tk)
-    q, k = lay.pack(expand(q), tq), lay.pack(expand(k), tk)
-    v = lay.pack(expand(heads(attn.to_v(h), None, H)), heads(attn.to_v(nctx), None, H))
-    o = lay.attention(q, k, v, img_valid, txt_valid).reshape(lay.J, -1).to(q.dtype)  # [J, D]
+    v, tv = heads(attn.to_v(h), None, H), heads(attn.to_v(nctx), None, H)
+    o = fused_joint_attention(lay, sel, rows_in, expand, q, k, v, tq, tk, tv, img_valid, txt_valid)
+    o = o.reshape(lay.J, -1).to(q.dtype)  # [J, D]
     shape = row_layout(sel)  # the block's gate per sample, broadcast over its rows
     inplace = not torch.is_grad_enabled() and inplace_residual
     # the MLP input projection of each token once (training: once for both bins) and of each

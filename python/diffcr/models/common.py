@@ -109,11 +109,34 @@ def shared_rows(sel):
     if sh is None:
         return sel, _same
     union, src = sh
-    return union, lambda t: t.index_select(0, src)
+    return union, _Expand(src)
+
+
+class _Expand:
+    """``t[U, ...]`` -> ``t.index_select(0, src)`` (:func:`shared_rows`); ``src`` int64
+    ``[T]``, the union row of every packed row."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __call__(self, t):
+        return t.index_select(0, self.src)
 
 
 def _same(t):
     return t
+
+
+def rows_self_attention(q, k, v, sel, expand):
+    """Self-attention of every segment of ``sel`` from ``[U, H, Dh]`` projections of the rows
+    :func:`shared_rows` computes once (``expand`` from it; or of every packed row, with
+    ``expand`` the identity): from the rows of the two training bins' larger one,
+    :func:`diffcr_kernels.shared_bins_attention` (on CPU the smaller bin's attention forward
+    is not computed twice); otherwise :func:`diffcr_kernels.selection_attention` on the
+    expanded rows. ``[T, H, Dv]``, the same values either way."""
+    if sel.segs_per_sample == 2 and q.shape[0] != sel.total:
+        return dk.shared_bins_attention(q, k, v, sel)
+    return dk.selection_attention(expand(q), expand(k), expand(v), sel)
 
 
 def row_layout(sel):

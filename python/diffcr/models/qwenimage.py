@@ -29,8 +29,8 @@ import torch
 
 import diffcr_kernels as dk
 
-from ._joint import (JointFamily, JointLayout, Rotary, heads, shared_positions,
-                     text_stream_update)
+from ._joint import (JointFamily, JointLayout, Rotary, fused_joint_attention, heads,
+                     shared_positions, text_stream_update)
 from .base import take_samples
 from .common import row_layout, rows_modulate, rows_times, shared_rows
 from .registry import register_family
@@ -243,14 +243,14 @@ def fused_qwenimage_block(block, x, sel, gate_scores, ctx, temb, rope, modulate_
     attn = block.attn
     H = attn.heads
     q, k = heads(attn.to_q(h), attn.norm_q, H), heads(attn.to_k(h), attn.norm_k, H)
-    v = expand(heads(attn.to_v(h), None, H))  # [T, H, Dh]
+    v = heads(attn.to_v(h), None, H)  # [U, H, Dh]
     tq = heads(attn.add_q_proj(nctx), attn.norm_added_q, H)  # [B, L, H, Dh]
     tk = heads(attn.add_k_proj(nctx), attn.norm_added_k, H)
     tv = heads(attn.add_v_proj(nctx), None, H)
     rot = Rotary.complex_tables(rope[0], rope[1], rows_in.indices % N)
-    q, k, tq, tk = expand(rot.image(q)), expand(rot.image(k)), rot.text(tq), rot.text(tk)
+    q, k, tq, tk = rot.image(q), rot.image(k), rot.text(tq), rot.text(tk)
     lay = JointLayout(sel, L)
-    o = lay.attention(lay.pack(q, tq), lay.pack(k, tk), lay.pack(v, tv), img_valid, txt_valid)
+    o = fused_joint_attention(lay, sel, rows_in, expand, q, k, v, tq, tk, tv, img_valid, txt_valid)
     o = o.reshape(lay.J, -1).to(q.dtype)
 
     attn_update = mul(attn.to_out[1](attn.to_out[0](lay.image(o))), gate1)  # [T, D]

@@ -27,7 +27,7 @@ import diffcr_kernels as dk
 
 from .base import ModelFamily
 from .common import (cross_attention, rotate_interleaved, row_layout, rows_modulate, rows_times,
-                     scatter_pieces, segment_groups, shared_rows)
+                     rows_self_attention, scatter_pieces, segment_groups, shared_rows)
 from .registry import register_family
 
 #: diffusers' ``WanAttnProcessor``: in an I2V block the last 512 tokens of
@@ -202,7 +202,7 @@ def _fused_wan_block(block, x, sel, gate_scores, context, temb, rope, *, inplace
     pos = rows_in.indices % N
     cos, sin = (r.reshape(r.shape[1], -1)[pos] for r in rope)  # [U, Dh]
     q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)  # as WanAttnProcessor
-    o = dk.selection_attention(expand(q), expand(k), expand(v), sel)
+    o = rows_self_attention(q, k, v, sel, expand)
     a = attn.to_out[1](attn.to_out[0](o.reshape(T, H * Dh).type_as(q)))
     if xp is None:
         xp = dk.gather_rows(x, sel.indices)

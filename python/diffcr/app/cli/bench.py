@@ -267,8 +267,8 @@ def _report(args, out) -> int:
             how += f", LoRA rank {t['lora_rank']} on frozen base weights"
         print(f"training step (fwd+bwd, two bins {t['bins'][0]:.2f}/{t['bins'][1]:.2f} {how}): "
               f"dense {t['dense_ms']:.1f} ms, DiffCR {t['routed_ms']:.1f} ms, "
-              f"{100 * t['fraction_of_ideal']:.1f} % of the ideal for both branches (their "
-              "shared projections counted once, method §6)")
+              f"{100 * t['fraction_of_ideal']:.1f} % of the ideal {t['ideal_speedup']:.3f}x "
+              "for both branches (their shared work counted once, method §6)")
         fr = [d / r / t["ideal_speedup"]
               for d, r in zip(t["dense_rounds_ms"], t["routed_rounds_ms"])]
         print(f"  median of {len(fr)} interleaved rounds; single rounds "
