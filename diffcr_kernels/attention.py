@@ -397,8 +397,9 @@ def nested_attention(
     forward of the larger segment in all). The backward runs the two key blocks with each
     segment's final output and log-sum-exp, both segments' queries stacked over the smaller
     segment's keys (FlashAttention's backward over a split of the keys). Elsewhere (another
-    device, a value head dim other than the query's, under ``torch.compile``) and with a
-    forced backend: :func:`varlen_attention` on the expanded rows.
+    device, fewer than :data:`NESTED_MIN_ROWS` rows in a sample's two segments, a value head
+    dim other than the query's, under ``torch.compile``) and with a forced backend:
+    :func:`varlen_attention` on the expanded rows.
 
     Arguments:
 
@@ -424,7 +425,8 @@ def nested_attention(
     forced = backend or os.environ.get("DIFFCR_ATTENTION") or None
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if forced is None and q.device.type == "cpu" and q.numel() and \
-            v.shape[-1] == q.shape[-1] and not torch.compiler.is_compiling():
+            v.shape[-1] == q.shape[-1] and not torch.compiler.is_compiling() and \
+            min(a + u for a, u in zip(lo_lens, union_lens)) >= NESTED_MIN_ROWS:
         plan = _NestedPlan(union_lens, lo_lens, lo_idx, q.device)
         with torch.autocast("cpu", enabled=False):
             o = _NestedAttention.apply(q, k, v, plan, scale)
@@ -439,6 +441,17 @@ def nested_attention(
     return varlen_attention(q.index_select(0, rows), k.index_select(0, rows),
                             v.index_select(0, rows), cu, cu, m, m, softmax_scale,
                             backend=forced, seqlens_q=out_lens, seqlens_k=out_lens)
+
+
+#: :func:`nested_attention` runs nested on CPU when every sample's two segments hold at least
+#: this many rows together (the stacked backward's queries). torch's CPU flash kernels cut the
+#: queries into blocks of 256 rows from 768 rows on and of 64 below, and their backward over
+#: a key block of few keys costs about as much per query row as over many: below 768 stacked
+#: rows the extra calls cost more than the shared forward saves (measured, DiT's 16 heads of
+#: 72, B = 1, bf16, forward + backward against the expanded rows: 0.80x at 512 + 615 rows,
+#: 0.91x at 384 + 461, 1.09x at 308 + 410, 1.09x at 256 + 308; fp32 0.96x and 1.01x at the
+#: first two). Tests set it to 0 to run the nested kernels on small shapes.
+NESTED_MIN_ROWS = 768
 
 
 def _cumsum(xs):

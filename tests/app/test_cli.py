@@ -321,11 +321,10 @@ def test_bench_training_only_times_the_training_step_alone(capsys):
     D = 128  # the demo block
     both = bench.ideal_block_flops(ka * 16, D, 0) + bench.ideal_block_flops(kb * 16, D, 0)
     shared = 6 * D * D * min(ka, kb) * 16  # the smaller bin's q/k/v projections, once
-    # a training step: forward and a backward of twice its FLOPs; on CPU the smaller bin's
-    # self-attention forward runs inside the larger bin's (nested bins' attention)
-    attn_a = 4 * (min(ka, kb) * 16) ** 2 * D
-    assert t["ideal_speedup"] == pytest.approx(3 * bench.ideal_block_flops(16, D, 0)
-                                               / (3 * (both - shared) - attn_a))
+    # (16 tokens: too few rows for the nested bins' attention, whose shared forward the ideal
+    # would count too, method §6)
+    assert t["ideal_speedup"] == pytest.approx(bench.ideal_block_flops(16, D, 0)
+                                               / (both - shared))
     r = cli_in_process(capsys, "bench", "--model", "dit-demo", "--tokens", "16", "--rounds",
                        "1", "--training-only")
     assert r.returncode == 0 and "training step" in r.stdout and "kappa" not in r.stdout

@@ -8,6 +8,13 @@ import diffcr_kernels as dk
 from diffcr_kernels import reference as ref
 
 
+@pytest.fixture(autouse=True)
+def _nested_on_small_shapes(monkeypatch):
+    """These shapes are below the rows from which the nested path pays on CPU: run it."""
+    import diffcr_kernels.attention as A
+    monkeypatch.setattr(A, "NESTED_MIN_ROWS", 0)
+
+
 def _case(ks, N=12, H=2, Dh=8, Dv=None, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     B = len(ks)
@@ -114,3 +121,10 @@ def test_cpu_path_is_the_nested_one_and_a_forced_backend_is_not(monkeypatch):
     assert calls == [1]
     dk.shared_bins_attention(q, k, v, sel, backend="sdpa_grouped")
     assert calls == [1]
+    monkeypatch.setattr(A, "NESTED_MIN_ROWS", 9)  # 3 + 5 rows: below it, the expanded rows
+    out = dk.shared_bins_attention(q, k, v, sel)
+    assert calls == [1]
+    torch.testing.assert_close(out, _expected(q, k, v, sel, src), rtol=1e-10, atol=1e-10)
+    monkeypatch.setattr(A, "NESTED_MIN_ROWS", 8)
+    dk.shared_bins_attention(q, k, v, sel)
+    assert calls == [1, 1]

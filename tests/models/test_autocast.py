@@ -73,13 +73,16 @@ def _train_step(model, kw, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
-def test_fused_path_runs_under_autocast_as_close_to_compat_as_autocast_moves_compat(family,
-                                                                                   dtype):
+def test_fused_path_runs_under_autocast_as_close_to_compat_as_autocast_moves_compat(
+        family, dtype, monkeypatch):
     """Measured (bf16): fused vs compat 0.4-1.2 % of the output's range, where autocast moves
     the compat output 0.5-1.8 % from its float32 run; router gradients 1-4 % against 1-5 %.
     DiT bf16 with the nested bins' attention (2026-12-07): fused vs compat 0.68 %, compat vs
     float32 0.64 %, fused vs float32 0.60 % (0.51 %, 0.64 %, 0.60 % before it)."""
     torch.set_num_threads(1)
+    # the nested bins' attention, as real sizes run it on CPU (these bins are below its rows)
+    import diffcr_kernels.attention as A
+    monkeypatch.setattr(A, "NESTED_MIN_ROWS", 0)
     factory, inputs = FAMILY_CASES[family]
     base = factory()
     kw = inputs((100, 900))

@@ -54,8 +54,8 @@ def ideal_speedup(kappa: float, n: int, d: int, text: int, two_bin: Optional[tup
     kappa^2). ``two_bin=(ka, kb)``: the training step (forward and backward) runs both
     branches; what they share is counted once (method §6): the text K/V projection, and the
     Q/K/V projections of the smaller bin's tokens, which are also the larger bin's; with
-    ``nested_attention`` also the smaller bin's self-attention forward (:func:`training_ideal`).
-    """
+    ``nested_attention`` (where the nested bins' attention runs, :func:`nested_attention_runs`)
+    also the smaller bin's self-attention forward (:func:`training_ideal`)."""
     dense = ideal_block_flops(n, d, text)
     if two_bin is None:
         return dense / ideal_block_flops(kappa * n, d, text)
@@ -122,10 +122,10 @@ class BlockBench:
     #: the FLOPs the two bins of a training pass share (counted once), given the smaller
     #: bin's token count
     shared_cost: Optional[Callable[[float], float]] = None
-    #: the forward FLOPs of the smaller bin's self-attention (given its token count) where the
-    #: training pass computes it inside the larger bin's (the nested bins' attention: CPU,
-    #: no text key mask); None where the bins' attention runs separately
-    nested_attn: Optional[Callable[[float], float]] = None
+    #: the forward FLOPs of the smaller bin's self-attention given the two bins' token counts,
+    #: where the training pass computes it inside the larger bin's (the nested bins'
+    #: attention: CPU, no text key mask, enough rows; else 0); None where it never does
+    nested_attn: Optional[Callable[[float, float], float]] = None
 
     @property
     def block(self):
@@ -148,10 +148,14 @@ class BlockBench:
                 return ideal_speedup(kappa, self.N, self.D, self.text)
             return self.flops(self.N) / self.flops(kappa * self.N)
         ka, kb = two_bin
-        n_a = min(ka, kb) * self.N
-        shared_attn = self.nested_attn(n_a) if self.nested_attn is not None else 0.0
+        shared_attn = self._nested_flops(ka, kb)
         return training_ideal(self.flops(self.N), self.two_bin_forward_flops(ka, kb)
                               + shared_attn, shared_attn)
+
+    def _nested_flops(self, ka: float, kb: float) -> float:
+        if self.nested_attn is None:
+            return 0.0
+        return self.nested_attn(min(ka, kb) * self.N, max(ka, kb) * self.N)
 
     def two_bin_forward_flops(self, ka: float, kb: float) -> float:
         """Forward FLOPs of the fused two-bin training pass at bins ``(ka, kb)``: both bins,
@@ -163,9 +167,8 @@ class BlockBench:
             shared = 4 * L * D * D + 6 * D * D * n_a
         else:
             shared = self.shared_cost(n_a)
-        if self.nested_attn is not None:
-            shared += self.nested_attn(n_a)
-        return self.flops(ka * self.N) + self.flops(kb * self.N) - shared
+        return self.flops(ka * self.N) + self.flops(kb * self.N) - shared \
+            - self._nested_flops(ka, kb)
 
     @staticmethod
     def loss_of(out) -> torch.Tensor:
@@ -258,13 +261,24 @@ QWEN_IMAGE = dict(D=3072, heads=24, head_dim=128, text=256)
 HUNYUAN_VIDEO = dict(D=3072, heads=24, head_dim=128, text=256)
 
 
+def nested_attention_runs(device, n_a: float, n_b: float, text: int = 0) -> bool:
+    """Whether the fused training pass computes the smaller bin's attention inside the larger
+    bin's (:func:`diffcr_kernels.nested_attention`): on CPU, when the two bins' rows (each
+    with its ``text`` rows in a joint block) reach ``NESTED_MIN_ROWS``."""
+    from diffcr_kernels.attention import NESTED_MIN_ROWS
+
+    return torch.device(device).type == "cpu" and \
+        round(n_a) + round(n_b) + 2 * text >= NESTED_MIN_ROWS
+
+
 def _nested_self_attn(D, L, device):
-    """Forward FLOPs of a bin's self-attention over its n rows and L text rows, which the
-    nested bins' attention shares on CPU (:func:`diffcr_kernels.nested_attention`; on a GPU
-    both bins run in one varlen call: None)."""
+    """Forward FLOPs of the smaller bin's self-attention over its n_a rows and L text rows,
+    where the nested bins' attention shares it (:func:`nested_attention_runs`; on a GPU both
+    bins run in one varlen call: None)."""
     if torch.device(device).type != "cpu":
         return None
-    return lambda n: 4 * (n + L) ** 2 * D
+    return lambda n_a, n_b: 4 * (n_a + L) ** 2 * D if nested_attention_runs(
+        device, n_a, n_b, L) else 0.0
 
 
 def _joint_cost(D, L):
