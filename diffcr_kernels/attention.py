@@ -511,6 +511,12 @@ class _NestedPlan:
         if self.ex_idx.numel() != sum(self.elens):
             raise ValueError("nested_attention: lo_idx repeats a row of its sample's larger "
                              "segment")
+        ends = ref.host_index(_cumsum(ulens), device)
+        sample = torch.repeat_interleave(torch.arange(len(ulens), device=device),
+                                         ref.host_index(alens, device), output_size=len(lo_idx))
+        if not torch.equal(torch.bucketize(lo_idx, ends, right=True), sample):
+            raise ValueError("nested_attention: a row of lo_idx lies outside its sample's larger "
+                             "segment (lo_idx holds each sample's rows, sample after sample)")
         groups: Dict[tuple, List[int]] = {}
         for b, (u, a) in enumerate(zip(ulens, alens)):
             groups.setdefault((u, a), []).append(b)

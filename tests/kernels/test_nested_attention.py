@@ -104,6 +104,11 @@ def test_rejects_bad_tables_naming_them():
         dk.nested_attention(q, k, v, ulens, lo_idx, lo_lens, out_map[:-1], sel.seqlens)
     with pytest.raises(ValueError, match="lo_idx"):
         dk.nested_attention(q, k, v, ulens, lo_idx.int(), lo_lens, out_map, sel.seqlens)
+    sel2, _, q2, k2, v2 = _case([[2, 3], [2, 3]], dtype=torch.float32)
+    src2, ulens2, lo_rows2, lo_lens2, out_map2 = dk.nested_plan(sel2)
+    swapped = torch.cat([src2[lo_rows2][2:], src2[lo_rows2][:2]])  # each sample's rows swapped
+    with pytest.raises(ValueError, match="outside its sample"):
+        dk.nested_attention(q2, k2, v2, ulens2, swapped, lo_lens2, out_map2, sel2.seqlens)
     with pytest.raises(ValueError, match="repeats"):
         dk.nested_attention(q, k, v, ulens, torch.zeros_like(lo_idx), lo_lens, out_map,
                             sel.seqlens)
