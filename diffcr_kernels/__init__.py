@@ -26,9 +26,9 @@ import torch
 
 from . import _ext, reference
 from ._schemas import SCHEMAS
-from .attention import (available_attention_backends, nested_attention, nested_plan,
-                        nested_tables, selection_attention, shared_bins_attention,
-                        varlen_attention)
+from .attention import (available_attention_backends, nested_attention, nested_pays,
+                        nested_plan, nested_tables, selection_attention,
+                        shared_bins_attention, varlen_attention)
 from .ops import (
     apply_token_cache_,
     current_backend,
@@ -69,6 +69,7 @@ __all__ = [
     "nested_attention",
     "nested_plan",
     "nested_tables",
+    "nested_pays",
     "token_cache_slots",
     "use_backend",
     "varlen_attention",

@@ -35,7 +35,7 @@ from . import reference as ref
 
 __all__ = ["ATTENTION_BACKENDS", "available_attention_backends", "varlen_attention",
            "selection_attention", "nested_attention", "shared_bins_attention", "nested_plan",
-           "nested_tables"]
+           "nested_tables", "nested_pays"]
 
 ATTENTION_BACKENDS = ("flash3", "flash2", "torch_varlen", "sdpa_uniform", "sdpa_grouped",
                       "sdpa_segments", "reference")
@@ -452,6 +452,17 @@ def nested_attention(
 #: 0.91x at 384 + 461, 1.09x at 308 + 410, 1.09x at 256 + 308; fp32 0.96x and 1.01x at the
 #: first two). Tests set it to 0 to run the nested kernels on small shapes.
 NESTED_MIN_ROWS = 768
+
+
+def nested_pays(device, seqlens: Sequence[int]) -> bool:
+    """Whether :func:`nested_attention` runs nested for a two-segments-per-sample layout with
+    host segment lengths ``seqlens`` on ``device`` (CPU, no ``DIFFCR_ATTENTION``, every
+    sample's two segments at least :data:`NESTED_MIN_ROWS` rows), so a caller can keep the
+    expanded rows it would otherwise build (no index tables at all elsewhere)."""
+    lens = list(seqlens)
+    return torch.device(device).type == "cpu" and not os.environ.get("DIFFCR_ATTENTION") \
+        and len(lens) >= 2 and not len(lens) % 2 and \
+        min(lens[i] + lens[i + 1] for i in range(0, len(lens), 2)) >= NESTED_MIN_ROWS
 
 
 def _cumsum(xs):

@@ -271,7 +271,7 @@ def fused_joint_attention(lay, sel, rows_in, expand, q, k, v, tq, tk, tv, img_va
     :meth:`JointLayout.attention` over the expanded rows. ``[J, H, Dv]``."""
     src = getattr(expand, "src", None)
     if src is not None and sel.segs_per_sample == 2 and img_valid is None and \
-            txt_valid is None:
+            txt_valid is None and dk.nested_pays(q.device, lay.seqlens):
         return lay.shared_attention(sel, rows_in, src, q, k, v, tq, tk, tv)
     return lay.attention(lay.pack(expand(q), tq), lay.pack(expand(k), tk),
                          lay.pack(expand(v), tv), img_valid, txt_valid)

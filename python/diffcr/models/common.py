@@ -134,7 +134,8 @@ def rows_self_attention(q, k, v, sel, expand):
     :func:`diffcr_kernels.shared_bins_attention` (on CPU the smaller bin's attention forward
     is not computed twice); otherwise :func:`diffcr_kernels.selection_attention` on the
     expanded rows. ``[T, H, Dv]``, the same values either way."""
-    if sel.segs_per_sample == 2 and q.shape[0] != sel.total:
+    if sel.segs_per_sample == 2 and q.shape[0] != sel.total and \
+            dk.nested_pays(q.device, sel.seqlens):
         return dk.shared_bins_attention(q, k, v, sel)
     return dk.selection_attention(expand(q), expand(k), expand(v), sel)
 
