@@ -456,12 +456,13 @@ NESTED_MIN_ROWS = 768
 
 def nested_pays(device, seqlens: Sequence[int]) -> bool:
     """Whether :func:`nested_attention` runs nested for a two-segments-per-sample layout with
-    host segment lengths ``seqlens`` on ``device`` (CPU, no ``DIFFCR_ATTENTION``, every
-    sample's two segments at least :data:`NESTED_MIN_ROWS` rows), so a caller can keep the
-    expanded rows it would otherwise build (no index tables at all elsewhere)."""
+    host segment lengths ``seqlens`` on ``device`` (CPU, no ``DIFFCR_ATTENTION``, not under
+    ``torch.compile``, every sample's two segments at least :data:`NESTED_MIN_ROWS` rows), so
+    a caller can keep the expanded rows it would otherwise build (no index tables at all
+    elsewhere)."""
     lens = list(seqlens)
     return torch.device(device).type == "cpu" and not os.environ.get("DIFFCR_ATTENTION") \
-        and len(lens) >= 2 and not len(lens) % 2 and \
+        and not torch.compiler.is_compiling() and len(lens) >= 2 and not len(lens) % 2 and \
         min(lens[i] + lens[i + 1] for i in range(0, len(lens), 2)) >= NESTED_MIN_ROWS
 
 
