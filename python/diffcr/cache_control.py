@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .keep_mask import KeepMask
-from .routing import StaticRatio, routing_state
+from .routing import routing_state
 from .token_cache import TokenCache, TokenCacheConfig
 
 __all__ = ["enable_token_cache", "disable_token_cache", "reset_token_cache", "fill_token_cache",
@@ -74,7 +74,7 @@ def kept_ratio_override(model: nn.Module, kappa: Optional[float]):
         raise ValueError(f"kept ratio must be in (0, 1], got {kappa!r}")
     st = routing_state(model)
     before = st.kept_override
-    st.kept_override = None if kappa is None else StaticRatio(kappa)
+    st.kept_override = kappa
     try:
         yield
     finally:

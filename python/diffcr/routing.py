@@ -30,7 +30,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from .modules import MlpGate
 from .keep_mask import KeepMask
 from .token_cache import TokenCache, apply_token_cache
 
-__all__ = ["RoutingState", "BlockRouting", "StaticRatio", "static_ratios", "routed_class", "base_class", "routing_state",
+__all__ = ["RoutingState", "BlockRouting", "static_ratios", "routed_class", "base_class", "routing_state",
            "find_routing_state", "attach_state", "detach_state", "attach_block", "detach_block"]
 
 
@@ -75,7 +75,8 @@ class BlockRouting:
     ``name``: the block's qualified name (``"transformer_blocks.3"``); ``index``: its index in
     the model's routable blocks (the numbering of ``DiffCRConfig.routed_blocks``);
     ``frozen_bins``: per region, the kept ratio fixed by :func:`diffcr.freeze` (None when not
-    frozen); ``fused_reason``: why the fused path cannot run this block (None: it can);
+    frozen; a list of floats, held as a tuple that compiled code reads as constants, see
+    :func:`static_ratios`); ``fused_reason``: why the fused path cannot run this block (None: it can);
     ``last_kappa``: the kept ratios the last forward used, ``[B]`` (differentiable in training,
     None before the first forward); ``last_path``: the path the last forward took (None before
     the first): ``"dense"`` (every token kept: the block's own forward on all tokens, the router
@@ -93,12 +94,20 @@ class BlockRouting:
     index: int
     state: "RoutingState"
     fused_reason: Optional[str] = None
-    frozen_bins: Optional[List[float]] = None
+    _frozen: Optional[Tuple[float, ...]] = None
     last_path: Optional[str] = None
     last_compat_reason: Optional[str] = None
     mlp_gate: MlpGate = field(default_factory=MlpGate)
     _kappa: _Transient = field(default_factory=_Transient)
     _sel: _Transient = field(default_factory=_Transient)
+
+    @property
+    def frozen_bins(self) -> Optional[List[float]]:
+        return None if self._frozen is None else list(self._frozen)
+
+    @frozen_bins.setter
+    def frozen_bins(self, values: Optional[Sequence[float]]) -> None:
+        self._frozen = static_ratios(values)
 
     @property
     def last_kappa(self) -> Optional[torch.Tensor]:
@@ -126,11 +135,13 @@ class BlockRouting:
         else:
             regions = st.regions
         ratio = block.ratio
-        if st.kept_override is not None:
-            k = dk.kept_count(st.kept_override, N)
-            return [[k]] * B, None, torch.full((B,), float(st.kept_override))
+        # the tuples, not the public list views: Dynamo keeps their floats constant
+        # (static_ratios)
+        if st._kept_override:
+            kappa = st._kept_override[0]
+            return [[dk.kept_count(kappa, N)]] * B, None, torch.full((B,), kappa)
         if st.frozen:
-            bins = self.frozen_bins
+            bins = self._frozen
             ks = [[dk.kept_count(bins[r], N)] for r in regions]
             return ks, None, torch.tensor([bins[r] for r in regions])
         if block.training:
@@ -364,27 +375,24 @@ def _inner_hooks(block: nn.Module):
     return out
 
 
-class StaticRatio(float):
-    """A kept ratio that compiled code reads as a constant.
+def static_ratios(values: Optional[Sequence[float]]) -> Optional[Tuple[float, ...]]:
+    """``values`` as a tuple of plain floats (None stays None): kept ratios that compiled code
+    reads as constants.
 
-    ``torch.compile`` traces a plain Python ``float`` attribute symbolically once its value
-    has changed between compilations of the same code. Regional compilation
-    (``compile_repeated_blocks``) compiles one block class for blocks whose frozen ratios
-    differ, so the second block's ratios would become symbolic floats. The host-side kept
-    count (``ceil(kappa * N)``) cannot be computed from a symbolic float, and
-    ``fullgraph=True`` then fails. Dynamo guards a float *subclass* by value instead and keeps
-    it constant: one graph per distinct set of ratios, as for the timestep regions. Compares,
-    prints and serialises like the float it holds."""
-
-    __slots__ = ()
-
-    def __reduce__(self):
-        return (StaticRatio, (float(self),))
-
-
-def static_ratios(values):
-    """``values`` (floats) as a list of :class:`StaticRatio` (None stays None)."""
-    return None if values is None else [StaticRatio(v) for v in values]
+    The routing plan computes the host-side kept count ``ceil(kappa * N)`` from a frozen (or
+    overriding) ratio, so ``torch.compile(fullgraph=True)`` needs that ratio as a constant,
+    not a symbolic float. Dynamo traces a plain ``float`` attribute symbolically once its
+    value has changed between compilations of the same code, which regional compilation
+    (``compile_repeated_blocks``: one block class for blocks whose frozen ratios differ)
+    does at its second block. A *tuple* of plain floats reached from an ``nn.Module`` is
+    guarded by value and its items kept constant (Dynamo's rule for immutable module
+    attributes such as a convolution's strides, in every torch this package supports): one
+    graph per distinct set of ratios, as for the timestep regions. (A float subclass, used
+    before, is constant on torch >= 2.13 only: torch 2.10-2.12 cannot trace ``float()`` of
+    it.)"""
+    if values is None:
+        return None
+    return tuple(float(v) for v in values)
 
 
 _FUSED_SAFE_HOOKS = ("layerwise_casting", "peft_autocast_disable")
@@ -422,12 +430,20 @@ class RoutingState:
     frozen: bool = False
     inplace_residual: bool = False
     token_cache: Optional[TokenCache] = None
-    kept_override: Optional[float] = None
+    _kept_override: Tuple[float, ...] = ()
     scorer: Optional[Callable] = None
     plain: bool = False
     shards: int = 1
     keep_mask: Optional[KeepMask] = None
     timestep_held: bool = False
+
+    @property
+    def kept_override(self) -> Optional[float]:
+        return self._kept_override[0] if self._kept_override else None
+
+    @kept_override.setter
+    def kept_override(self, kappa: Optional[float]) -> None:
+        self._kept_override = () if kappa is None else static_ratios([kappa])
 
     def set_timesteps(self, vals: List[float]) -> None:
         """Record the raw timesteps of the next forward and map them to regions through the

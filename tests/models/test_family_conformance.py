@@ -574,7 +574,7 @@ def test_compile_repeated_blocks_fullgraph_with_per_block_ratios(family):
     different ratios (as a fine-tuned one does). One block class is compiled for blocks with
     other frozen ratios, which Dynamo traced as symbolic floats, so ``fullgraph`` failed (the
     host kept count needs the value). The ratios are now constants guarded by value
-    (``routing.StaticRatio``). Every denoising step equals eager, across region changes; a
+    (``routing.static_ratios``). Every denoising step equals eager, across region changes; a
     repeated step compiles nothing new; and there is one graph per distinct (block class,
     ratios of the regions in the batch) (docs/ecosystem.md#torchcompile)."""
     factory, inputs = FAMILY_CASES[family]

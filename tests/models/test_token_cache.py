@@ -243,6 +243,36 @@ def test_kept_ratio_override_runs_a_full_step_without_touching_the_frozen_bins()
             pass
 
 
+def test_kept_ratio_override_under_torch_compile_fullgraph_is_a_constant_per_value():
+    """``kept_ratio_override`` inside a model compiled with ``fullgraph=True``: the kept count
+    is computed on the host from the override, so Dynamo must read it as a constant. Each
+    override equals eager, a second value compiles a second graph (guarded by value, not
+    traced as a symbolic float), and the first value again compiles nothing new."""
+    torch.set_num_threads(1)
+    m, inputs = _model("pixart", 0.5)
+    kw = inputs([500, 500])
+    with torch.no_grad():
+        want = {}
+        for kappa in (0.3, 0.7):
+            with diffcr.kept_ratio_override(m, kappa):
+                want[kappa] = m(**kw).sample
+    assert not torch.equal(want[0.3], want[0.7])
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(m, fullgraph=True, backend="eager")
+        before = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            for kappa in (0.3, 0.7, 0.3):
+                with diffcr.kept_ratio_override(m, kappa):
+                    got = compiled(**kw).sample
+                torch.testing.assert_close(got, want[kappa], rtol=1e-5, atol=1e-6)
+        assert counters["stats"]["unique_graphs"] - before == 2
+    finally:
+        torch._dynamo.reset()
+    assert diffcr.routing_state(m).kept_override is None
+
+
 def test_cache_aware_training_step_has_gradients_for_routers_and_ratios():
     """Training with the cache in the loop: the forecast enters with weight 1 - coverage, so
     the ratio parameters get a gradient from it."""
