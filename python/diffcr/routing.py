@@ -76,7 +76,8 @@ class BlockRouting:
     the model's routable blocks (the numbering of ``DiffCRConfig.routed_blocks``);
     ``frozen_bins``: per region, the kept ratio fixed by :func:`diffcr.freeze` (None when not
     frozen; a list of floats, held as a tuple that compiled code reads as constants, see
-    :func:`static_ratios`); ``fused_reason``: why the fused path cannot run this block (None: it can);
+    :func:`static_ratios`); ``fused_reason``: why the fused path cannot run this block (None:
+    it can);
     ``last_kappa``: the kept ratios the last forward used, ``[B]`` (differentiable in training,
     None before the first forward); ``last_path``: the path the last forward took (None before
     the first): ``"dense"`` (every token kept: the block's own forward on all tokens, the router
@@ -386,10 +387,10 @@ def static_ratios(values: Optional[Sequence[float]]) -> Optional[Tuple[float, ..
     (``compile_repeated_blocks``: one block class for blocks whose frozen ratios differ)
     does at its second block. A *tuple* of plain floats reached from an ``nn.Module`` is
     guarded by value and its items kept constant (Dynamo's rule for immutable module
-    attributes such as a convolution's strides, in every torch this package supports): one
-    graph per distinct set of ratios, as for the timestep regions. (A float subclass, used
-    before, is constant on torch >= 2.13 only: torch 2.10-2.12 cannot trace ``float()`` of
-    it.)"""
+    attributes such as a convolution's strides; tested on torch 2.10, 2.11, 2.13 and 2.14):
+    one graph per distinct set of ratios, as for the timestep regions. (The float subclass
+    used before was constant on torch 2.13 and 2.14, but torch 2.11 cannot trace ``float()``
+    of it.)"""
     if values is None:
         return None
     return tuple(float(v) for v in values)
