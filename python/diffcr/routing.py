@@ -76,7 +76,8 @@ class BlockRouting:
     the model's routable blocks (the numbering of ``DiffCRConfig.routed_blocks``);
     ``frozen_bins``: per region, the kept ratio fixed by :func:`diffcr.freeze` (None when not
     frozen; a list of floats, held as a tuple that compiled code reads as constants, see
-    :func:`static_ratios`); ``fused_reason``: why the fused path cannot run this block (None:
+    :func:`static_ratios`: each read returns a new list, so change the ratios by assigning a
+    list, not by mutating the one read); ``fused_reason``: why the fused path cannot run this block (None:
     it can);
     ``last_kappa``: the kept ratios the last forward used, ``[B]`` (differentiable in training,
     None before the first forward); ``last_path``: the path the last forward took (None before
